@@ -1,0 +1,97 @@
+"""Sampling parameters and the logits -> probabilities transform shared by every decoding path.
+
+Plain decoding and speculative verification must apply temperature, top-k and top-p in exactly the
+same way, otherwise speculation would not be lossless; this module is the single place that does it.
+Pure torch: no ray, no grpc.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How one request samples. temperature == 0 means greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1.0 = no nucleus filter
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, int | float) or not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not isinstance(self.top_p, int | float) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class PositionalRng:
+    """A request's randomness, keyed by (seed, stream, absolute token position).
+
+    Every position gets its own generator, so what is drawn for position i does not depend on how
+    many draws earlier positions took: a seeded request repeats exactly across pipelining and
+    retries, for the same sequence of block sizes. It does not repeat across different block
+    sizes (fixed k vs another k, or AUTO mode, whose k and plain fallback follow measured
+    timings): a position inside a block spends its generator on an acceptance test first, while
+    a position that ends a block or takes a plain step draws its token first, so the outputs
+    differ while having the same distribution. Reusing a position's stream in a later round is
+    sound because verification stops at the first rejection: draws for later positions never
+    influenced anything that was committed. `stream` separates the draft's randomness from the
+    target's.
+    """
+
+    __slots__ = ("base", "stream")
+
+    def __init__(self, seed: int | None, stream: int) -> None:
+        self.base = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
+        self.stream = stream
+
+    def at(self, position: int) -> torch.Generator:
+        gen = torch.Generator(device="cpu")
+        # A simple injective-enough mix; torch seeds must fit in 64 bits.
+        gen.manual_seed((self.base * 0x9E3779B1 + self.stream * 0x85EBCA77 + position) % (2**63))
+        return gen
+
+
+def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities after temperature, top-k, then top-p (the order HF `generate` applies them).
+
+    Works on [..., V] float logits; returns float32 probabilities of the same shape, with masked
+    tokens at exactly 0. For greedy params it returns a one-hot of the argmax.
+    """
+    logits = logits.float()
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / params.temperature
+    vocab = logits.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop the low tail whose total mass is <= 1 - top_p; always keep the most likely token.
+        drop_sorted = cum <= (1.0 - params.top_p)
+        drop_sorted[..., -1] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(-1)
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """The plain-decoding step: one token from one row of logits."""
+    if params.greedy:
+        return int(logits.argmax(-1))
+    return int(torch.multinomial(warp_probs(logits, params), 1, generator=generator))

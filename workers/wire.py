@@ -1,0 +1,97 @@
+"""What travels between the router and the workers besides plain proto fields.
+
+* The draft's sparse distributions q (`SparseQ`, indices and probs of shape [k, m]) travel
+  msgpack-packed in a bytes field: a map {"v": 1, "k": k, "m": m, "indices": <int32 LE bytes>,
+  "probs": <float32 LE bytes>}. float32 is what both sides compute in, so the trip is exact and a
+  seeded request samples the same over gRPC as in-process. Greedy sends b"" (no q).
+* `SamplingParams` <-> the worker proto's SamplingParams message (top_p 0 reads as 1.0, unset).
+* `tokenizer_fingerprint`: a digest of a tokenizer's vocabulary and EOS id, so the router can check
+  that draft and target workers tokenize exactly like it does without shipping vocabularies.
+
+No grpc import here: only the generated message classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import msgpack
+import numpy as np
+import torch
+
+from protos import worker_pb2
+from workers.sampling import SamplingParams
+from workers.verification import SparseQ
+
+_Q_VERSION = 1
+
+
+def pack_q(q: SparseQ | None) -> bytes:
+    if q is None:
+        return b""
+    k, m = q.indices.shape
+    if q.probs.shape != (k, m):
+        raise ValueError(f"q: indices {tuple(q.indices.shape)} and probs {tuple(q.probs.shape)}")
+    return msgpack.packb(
+        {
+            "v": _Q_VERSION,
+            "k": int(k),
+            "m": int(m),
+            "indices": q.indices.to(torch.int32).contiguous().numpy().astype("<i4").tobytes(),
+            "probs": q.probs.to(torch.float32).contiguous().numpy().astype("<f4").tobytes(),
+        },
+        use_bin_type=True,
+    )
+
+
+def unpack_q(data: bytes) -> SparseQ | None:
+    """The inverse of pack_q; ValueError ("q: ...") on anything malformed."""
+    if not data:
+        return None
+    try:
+        obj = msgpack.unpackb(data, raw=False)
+        k, m = int(obj["k"]), int(obj["m"])
+        if obj.get("v") != _Q_VERSION:
+            raise ValueError(f"unsupported version {obj.get('v')!r}")
+        indices = np.frombuffer(obj["indices"], dtype="<i4")
+        probs = np.frombuffer(obj["probs"], dtype="<f4")
+        if k < 1 or m < 1 or indices.size != k * m or probs.size != k * m:
+            raise ValueError(f"sizes do not match shape [{k}, {m}]")
+    except ValueError as exc:
+        raise ValueError(f"q: malformed packed distribution ({exc})") from None
+    except (KeyError, TypeError, msgpack.UnpackException) as exc:
+        raise ValueError(f"q: malformed packed distribution ({exc!r})") from None
+    return SparseQ(
+        torch.from_numpy(indices.astype(np.int64).reshape(k, m)),
+        torch.from_numpy(probs.astype(np.float32).reshape(k, m)),
+    )
+
+
+def sampling_to_proto(params: SamplingParams) -> worker_pb2.SamplingParams:
+    msg = worker_pb2.SamplingParams(
+        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p
+    )
+    if params.seed is not None:
+        msg.seed = params.seed
+    return msg
+
+
+def sampling_from_proto(msg: worker_pb2.SamplingParams) -> SamplingParams:
+    """ValueError naming the field on bad values (SamplingParams checks them)."""
+    return SamplingParams(
+        temperature=float(msg.temperature),
+        top_k=int(msg.top_k),
+        top_p=float(msg.top_p) if msg.top_p != 0 else 1.0,
+        seed=int(msg.seed) if msg.HasField("seed") else None,
+    )
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over the sorted vocabulary and the EOS id: equal iff they tokenize alike (for the
+    check `workers.model_runner.check_same_tokenizer` does in-process)."""
+    blob = json.dumps(
+        {"vocab": sorted(tokenizer.get_vocab().items()), "eos": tokenizer.eos_token_id},
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
