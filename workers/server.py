@@ -1,0 +1,80 @@
+"""Run one draft or target worker as a gRPC server process.
+
+    python -m workers.server --role target --model PATH --host 127.0.0.1 --port 0
+
+When it is ready to serve it prints the bound port (one line, just the number) on stdout, so a
+caller that asked for port 0 learns the port; logs go to stderr. SIGTERM / SIGINT stop it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import NoReturn
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m workers.server", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--role", choices=("draft", "target"), required=True)
+    parser.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 = any free port (printed)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--top-m", type=int, default=64, help="draft: support size of sparse q")
+    parser.add_argument("--max-workers", type=int, default=16, help="gRPC handler threads")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s {args.role} %(message)s"
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    from workers.service import serve_draft, serve_target
+
+    if args.role == "draft":
+        from workers.draft import DraftWorker
+
+        worker = DraftWorker.from_path(args.model, top_m=args.top_m, device=args.device)
+        server, port = serve_draft(worker, args.host, args.port, max_workers=args.max_workers)
+    else:
+        from workers.target import TargetWorker
+
+        worker = TargetWorker.from_path(args.model, device=args.device)
+        server, port = serve_target(worker, args.host, args.port, max_workers=args.max_workers)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(port, flush=True)
+    logging.info("serving %s on %s:%d", args.model, args.host, port)
+    stop.wait()
+    logging.info("stopping")
+    server.stop(grace=2.0).wait()
+    logging.info("stopped")
+    return 0
+
+
+def exit_now(code: int) -> NoReturn:
+    """Flush and leave without the interpreter teardown, which takes seconds once torch is
+    imported (a restart or a test run would wait for it). Call it when everything is stopped."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    exit_now(main())
