@@ -1,0 +1,335 @@
+"""The one validated configuration of a specdec cluster (the `args` of `cluster.app:build_app`).
+
+Every section rejects unknown keys: Serve's own config schema silently ignores a misspelt key, so a
+typo such as `tp_sise: 2` would otherwise deploy a cluster without tensor parallelism. Errors come
+out as one `ConfigError` naming each wrong key by its dotted path:
+
+    ClusterConfig.load({"target": {"tp_sise": 2}})
+    ConfigError: invalid specdec config:
+      target.tp_sise: unknown key (allowed: replicas, tp_size, pool, ...)
+
+No Ray import here: the CLI, the Serve builder and the tests all validate the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cluster.policy import PolicyConfig
+
+
+class ConfigError(ValueError):
+    """The cluster configuration is invalid; the message names every wrong key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class PoolConfig(_Strict):
+    """A resource pool: the custom Ray resource a kind of worker runs on, and what one unit takes.
+
+    For the draft pool a unit is one replica; for the target pool it is one tensor-parallel rank
+    (one placement-group bundle). On a CPU box the pools are custom resources given to
+    `ray start --resources`; on a GPU cluster set num_gpus (and keep the custom resource so that
+    draft and target land on the nodes meant for them).
+    """
+
+    resource: str = Field(min_length=1, description="custom Ray resource that names the pool")
+    amount: float = Field(1.0, gt=0, description="units of `resource` per replica / per rank")
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+    def actor_options(self) -> dict[str, Any]:
+        return {
+            "num_cpus": self.num_cpus,
+            "num_gpus": self.num_gpus,
+            "resources": {self.resource: self.amount},
+        }
+
+    def bundle(self) -> dict[str, float]:
+        out = {"CPU": self.num_cpus, self.resource: self.amount}
+        if self.num_gpus:
+            out["GPU"] = self.num_gpus
+        return out
+
+    @property
+    def threads(self) -> int:
+        """torch threads for one replica / rank: its CPU share, at least one."""
+        return max(1, int(self.num_cpus))
+
+
+class ModelsConfig(_Strict):
+    """Local Hugging Face checkpoint directories; empty = the pair that ships with the project."""
+
+    target: str | None = None
+    draft: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def target_path(self) -> Path:
+        return _model_path(self.target, "target")
+
+    def draft_path(self) -> Path:
+        return _model_path(self.draft, "draft")
+
+
+def _model_path(value: str | None, which: str) -> Path:
+    if value:
+        return Path(os.path.expanduser(value)).resolve()
+    from workers.pair import shipped_draft_path, shipped_target_path
+
+    return (shipped_target_path if which == "target" else shipped_draft_path)()
+
+
+class DraftConfig(_Strict):
+    replicas: int = Field(1, ge=0, description="0 = no draft pool: plain decoding only")
+    top_m: int = Field(64, ge=1, description="support size of the sparse draft distribution q")
+    pool: PoolConfig = PoolConfig(resource="draft_pool")
+    max_ongoing_requests: int = Field(256, ge=1)
+
+
+class TargetConfig(_Strict):
+    replicas: int = Field(1, ge=1, description="tensor-parallel groups")
+    tp_size: int = Field(1, ge=1, description="ranks per group (one Ray actor each)")
+    pool: PoolConfig = PoolConfig(resource="target_pool")
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend; auto = nccl with GPUs, gloo without"
+    )
+    tp_timeout_s: float = Field(120.0, gt=0, description="process-group and rank-call timeout")
+    call_timeout_s: float = Field(
+        60.0, gt=0, description="a target call slower than this fails over to another target"
+    )
+    max_ongoing_requests: int = Field(256, ge=1)
+
+    def resolved_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "nccl" if self.pool.num_gpus > 0 else "gloo"
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> TargetConfig:
+        if self.backend == "nccl" and self.pool.num_gpus <= 0:
+            raise ValueError("backend 'nccl' needs GPUs: set target.pool.num_gpus")
+        return self
+
+
+class SpeculationConfig(_Strict):
+    """The draft-length and fallback policy (`cluster.policy.PolicyConfig`) plus draft timing."""
+
+    k: int = Field(0, ge=0, description="draft tokens per round; 0 = adaptive")
+    max_draft_tokens: int = Field(8, ge=1)
+    min_gain: float = Field(1.05, gt=0)
+    probe_interval: int = Field(16, ge=1)
+    max_probe_interval: int = Field(256, ge=1)
+    ewma: float = Field(0.25, gt=0, le=1)
+    prior_acceptance: float = Field(0.6, ge=0, lt=1)
+    pipelined: bool = True
+    draft_timeout_s: float = Field(10.0, gt=0, description="a slower draft counts as gone")
+
+    def policy(self) -> PolicyConfig:
+        return PolicyConfig(
+            num_draft_tokens=self.k,
+            max_draft_tokens=self.max_draft_tokens,
+            min_gain=self.min_gain,
+            probe_interval=self.probe_interval,
+            max_probe_interval=self.max_probe_interval,
+            ewma=self.ewma,
+            prior_acceptance=self.prior_acceptance,
+            pipelined=self.pipelined,
+        )
+
+    @model_validator(mode="after")
+    def _check_policy(self) -> SpeculationConfig:
+        if self.k > self.max_draft_tokens:
+            raise ValueError(
+                f"k must be in [0, max_draft_tokens={self.max_draft_tokens}], got {self.k}"
+            )
+        self.policy()  # PolicyConfig's own cross-field checks (k <= max_draft_tokens, ...)
+        return self
+
+
+class LimitsConfig(_Strict):
+    max_in_flight: int = Field(64, ge=1, description="requests at once per ingress replica")
+    max_queued: int = Field(
+        64,
+        ge=-1,
+        description="requests waiting beyond that (-1: no limit); excess: RESOURCE_EXHAUSTED",
+    )
+    max_new_tokens: int = Field(512, ge=1, description="cap on a request's max_new_tokens")
+    default_max_new_tokens: int = Field(128, ge=1, description="when a request leaves it unset")
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> LimitsConfig:
+        if self.max_queued == 0:
+            raise ValueError("max_queued must be -1 (no limit) or >= 1")
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError("default_max_new_tokens must be <= max_new_tokens")
+        return self
+
+
+class IngressConfig(_Strict):
+    grpc_port: int = Field(9000, ge=1, le=65535, description="Serve gRPC proxy port (specdec up)")
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+
+
+class WorkersNetConfig(_Strict):
+    """Where worker replicas serve the internal worker gRPC API."""
+
+    host: str | None = Field(
+        None, description="address to bind and advertise; empty = the Ray node's IP"
+    )
+    heartbeat_s: float = Field(1.0, gt=0, description="re-registration period with the registry")
+    registry_ttl_s: float = Field(5.0, gt=0, description="an address not renewed this long expires")
+    health_check_period_s: float = Field(2.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_ttl(self) -> WorkersNetConfig:
+        if self.host in ("0.0.0.0", "::", "[::]"):
+            raise ValueError(
+                "host must be an address the router can reach (it is also advertised); "
+                "leave it empty for the Ray node's IP"
+            )
+        if self.registry_ttl_s < 2 * self.heartbeat_s:
+            raise ValueError("registry_ttl_s must be at least twice heartbeat_s")
+        return self
+
+
+class ClusterConfig(_Strict):
+    models: ModelsConfig = ModelsConfig()
+    draft: DraftConfig = DraftConfig()
+    target: TargetConfig = TargetConfig()
+    speculation: SpeculationConfig = SpeculationConfig()
+    limits: LimitsConfig = LimitsConfig()
+    ingress: IngressConfig = IngressConfig()
+    workers: WorkersNetConfig = WorkersNetConfig()
+
+    @model_validator(mode="after")
+    def _check_pools(self) -> ClusterConfig:
+        if self.draft.replicas and self.draft.pool.resource == self.target.pool.resource:
+            raise ValueError(
+                "draft.pool.resource and target.pool.resource must differ "
+                f"(both are {self.target.pool.resource!r}): they are separate pools"
+            )
+        return self
+
+    # -- loading ----------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, args: Mapping[str, Any] | None = None) -> ClusterConfig:
+        """Validate a Serve `args` dict (or None for the defaults); raises ConfigError."""
+        if args is None:
+            args = {}
+        if isinstance(args, ClusterConfig):
+            return args
+        if not isinstance(args, Mapping):
+            raise ConfigError(
+                f"invalid specdec config: expected a mapping, got {type(args).__name__}"
+            )
+        try:
+            return cls.model_validate(dict(args))
+        except ValidationError as exc:
+            raise ConfigError(format_errors(exc)) from None
+
+    def to_args(self) -> dict[str, Any]:
+        """The JSON-able args dict that `load` turns back into this config."""
+        return json.loads(self.model_dump_json())
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> ClusterConfig:
+        """A copy with dotted-key overrides, e.g. {"target.tp_size": 2}; validated again."""
+        args = self.to_args()
+        for dotted, value in overrides.items():
+            node = args
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+        return ClusterConfig.load(args)
+
+    # -- derived ----------------------------------------------------------------------------
+
+    def required_resources(self) -> dict[str, float]:
+        """Logical resources the whole application needs (for a local `ray.init`)."""
+        d, t = self.draft, self.target
+        cpus = (
+            d.replicas * d.pool.num_cpus
+            + t.replicas * t.tp_size * t.pool.num_cpus
+            + self.ingress.replicas * self.ingress.num_cpus
+        )
+        out = {"CPU": cpus, t.pool.resource: t.replicas * t.tp_size * t.pool.amount}
+        if d.replicas:
+            out[d.pool.resource] = d.replicas * d.pool.amount
+        gpus = d.replicas * d.pool.num_gpus + t.replicas * t.tp_size * t.pool.num_gpus
+        if gpus:
+            out["GPU"] = gpus
+        return out
+
+    def check_models(self) -> None:
+        """Fail early when a checkpoint is missing or cannot be split tp_size ways."""
+        which = [("target", self.models.target_path())]
+        if self.draft.replicas:
+            which.append(("draft", self.models.draft_path()))
+        for name, path in which:
+            if not (path / "config.json").is_file():
+                hint = (
+                    " (the shipped pair is not present: train it with `specdec train-pair` "
+                    "or set models.target / models.draft)"
+                    if getattr(self.models, name) is None
+                    else ""
+                )
+                raise ConfigError(
+                    f"invalid specdec config: models.{name}: no Hugging Face checkpoint "
+                    f"at {str(path)!r}{hint}"
+                )
+        check_tp_divides(self.models.target_path(), self.target.tp_size)
+
+
+def check_tp_divides(path: Path, tp_size: int) -> None:
+    """Tensor parallelism splits heads, KV heads and the MLP: each must divide by tp_size."""
+    if tp_size == 1:
+        return
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    dims = {
+        "num_attention_heads": cfg.get("num_attention_heads"),
+        "num_key_value_heads": cfg.get("num_key_value_heads", cfg.get("num_attention_heads")),
+        "intermediate_size": cfg.get("intermediate_size"),
+    }
+    bad = [f"{k}={v}" for k, v in dims.items() if isinstance(v, int) and v % tp_size]
+    if bad:
+        raise ConfigError(
+            f"invalid specdec config: target.tp_size: {tp_size} does not divide the target's "
+            + ", ".join(bad)
+        )
+
+
+def format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(err["loc"][:-1])
+            lines.append(f"  {loc}: unknown key (allowed: {', '.join(allowed)})")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {loc}: {msg}")
+    return "invalid specdec config:\n" + "\n".join(lines)
+
+
+def _allowed_keys(parent: tuple) -> list[str]:
+    model: type[BaseModel] = ClusterConfig
+    for key in parent:
+        field = model.model_fields.get(str(key))
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        if not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)

@@ -1,0 +1,444 @@
+"""Remote workers: the driver's DraftSide / TargetSide over gRPC, and the pools the router uses.
+
+`GrpcDraft` / `GrpcTarget` turn each call into `stub.Method.future(request, timeout=...)` and hand
+the driver a `concurrent.futures.Future` of the same value the in-process worker returns
+(`Proposal`, `Verdict`, a token id). gRPC errors become the worker's own exceptions where the worker
+refused the call (FAILED_PRECONDITION -> StaleSequenceError, NOT_FOUND -> UnknownSequenceError,
+INVALID_ARGUMENT -> ValueError), and `RemoteUnavailable` (a `WorkerUnavailable`) where the worker is
+gone or too slow (UNAVAILABLE, DEADLINE_EXCEEDED, ...), which sends the driver to plain mode (draft)
+or to another target (target).
+
+`WorkerPool` holds the addresses of one kind of worker: it checks each one with a Stats call before
+first use (role, tokenizer fingerprint, context), picks the least-loaded healthy one, drops an
+address that fails from rotation, and takes it back when a recheck sees it healthy or when it is
+set again.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from cluster.driver import WorkerUnavailable
+from protos import worker_pb2, worker_pb2_grpc
+from workers.draft import Proposal
+from workers.errors import StaleSequenceError, UnknownSequenceError
+from workers.sampling import SamplingParams
+from workers.verification import SparseQ, Verdict
+from workers.wire import pack_q, sampling_to_proto, unpack_q
+
+log = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS = [
+    ("grpc.enable_http_proxy", 0),  # workers are on the cluster network, never behind a proxy
+    ("grpc.initial_reconnect_backoff_ms", 100),  # a restarted worker is seen again quickly
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+]
+
+# Codes that mean "this worker is gone or too slow" rather than "this call was wrong".
+_UNAVAILABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+# Of those, the ones after which the address leaves the rotation until a recheck.
+_DOWN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+class RemoteUnavailable(WorkerUnavailable):
+    def __init__(self, address: str, code: grpc.StatusCode | None, details: str) -> None:
+        super().__init__(f"{address}: {code.name if code else 'no call'}: {details}")
+        self.address = address
+        self.code = code
+
+
+class RemoteWorkerError(RuntimeError):
+    """The worker failed the call in a way that is neither a refusal nor unavailability."""
+
+    def __init__(self, address: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{address}: {code.name}: {details}")
+        self.address = address
+        self.code = code
+
+
+def map_rpc_error(exc: grpc.RpcError, address: str) -> Exception:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    if code is grpc.StatusCode.FAILED_PRECONDITION:
+        return StaleSequenceError(f"{address}: {details}")
+    if code is grpc.StatusCode.NOT_FOUND:
+        return UnknownSequenceError(f"{address}: {details}")
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return ValueError(details)
+    if code is None or code in _UNAVAILABLE_CODES:
+        return RemoteUnavailable(address, code, details)
+    return RemoteWorkerError(address, code, details)
+
+
+def open_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+class _Remote:
+    """Shared by both sides: one channel, deadlines, and the future adaptor."""
+
+    def __init__(
+        self,
+        address: str,
+        stub: Any,
+        channel: grpc.Channel,
+        timeout_s: float,
+        on_unavailable: Callable[[str, Exception], None] | None,
+    ) -> None:
+        self.address = address
+        self.stub = stub
+        self.channel = channel
+        self.timeout_s = timeout_s
+        self.release_timeout_s = min(2.0, timeout_s)
+        self.on_unavailable = on_unavailable
+
+    def _future(self, method: Any, request: Any, convert: Callable[[Any], Any]) -> Future:
+        """`method.future(request)` as a concurrent Future of `convert(response)`."""
+        out: Future = Future()
+        out.set_running_or_notify_cancel()
+        try:
+            call = method.future(request, timeout=self.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - e.g. a closed channel
+            out.set_exception(self._failed(RemoteUnavailable(self.address, None, repr(exc))))
+            return out
+
+        def done(f: grpc.Future) -> None:
+            try:
+                response = f.result()
+            except grpc.RpcError as exc:
+                out.set_exception(self._failed(map_rpc_error(exc, self.address)))
+                return
+            except grpc.FutureCancelledError:
+                out.set_exception(RemoteUnavailable(self.address, None, "call cancelled"))
+                return
+            try:
+                out.set_result(convert(response))
+            except Exception as exc:  # noqa: BLE001 - a malformed answer
+                out.set_exception(exc)
+
+        call.add_done_callback(done)
+        return out
+
+    def _failed(self, err: Exception) -> Exception:
+        if (
+            isinstance(err, RemoteUnavailable)
+            and (err.code is None or err.code in _DOWN_CODES)
+            and self.on_unavailable is not None
+        ):
+            try:
+                self.on_unavailable(self.address, err)
+            except Exception:  # noqa: BLE001 - bookkeeping must not hide the error
+                log.exception("on_unavailable callback failed")
+        return err
+
+    def _release(self, seq_id: str) -> bool:
+        try:
+            resp = self.stub.Release(
+                worker_pb2.ReleaseRequest(seq_id=seq_id), timeout=self.release_timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, self.address) from None
+        return resp.released
+
+    def stats(self, timeout_s: float | None = None) -> worker_pb2.StatsResponse:
+        try:
+            return self.stub.Stats(worker_pb2.StatsRequest(), timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, self.address) from None
+
+
+class GrpcDraft(_Remote):
+    """`DraftSide` over a DraftWorker gRPC server."""
+
+    def __init__(
+        self,
+        address: str,
+        channel: grpc.Channel | None = None,
+        *,
+        timeout_s: float = 10.0,
+        on_unavailable: Callable[[str, Exception], None] | None = None,
+    ) -> None:
+        channel = channel or open_channel(address)
+        stub = worker_pb2_grpc.DraftWorkerStub(channel)
+        super().__init__(address, stub, channel, timeout_s, on_unavailable)
+
+    def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> Future:
+        req = worker_pb2.PrefillRequest(
+            seq_id=seq_id, token_ids=token_ids, sampling=sampling_to_proto(params)
+        )
+        return self._future(self.stub.Prefill, req, lambda r: None)
+
+    def propose(
+        self,
+        seq_id: str,
+        committed_len: int,
+        k: int,
+        commit: Sequence[int] = (),
+        start: int | None = None,
+    ) -> Future:
+        req = worker_pb2.ProposeRequest(
+            seq_id=seq_id, committed_len=committed_len, k=k, commit=list(commit)
+        )
+        if start is not None:
+            req.start = start
+        return self._future(
+            self.stub.Propose, req, lambda r: Proposal(r.start, list(r.tokens), unpack_q(r.q))
+        )
+
+    def commit(self, seq_id: str, committed_len: int, new_tokens: Sequence[int]) -> Future:
+        req = worker_pb2.CommitRequest(
+            seq_id=seq_id, committed_len=committed_len, new_tokens=list(new_tokens)
+        )
+        return self._future(self.stub.Commit, req, lambda r: r.committed_len)
+
+    def release(self, seq_id: str) -> None:
+        self._release(seq_id)
+
+
+class GrpcTarget(_Remote):
+    """`TargetSide` over a TargetWorker gRPC server."""
+
+    def __init__(
+        self,
+        address: str,
+        channel: grpc.Channel | None = None,
+        *,
+        timeout_s: float = 60.0,
+        on_unavailable: Callable[[str, Exception], None] | None = None,
+    ) -> None:
+        channel = channel or open_channel(address)
+        stub = worker_pb2_grpc.TargetWorkerStub(channel)
+        super().__init__(address, stub, channel, timeout_s, on_unavailable)
+
+    def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> Future:
+        req = worker_pb2.PrefillRequest(
+            seq_id=seq_id, token_ids=token_ids, sampling=sampling_to_proto(params)
+        )
+        return self._future(self.stub.Prefill, req, lambda r: None)
+
+    def verify(
+        self, seq_id: str, committed_len: int, draft_tokens: list[int], q: SparseQ | None
+    ) -> Future:
+        req = worker_pb2.VerifyRequest(
+            seq_id=seq_id, committed_len=committed_len, draft_tokens=draft_tokens, q=pack_q(q)
+        )
+        return self._future(
+            self.stub.Verify, req, lambda r: Verdict(r.accepted, r.token, bonus=r.bonus)
+        )
+
+    def plain_step(self, seq_id: str, committed_len: int) -> Future:
+        req = worker_pb2.PlainStepRequest(seq_id=seq_id, committed_len=committed_len)
+        return self._future(self.stub.PlainStep, req, lambda r: int(r.token))
+
+    def release(self, seq_id: str) -> None:
+        self._release(seq_id)
+
+
+# -- pools --------------------------------------------------------------------------------------
+
+
+class EndpointState(enum.Enum):
+    UNCHECKED = "unchecked"  # set, not yet probed: probed on first use
+    UP = "up"
+    DOWN = "down"  # failed: out of rotation until a recheck sees it healthy or it is set again
+    REJECTED = "rejected"  # answers, but serves the wrong thing (role, tokenizer): until set again
+
+
+@dataclass(eq=False)
+class Endpoint:
+    address: str
+    side: GrpcDraft | GrpcTarget
+    state: EndpointState = EndpointState.UNCHECKED
+    error: str = ""
+    in_flight: int = 0  # sequences bound to it
+    active: bool = True  # False once removed by set(); closed when its last sequence ends
+    info: worker_pb2.ModelInfo | None = None
+    order: int = field(default=0)
+
+
+class WorkerPool:
+    """The addresses of one kind of worker (role "draft" or "target"). Thread-safe.
+
+    `check(info)` returns None when a worker's ModelInfo is acceptable, else why not.
+    """
+
+    def __init__(
+        self,
+        role: str,
+        check: Callable[[worker_pb2.ModelInfo], str | None],
+        *,
+        timeout_s: float,
+        probe_timeout_s: float = 2.0,
+    ) -> None:
+        if role not in ("draft", "target"):
+            raise ValueError(f"role must be 'draft' or 'target', got {role!r}")
+        self.role = role
+        self._check = check
+        self.timeout_s = timeout_s
+        self.probe_timeout_s = probe_timeout_s
+        self._lock = threading.Lock()
+        self._endpoints: dict[str, Endpoint] = {}  # every address still referenced
+        self._order = itertools.count()
+        self._rr = itertools.count()
+
+    # -- membership -------------------------------------------------------------------------
+
+    def set(self, addresses: Iterable[str]) -> None:
+        """Replace the pool. Kept addresses keep their state, except that a down or rejected one
+        is checked again; removed ones serve their current sequences, then close."""
+        wanted = list(dict.fromkeys(str(a) for a in addresses))
+        to_close = []
+        with self._lock:
+            for addr in wanted:
+                ep = self._endpoints.get(addr)
+                if ep is None:
+                    self._endpoints[addr] = Endpoint(
+                        addr, self._new_side(addr), order=next(self._order)
+                    )
+                else:
+                    ep.active = True
+                    if ep.state in (EndpointState.DOWN, EndpointState.REJECTED):
+                        ep.state, ep.error = EndpointState.UNCHECKED, ""
+            for addr, ep in list(self._endpoints.items()):
+                if addr not in wanted and ep.active:
+                    ep.active = False
+                    if ep.in_flight == 0:
+                        to_close.append(self._endpoints.pop(addr))
+        for ep in to_close:
+            ep.side.channel.close()
+
+    @property
+    def configured(self) -> bool:
+        with self._lock:
+            return any(ep.active for ep in self._endpoints.values())
+
+    def addresses(self) -> list[str]:
+        with self._lock:
+            return [a for a, ep in self._endpoints.items() if ep.active]
+
+    def _new_side(self, address: str) -> GrpcDraft | GrpcTarget:
+        cls = GrpcDraft if self.role == "draft" else GrpcTarget
+        return cls(address, timeout_s=self.timeout_s, on_unavailable=self.mark_down)
+
+    # -- use --------------------------------------------------------------------------------
+
+    def acquire(self, exclude: Iterable[str] = ()) -> Endpoint | None:
+        """The least-loaded healthy endpoint (round robin among equals), counted as in use until
+        `release`; None when there is none. Unchecked endpoints are probed first (blocking)."""
+        exclude = set(exclude)
+        with self._lock:
+            cands = [
+                ep
+                for ep in self._endpoints.values()
+                if ep.active
+                and ep.address not in exclude
+                and ep.state in (EndpointState.UP, EndpointState.UNCHECKED)
+            ]
+            n, rr = max(1, len(cands)), next(self._rr)
+            cands.sort(key=lambda ep: ep.order)
+            ranked = sorted(enumerate(cands), key=lambda p: (p[1].in_flight, (p[0] - rr) % n))
+            cands = [ep for _, ep in ranked]
+        for ep in cands:
+            if ep.state is EndpointState.UNCHECKED:
+                self.probe(ep)
+            with self._lock:
+                if ep.active and ep.state is EndpointState.UP:
+                    ep.in_flight += 1
+                    return ep
+        return None
+
+    def release(self, ep: Endpoint) -> None:
+        close = False
+        with self._lock:
+            ep.in_flight = max(0, ep.in_flight - 1)
+            if not ep.active and ep.in_flight == 0 and self._endpoints.get(ep.address) is ep:
+                del self._endpoints[ep.address]
+                close = True
+        if close:
+            ep.side.channel.close()
+
+    def mark_down(self, address: str, reason: BaseException | str) -> None:
+        with self._lock:
+            ep = self._endpoints.get(address)
+            if ep is None or ep.state is EndpointState.REJECTED:
+                return
+            was = ep.state
+            ep.state, ep.error = EndpointState.DOWN, str(reason)
+        if was is not EndpointState.DOWN:
+            log.warning("%s worker %s out of rotation: %s", self.role, address, reason)
+
+    # -- health -----------------------------------------------------------------------------
+
+    def probe(self, ep: Endpoint) -> EndpointState:
+        """Stats call: up, down (no answer) or rejected (wrong role / tokenizer / model)."""
+        try:
+            stats = ep.side.stats(self.probe_timeout_s)
+        except RemoteWorkerError as exc:
+            info = None
+            if exc.code is grpc.StatusCode.UNIMPLEMENTED:  # another service answers there
+                state = EndpointState.REJECTED
+                error = f"it does not serve the {self.role} worker API ({exc})"
+                log.error("%s worker %s rejected: %s", self.role, ep.address, error)
+            else:
+                state, error = EndpointState.DOWN, str(exc)
+        except Exception as exc:  # noqa: BLE001 - any failure: not usable now
+            state, error, info = EndpointState.DOWN, str(exc), None
+        else:
+            info = stats.model
+            problem = self._check(info)
+            if problem:
+                state, error = EndpointState.REJECTED, problem
+                log.error("%s worker %s rejected: %s", self.role, ep.address, problem)
+            else:
+                state, error = EndpointState.UP, ""
+        with self._lock:
+            ep.state, ep.error = state, error
+            if info is not None:
+                ep.info = info
+        return state
+
+    def recheck(self, states: Sequence[EndpointState] = (EndpointState.DOWN,)) -> None:
+        with self._lock:
+            eps = [ep for ep in self._endpoints.values() if ep.active and ep.state in states]
+        for ep in eps:
+            self.probe(ep)
+
+    def status(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                {
+                    "address": ep.address,
+                    "state": ep.state.value,
+                    "error": ep.error,
+                    "in_flight": ep.in_flight,
+                    "active": ep.active,
+                }
+                for ep in self._endpoints.values()
+            ]
+
+    def close(self) -> None:
+        with self._lock:
+            eps = list(self._endpoints.values())
+            self._endpoints.clear()
+        for ep in eps:
+            ep.side.channel.close()
