@@ -1,0 +1,256 @@
+"""Benchmark: speculative vs plain decoding vs HF assisted generation, measured in one run.
+
+    specdec bench [--prompts 20] [--max-new-tokens 64] [--no-grpc]   (or: python -m bench.run)
+
+Every system decodes the same held-out prompts greedily with the shipped pair (or --target/--draft),
+so the outputs must be identical token for token; the benchmark checks that before it reports, and
+prints tokens/s and each system's ratio to plain HF `generate` on the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FALLBACK_PROMPTS = ["fibonacci", "parse_args", "read_config", "__init__", "main", "walk"]
+
+
+@dataclass
+class Measured:
+    name: str
+    seconds: float
+    tokens: int
+    outputs: list[list[int]]
+    extra: dict
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def _timed(
+    name: str,
+    prompts: list[list[int]],
+    run: Callable[[list[int]], list[int]],
+    extra: Callable[[], dict] = dict,
+) -> Measured:
+    run(prompts[0])  # warm-up: first-call allocations and lazy init are not what we measure
+    outputs = []
+    t0 = time.perf_counter()
+    for ids in prompts:
+        outputs.append(run(ids))
+    seconds = time.perf_counter() - t0
+    return Measured(name, seconds, sum(len(o) for o in outputs), outputs, extra())
+
+
+def bench_hf(
+    target_path: str, draft_path: str, prompts: list[list[int]], max_new: int
+) -> list[Measured]:
+    from transformers import AutoModelForCausalLM
+
+    from workers.model_runner import load_tokenizer
+
+    target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
+    draft = AutoModelForCausalLM.from_pretrained(draft_path, dtype=torch.float32).eval()
+    # Stop where the engine stops: the generation config's EOS, else the tokenizer's.
+    eos = target.generation_config.eos_token_id
+    if eos is None:
+        eos = load_tokenizer(target_path).eos_token_id
+
+    def gen(ids: list[int], **kw) -> list[int]:
+        with torch.inference_mode():
+            out = target.generate(
+                torch.tensor([ids]),
+                max_new_tokens=max_new,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos if isinstance(eos, int) else None,
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                **kw,
+            )
+        return out[0, len(ids) :].tolist()
+
+    return [
+        _timed("hf generate (target only)", prompts, gen),
+        _timed("hf assisted generation", prompts, lambda ids: gen(ids, assistant_model=draft)),
+    ]
+
+
+def bench_engine(
+    target_path: str, draft_path: str, prompts: list[list[int]], max_new: int
+) -> list[Measured]:
+    from cluster.engine import SpecEngine
+    from cluster.policy import SpecMode
+
+    engine = SpecEngine.from_paths(target_path, draft_path)
+    results = []
+    stats: list = []
+
+    def runner(**kw) -> Callable[[list[int]], list[int]]:
+        def run(ids: list[int]) -> list[int]:
+            r = engine.generate(ids, max_new_tokens=max_new, **kw)
+            stats.append(r.stats)
+            return r.token_ids
+
+        return run
+
+    def summary() -> dict:
+        s = stats[1:]  # skip warm-up
+        stats.clear()
+        proposed = sum(x.draft_tokens for x in s)
+        passes = sum(x.rounds + x.plain_steps for x in s)
+        return {
+            "alpha": round(sum(x.accepted_tokens for x in s) / proposed, 3) if proposed else None,
+            "tau": round(sum(sum(r.committed for r in x.records) for x in s) / passes, 2),
+            "pipeline_hits": sum(x.pipeline_hits for x in s),
+            "plain_steps": sum(x.plain_steps for x in s),
+        }
+
+    for name, kw in [
+        ("engine plain (mode OFF)", {"mode": SpecMode.OFF}),
+        ("engine spec k=4, not pipelined", {"mode": SpecMode.ON, "k": 4, "pipelined": False}),
+        ("engine spec k=4, pipelined", {"mode": SpecMode.ON, "k": 4, "pipelined": True}),
+        ("engine spec adaptive (AUTO)", {"mode": SpecMode.AUTO}),
+    ]:
+        results.append(_timed(name, prompts, runner(**kw), summary))
+    engine.close()
+    return results
+
+
+def bench_grpc(
+    target_path: str, draft_path: str, prompts: list[list[int]], max_new: int, threads: int
+) -> list[Measured]:
+    """The disaggregated path: draft and target as separate gRPC worker processes, the router in
+    this process. The target gets `threads` torch threads, the draft one."""
+    import asyncio
+
+    from cluster.local_workers import start_all, stop_all, worker_process
+    from cluster.router import Router, RouterConfig
+    from protos import specdec_pb2 as pb
+
+    procs = start_all(
+        worker_process("target", target_path, threads=threads),
+        worker_process("draft", draft_path, threads=1),
+    )
+    loop = asyncio.new_event_loop()
+    results = []
+    try:
+        for pipelined in (False, True):
+            router = Router(RouterConfig(target_model_path=target_path, pipelined=pipelined))
+            router.set_workers(drafts=[procs[1].address], targets=[procs[0].address])
+            stats: list = []
+
+            def runner(mode: int, k: int, router=router, stats=stats):
+                def run(ids: list[int]) -> list[int]:
+                    req = pb.GenerateRequest(
+                        prompt_token_ids=ids,
+                        max_new_tokens=max_new,
+                        speculation=pb.SpeculationOptions(mode=mode, num_draft_tokens=k),
+                    )
+                    resp = loop.run_until_complete(router.generate(req))
+                    stats.append(resp.stats)
+                    return list(resp.token_ids)
+
+                return run
+
+            def summary(stats=stats) -> dict:
+                s = stats[1:]
+                stats.clear()
+                proposed = sum(x.draft_tokens for x in s)
+                accepted = sum(x.accepted_tokens for x in s)
+                return {
+                    "alpha": round(accepted / proposed, 3) if proposed else None,
+                    "pipeline_hits": sum(x.pipeline_hits for x in s),
+                    "plain_steps": sum(x.plain_steps for x in s),
+                }
+
+            tag = "pipelined" if pipelined else "not pipelined"
+            systems = [
+                (f"grpc spec k=4, {tag}", pb.SPECULATION_MODE_ON, 4),
+                (f"grpc spec adaptive (AUTO), {tag}", pb.SPECULATION_MODE_AUTO, 0),
+            ]
+            if not pipelined:
+                systems.insert(0, ("grpc plain (mode OFF)", pb.SPECULATION_MODE_OFF, 0))
+            for name, mode, k in systems:
+                results.append(_timed(name, prompts, runner(mode, k), summary))
+            router.close()
+    finally:
+        loop.close()
+        stop_all(procs)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    from workers.pair import shipped_draft_path, shipped_target_path
+
+    ap = argparse.ArgumentParser(prog="specdec bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--target", default=str(shipped_target_path()))
+    ap.add_argument("--draft", default=str(shipped_draft_path()))
+    ap.add_argument("--prompts", type=int, default=20)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--no-grpc", action="store_true", help="skip the gRPC worker processes")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from workers.model_runner import load_tokenizer
+    from workers.pair.evaluate import heldout_prompts, heldout_texts
+
+    tok = load_tokenizer(args.target)
+    pair_dir = Path(args.target).parent
+    if (pair_dir / "split.json").is_file():
+        # The first lines of held-out functions: the same prompts `specdec eval-pair` uses.
+        prompts = heldout_prompts(tok, heldout_texts(pair_dir), args.prompts)
+    else:  # a pair trained elsewhere: fixed prompts
+        texts = [f"def {name}(" for name in FALLBACK_PROMPTS]
+        prompts = [tok.encode(t, add_special_tokens=False) for t in texts][: args.prompts]
+    results = bench_hf(args.target, args.draft, prompts, args.max_new_tokens)
+    results += bench_engine(args.target, args.draft, prompts, args.max_new_tokens)
+    if not args.no_grpc:
+        results += bench_grpc(args.target, args.draft, prompts, args.max_new_tokens, args.threads)
+    base = results[0]
+    mismatched = [m.name for m in results if m.outputs != base.outputs]
+    print(
+        f"# specdec bench — {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
+        f"{os.cpu_count()} cores, torch threads {args.threads}, {len(prompts)} prompts x "
+        f"{args.max_new_tokens} new tokens, greedy"
+    )
+    print(f"{'system':36s} {'tok/s':>8s} {'vs hf':>7s}  notes")
+    for m in results:
+        note = " ".join(f"{k}={v}" for k, v in m.extra.items())
+        print(
+            f"{m.name:36s} {m.tokens_per_s:8.1f} {m.tokens_per_s / base.tokens_per_s:6.2f}x  {note}"
+        )
+    print(
+        "greedy outputs identical to hf generate:", "yes" if not mismatched else f"NO: {mismatched}"
+    )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                [
+                    {
+                        "name": m.name,
+                        "tokens_per_s": m.tokens_per_s,
+                        "seconds": m.seconds,
+                        "tokens": m.tokens,
+                        **m.extra,
+                    }
+                    for m in results
+                ],
+                indent=2,
+            )
+        )
+    return 1 if mismatched else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
