@@ -1,0 +1,176 @@
+"""The public SpecDecode API end to end: `python -m cluster.grpc_ingress` in front of real worker
+processes, called by a gRPC client. Bad requests, cancellation, deadlines, start-up checks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from protos import specdec_pb2 as pb
+from protos import specdec_pb2_grpc
+from tests.cluster.grpc_procs import (
+    ROOT,
+    Proc,
+    hf_greedy,
+    make_checkpoints,
+    server_env,
+    start_all,
+    stats,
+    stop_all,
+    wait_live_zero,
+    worker,
+)
+from tests.tiny_models import make_model, make_tokenizer
+from workers.draft import DraftWorker
+from workers.model_runner import load_tokenizer
+from workers.service import serve_draft
+
+PROMPT = "def add(a, b):"
+ON = pb.SPECULATION_MODE_ON
+
+
+def ingress(target: str, draft: str, model, *extra: str) -> Proc:
+    args = ["-m", "cluster.grpc_ingress", "--target", target, "--draft", draft]
+    return Proc([*args, "--target-model", str(model), "--port", "0", *extra], "ingress")
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    return make_checkpoints(tmp_path_factory.mktemp("grpc_ingress"))
+
+
+@pytest.fixture(scope="module")
+def cluster(ckpts):
+    workers = start_all(worker("target", ckpts["target"]), worker("draft", ckpts["near"]))
+    try:
+        front = start_all(ingress(workers[0].address, workers[1].address, ckpts["target"]))[0]
+    except BaseException:
+        stop_all(workers)
+        raise
+    channel = grpc.insecure_channel(front.address, options=[("grpc.enable_http_proxy", 0)])
+    yield {
+        "stub": specdec_pb2_grpc.SpecDecodeStub(channel),
+        "workers": [(workers[0].address, "target"), (workers[1].address, "draft")],
+        "target": workers[0].address,
+    }
+    channel.close()
+    stop_all([front, *workers])
+
+
+def good(**kw) -> pb.GenerateRequest:
+    kw.setdefault("max_new_tokens", 24)
+    return pb.GenerateRequest(prompt=PROMPT, **kw)
+
+
+def test_generate_and_stream_over_grpc(cluster, ckpts):
+    stub = cluster["stub"]
+    tok = load_tokenizer(ckpts["target"])
+    want = hf_greedy(ckpts["target"], tok.encode(PROMPT, add_special_tokens=False), 40)
+    req = good(max_new_tokens=40, speculation=pb.SpeculationOptions(mode=ON, num_draft_tokens=3))
+    whole = stub.Generate(req, timeout=60)
+    assert list(whole.token_ids) == want
+    assert whole.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS)
+    assert whole.usage.completion_tokens == len(want) and whole.stats.rounds > 0
+    chunks = list(stub.GenerateStream(req, timeout=60))
+    assert len(chunks) > 1 and [t for c in chunks for t in c.token_ids] == want
+    assert "".join(c.text for c in chunks) == whole.text
+    assert chunks[-1].finish_reason == whole.finish_reason
+    assert chunks[-1].stats.rounds == whole.stats.rounds
+
+
+BAD = {
+    "prompt": [
+        pb.GenerateRequest(max_new_tokens=4),  # no prompt at all
+        pb.GenerateRequest(prompt="x", prompt_token_ids=[5], max_new_tokens=4),
+        pb.GenerateRequest(prompt_token_ids=[5] * 300, max_new_tokens=4),  # context is 256
+    ],
+    "prompt_token_ids": [pb.GenerateRequest(prompt_token_ids=[5, 96], max_new_tokens=4)],
+    "max_new_tokens": [good(max_new_tokens=0), good(max_new_tokens=-3)],
+    "temperature": [good(temperature=-0.5)],
+    "top_p": [good(top_p=1.5), good(top_p=-0.1)],
+    "top_k": [good(top_k=-1)],
+    "seed": [good(seed=-1)],
+    "stop": [good(stop=["ok", ""])],
+    "speculation.num_draft_tokens": [
+        good(speculation=pb.SpeculationOptions(num_draft_tokens=-1)),
+        good(speculation=pb.SpeculationOptions(num_draft_tokens=9)),  # the ingress allows 8
+    ],
+    "speculation.mode": [good(speculation=pb.SpeculationOptions(mode=7))],
+}
+
+
+@pytest.mark.parametrize("field", list(BAD))
+def test_bad_requests_are_invalid_argument_naming_the_field(cluster, field):
+    stub = cluster["stub"]
+    for req in BAD[field]:
+        for call in (stub.Generate, lambda r, **kw: list(stub.GenerateStream(r, **kw))):
+            with pytest.raises(grpc.RpcError) as info:
+                call(req, timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+            assert info.value.details().startswith(field + ":"), info.value.details()
+    # Nothing was started on the workers, and the server keeps serving.
+    assert all(stats(a, r).live_sequences == 0 for a, r in cluster["workers"])
+    assert len(stub.Generate(good(max_new_tokens=5), timeout=60).token_ids) == 5
+
+
+def test_top_p_zero_means_unset(cluster):
+    stub = cluster["stub"]
+    off = pb.SpeculationOptions(mode=pb.SPECULATION_MODE_OFF)  # plain steps: draws fixed by seed
+    runs = [
+        stub.Generate(good(temperature=0.8, seed=5, top_p=p, speculation=off), timeout=60)
+        for p in (0.0, 1.0, 0.5)
+    ]
+    assert runs[0].token_ids == runs[1].token_ids != runs[2].token_ids
+
+
+def test_cancelling_fifty_streams_frees_every_sequence(cluster):
+    stub = cluster["stub"]
+    req = good(max_new_tokens=200, speculation=pb.SpeculationOptions(mode=ON, num_draft_tokens=2))
+    calls = [stub.GenerateStream(req, timeout=120) for _ in range(50)]
+    for call in calls:
+        first = next(call)  # every stream is running and has committed tokens
+        assert first.token_ids
+    for call in calls:
+        call.cancel()
+    live = wait_live_zero(cluster["workers"], timeout=60)
+    assert set(live.values()) == {0}, live
+    assert len(stub.Generate(good(max_new_tokens=5), timeout=60).token_ids) == 5
+
+
+def test_a_deadline_frees_the_sequence(cluster):
+    stub = cluster["stub"]
+    req = good(max_new_tokens=240, speculation=pb.SpeculationOptions(mode=ON, num_draft_tokens=1))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.GenerateStream(req, timeout=0.05))
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(req, timeout=0.05)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    live = wait_live_zero(cluster["workers"], timeout=60)
+    assert set(live.values()) == {0}, live
+
+
+def test_ingress_refuses_to_start_with_a_draft_of_another_tokenizer(cluster, ckpts, tmp_path):
+    other = make_model(tmp_path / "other", seed=3, tokenizer=make_tokenizer(80))
+    server, port = serve_draft(DraftWorker.from_path(other), "127.0.0.1", 0)
+    try:
+        t0 = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "cluster.grpc_ingress", "--target", cluster["target"]]
+            + ["--draft", f"127.0.0.1:{port}", "--target-model", str(ckpts["target"])],
+            cwd=ROOT,
+            env=server_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "tokenizer" in done.stderr and f"127.0.0.1:{port}" in done.stderr
+        assert done.stdout == ""  # never announced a port
+        assert time.monotonic() - t0 < 120
+    finally:
+        server.stop(0)

@@ -1,0 +1,352 @@
+"""The internal worker API (protos/worker.proto) against real worker server processes.
+
+One target and one draft process per module. Oracles: the in-process TargetWorker / DraftWorker on
+the same checkpoint (same verdicts, same drafts, same sampled tokens: q travels exactly), and fresh
+sequences (a refused stale call leaves the sequence as if it never came).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import torch
+
+from cluster.driver import WorkerUnavailable
+from cluster.remote import EndpointState, GrpcDraft, GrpcTarget, WorkerPool, open_channel
+from protos import worker_pb2 as wpb
+from protos import worker_pb2_grpc
+from tests.cluster.grpc_procs import make_checkpoints, start_all, stats, stop_all, worker
+from workers.draft import DraftWorker
+from workers.errors import StaleSequenceError, UnknownSequenceError
+from workers.model_runner import load_tokenizer
+from workers.sampling import SamplingParams
+from workers.target import TargetWorker
+from workers.verification import SparseQ
+from workers.wire import (
+    pack_q,
+    sampling_from_proto,
+    sampling_to_proto,
+    tokenizer_fingerprint,
+    unpack_q,
+)
+
+PROMPT = [70, 71, 72, 2, 67, 70, 70, 10, 67, 14, 2, 68, 11, 28]  # "def add(a, b):"
+GREEDY = wpb.SamplingParams()
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    return make_checkpoints(tmp_path_factory.mktemp("grpc_workers"))
+
+
+@pytest.fixture(scope="module")
+def servers(ckpts):
+    procs = start_all(worker("target", ckpts["target"]), worker("draft", ckpts["near"]))
+    yield {"target": procs[0].address, "draft": procs[1].address}
+    stop_all(procs)
+
+
+@pytest.fixture(scope="module")
+def stubs(servers):
+    t_ch, d_ch = open_channel(servers["target"]), open_channel(servers["draft"])
+    yield worker_pb2_grpc.TargetWorkerStub(t_ch), worker_pb2_grpc.DraftWorkerStub(d_ch)
+    t_ch.close()
+    d_ch.close()
+
+
+@pytest.fixture(scope="module")
+def local(ckpts):
+    """The in-process workers on the same checkpoints: the oracle."""
+    return TargetWorker.from_path(ckpts["target"]), DraftWorker.from_path(ckpts["near"])
+
+
+def _code(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+# -- wire --------------------------------------------------------------------------------------
+
+
+def test_q_packing_is_exact_and_rejects_garbage():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(3, 5, generator=g)
+    q = SparseQ(torch.randint(0, 96, (3, 5), generator=g), probs / probs.sum(1, keepdim=True))
+    back = unpack_q(pack_q(q))
+    assert torch.equal(back.indices, q.indices) and back.indices.dtype == torch.int64
+    assert torch.equal(back.probs, q.probs.float())
+    assert pack_q(None) == b"" and unpack_q(b"") is None
+    for bad in (b"\x01\x02", pack_q(q)[:-3]):
+        with pytest.raises(ValueError, match="^q: "):
+            unpack_q(bad)
+
+
+def test_sampling_params_round_trip_and_top_p_zero_means_unset():
+    p = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=3)
+    assert sampling_from_proto(sampling_to_proto(p)) == p
+    assert sampling_from_proto(wpb.SamplingParams(temperature=1.0)).top_p == 1.0
+    assert sampling_from_proto(wpb.SamplingParams()).seed is None
+
+
+# -- Stats ---------------------------------------------------------------------------------------
+
+
+def test_stats_reports_live_sequences_and_model(servers, ckpts):
+    fp = tokenizer_fingerprint(load_tokenizer(ckpts["target"]))
+    for role, addr, path in (
+        ("target", servers["target"], ckpts["target"]),
+        ("draft", servers["draft"], ckpts["near"]),
+    ):
+        s = stats(addr, role)
+        assert s.live_sequences == 0
+        assert s.model.role == (wpb.ROLE_TARGET if role == "target" else wpb.ROLE_DRAFT)
+        assert (s.model.vocab_size, s.model.max_context) == (96, 256)
+        assert list(s.model.eos_token_ids) == [0]
+        assert s.model.tokenizer_fingerprint == fp
+        assert s.model.model_path == str(path)
+
+
+# -- same answers as the in-process workers ------------------------------------------------------
+
+
+def test_remote_target_and_draft_answer_like_in_process_workers(servers, local):
+    target, draft = local
+    gt, gd = GrpcTarget(servers["target"]), GrpcDraft(servers["draft"])
+    params = SamplingParams(temperature=0.9, top_k=20, seed=11)
+    try:
+        for p in (SamplingParams(), params):
+            sid = f"same-{p.greedy}"
+            target.prefill(sid, PROMPT, p)
+            draft.prefill(sid, PROMPT, p)
+            gt.prefill(sid, PROMPT, p).result(10)
+            gd.prefill(sid, PROMPT, p).result(10)
+            n, commit = len(PROMPT), []
+            for _ in range(6):
+                want = draft.propose(sid, n, 3, commit)
+                got = gd.propose(sid, n, 3, commit).result(10)
+                assert (got.start, got.tokens) == (want.start, want.tokens)
+                if p.greedy:
+                    assert got.q is None
+                else:
+                    assert torch.equal(got.q.indices, want.q.indices)
+                    assert torch.equal(got.q.probs, want.q.probs)
+                n += len(commit)
+                v_want = target.verify(sid, n, want.tokens, want.q)
+                v_got = gt.verify(sid, n, got.tokens, got.q).result(10)
+                assert v_got == v_want
+                commit = v_want.committed(want.tokens)
+            n += len(commit)
+            draft.commit(sid, n - len(commit), commit)
+            assert gt.plain_step(sid, n).result(10) == target.plain_step(sid, n)
+            gt.release(sid)
+            gd.release(sid)
+            target.release(sid)
+            draft.release(sid)
+    finally:
+        gt.channel.close()
+        gd.channel.close()
+
+
+# -- status codes --------------------------------------------------------------------------------
+
+
+def test_stale_committed_length_is_refused_and_changes_nothing(stubs):
+    t, d = stubs
+    n = len(PROMPT)
+    for sid in ("stale", "fresh"):
+        t.Prefill(wpb.PrefillRequest(seq_id=sid, token_ids=PROMPT, sampling=GREEDY))
+        d.Prefill(wpb.PrefillRequest(seq_id=sid, token_ids=PROMPT, sampling=GREEDY))
+    # Refused calls: every one names the lengths and leaves the sequence alone.
+    refused = [
+        lambda: t.Verify(wpb.VerifyRequest(seq_id="stale", committed_len=n + 1, draft_tokens=[5])),
+        lambda: t.Verify(wpb.VerifyRequest(seq_id="stale", committed_len=n - 1, draft_tokens=[5])),
+        lambda: t.PlainStep(wpb.PlainStepRequest(seq_id="stale", committed_len=n + 2)),
+        lambda: d.Propose(wpb.ProposeRequest(seq_id="stale", committed_len=n + 1, k=3)),
+        lambda: d.Propose(
+            wpb.ProposeRequest(seq_id="stale", committed_len=n - 1, k=3, commit=[7, 8])
+        ),
+        lambda: d.Commit(wpb.CommitRequest(seq_id="stale", committed_len=n + 3, new_tokens=[9])),
+    ]
+    for call in refused:
+        code, details = _code(call)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "committed length" in details
+    # The refused sequence answers exactly like the untouched one.
+    sids = ("stale", "fresh")
+    got = [d.Propose(wpb.ProposeRequest(seq_id=s, committed_len=n, k=4)).tokens for s in sids]
+    assert list(got[0]) == list(got[1])
+    steps = [t.PlainStep(wpb.PlainStepRequest(seq_id=s, committed_len=n)).token for s in sids]
+    assert steps[0] == steps[1]
+    for sid in ("stale", "fresh"):
+        assert t.Release(wpb.ReleaseRequest(seq_id=sid)).released
+        assert d.Release(wpb.ReleaseRequest(seq_id=sid)).released
+
+
+def test_unknown_sequence_is_not_found(stubs):
+    t, d = stubs
+    for call in (
+        lambda: t.Verify(wpb.VerifyRequest(seq_id="nope", committed_len=3, draft_tokens=[5])),
+        lambda: t.PlainStep(wpb.PlainStepRequest(seq_id="nope", committed_len=3)),
+        lambda: d.Propose(wpb.ProposeRequest(seq_id="nope", committed_len=3, k=2)),
+        lambda: d.Commit(wpb.CommitRequest(seq_id="nope", committed_len=3, new_tokens=[1])),
+    ):
+        code, details = _code(call)
+        assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
+    assert not t.Release(wpb.ReleaseRequest(seq_id="nope")).released  # release is always OK
+
+
+def test_bad_arguments_are_invalid_argument_naming_the_field(stubs):
+    t, d = stubs
+    n = len(PROMPT)
+    sampled = wpb.SamplingParams(temperature=1.0, seed=1)
+    t.Prefill(wpb.PrefillRequest(seq_id="bad", token_ids=PROMPT, sampling=sampled))
+    d.Prefill(wpb.PrefillRequest(seq_id="bad", token_ids=PROMPT, sampling=sampled))
+    cases = {
+        "token_ids": lambda: t.Prefill(wpb.PrefillRequest(seq_id="x", token_ids=[1, 96])),
+        "prompt": lambda: t.Prefill(wpb.PrefillRequest(seq_id="x", token_ids=[])),
+        "seq_id": lambda: t.Prefill(wpb.PrefillRequest(seq_id="", token_ids=[1])),
+        "temperature": lambda: d.Prefill(
+            wpb.PrefillRequest(
+                seq_id="x", token_ids=[1], sampling=wpb.SamplingParams(temperature=-1)
+            )
+        ),
+        "q": lambda: t.Verify(
+            wpb.VerifyRequest(seq_id="bad", committed_len=n, draft_tokens=[5], q=b"junk")
+        ),
+        "q:": lambda: t.Verify(wpb.VerifyRequest(seq_id="bad", committed_len=n, draft_tokens=[5])),
+        "draft_tokens": lambda: t.Verify(
+            wpb.VerifyRequest(seq_id="bad", committed_len=n, draft_tokens=[-1])
+        ),
+        "k ": lambda: d.Propose(wpb.ProposeRequest(seq_id="bad", committed_len=n, k=0)),
+        "start": lambda: d.Propose(
+            wpb.ProposeRequest(seq_id="bad", committed_len=n, k=1, start=n + 5)
+        ),
+    }
+    for field, call in cases.items():
+        code, details = _code(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (field, details)
+        assert field.strip().rstrip(":") in details, (field, details)
+    assert stats_live(t) == 1 and stats_live(d) == 1  # nothing half-made by the refusals
+    t.Release(wpb.ReleaseRequest(seq_id="bad"))
+    d.Release(wpb.ReleaseRequest(seq_id="bad"))
+
+
+def stats_live(stub) -> int:
+    return stub.Stats(wpb.StatsRequest()).live_sequences
+
+
+def test_retries_are_safe(stubs):
+    t, d = stubs
+    n = len(PROMPT)
+    t.Prefill(wpb.PrefillRequest(seq_id="retry", token_ids=PROMPT, sampling=GREEDY))
+    d.Prefill(wpb.PrefillRequest(seq_id="retry", token_ids=PROMPT, sampling=GREEDY))
+    block = list(d.Propose(wpb.ProposeRequest(seq_id="retry", committed_len=n, k=3)).tokens)
+    req = wpb.VerifyRequest(seq_id="retry", committed_len=n, draft_tokens=block)
+    first, again = t.Verify(req), t.Verify(req)
+    assert first == again
+    commit = wpb.CommitRequest(
+        seq_id="retry", committed_len=n, new_tokens=block[: first.accepted] + [first.token]
+    )
+    assert d.Commit(commit).committed_len == first.committed_len
+    assert d.Commit(commit).committed_len == first.committed_len  # applied once
+    t.Release(wpb.ReleaseRequest(seq_id="retry"))
+    d.Release(wpb.ReleaseRequest(seq_id="retry"))
+
+
+# -- the transport adaptors ----------------------------------------------------------------------
+
+
+def test_grpc_sides_map_errors_to_worker_exceptions(servers):
+    gt = GrpcTarget(servers["target"], timeout_s=10)
+    try:
+        gt.prefill("m", PROMPT, SamplingParams()).result(10)
+        with pytest.raises(StaleSequenceError):
+            gt.plain_step("m", 3).result(10)
+        with pytest.raises(UnknownSequenceError):
+            gt.plain_step("other", 3).result(10)
+        with pytest.raises(ValueError, match="draft_tokens"):
+            gt.verify("m", len(PROMPT), [999], None).result(10)
+        gt.release("m")
+    finally:
+        gt.channel.close()
+    down: list[str] = []
+    dead = GrpcTarget("127.0.0.1:1", timeout_s=5, on_unavailable=lambda a, e: down.append(a))
+    with pytest.raises(WorkerUnavailable):
+        dead.plain_step("m", 3).result(10)
+    assert down == ["127.0.0.1:1"]
+    dead.channel.close()
+
+
+def test_many_sequences_at_once(servers, local):
+    """Concurrent sequences on one server: each gets what it would get alone; none leaks."""
+    target, _ = local
+    prompts = [PROMPT[i:] + [i + 3] for i in range(8)]
+    want = []
+    for i, p in enumerate(prompts):
+        target.prefill(f"ref{i}", p, SamplingParams())
+        want.append([target.plain_step(f"ref{i}", len(p) + j) for j in range(6)])
+        target.release(f"ref{i}")
+    got: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        gt = GrpcTarget(servers["target"])
+        gt.prefill(f"c{i}", prompts[i], SamplingParams()).result(30)
+        got[i] = [gt.plain_step(f"c{i}", len(prompts[i]) + j).result(30) for j in range(6)]
+        gt.release(f"c{i}")
+        gt.channel.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert [got[i] for i in range(8)] == want
+    assert stats(servers["target"], "target").live_sequences == 0
+
+
+def test_pool_drops_a_failed_address_and_takes_it_back(servers):
+    live, dead = servers["target"], "127.0.0.1:1"
+    pool = WorkerPool("target", lambda info: None, timeout_s=5, probe_timeout_s=2)
+    try:
+        pool.set([dead, live])
+        first = pool.acquire()
+        assert first.address == live
+        pool.release(first)
+        pool.recheck([EndpointState.UNCHECKED, EndpointState.DOWN])
+        states = {w["address"]: w["state"] for w in pool.status()}
+        assert states == {live: "up", dead: "down"}
+        pool.mark_down(live, "a call failed")  # as GrpcTarget does on UNAVAILABLE
+        assert pool.acquire() is None
+        pool.recheck()  # the periodic recheck: healthy again
+        again = pool.acquire()
+        assert again.address == live and again.in_flight == 1
+        pool.release(again)
+        pool.set([live])
+        assert [w["address"] for w in pool.status()] == [live]
+        pool.set([live, dead])  # set again: checked again on first use
+        assert {w["address"]: w["state"] for w in pool.status()}[dead] == "unchecked"
+    finally:
+        pool.close()
+    picky = WorkerPool("target", lambda info: "not this one", timeout_s=5)
+    try:
+        picky.set([live])
+        assert picky.acquire() is None
+        assert picky.status()[0]["state"] == "rejected"
+        assert picky.status()[0]["error"] == "not this one"
+    finally:
+        picky.close()
+
+
+def test_least_loaded_then_round_robin(servers):
+    pool = WorkerPool("draft", lambda info: None, timeout_s=5)
+    try:
+        pool.set([servers["draft"], servers["draft"].replace("127.0.0.1", "localhost")])
+        a, b = pool.acquire(), pool.acquire()
+        assert a.address != b.address  # the second goes to the idle one
+        pool.release(a)
+        assert pool.acquire() is a  # a is idle now, b is busy
+    finally:
+        pool.close()

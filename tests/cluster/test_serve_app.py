@@ -1,0 +1,261 @@
+"""The whole application on a real local Ray + Serve, over Serve's gRPC proxy, with tiny models.
+
+One cluster for the module: a draft replica on the draft pool, one target replica that is a
+tensor-parallel group of 2 rank actors over gloo on the target pool, the registry, and the router
+as gRPC ingress. The oracle is transformers' own greedy decoding of the target (TP = 1, one
+process), so identical output also shows TP = 2 == TP = 1 end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+import urllib.request
+
+import grpc
+import pytest
+import ray
+from ray import serve
+
+from cluster.app import APP_NAME, GRPC_SERVICER, build_app
+from cluster.cli import build_request, call_generate, stream_generate
+from protos import specdec_pb2 as pb
+from tests.deploy.helpers import free_port, hf_greedy, init_ray, noisy_copy, tmpdir
+from tests.tiny_models import make_model, make_tokenizer
+
+pytestmark = pytest.mark.slow
+
+PROMPT = [5, 17, 33, 2, 41, 9]
+
+
+class Cluster:
+    def __init__(self, address: str, http: str, target, draft) -> None:
+        self.address = address
+        self.http = http
+        self.target = target
+        self.draft = draft
+        self.handle = serve.get_app_handle(APP_NAME)
+        self._oracle: dict[int, list[int]] = {}
+
+    def oracle(self, n: int) -> list[int]:
+        if n not in self._oracle:
+            self._oracle[n] = hf_greedy(self.target, PROMPT, n)
+        return self._oracle[n]
+
+    def status(self) -> dict:
+        return self.handle.status.remote().result()
+
+    def wait(self, pred, timeout: float = 90.0, what: str = "condition"):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            st = self.status()
+            if pred(st):
+                return st
+            time.sleep(0.5)
+        raise AssertionError(f"timed out waiting for {what}: {self.status()}")
+
+
+def request(n: int, mode=pb.SPECULATION_MODE_AUTO, k: int = 0, **kw) -> pb.GenerateRequest:
+    req = build_request("", max_new_tokens=n, k=k, **kw)
+    req.prompt_token_ids.extend(PROMPT)
+    req.speculation.mode = mode
+    return req
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    root = tmpdir("sd-serve-")
+    target = make_model(root / "target", seed=1, max_positions=1024, tokenizer=make_tokenizer())
+    draft = noisy_copy(target, root / "draft", std=0.15)  # agrees with the target ~40% of the time
+    init_ray()
+    try:
+        grpc_port, http_port = free_port(), free_port()
+        t0 = time.monotonic()
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": http_port},
+            grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+        )
+        args = {
+            "models": {"target": str(target), "draft": str(draft)},
+            "draft": {"replicas": 1},
+            "target": {"tp_size": 2},
+            "limits": {"max_new_tokens": 1000},
+            "ingress": {"num_cpus": 0},
+            "workers": {"host": "127.0.0.1"},
+        }
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/specdec")
+        c = Cluster(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", target, draft)
+        c.wait(lambda st: st["ready"], what="workers registered")
+        print(f"\nServe app up in {time.monotonic() - t0:.1f}s")
+        yield c
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_greedy_over_the_grpc_proxy_equals_hf_greedy(cluster):
+    want = cluster.oracle(60)
+    resp, seconds = call_generate(cluster.address, request(60))
+    assert list(resp.token_ids) == want
+    assert resp.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS)
+    assert resp.usage.prompt_tokens == len(PROMPT) and resp.usage.completion_tokens == len(want)
+    print(f"\nunary Generate of {len(want)} tokens: {seconds * 1000:.0f} ms")
+    # Streaming, speculation forced on with k = 3: the same tokens, in rounds.
+    msgs = list(stream_generate(cluster.address, request(60, pb.SPECULATION_MODE_ON, k=3)))
+    assert [t for m in msgs for t in m.token_ids] == want
+    final = msgs[-1].stats
+    assert final.rounds > 0
+    assert 0 < final.accepted_tokens < final.draft_tokens  # some drafts kept, some rejected
+    assert len(msgs) > 2
+    # Plain decoding only: still the same tokens.
+    resp, _ = call_generate(cluster.address, request(60, pb.SPECULATION_MODE_OFF))
+    assert list(resp.token_ids) == want and resp.stats.rounds == 0
+
+
+def test_seeded_sampling_through_serve_repeats_the_in_process_engine(cluster):
+    """Sampling is exact too: a seeded request over Serve (TP = 2 target, remote draft) draws the
+    same tokens as the in-process engine (TP = 1, same draft, same k, same seed)."""
+    from cluster.engine import SpecEngine
+    from cluster.policy import SpecMode
+    from workers.sampling import SamplingParams
+
+    engine = SpecEngine.from_paths(cluster.target, cluster.draft)
+    try:
+        local = engine.generate(
+            PROMPT,
+            max_new_tokens=40,
+            sampling=SamplingParams(temperature=1.0, top_k=20, seed=7),
+            mode=SpecMode.ON,
+            k=3,
+        )
+    finally:
+        engine.close()
+    req = request(40, pb.SPECULATION_MODE_ON, k=3, temperature=1.0, top_k=20, seed=7)
+    first, _ = call_generate(cluster.address, req)
+    again, _ = call_generate(cluster.address, req)
+    assert list(first.token_ids) == list(again.token_ids) == local.token_ids
+    assert first.stats.rounds > 0
+
+
+def test_replicas_sit_on_their_own_pools(cluster):
+    draft = cluster.handle.worker_info.remote("draft").result()
+    assert draft["resources"].get("draft_pool") == 1.0
+    assert "target_pool" not in draft["resources"]
+    target = cluster.handle.worker_info.remote("target").result()
+    assert target["tp_size"] == 2 and target["placement_group"]
+    ranks = target["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert len({r["pid"] for r in ranks}) == 2 and draft["pid"] not in {r["pid"] for r in ranks}
+    for r in ranks:
+        assert r["resources"].get("target_pool") == 1.0 and "draft_pool" not in r["resources"]
+    ingress = cluster.status()
+    assert not {"draft_pool", "target_pool"} & set(ingress["resources"])
+    assert ingress["drafts"] == [draft["address"]] and ingress["targets"] == [target["address"]]
+    # The same status over HTTP (GET on the route prefix), for curl and load balancers.
+    with urllib.request.urlopen(f"{cluster.http}/specdec", timeout=10) as resp:
+        assert json.loads(resp.read())["targets"] == [target["address"]]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_requests_get_a_code_and_a_clean_message(cluster, stream):
+    bad = request(8, top_p=1.5)
+    with pytest.raises(grpc.RpcError) as err:
+        if stream:
+            list(stream_generate(cluster.address, bad))
+        else:
+            call_generate(cluster.address, bad)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("top_p:")
+    assert "Traceback" not in err.value.details() and "\n" not in err.value.details()
+    empty = build_request("", max_new_tokens=4)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream_generate(cluster.address, empty)) if stream else call_generate(
+            cluster.address, empty
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_client_deadline_frees_the_sequence_on_every_worker(cluster):
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream_generate(cluster.address, request(900, pb.SPECULATION_MODE_ON), timeout=0.5))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    t0 = time.monotonic()
+    while True:
+        live = [
+            cluster.handle.worker_info.remote(kind).result()["live_sequences"]
+            for kind in ("draft", "target")
+        ]
+        if live == [0, 0] and cluster.status()["in_flight"] == 0:
+            break
+        assert time.monotonic() - t0 < 15, live
+        time.sleep(0.2)
+
+
+def _draft_actor():
+    names = [
+        a for a in ray.util.list_named_actors(all_namespaces=True) if "SpecDecodeDraft" in a["name"]
+    ]
+    assert len(names) == 1, names
+    return ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+
+
+def test_killing_the_draft_mid_stream_keeps_the_output_and_spec_mode_comes_back(cluster):
+    n = 400
+    want = cluster.oracle(n)
+    old = cluster.status()["drafts"]
+    old_replica = cluster.handle.worker_info.remote("draft").result()["replica_id"]
+    victim = _draft_actor()
+    got: list[int] = []
+    msgs = stream_generate(cluster.address, request(n, pb.SPECULATION_MODE_ON, k=3))
+    first = next(msgs)
+    got.extend(first.token_ids)
+    ray.kill(victim, no_restart=True)
+    last = first
+    for msg in msgs:
+        got.extend(msg.token_ids)
+        last = msg
+    assert got == want  # no token lost, none changed
+    assert last.stats.draft_failures >= 1 and last.stats.plain_steps > 0
+    # Serve replaces the replica; it registers its new address and the router uses it.
+    st = cluster.wait(
+        lambda s: s["drafts"] and s["drafts"] != old,
+        what="the restarted draft replica to register",
+    )
+    assert cluster.handle.worker_info.remote("draft").result()["replica_id"] != old_replica
+    deadline = time.monotonic() + 60
+    while True:
+        resp, _ = call_generate(cluster.address, request(60, pb.SPECULATION_MODE_ON, k=3))
+        assert list(resp.token_ids) == cluster.oracle(60)
+        if resp.stats.rounds > 0 and resp.stats.draft_failures == 0:
+            break
+        assert time.monotonic() < deadline, (st, resp.stats)
+        time.sleep(1.0)
+
+
+def test_a_dead_target_rank_is_replaced_by_serve(cluster):
+    """Kill one rank process of the TP group: calls fail cleanly (UNAVAILABLE, no hang), the
+    replica's health check fails, Serve starts a new group, and output is the same again."""
+    before = cluster.handle.worker_info.remote("target").result()
+    os.kill(before["ranks"][1]["pid"], signal.SIGKILL)
+    codes = set()
+    t0 = time.monotonic()
+    while True:
+        try:
+            resp, _ = call_generate(cluster.address, request(30), timeout=60)
+        except grpc.RpcError as exc:
+            codes.add(exc.code())
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+            assert "Traceback" not in exc.details()
+        else:
+            if list(resp.token_ids) == cluster.oracle(30):
+                break
+        assert time.monotonic() - t0 < 150, codes
+        time.sleep(1.0)
+    after = cluster.handle.worker_info.remote("target").result()
+    assert after["replica_id"] != before["replica_id"]
+    assert {r["pid"] for r in after["ranks"]}.isdisjoint({r["pid"] for r in before["ranks"]})
+    print(f"\nTP group replaced and serving again after {time.monotonic() - t0:.1f}s ({codes})")

@@ -1,0 +1,74 @@
+"""The Serve layer's pure parts: the worker registry and the ingress's error mapping (no Ray)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from cluster import app
+from cluster.app import Registry, _fail, grpc_status_for
+from cluster.router import RequestError
+
+
+def test_registry_registers_renews_and_expires(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(app.time, "monotonic", lambda: now[0])
+    reg = Registry(ttl_s=5.0)
+    assert reg.snapshot() == {"drafts": [], "targets": [], "version": 0, "warm": False}
+    reg.register("draft", "d1", "10.0.0.1:7001")
+    reg.register("target", "t1", "10.0.0.2:7002")
+    v = reg.register("draft", "d1", "10.0.0.1:7001")  # a heartbeat changes nothing
+    snap = reg.snapshot()
+    assert snap["drafts"] == ["10.0.0.1:7001"] and snap["targets"] == ["10.0.0.2:7002"]
+    assert snap["version"] == v == 2
+    now[0] += 4.0
+    reg.register("target", "t1", "10.0.0.2:7002")  # renewed; d1 is not
+    now[0] += 2.0  # d1 unseen for 6 s > TTL: expired (a killed replica never unregisters)
+    snap = reg.snapshot()
+    assert snap == {"drafts": [], "targets": ["10.0.0.2:7002"], "version": 3, "warm": True}
+    reg.register("draft", "d2", "10.0.0.1:7005")  # Serve's replacement, on a new port
+    assert reg.unregister("t1") == 5 and reg.unregister("t1") == 5
+    assert reg.snapshot()["drafts"] == ["10.0.0.1:7005"]
+    with pytest.raises(ValueError, match="kind"):
+        reg.register("router", "x", "a:1")
+
+
+class FakeContext:
+    def __init__(self) -> None:
+        self.code = self.details = None
+
+    def set_code(self, code) -> None:
+        self.code = code
+
+    def set_details(self, details) -> None:
+        self.details = details
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "details"),
+    [
+        (
+            RequestError(grpc.StatusCode.INVALID_ARGUMENT, "top_p", "must be in (0, 1]"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "top_p: must be in (0, 1]",
+        ),
+        (
+            RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "", "at its limit"),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "at its limit",
+        ),
+        (TimeoutError("5 s"), grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded: 5 s"),
+        (KeyError("boom"), grpc.StatusCode.INTERNAL, "internal error: KeyError: 'boom'"),
+    ],
+)
+def test_failures_map_to_a_code_and_one_clean_line(exc, code, details):
+    assert grpc_status_for(exc) == (code, details)
+    ctx = FakeContext()
+    raised = _fail(ctx, exc)
+    assert (ctx.code, ctx.details) == (code, details) and str(raised) == details
+
+
+def test_multiline_messages_become_one_line():
+    ctx = FakeContext()
+    _fail(ctx, RuntimeError("first\n  Traceback (most recent call last):\n  x"))
+    assert "\n" not in ctx.details and ctx.code == grpc.StatusCode.INTERNAL

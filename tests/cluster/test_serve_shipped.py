@@ -1,0 +1,64 @@
+"""End to end over Serve's gRPC proxy with the pair that ships with the project: greedy output
+equals the target's own HF greedy decoding, token for token."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cluster.app import APP_NAME, GRPC_SERVICER, build_app
+from cluster.cli import build_request, call_generate, stream_generate
+from protos import specdec_pb2 as pb
+from tests.deploy.helpers import free_port, hf_greedy, init_ray
+from workers.model_runner import load_tokenizer
+from workers.pair import shipped_target_path
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef list_files(path):\n"]
+
+
+@pytest.fixture(scope="module")
+def address():
+    import ray
+    from ray import serve
+
+    init_ray()
+    try:
+        port = free_port()
+        t0 = time.monotonic()
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": free_port()},
+            grpc_options={"port": port, "grpc_servicer_functions": [GRPC_SERVICER]},
+        )
+        # The shipped config's defaults: the shipped pair, TP = 1, one draft replica.
+        serve.run(
+            build_app({"workers": {"host": "127.0.0.1"}, "ingress": {"num_cpus": 0}}),
+            name=APP_NAME,
+            route_prefix="/specdec",
+        )
+        handle = serve.get_app_handle(APP_NAME)
+        while not handle.status.remote().result()["ready"]:
+            assert time.monotonic() - t0 < 300
+            time.sleep(0.5)
+        print(f"\nshipped pair: Serve app up in {time.monotonic() - t0:.1f}s")
+        yield f"127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_shipped_pair_greedy_equals_hf_greedy(address, prompt):
+    n = 48
+    ids = load_tokenizer(shipped_target_path()).encode(prompt, add_special_tokens=False)
+    want = hf_greedy(shipped_target_path(), ids, n)
+    resp, seconds = call_generate(address, build_request(prompt, max_new_tokens=n))
+    assert list(resp.token_ids) == want
+    print(f"\n{prompt!r}: {seconds * 1000:.0f} ms, acceptance {resp.stats.acceptance_rate:.2f}")
+    req = build_request(prompt, max_new_tokens=n, k=4)
+    req.speculation.mode = pb.SPECULATION_MODE_ON
+    msgs = list(stream_generate(address, req))
+    assert [t for m in msgs for t in m.token_ids] == want
+    assert msgs[-1].stats.rounds > 0 and msgs[-1].stats.accepted_tokens > 0

@@ -1,0 +1,63 @@
+"""The algorithmic modules import neither ray nor grpc (DESIGN: they are tested alone, fast).
+
+One fresh interpreter imports them one after another and reports, after each, which of ray/grpc
+are in sys.modules, so a module that pulls one in is named (one interpreter: torch and
+transformers load once).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PURE = [
+    "workers.sampling",
+    "workers.verification",
+    "workers.kv_cache",
+    "workers.model_runner",
+    "workers.draft",
+    "workers.target",
+    "cluster.rounds",
+    "cluster.policy",
+    "cluster.driver",
+    "cluster.engine",
+]
+FORBIDDEN = ["ray", "grpc"]
+
+PROBE = """
+import importlib, json, sys
+forbidden = set(json.loads(sys.argv[1]))
+report = {}
+for name in json.loads(sys.argv[2]):
+    importlib.import_module(name)
+    report[name] = sorted({m.split(".")[0] for m in sys.modules} & forbidden)
+print(json.dumps(report))
+"""
+
+
+def probe(modules: list[str]) -> dict[str, list[str]]:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(FORBIDDEN), json.dumps(modules)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_pure_modules_load_neither_ray_nor_grpc():
+    report = probe(PURE)
+    assert list(report) == PURE
+    assert {name: found for name, found in report.items() if found} == {}
+
+
+def test_the_probe_sees_an_import():
+    # Not vacuous: a module that does import grpc is reported.
+    pytest.importorskip("grpc")
+    assert probe(["json", "grpc"]) == {"json": [], "grpc": ["grpc"]}

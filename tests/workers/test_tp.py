@@ -1,0 +1,124 @@
+"""Tensor-parallel target over gloo: two rank actors in one placement group behave as TP = 1."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.deploy.helpers import init_ray, tiny_pair, tmpdir
+from workers.sampling import SamplingParams
+from workers.target import TargetWorker
+from workers.tp import RankSpec, TensorParallelError, TensorParallelTarget
+
+pytestmark = pytest.mark.slow
+
+PROMPT = [5, 17, 33, 2, 41, 9]
+
+
+@pytest.fixture(scope="module")
+def models():
+    root = tmpdir("sd-tp-")
+    yield tiny_pair(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tp2(models):
+    init_ray(num_cpus=3, resources={"target_pool": 2})
+    try:
+        tp = TensorParallelTarget(models[0], 2, rank=RankSpec(1.0, 0.0, (("target_pool", 1.0),)))
+        yield tp
+        tp.close()
+    finally:
+        ray.shutdown()
+
+
+def hf_greedy(path, prompt, n):
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    out = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def plain(worker, seq, n, params=SamplingParams()):
+    worker.prefill(seq, PROMPT, params)
+    return [worker.plain_step(seq, len(PROMPT) + i) for i in range(n)]
+
+
+def test_ranks_sit_in_the_target_pool(tp2):
+    res = tp2.assigned_resources()
+    assert len(res) == 2
+    assert all(r.get("target_pool") == 1.0 and r.get("CPU") == 1.0 for r in res)
+    assert len({i["pid"] for i in tp2.rank_info}) == 2  # two processes, one rank each
+
+
+def test_greedy_plain_steps_equal_tp1_and_hf(tp2, models):
+    ref = TargetWorker.from_path(models[0])
+    want = plain(ref, "a", 24)
+    assert plain(tp2, "a", 24) == want
+    assert want == hf_greedy(models[0], PROMPT, 24)
+    assert tp2.release("a") and tp2.live_sequences == 0
+
+
+def test_verify_blocks_equal_tp1(tp2, models):
+    ref = TargetWorker.from_path(models[0])
+    cont = plain(ref, "r", 12)
+    for w in (ref, tp2):
+        w.prefill("v", PROMPT, SamplingParams())
+    committed = len(PROMPT)
+    # A right block, a block wrong at its 3rd token, then a single token.
+    blocks = [cont[:4], [*cont[4:6], (cont[6] + 1) % 90, 7], [3]]
+    for block in blocks:
+        v_ref = ref.verify("v", committed, block)
+        v_tp = tp2.verify("v", committed, block)
+        assert v_tp == v_ref
+        committed += v_ref.accepted + 1
+    assert tp2.committed_tokens("v") == ref.committed_tokens("v")
+    # Worker errors come back as themselves (not wrapped): a stale committed length.
+    with pytest.raises(Exception, match="committed length"):
+        tp2.verify("v", committed - 1, [1, 2])
+    tp2.release("v")
+
+
+def test_unseeded_sampling_keeps_ranks_in_lock_step(tp2):
+    params = SamplingParams(temperature=1.0)  # no seed: the group draws one for all ranks
+    plain(tp2, "s", 16, params)
+    per_rank = ray.get([r.call.remote("committed_tokens", ("s",), {}) for r in tp2.ranks])
+    assert per_rank[0] == per_rank[1]
+    tp2.release("s")
+
+
+def test_concurrent_callers_are_serialized(tp2, models):
+    ref = TargetWorker.from_path(models[0])
+    want = plain(ref, "c", 10)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda i: plain(tp2, f"c{i}", 10), range(4)))
+    assert all(o == want for o in outs)
+    for i in range(4):
+        tp2.release(f"c{i}")
+    tp2.check_health()
+
+
+def test_a_dead_rank_breaks_the_group_for_good(tp2):
+    """(Last: it kills a rank.) Calls fail with TensorParallelError, not a hang or a bare gloo
+    error; later calls and health checks fail at once, so Serve replaces the replica."""
+    ray.kill(tp2.ranks[1])
+    with pytest.raises(TensorParallelError, match="broken"):
+        tp2.prefill("d", PROMPT, SamplingParams())
+    t0 = time.monotonic()
+    with pytest.raises(TensorParallelError):
+        tp2.plain_step("d", len(PROMPT))
+    with pytest.raises(TensorParallelError):
+        tp2.check_health()
+    assert time.monotonic() - t0 < 1.0
