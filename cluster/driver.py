@@ -208,7 +208,11 @@ class RoundDriver:
         t0 = self.clock()
         proposal = self._take_ready(k)
         draft_seconds = 0.0  # a pipeline hit's block was drafted while the target worked
+        # A draft that first catches up on many committed tokens (after plain steps) makes an
+        # untypical round: its acceptance counts, its times do not.
+        timed = True
         if proposal is None:
+            timed = self.rounds.committed_len - self._draft_len <= self._max_lag()
             proposal = self._draft_result(
                 self._call_draft(
                     lambda d: d.propose(self.seq_id, self._draft_len, k, self._lag(), committed)
@@ -247,14 +251,25 @@ class RoundDriver:
             raise
         verify_seconds = self.clock() - t1
         out = self.rounds.on_round(proposal.tokens, verdict.accepted, verdict.token)
-        self.policy.observe_round(
-            len(proposal.tokens), verdict.accepted, draft_seconds, verify_seconds
-        )
         if draft_lost:
             self._lose_draft()
         elif ahead_f is not None and not self.rounds.finished:
             self._settle_ahead(ahead_f, proposal, verdict)
+        # The round's price is its wall time up to the next round being ready: with pipelining
+        # that includes waiting for the block drafted ahead.
+        self.policy.observe_round(
+            len(proposal.tokens),
+            verdict.accepted,
+            draft_seconds,
+            verify_seconds,
+            self.clock() - t0,
+            timed=timed,
+        )
         return out
+
+    def _max_lag(self) -> int:
+        """Committed tokens a draft is behind in steady spec mode: at most a whole block + 1."""
+        return self.policy.config.max_draft_tokens + 1
 
     # -- pipelining ---------------------------------------------------------------------------
 

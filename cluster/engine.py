@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from cluster.driver import DriverOptions, RoundDriver
-from cluster.policy import CostModel, PolicyConfig, SpecMode, SpeculationPolicy
+from cluster.policy import DeploymentEstimates, PolicyConfig, SpecMode, SpeculationPolicy
 from cluster.rounds import FinishReason, GenerationStats, SequenceRounds, StopConditions
 from workers.draft import DraftWorker
 from workers.model_runner import check_same_tokenizer
@@ -110,7 +110,8 @@ def spec_policy(
     mode: SpecMode,
     k: int | None,
     sampling: SamplingParams = SamplingParams(),
-    costs: CostModel | None = None,
+    shared: DeploymentEstimates | None = None,
+    pipelined: bool | None = None,
 ) -> SpeculationPolicy:
     """The per-request policy: `k` fixes the block size (None = adaptive). A seeded sampling
     request gets a timing-free policy so that it repeats exactly."""
@@ -119,7 +120,10 @@ def spec_policy(
     if k is not None and k > base.max_draft_tokens:
         raise ValueError(f"k (num_draft_tokens) must be <= {base.max_draft_tokens}, got {k}")
     deterministic = sampling.seed is not None and not sampling.greedy
-    return SpeculationPolicy(replace(base, num_draft_tokens=k or 0), mode, deterministic, costs)
+    config = replace(base, num_draft_tokens=k or 0)
+    if pipelined is not None:  # the policy prices rounds the way the driver runs them
+        config = replace(config, pipelined=pipelined)
+    return SpeculationPolicy(config, mode, deterministic, shared)
 
 
 class Generation:
@@ -157,7 +161,8 @@ class SpecEngine:
         self.target = LocalTarget(target)
         self.draft = LocalDraft(draft) if draft is not None else None
         self.policy = policy
-        self.costs = CostModel(policy.ewma)  # shared by all requests: costs belong to the workers
+        # Shared by all requests: costs and acceptance belong to the workers.
+        self.estimates = DeploymentEstimates(policy)
         self.options = options
         self.tokenizer = target.runner.tokenizer
         self._ids = itertools.count()
@@ -213,7 +218,7 @@ class SpecEngine:
         driver = RoundDriver(
             f"local-{next(self._ids)}",
             rounds,
-            spec_policy(self.policy, mode, k, sampling, self.costs),
+            spec_policy(self.policy, mode, k, sampling, self.estimates, options.pipelined),
             self.draft if mode is not SpecMode.OFF else None,
             self.target,
             sampling,

@@ -1,19 +1,25 @@
 """Draft-length and fallback policy for one sequence. Pure: no I/O, no clocks of its own.
 
-With i.i.d. acceptance at rate α, a round of k draft tokens commits on average
-    E(k) = (1 - α^(k+1)) / (1 - α)
-tokens for one target pass. It costs the verify pass c_v(k) plus the draft steps that did not
-overlap with verification: k·c_d without pipelining; with pipelining the next block is drafted while
-this one is verified, which pays off when the block is accepted whole (probability ≈ α^k), so the
-exposed draft time is ≈ (1 - α^k)·k·c_d. Plain decoding makes 1 token per c_p. The policy picks the
-k with the best E(k) / cost(k) and falls back to plain decoding when that does not beat 1/c_p by a
-margin; in plain mode it probes one speculative round now and then (backing off while probes fail),
-so a sequence goes back to speculation when it pays again.
+A round of k draft tokens commits on average E(k) = 1 + sum_{j<=k} prod_{i<=j} p_i tokens for one
+target pass, where p_i is the chance that draft token i is accepted given that the ones before it
+were. Acceptance is not i.i.d. (blocks are mostly accepted whole or rejected early), so p_i is
+estimated per position: on the shipped pair the per-token rate is 0.78, whose geometric sum
+predicts 3.2 tokens per round at k = 4 where 4.0 are measured.
+
+The price of a round is its measured wall time per k (round start to the next round ready), which
+includes what no component model captures: draft and target contending for cores, RTTs, the part
+of a drafted-ahead block not hidden behind the verify. Unmeasured k are priced from the nearest
+measured one scaled by a component model (draft step x k, an affine verify). Plain
+decoding makes one token per measured plain step. The policy picks the k with the best E(k) / cost
+and falls back to plain decoding when that does not beat plain (with hysteresis: it returns only
+when speculation beats plain by `min_gain`); in plain mode it probes one speculative round now and
+then, backing off while probes fail.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -27,11 +33,13 @@ class SpecMode(enum.Enum):
 class PolicyConfig:
     num_draft_tokens: int = 0  # 0 = adaptive k; otherwise a fixed k
     max_draft_tokens: int = 8
-    min_gain: float = 1.05  # speculation must beat plain throughput by this factor
+    min_gain: float = 1.05  # back from plain mode only when speculation beats plain by this
     probe_interval: int = 16  # plain steps before the first probe of spec mode
     max_probe_interval: int = 256
-    ewma: float = 0.25  # weight of the newest observation
-    prior_acceptance: float = 0.6
+    ewma: float = 0.25  # weight of the newest cost observation
+    prior_acceptance: float = 0.6  # per drafted token, before anything is measured
+    acceptance_window: float = 10.0  # rounds: older acceptance observations fade over this many
+    prior_strength: float = 4.0  # a new sequence's prior (the deployment's rates) counts this much
     # Costs relative to one plain target step, used instead of measured seconds when a request
     # must be reproducible (seeded sampling): then no decision may depend on timing.
     draft_cost_prior: float = 0.25  # one draft step
@@ -54,6 +62,10 @@ class PolicyConfig:
             raise ValueError(f"ewma must be in (0, 1], got {self.ewma}")
         if not 0 <= self.prior_acceptance < 1:
             raise ValueError(f"prior_acceptance must be in [0, 1), got {self.prior_acceptance}")
+        if self.acceptance_window < 1:
+            raise ValueError(f"acceptance_window must be >= 1, got {self.acceptance_window}")
+        if self.prior_strength <= 0:
+            raise ValueError(f"prior_strength must be > 0, got {self.prior_strength}")
         if self.draft_cost_prior <= 0 or self.verify_cost_per_token_prior < 0:
             raise ValueError("draft_cost_prior must be > 0 and verify_cost_per_token_prior >= 0")
 
@@ -63,6 +75,90 @@ def expected_tokens(alpha: float, k: int) -> float:
     if alpha >= 1.0:
         return float(k + 1)
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+class AcceptanceModel:
+    """Per-position acceptance: p[i] = P(draft token i+1 accepted | the i before it were).
+
+    Estimated from decayed counts: a round that accepted a of k tokens tried positions
+    1..min(a+1, k) and accepted 1..a. Each position's counts fade by 1/window per observation so
+    the estimate follows a changing text. A prior enters as `strength` pseudo-observations that
+    fade with the real ones, so a single rejected block moves the estimate a little, not to zero.
+    A position's prior is given (a sequence starts from its deployment's rates) or, where it is
+    None, the estimate of the position before it: a position no round has reached yet is assumed
+    as good as the last one measured, so longer blocks get tried when they would pay.
+    """
+
+    __slots__ = ("accepted", "tried", "prior_weight", "prior", "keep", "strength")
+
+    def __init__(self, prior: Sequence[float | None], strength: float, window: float) -> None:
+        if not prior or prior[0] is None:
+            raise ValueError("the first position needs a prior")
+        self.keep = 1.0 - 1.0 / window
+        self.strength = strength
+        self.prior = list(prior)
+        self.prior_weight = [strength] * len(prior)
+        self.tried = [0.0] * len(prior)
+        self.accepted = [0.0] * len(prior)
+
+    def observe(self, k: int, accepted: int) -> None:
+        for i in range(min(k, accepted + 1, len(self.tried))):
+            self.prior_weight[i] *= self.keep
+            self.tried[i] = self.tried[i] * self.keep + 1.0
+            self.accepted[i] = self.accepted[i] * self.keep + (1.0 if i < accepted else 0.0)
+
+    def age(self, passes: int) -> None:
+        """Target passes that told nothing about acceptance (plain steps): older evidence weighs
+        less against the next round (rates stay), down to `strength` observations per position,
+        so a probe after a long plain stretch counts, without one probe deciding alone."""
+        fade = self.keep**passes
+        for i, (t, w) in enumerate(zip(self.tried, self.prior_weight, strict=True)):
+            total = t + w
+            if total <= self.strength:
+                continue
+            f = max(fade, self.strength / total)
+            self.accepted[i] *= f
+            self.tried[i] *= f
+            self.prior_weight[i] *= f
+
+    def rates(self) -> list[float]:
+        out: list[float] = []
+        for i, (a, t, w) in enumerate(
+            zip(self.accepted, self.tried, self.prior_weight, strict=True)
+        ):
+            prior = self.prior[i]
+            if prior is None:
+                prior = out[-1]
+            out.append((a + w * prior) / (t + w))
+        return out
+
+    def expected_tokens(self, k: int) -> float:
+        """Committed tokens per round of k: accepted ones plus the recovered or bonus token."""
+        total, whole = 1.0, 1.0
+        for p in self.rates()[:k]:
+            whole *= p
+            total += whole
+        return total
+
+    def whole_block(self, k: int) -> float:
+        """Probability that all k tokens are accepted."""
+        whole = 1.0
+        for p in self.rates()[:k]:
+            whole *= p
+        return whole
+
+    def known_rates(self, min_observations: float = 1.0) -> list[float | None]:
+        """Rates of the positions with evidence, None elsewhere (a prior that chains there)."""
+        rates = self.rates()
+        return [
+            r if i == 0 or t >= min_observations else None
+            for i, (r, t) in enumerate(zip(rates, self.tried, strict=True))
+        ]
+
+    def mean_rate(self) -> float:
+        """Accepted / tried over all positions, as the counts stand (prior: first position)."""
+        tried = sum(self.tried)
+        return sum(self.accepted) / tried if tried else self.rates()[0]
 
 
 class _Ewma:
@@ -76,41 +172,51 @@ class _Ewma:
         self.value = x if self.value is None else self.value + self.weight * (x - self.value)
 
 
-class CostModel:
-    """Measured seconds of a deployment's draft step, plain target step and verify passes.
+class DeploymentEstimates:
+    """What a deployment's workers have shown: seconds of a draft step, a plain target step, a
+    verify pass and a whole round of each k, and the acceptance of its draft.
 
-    Costs belong to the workers, not to a sequence: the engine and the router share one model
+    These belong to the workers, not to a sequence: the engine and the router share one instance
     among the policies of all their sequences, so a new request starts from what earlier ones
-    measured instead of from nothing, and one noisy round weighs less.
+    measured instead of from nothing, and one noisy round weighs less. A sequence's own
+    acceptance starts from the deployment's and then follows its own text.
     """
 
-    __slots__ = ("draft_step", "plain_step", "verify")
+    __slots__ = ("draft_step", "plain_step", "verify", "round", "acceptance")
 
-    def __init__(self, ewma: float) -> None:
+    def __init__(self, config: PolicyConfig) -> None:
+        ewma = config.ewma
         self.draft_step = _Ewma(ewma)  # seconds per drafted token
         self.plain_step = _Ewma(ewma)  # seconds per plain target step
         self.verify: dict[int, _Ewma] = {}  # k -> seconds per verify pass of k draft tokens
+        # (k, pipelined) -> wall seconds of a round, from its start to the next round ready
+        self.round: dict[tuple[int, bool], _Ewma] = {}
+        prior = [config.prior_acceptance] + [None] * (config.max_draft_tokens - 1)
+        # Slower to move than a sequence's own model: it is the prior of every new sequence.
+        self.acceptance = AcceptanceModel(
+            prior, config.prior_strength, 5 * config.acceptance_window
+        )
 
     @classmethod
-    def priors(cls, config: PolicyConfig) -> CostModel:
+    def priors(cls, config: PolicyConfig) -> DeploymentEstimates:
         """Fixed costs in units of a plain step (for policies that must ignore timing)."""
-        costs = cls(config.ewma)
-        costs.draft_step.value = config.draft_cost_prior
-        costs.plain_step.value = 1.0
+        est = cls(config)
+        est.draft_step.value = config.draft_cost_prior
+        est.plain_step.value = 1.0
         for k in range(1, config.max_draft_tokens + 1):
             cost = 1.0 + k * config.verify_cost_per_token_prior
-            costs.verify[k] = _Ewma(config.ewma, cost)
-        return costs
+            est.verify[k] = _Ewma(config.ewma, cost)
+        return est
 
 
 class SpeculationPolicy:
     """Before every target pass of one sequence: a spec round of k, or a plain step.
 
     Costs are seconds measured by the driver (whatever its transport: in-process or gRPC), so the
-    decision reflects the real price of a draft step and a verify on this deployment. A
-    `deterministic` policy (for seeded sampling) uses the configured cost priors instead and
-    ignores timings, so its choices depend only on acceptance, which a seed fixes: a seeded
-    request then repeats exactly, in AUTO mode too (draft failures aside).
+    decision reflects the real price of a round on this deployment. A `deterministic` policy (for
+    seeded sampling) uses the configured cost priors and acceptance prior instead and ignores
+    timings and other sequences, so its choices depend only on this sequence's acceptance, which
+    a seed fixes: a seeded request then repeats exactly, in AUTO mode too (draft failures aside).
     """
 
     def __init__(
@@ -118,22 +224,19 @@ class SpeculationPolicy:
         config: PolicyConfig,
         mode: SpecMode = SpecMode.AUTO,
         deterministic: bool = False,
-        costs: CostModel | None = None,
+        shared: DeploymentEstimates | None = None,
     ) -> None:
         self.config = config
         self.deterministic = deterministic
         self.mode = mode
-        self.alpha = _Ewma(config.ewma, config.prior_acceptance)
         if deterministic:
-            costs = CostModel.priors(config)
-        elif costs is None:
-            costs = CostModel(config.ewma)
-        # The same objects as `costs`: observations update the shared model.
-        self.draft_step, self.plain_step, self.verify = (
-            costs.draft_step,
-            costs.plain_step,
-            costs.verify,
-        )
+            shared = DeploymentEstimates.priors(config)
+        elif shared is None:
+            shared = DeploymentEstimates(config)
+        self.shared = shared
+        prior = shared.acceptance.known_rates()[: config.max_draft_tokens]
+        prior += [None] * (config.max_draft_tokens - len(prior))
+        self.acceptance = AcceptanceModel(prior, config.prior_strength, config.acceptance_window)
         self.draft_available = True
         self.speculating = mode is not SpecMode.OFF
         self._plain_since_probe = 0
@@ -149,7 +252,7 @@ class SpeculationPolicy:
         if self.mode is SpecMode.ON:
             return self._fixed_or(max(1, self._best_k()[0]))
         if self.speculating:
-            if self._pays():
+            if self._pays(1.0):
                 return self._fixed_or(max(1, self._best_k()[0]))
             return self._to_plain()
         if self._plain_since_probe >= self._probe_interval:
@@ -166,65 +269,97 @@ class SpeculationPolicy:
         self._plain_since_probe = 0
         return 0
 
-    def _pays(self) -> bool:
+    def gain(self) -> float | None:
+        """Expected speculative throughput over plain throughput, at the best k (None: unknown)."""
         k, rate = self._best_k()
         plain = self._plain_cost()
-        if k == 0 or plain is None:
-            return True  # nothing measured yet: speculate and learn
-        return rate >= self.config.min_gain / plain
+        if k == 0 or plain is None or rate == float("inf"):
+            return None
+        return rate * plain
+
+    def _pays(self, threshold: float) -> bool:
+        gain = self.gain()
+        return gain is None or gain >= threshold  # nothing measured yet: speculate and learn
 
     def _plain_cost(self) -> float | None:
         """Seconds per plain step. Spec mode takes no plain steps to measure, so until one is
         measured use the cheapest verify pass seen: a plain step is a target pass over one
         position, a verify one over k+1, so this overestimates the plain cost (errs toward
         speculating) yet lets a draft that never agrees fall back to plain decoding."""
-        if self.plain_step.value is not None:
-            return self.plain_step.value
-        measured = [v.value for v in self.verify.values() if v.value is not None]
+        if self.shared.plain_step.value is not None:
+            return self.shared.plain_step.value
+        measured = [v.value for v in self.shared.verify.values() if v.value is not None]
         return min(measured) if measured else None
+
+    def _candidates(self) -> Sequence[int]:
+        if self.config.num_draft_tokens:
+            return [self.config.num_draft_tokens]
+        return range(1, self.config.max_draft_tokens + 1)
 
     def _best_k(self) -> tuple[int, float]:
         """(k, tokens per second) of the best block size under the current estimates."""
-        alpha = min(max(self.alpha.value, 0.0), 0.999)
-        ks = (
-            [self.config.num_draft_tokens]
-            if self.config.num_draft_tokens
-            else range(1, self.config.max_draft_tokens + 1)
-        )
+        ks = self._candidates()
         best = (0, 0.0)
         for k in ks:
-            cost = self._round_cost(k, alpha)
-            if cost is None:  # not measured yet: speculate and learn, from a middling block
+            cost = self._round_cost(k)
+            if cost is None:  # nothing measured yet: speculate and learn, from a middling block
                 return (k if self.config.num_draft_tokens else min(4, ks[-1]), float("inf"))
-            rate = expected_tokens(alpha, k) / cost
+            rate = self.acceptance.expected_tokens(k) / cost
             if rate > best[1]:
                 best = (k, rate)
         return best
 
-    def _round_cost(self, k: int, alpha: float) -> float | None:
-        if self.draft_step.value is None:
-            return None
+    def _round_cost(self, k: int) -> float | None:
+        """Seconds of a round of k: measured if this k ran; else the nearest measured k scaled by
+        the component model's ratio; else the component model alone."""
+        model = self._model_cost(k)
+        if self.deterministic:
+            return model
+        pipelined = self.config.pipelined
+        measured = {
+            m: e.value
+            for (m, pipe), e in self.shared.round.items()
+            if pipe == pipelined and e.value is not None
+        }
+        if k in measured:
+            return measured[k]
+        if not measured or model is None:
+            return model
+        near = min(measured, key=lambda m: (abs(m - k), m))
+        near_model = self._model_cost(near)
+        if not near_model:
+            return model
+        # Scale, not shift: what the components miss (cores shared by draft and target) grows
+        # with the work done; a per-round overhead is then overpriced a little for long blocks.
+        return measured[near] * model / near_model
+
+    def _model_cost(self, k: int) -> float | None:
+        """Component model: the verify pass plus the draft time not hidden behind the previous
+        verify (all of it serially; pipelined, all of it unless the previous block was accepted
+        whole)."""
+        draft = self.shared.draft_step.value
         verify = self._verify_cost(k)
-        if verify is None:
+        if draft is None or verify is None:
             return None
-        drafting = k * self.draft_step.value
+        drafting = k * draft
         if self.config.pipelined:
-            drafting *= 1.0 - alpha**k
+            drafting *= 1.0 - self.acceptance.whole_block(k)
         return verify + drafting
 
     def _verify_cost(self, k: int) -> float | None:
-        if k in self.verify:
-            return self.verify[k].value
-        if not self.verify:
+        verify = self.shared.verify
+        if k in verify:
+            return verify[k].value
+        if not verify:
             return None
         # Unmeasured k: a verify pass is affine in its positions, cost(k) = base + slope * k. Fit
         # it through the nearest measured k and a plain step (a pass over one position: k = 0);
         # without a plain step, take the slope from the configured prior. Scaling linearly in
         # k + 1 instead would price per-call overhead per token, and the policy would never try
         # a longer block than the first one it measured.
-        near = min(self.verify, key=lambda m: abs(m - k))
-        measured = self.verify[near].value
-        plain = self.plain_step.value
+        near = min(verify, key=lambda m: abs(m - k))
+        measured = verify[near].value
+        plain = self.shared.plain_step.value
         if plain is not None and not self.deterministic:
             slope = max(0.0, (measured - plain) / near)
         else:
@@ -232,27 +367,54 @@ class SpeculationPolicy:
             slope = measured * prior / (1.0 + near * prior)
         return max(measured + slope * (k - near), 1e-9)
 
+    @property
+    def acceptance_rate(self) -> float:
+        return self.acceptance.mean_rate()
+
     # -- observations -------------------------------------------------------------------------
 
     def observe_round(
-        self, k: int, accepted: int, draft_seconds: float, verify_seconds: float
+        self,
+        k: int,
+        accepted: int,
+        draft_seconds: float,
+        verify_seconds: float,
+        round_seconds: float | None = None,
+        *,
+        timed: bool = True,
     ) -> None:
-        self.alpha.add(accepted / k)
+        """A round of k committed `accepted` draft tokens. `draft_seconds` is the exposed
+        drafting before the verify (0 for a block drafted ahead), `round_seconds` the round's wall
+        time from its start to the next round ready (default: draft + verify). `timed=False`
+        records acceptance only: the round's times are not typical (the draft first caught up
+        on many tokens after plain steps)."""
+        self.acceptance.observe(k, accepted)
         if not self.deterministic:
-            if draft_seconds > 0:
-                self.draft_step.add(draft_seconds / k)
-            self.verify.setdefault(k, _Ewma(self.config.ewma)).add(verify_seconds)
+            self.shared.acceptance.observe(k, accepted)
+            if timed:
+                self._observe_times(k, draft_seconds, verify_seconds, round_seconds)
         if not self.speculating and self.mode is SpecMode.AUTO:
-            if self._pays():
+            if self._pays(self.config.min_gain):
                 self.speculating = True
                 self.switches += 1
                 self._probe_interval = self.config.probe_interval
             else:
                 self._probe_interval = min(self._probe_interval * 2, self.config.max_probe_interval)
 
+    def _observe_times(
+        self, k: int, draft_seconds: float, verify_seconds: float, round_seconds: float | None
+    ) -> None:
+        shared, ewma = self.shared, self.config.ewma
+        if draft_seconds > 0:
+            shared.draft_step.add(draft_seconds / k)
+        shared.verify.setdefault(k, _Ewma(ewma)).add(verify_seconds)
+        wall = draft_seconds + verify_seconds if round_seconds is None else round_seconds
+        shared.round.setdefault((k, self.config.pipelined), _Ewma(ewma)).add(wall)
+
     def observe_plain(self, seconds: float) -> None:
+        self.acceptance.age(1)
         if not self.deterministic:
-            self.plain_step.add(seconds)
+            self.shared.plain_step.add(seconds)
         self._plain_since_probe += 1
 
     def draft_failed(self) -> None:

@@ -44,7 +44,7 @@ from cluster.driver import (
     WorkerUnavailable,
 )
 from cluster.engine import spec_policy
-from cluster.policy import CostModel, PolicyConfig, SpecMode
+from cluster.policy import DeploymentEstimates, PolicyConfig, SpecMode
 from cluster.remote import Endpoint, EndpointState, WorkerPool
 from cluster.rounds import FinishReason, SequenceRounds, StopConditions
 from protos import specdec_pb2, worker_pb2
@@ -324,8 +324,8 @@ class Router:
         self.eos_token_ids = frozenset(_eos_ids(path, model_cfg, self.tokenizer))
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self._policy = config.policy_config()
-        # Measured draft/verify/plain costs, shared by every sequence this router drives.
-        self._costs = CostModel(self._policy.ewma)
+        # Measured costs and acceptance, shared by every sequence this router drives.
+        self._estimates = DeploymentEstimates(self._policy)
         self._options = config.driver_options()
         self._drafts = WorkerPool(
             "draft",
@@ -571,7 +571,7 @@ class Router:
             )
             # The engine's per-request policy: fixed or adaptive k, and timing-free for seeded
             # sampling (so that a seeded request repeats exactly, AUTO mode included).
-            policy = spec_policy(self._policy, req.mode, req.k or None, req.params, self._costs)
+            policy = spec_policy(self._policy, req.mode, req.k or None, req.params, self._estimates)
             draft = None
             if req.mode is not SpecMode.OFF and self._drafts.configured:
                 draft = _SequenceDraft(self._drafts)

@@ -5,9 +5,18 @@ Costs are fed in as if measured (seconds), so every decision below is determinis
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from cluster.policy import PolicyConfig, SpecMode, SpeculationPolicy, expected_tokens
+from cluster.policy import (
+    AcceptanceModel,
+    DeploymentEstimates,
+    PolicyConfig,
+    SpecMode,
+    SpeculationPolicy,
+    expected_tokens,
+)
 
 # A cost model: a verify of k costs VERIFY0 + VERIFY1*k seconds, a drafted token DRAFT, a plain
 # step PLAIN.
@@ -25,10 +34,15 @@ def feed_rounds(policy, alpha: float, n: int, ks=range(1, 9), draft: float = DRA
             policy.observe_round(k, round(alpha * k), draft * k, verify_cost(k))
 
 
-def set_alpha(policy, alpha: float, draft: float = DRAFT) -> None:
-    """Drive the acceptance estimate to alpha (40 rounds of k=10: the EWMA forgets its start)."""
+def set_alpha(policy, alpha: float, draft: float = DRAFT, seed: int = 0) -> None:
+    """Drive the acceptance estimate to alpha: 40 rounds of k=8, i.i.d. acceptance (the decayed
+    counts forget their start within a few windows)."""
+    rng = random.Random(seed)
     for _ in range(40):
-        policy.observe_round(10, round(alpha * 10), draft * 10, verify_cost(10))
+        accepted = 0
+        while accepted < 8 and rng.random() < alpha:
+            accepted += 1
+        policy.observe_round(8, accepted, draft * 8, verify_cost(8))
 
 
 def make(mode=SpecMode.AUTO, **cfg) -> SpeculationPolicy:
@@ -87,7 +101,7 @@ def test_fixed_k(mode):
     feed_rounds(p, 0.9, 3)
     p.observe_plain(PLAIN)
     assert [p.next_k() for _ in range(5)] == [4] * 5
-    set_alpha(p, 0.5)
+    set_alpha(p, 0.7)
     assert p.next_k() == 4
 
 
@@ -112,56 +126,156 @@ def test_on_never_falls_back():
     assert all(p.next_k() >= 1 for _ in range(50))
 
 
+# -- acceptance model ---------------------------------------------------------------------------
+
+
+def feed_iid(model: AcceptanceModel, alpha: float, k: int, n: int, seed: int = 0) -> list[int]:
+    """n rounds of k with i.i.d. Bernoulli(alpha) acceptance; returns committed per round."""
+    rng = random.Random(seed)
+    committed = []
+    for _ in range(n):
+        accepted = 0
+        while accepted < k and rng.random() < alpha:
+            accepted += 1
+        model.observe(k, accepted)
+        committed.append(accepted + 1)
+    return committed
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.6, 0.9])
+def test_iid_acceptance_gives_the_geometric_sum(alpha):
+    model = AcceptanceModel([0.5] * 8, strength=4, window=2000)
+    committed = feed_iid(model, alpha, 8, 4000)
+    assert all(abs(p - alpha) < 0.05 for p in model.rates()[:4])
+    assert model.expected_tokens(8) == pytest.approx(sum(committed) / len(committed), rel=0.05)
+    assert model.expected_tokens(4) == pytest.approx(expected_tokens(alpha, 4), rel=0.05)
+
+
+def test_bursty_acceptance_is_predicted_where_the_iid_formula_fails():
+    """Blocks accepted whole or rejected at once (what a real pair does): per-position rates
+    predict tokens per round; the geometric sum of the mean rate does not."""
+    model = AcceptanceModel([0.5] * 4, strength=4, window=2000)
+    rng = random.Random(1)
+    committed = []
+    for _ in range(2000):
+        accepted = 4 if rng.random() < 0.75 else 0
+        model.observe(4, accepted)
+        committed.append(accepted + 1)
+    measured = sum(committed) / len(committed)  # about 0.75 * 5 + 0.25 = 4.0
+    assert model.expected_tokens(4) == pytest.approx(measured, rel=0.03)
+    per_token = sum(c - 1 for c in committed) / (4 * len(committed))
+    assert expected_tokens(per_token, 4) < 0.8 * measured
+
+
+def test_one_rejected_block_does_not_swing_the_estimate():
+    model = AcceptanceModel([0.6] * 4, strength=4, window=10)
+    for _ in range(30):
+        model.observe(4, 4)
+    model.observe(4, 0)
+    assert model.rates()[0] > 0.8
+    for _ in range(30):
+        model.observe(4, 0)
+    assert model.rates()[0] < 0.1  # a draft that stopped agreeing is followed within a window
+
+
+def test_positions_no_round_reached_take_the_last_measured_rate():
+    model = AcceptanceModel([0.3] + [None] * 7, strength=4, window=10)
+    for _ in range(40):
+        model.observe(3, 3)
+    rates = model.rates()
+    assert rates[0] > 0.95 and rates[7] == pytest.approx(rates[2]) and rates[2] > 0.9
+    assert model.known_rates()[3:] == [None] * 5
+    given = AcceptanceModel([0.3] * 8, strength=4, window=10)  # a prior for every position
+    for _ in range(40):
+        given.observe(3, 3)
+    assert given.rates()[7] == pytest.approx(0.3)
+
+
+def test_a_new_sequence_starts_from_the_deployments_acceptance():
+    shared = DeploymentEstimates(PolicyConfig())
+    first = SpeculationPolicy(PolicyConfig(), SpecMode.AUTO, shared=shared)
+    for _ in range(60):
+        first.observe_round(2, 0, 0.1, 1.0)  # this draft never agrees here
+    second = SpeculationPolicy(PolicyConfig(), SpecMode.AUTO, shared=shared)
+    assert second.acceptance.rates()[0] < 0.2
+    fresh = SpeculationPolicy(PolicyConfig(), SpecMode.AUTO)
+    assert fresh.acceptance.rates()[0] == pytest.approx(PolicyConfig().prior_acceptance)
+
+
+def test_plain_steps_age_the_evidence_so_a_probe_counts():
+    model = AcceptanceModel([0.6] * 4, strength=4, window=10)
+    for _ in range(40):
+        model.observe(4, 0)
+    before = model.rates()[0]
+    model.age(50)
+    assert model.rates()[0] == pytest.approx(before)  # aging keeps the estimate
+    model.observe(4, 4)
+    kept = 4 * model.keep  # the strength left, faded once more by the new round
+    assert model.rates()[0] == pytest.approx((1 + kept * before) / (1 + kept))  # 1 of ~4.6
+
+
 # -- adaptive k ---------------------------------------------------------------------------------
 
 
-def best_k_for(alpha: float, pipelined: bool = False, draft: float = DRAFT) -> int:
-    p = make(SpecMode.ON, pipelined=pipelined)
-    feed_rounds(p, alpha, 1, draft=draft)
-    set_alpha(p, alpha, draft=draft)
-    p.observe_plain(PLAIN)
-    return p.next_k()
+def measured_policy(
+    alpha: float, round_cost, mode=SpecMode.ON, plain: float = PLAIN, **cfg
+) -> SpeculationPolicy:
+    """A policy that has seen every k run at `round_cost(k)` seconds and i.i.d. acceptance."""
+    p = make(mode, **cfg)
+    for k in range(1, p.config.max_draft_tokens + 1):
+        p.observe_round(k, round(alpha * k), DRAFT * k, verify_cost(k), round_cost(k))
+    for k in range(1, p.config.max_draft_tokens + 1):  # then acceptance at its true rate
+        feed_iid(p.acceptance, alpha, k, 200, seed=k)
+    p.observe_plain(plain)
+    return p
 
 
-def brute_force_best_k(alpha: float, pipelined: bool, draft: float, max_k: int = 8) -> int:
-    """The module's cost model: a round costs its verify plus the draft time not hidden behind
-    the previous verify (all of it serially; with pipelining, all of it unless the previous block
-    was accepted whole, probability α^k)."""
-
-    def rate(k: int) -> float:
-        exposed = draft * k * ((1 - alpha**k) if pipelined else 1.0)
-        return expected_tokens(alpha, k) / (verify_cost(k) + exposed)
-
-    return max(range(1, max_k + 1), key=rate)
+def serial_cost(k: int, draft: float = DRAFT) -> float:
+    return verify_cost(k) + draft * k
 
 
 @pytest.mark.parametrize("draft", [0.01, 0.1, 0.3])
-@pytest.mark.parametrize("pipelined", [False, True], ids=["serial", "pipelined"])
 @pytest.mark.parametrize("alpha", [0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0])
-def test_adaptive_k_is_the_best_rate(alpha, pipelined, draft):
-    assert best_k_for(alpha, pipelined, draft) == brute_force_best_k(alpha, pipelined, draft)
+def test_adaptive_k_is_the_best_measured_rate(alpha, draft):
+    p = measured_policy(alpha, lambda k: serial_cost(k, draft))
+    rates = {k: p.acceptance.expected_tokens(k) / serial_cost(k, draft) for k in range(1, 9)}
+    assert p.next_k() == max(rates, key=rates.get)
 
 
 def test_adaptive_k_grows_with_alpha():
-    ks = [best_k_for(a) for a in (0.1, 0.5, 0.7, 0.8, 0.9, 1.0)]
+    ks = [measured_policy(a, serial_cost).next_k() for a in (0.1, 0.5, 0.7, 0.8, 0.9, 1.0)]
     assert ks == sorted(ks)
     assert ks[0] <= 2 and ks[-1] == 8
 
 
-def test_adaptive_k_follows_alpha_down_and_up():
+def test_measured_round_time_outweighs_the_component_model():
+    """Draft and verify measured alone look cheap, but whole rounds took 6x as long (draft and
+    target contending for cores): AUTO must see that speculation does not pay."""
     p = make(SpecMode.AUTO)
-    feed_rounds(p, 0.9, 1)
-    p.observe_plain(0.5 * PLAIN)  # plain cheap enough that low alpha can still pay at small k
-    set_alpha(p, 0.95)
-    high = p.next_k()
-    set_alpha(p, 0.5)
-    low = p.next_k()
-    set_alpha(p, 0.95)
-    again = p.next_k()
-    assert high >= 6 and low <= 3 and again == high
+    for _ in range(5):
+        for k in (2, 4):
+            p.observe_round(k, k, DRAFT * k, verify_cost(k), 6 * serial_cost(k))
+    p.observe_plain(PLAIN)
+    assert p._round_cost(4) == pytest.approx(6 * serial_cost(4))
+    assert p.next_k() == 0
+    q = make(SpecMode.AUTO)  # the same components with rounds costing what they add up to
+    for _ in range(5):
+        for k in (2, 4):
+            q.observe_round(k, k, DRAFT * k, verify_cost(k), serial_cost(k))
+    q.observe_plain(PLAIN)
+    assert q.next_k() > 0
 
 
-def test_unmeasured_k_is_extrapolated_affinely():
+def test_unmeasured_k_is_priced_from_the_nearest_measured_round():
+    p = make(SpecMode.ON)
+    p.observe_round(2, 2, 2 * DRAFT, verify_cost(2), 2.0)  # a slow round: 2.0 s, model 1.3 s
+    p.observe_plain(PLAIN)
+    # k = 5: the measured k = 2 round scaled by the component model's ratio of 5 to 2.
+    assert p._round_cost(5) == pytest.approx(2.0 * p._model_cost(5) / p._model_cost(2))
+    assert p._round_cost(2) == pytest.approx(2.0)
+
+
+def test_unmeasured_verify_is_extrapolated_affinely():
     """cost(k) = base + slope * k through the nearest measured k and a plain step (k = 0); the
     prior slope stands in while no plain step is measured."""
     p = make(SpecMode.ON)
@@ -330,20 +444,50 @@ def test_deterministic_policy_ignores_timings():
     assert choices[0] == choices[1]
 
 
-def test_policies_share_one_cost_model():
+def test_policies_share_the_deployments_estimates():
     """Costs belong to the workers: a new sequence starts from what earlier ones measured."""
-    from cluster.policy import CostModel
-
-    costs = CostModel(PolicyConfig().ewma)
-    first = SpeculationPolicy(PolicyConfig(), SpecMode.AUTO, costs=costs)
-    first.observe_round(4, 4, 0.4, 1.2)
+    shared = DeploymentEstimates(PolicyConfig())
+    first = SpeculationPolicy(PolicyConfig(), SpecMode.AUTO, shared=shared)
+    first.observe_round(4, 4, 0.4, 1.2, 1.7)
     first.observe_plain(1.0)
-    second = SpeculationPolicy(PolicyConfig(), SpecMode.AUTO, costs=costs)
+    second = SpeculationPolicy(PolicyConfig(), SpecMode.AUTO, shared=shared)
     assert second._verify_cost(4) == pytest.approx(1.2)
-    assert second.plain_step.value == pytest.approx(1.0)
-    assert second.draft_step.value == pytest.approx(0.1)
+    assert second._round_cost(4) == pytest.approx(1.7)
+    assert shared.plain_step.value == pytest.approx(1.0)
+    assert shared.draft_step.value == pytest.approx(0.1)
     alone = SpeculationPolicy(PolicyConfig(), SpecMode.AUTO)
-    assert alone._verify_cost(4) is None and alone.plain_step.value is None
-    seeded = SpeculationPolicy(PolicyConfig(), SpecMode.AUTO, deterministic=True, costs=costs)
-    seeded.observe_round(4, 4, 40.0, 120.0)  # a timing-free policy never touches the shared model
-    assert costs.verify[4].value == pytest.approx(1.2)
+    assert alone._verify_cost(4) is None and alone.shared.plain_step.value is None
+    seeded = SpeculationPolicy(PolicyConfig(), SpecMode.AUTO, deterministic=True, shared=shared)
+    seeded.observe_round(4, 0, 40.0, 120.0)  # a timing-free policy never touches the shared model
+    assert shared.verify[4].value == pytest.approx(1.2)
+    assert shared.acceptance.rates()[0] > PolicyConfig().prior_acceptance
+
+
+def test_an_untimed_round_counts_for_acceptance_only():
+    p = make(SpecMode.AUTO)
+    p.observe_round(4, 4, 0.4, 1.2, 1.6)
+    before = p.acceptance.rates()[0]
+    p.observe_round(4, 4, 9.0, 9.0, 18.0, timed=False)  # the draft caught up on 40 tokens first
+    assert p._round_cost(4) == pytest.approx(1.6) and p.shared.draft_step.value == 0.1
+    assert p.acceptance.rates()[0] > before
+
+
+@pytest.mark.parametrize("gain", [0.97, 1.02])
+def test_hysteresis_stays_in_spec_while_it_pays_and_returns_only_with_a_margin(gain):
+    """In spec mode AUTO leaves when speculation is slower than plain; from plain mode a probe
+    brings it back only when speculation beats plain by min_gain."""
+    p = make(SpecMode.AUTO, num_draft_tokens=4, min_gain=1.05, probe_interval=1)
+    for _ in range(40):
+        p.observe_round(4, 4, 0.4, 1.0, 1.0)  # about 5 tokens per 1 s round
+    plain = gain / p.acceptance.expected_tokens(4)  # seconds: spec rate / plain rate = gain
+    p.observe_plain(plain)
+    assert p.gain() == pytest.approx(gain, rel=1e-3)
+    if gain >= 1.0:
+        assert p.next_k() == 4 and p.speculating
+        p._to_plain()  # e.g. after a bad stretch; now a probe at the same gain does not return
+    else:
+        assert p.next_k() == 0
+    p.observe_plain(plain)
+    assert p.next_k() == 4  # the probe
+    p.observe_round(4, 4, 0.4, 1.0, 1.0)
+    assert not p.speculating
