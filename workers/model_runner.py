@@ -50,7 +50,13 @@ class ModelRunner:
     ) -> None:
         kwargs: dict = {"dtype": dtype, "local_files_only": True}
         if tp_plan is not None:
-            kwargs["tp_plan"] = tp_plan  # transformers shards it over the initialized process group
+            # transformers shards the model over the process group the caller initialized.
+            from torch import distributed as dist
+            from transformers.distributed import DistributedConfig
+
+            kwargs["distributed_config"] = DistributedConfig(
+                tp_plan=tp_plan, tp_size=dist.get_world_size()
+            )
         self.path = str(path)
         self.model = AutoModelForCausalLM.from_pretrained(_local_dir(path), **kwargs).eval()
         if tp_plan is None:
