@@ -118,7 +118,11 @@ def bench_engine(
         ("engine plain (mode OFF)", {"mode": SpecMode.OFF}),
         ("engine spec k=4, not pipelined", {"mode": SpecMode.ON, "k": 4, "pipelined": False}),
         ("engine spec k=4, pipelined", {"mode": SpecMode.ON, "k": 4, "pipelined": True}),
-        ("engine spec adaptive (AUTO)", {"mode": SpecMode.AUTO}),
+        ("engine spec adaptive (AUTO), pipelined", {"mode": SpecMode.AUTO, "pipelined": True}),
+        (
+            "engine spec adaptive (AUTO), pipelining auto",
+            {"mode": SpecMode.AUTO, "pipelined": "auto"},
+        ),
     ]:
         results.append(_timed(name, prompts, runner(**kw), summary))
     engine.close()
@@ -143,7 +147,7 @@ def bench_grpc(
     loop = asyncio.new_event_loop()
     results = []
     try:
-        for pipelined in (False, True):
+        for pipelined in (False, True, "auto"):
             router = Router(RouterConfig(target_model_path=target_path, pipelined=pipelined))
             router.set_workers(drafts=[procs[1].address], targets=[procs[0].address])
             stats: list = []
@@ -172,12 +176,11 @@ def bench_grpc(
                     "plain_steps": sum(x.plain_steps for x in s),
                 }
 
-            tag = "pipelined" if pipelined else "not pipelined"
-            systems = [
-                (f"grpc spec k=4, {tag}", pb.SPECULATION_MODE_ON, 4),
-                (f"grpc spec adaptive (AUTO), {tag}", pb.SPECULATION_MODE_AUTO, 0),
-            ]
-            if not pipelined:
+            tag = {False: "not pipelined", True: "pipelined", "auto": "pipelining auto"}[pipelined]
+            systems = [(f"grpc spec adaptive (AUTO), {tag}", pb.SPECULATION_MODE_AUTO, 0)]
+            if pipelined != "auto":
+                systems.insert(0, (f"grpc spec k=4, {tag}", pb.SPECULATION_MODE_ON, 4))
+            if pipelined is False:
                 systems.insert(0, ("grpc plain (mode OFF)", pb.SPECULATION_MODE_OFF, 0))
             for name, mode, k in systems:
                 results.append(_timed(name, prompts, runner(mode, k), summary))

@@ -404,28 +404,11 @@ class IngressDeployment:
         return await handle.info.remote()
 
 
-def router_config(cfg: ClusterConfig):
-    """The router's own config, from the cluster config."""
-    from cluster.router import RouterConfig
-
-    return RouterConfig(
-        target_model_path=str(cfg.models.target_path()),
-        max_draft_tokens=cfg.speculation.max_draft_tokens,
-        policy=cfg.speculation.policy(),
-        pipelined=cfg.speculation.pipelined,
-        draft_timeout_s=cfg.speculation.draft_timeout_s,
-        target_timeout_s=cfg.target.call_timeout_s,
-        max_in_flight=cfg.limits.max_in_flight,
-        default_max_new_tokens=cfg.limits.default_max_new_tokens,
-        max_new_tokens_limit=cfg.limits.max_new_tokens,
-    )
-
-
 def make_router(cfg: ClusterConfig):
     """The router of one ingress replica; worker addresses arrive from the registry."""
-    from cluster.router import Router
+    from cluster.router import Router, RouterConfig
 
-    return Router(router_config(cfg))
+    return Router(RouterConfig.from_cluster_config(cfg))
 
 
 # -- the builder ------------------------------------------------------------------------------

@@ -130,7 +130,9 @@ class SpeculationConfig(_Strict):
     max_probe_interval: int = Field(256, ge=1)
     ewma: float = Field(0.25, gt=0, le=1)
     prior_acceptance: float = Field(0.6, ge=0, lt=1)
-    pipelined: bool = True
+    pipelined: bool | Literal["auto"] = Field(
+        "auto", description='draft ahead while verifying; "auto": measure both ways, run the faster'
+    )
     draft_timeout_s: float = Field(10.0, gt=0, description="a slower draft counts as gone")
 
     def policy(self) -> PolicyConfig:
@@ -142,7 +144,8 @@ class SpeculationConfig(_Strict):
             max_probe_interval=self.max_probe_interval,
             ewma=self.ewma,
             prior_acceptance=self.prior_acceptance,
-            pipelined=self.pipelined,
+            pipelined=self.pipelined is not False,
+            adaptive_pipelining=self.pipelined == "auto",
         )
 
     @model_validator(mode="after")

@@ -9,8 +9,10 @@ guess that block i is accepted whole and that the target's bonus token equals th
 token. The draft therefore proposes k+1 tokens ahead: the guessed bonus, then the next block. When
 the guess holds the next block is ready the moment verification returns (a pipeline hit); otherwise
 the draft rolls back to the committed tokens with the next call (a miss). Never more than one block
-ahead. Every propose names the position it drafts from (`start`), so a draft whose speculative tail
-is longer than expected (a block cut short, a late answer) is trimmed instead of drafting past it.
+ahead. Whether a round drafts ahead is the policy's call (`policy.pipelined`: fixed, or chosen by
+measured round times). Every propose names the position it drafts from (`start`), so a draft
+whose speculative tail is longer than expected (a block cut short, a late answer) is trimmed
+instead of drafting past it.
 
 Faults: a draft that fails or times out sends the sequence to plain mode at once (nothing committed
 is lost or recomputed); a later re-prefill brings a draft back. A target that is gone (the transport
@@ -93,7 +95,6 @@ TargetFailover = Callable[[TargetSide, BaseException], "TargetSide | None"]
 
 @dataclass(frozen=True, slots=True)
 class DriverOptions:
-    pipelined: bool = True
     draft_timeout_s: float = 10.0  # a draft slower than this is treated as gone
     target_timeout_s: float | None = None
 
@@ -228,7 +229,7 @@ class RoundDriver:
         )
         ahead_f = None
         draft_lost = False
-        if self.options.pipelined:
+        if self.policy.pipelined:
             # Guess: the whole block is accepted; draft the bonus guess plus the next block.
             ahead_start = committed + len(proposal.tokens)
             try:

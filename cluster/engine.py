@@ -20,7 +20,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from cluster.driver import DriverOptions, RoundDriver
-from cluster.policy import DeploymentEstimates, PolicyConfig, SpecMode, SpeculationPolicy
+from cluster.policy import (
+    DeploymentEstimates,
+    PolicyConfig,
+    SpecMode,
+    SpeculationPolicy,
+    with_pipelining,
+)
 from cluster.rounds import FinishReason, GenerationStats, SequenceRounds, StopConditions
 from workers.draft import DraftWorker
 from workers.model_runner import check_same_tokenizer
@@ -111,7 +117,7 @@ def spec_policy(
     k: int | None,
     sampling: SamplingParams = SamplingParams(),
     shared: DeploymentEstimates | None = None,
-    pipelined: bool | None = None,
+    pipelined: bool | str | None = None,
 ) -> SpeculationPolicy:
     """The per-request policy: `k` fixes the block size (None = adaptive). A seeded sampling
     request gets a timing-free policy so that it repeats exactly."""
@@ -121,8 +127,8 @@ def spec_policy(
         raise ValueError(f"k (num_draft_tokens) must be <= {base.max_draft_tokens}, got {k}")
     deterministic = sampling.seed is not None and not sampling.greedy
     config = replace(base, num_draft_tokens=k or 0)
-    if pipelined is not None:  # the policy prices rounds the way the driver runs them
-        config = replace(config, pipelined=pipelined)
+    if pipelined is not None:  # True, False or "auto" (measure both, run the faster)
+        config = with_pipelining(config, pipelined)
     return SpeculationPolicy(config, mode, deterministic, shared)
 
 
@@ -202,7 +208,7 @@ class SpecEngine:
         stop_token_ids: Sequence[int] = (),
         mode: SpecMode = SpecMode.AUTO,
         k: int | None = None,
-        pipelined: bool | None = None,
+        pipelined: bool | str | None = None,
     ) -> Generation:
         """Validate a request and set up its sequence; iterate the result to run it."""
         ids = self.encode(prompt)
@@ -214,15 +220,14 @@ class SpecEngine:
             runner.max_context,
         )
         rounds = SequenceRounds(ids, stop)
-        options = self.options if pipelined is None else replace(self.options, pipelined=pipelined)
         driver = RoundDriver(
             f"local-{next(self._ids)}",
             rounds,
-            spec_policy(self.policy, mode, k, sampling, self.estimates, options.pipelined),
+            spec_policy(self.policy, mode, k, sampling, self.estimates, pipelined),
             self.draft if mode is not SpecMode.OFF else None,
             self.target,
             sampling,
-            options,
+            self.options,
         )
         return Generation(driver)
 

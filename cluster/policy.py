@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 class SpecMode(enum.Enum):
@@ -44,7 +44,12 @@ class PolicyConfig:
     # must be reproducible (seeded sampling): then no decision may depend on timing.
     draft_cost_prior: float = 0.25  # one draft step
     verify_cost_per_token_prior: float = 0.1  # a verify of k costs 1 + k * this
-    pipelined: bool = True
+    pipelined: bool = True  # draft the next block while the target verifies this one
+    # Measure rounds with and without pipelining and use the faster (pipelining pays only where
+    # the draft has compute of its own); `pipelined` is then where it starts.
+    adaptive_pipelining: bool = False
+    explore_rounds: int = 4  # rounds in a row in the other pipelining mode when measuring it
+    reexplore_after: int = 200  # rounds (deployment-wide) after which a mode's times are stale
 
     def __post_init__(self) -> None:
         if self.max_draft_tokens < 1:
@@ -66,8 +71,19 @@ class PolicyConfig:
             raise ValueError(f"acceptance_window must be >= 1, got {self.acceptance_window}")
         if self.prior_strength <= 0:
             raise ValueError(f"prior_strength must be > 0, got {self.prior_strength}")
+        if self.explore_rounds < 2 or self.reexplore_after < 1:
+            raise ValueError("explore_rounds must be >= 2 and reexplore_after >= 1")
         if self.draft_cost_prior <= 0 or self.verify_cost_per_token_prior < 0:
             raise ValueError("draft_cost_prior must be > 0 and verify_cost_per_token_prior >= 0")
+
+
+def with_pipelining(config: PolicyConfig, pipelined: bool | str) -> PolicyConfig:
+    """`pipelined` as configured (True, False or "auto") applied to a policy config."""
+    if pipelined not in (True, False, "auto"):
+        raise ValueError(f'pipelined must be true, false or "auto", got {pipelined!r}')
+    return replace(
+        config, pipelined=pipelined is not False, adaptive_pipelining=pipelined == "auto"
+    )
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -182,7 +198,15 @@ class DeploymentEstimates:
     acceptance starts from the deployment's and then follows its own text.
     """
 
-    __slots__ = ("draft_step", "plain_step", "verify", "round", "acceptance")
+    __slots__ = (
+        "draft_step",
+        "plain_step",
+        "verify",
+        "round",
+        "acceptance",
+        "timed_rounds",
+        "last_timed",
+    )
 
     def __init__(self, config: PolicyConfig) -> None:
         ewma = config.ewma
@@ -191,6 +215,8 @@ class DeploymentEstimates:
         self.verify: dict[int, _Ewma] = {}  # k -> seconds per verify pass of k draft tokens
         # (k, pipelined) -> wall seconds of a round, from its start to the next round ready
         self.round: dict[tuple[int, bool], _Ewma] = {}
+        self.timed_rounds = 0  # rounds timed so far, all sequences
+        self.last_timed: dict[bool, int] = {}  # pipelined? -> timed_rounds at its latest round
         prior = [config.prior_acceptance] + [None] * (config.max_draft_tokens - 1)
         # Slower to move than a sequence's own model: it is the prior of every new sequence.
         self.acceptance = AcceptanceModel(
@@ -239,6 +265,9 @@ class SpeculationPolicy:
         self.acceptance = AcceptanceModel(prior, config.prior_strength, config.acceptance_window)
         self.draft_available = True
         self.speculating = mode is not SpecMode.OFF
+        self.pipelined = config.pipelined  # how the next spec round runs
+        self._last_pipelined: bool | None = None  # how the previous spec round ran
+        self._explore_left = 0
         self._plain_since_probe = 0
         self._probe_interval = config.probe_interval
         self.switches = 0  # spec -> plain and back, for stats
@@ -249,6 +278,7 @@ class SpeculationPolicy:
         """k for the next target pass; 0 means a plain step."""
         if self.mode is SpecMode.OFF or not self.draft_available:
             return 0
+        self._choose_pipelining()
         if self.mode is SpecMode.ON:
             return self._fixed_or(max(1, self._best_k()[0]))
         if self.speculating:
@@ -259,6 +289,28 @@ class SpeculationPolicy:
             self._plain_since_probe = 0
             return self._fixed_or(max(1, self._best_k()[0]))  # probe one round
         return 0
+
+    def _choose_pipelining(self) -> None:
+        """Adaptive pipelining: run the faster mode by measured round times; now and then run
+        a few rounds of the other one, when the deployment has no fresh times for it."""
+        if not self.config.adaptive_pipelining or self.deterministic:
+            return
+        if self._explore_left > 0:
+            self._explore_left -= 1
+            return
+        shared = self.shared
+        other = not self.pipelined
+        seen = shared.last_timed.get(other)
+        if self.pipelined in shared.last_timed and (
+            seen is None or shared.timed_rounds - seen > self.config.reexplore_after
+        ):
+            self.pipelined = other  # measure it: the first round of a run is not timed
+            self._explore_left = self.config.explore_rounds - 1
+            shared.last_timed[other] = shared.timed_rounds  # one sequence explores, not all
+            return
+        timed_other = any(pipe == other for _, pipe in shared.round)
+        if timed_other and self._best_k(other)[1] > self._best_k(self.pipelined)[1]:
+            self.pipelined = other
 
     def _fixed_or(self, k: int) -> int:
         return self.config.num_draft_tokens or k
@@ -296,12 +348,14 @@ class SpeculationPolicy:
             return [self.config.num_draft_tokens]
         return range(1, self.config.max_draft_tokens + 1)
 
-    def _best_k(self) -> tuple[int, float]:
-        """(k, tokens per second) of the best block size under the current estimates."""
+    def _best_k(self, pipelined: bool | None = None) -> tuple[int, float]:
+        """(k, tokens per second) of the best block size under the current estimates, for the
+        pipelining mode of the next round (or the one given)."""
+        pipelined = self.pipelined if pipelined is None else pipelined
         ks = self._candidates()
         best = (0, 0.0)
         for k in ks:
-            cost = self._round_cost(k)
+            cost = self._round_cost(k, pipelined)
             if cost is None:  # nothing measured yet: speculate and learn, from a middling block
                 return (k if self.config.num_draft_tokens else min(4, ks[-1]), float("inf"))
             rate = self.acceptance.expected_tokens(k) / cost
@@ -309,13 +363,13 @@ class SpeculationPolicy:
                 best = (k, rate)
         return best
 
-    def _round_cost(self, k: int) -> float | None:
+    def _round_cost(self, k: int, pipelined: bool | None = None) -> float | None:
         """Seconds of a round of k: measured if this k ran; else the nearest measured k scaled by
         the component model's ratio; else the component model alone."""
-        model = self._model_cost(k)
+        pipelined = self.pipelined if pipelined is None else pipelined
+        model = self._model_cost(k, pipelined)
         if self.deterministic:
             return model
-        pipelined = self.config.pipelined
         measured = {
             m: e.value
             for (m, pipe), e in self.shared.round.items()
@@ -326,14 +380,14 @@ class SpeculationPolicy:
         if not measured or model is None:
             return model
         near = min(measured, key=lambda m: (abs(m - k), m))
-        near_model = self._model_cost(near)
+        near_model = self._model_cost(near, pipelined)
         if not near_model:
             return model
         # Scale, not shift: what the components miss (cores shared by draft and target) grows
         # with the work done; a per-round overhead is then overpriced a little for long blocks.
         return measured[near] * model / near_model
 
-    def _model_cost(self, k: int) -> float | None:
+    def _model_cost(self, k: int, pipelined: bool | None = None) -> float | None:
         """Component model: the verify pass plus the draft time not hidden behind the previous
         verify (all of it serially; pipelined, all of it unless the previous block was accepted
         whole)."""
@@ -342,7 +396,7 @@ class SpeculationPolicy:
         if draft is None or verify is None:
             return None
         drafting = k * draft
-        if self.config.pipelined:
+        if self.pipelined if pipelined is None else pipelined:
             drafting *= 1.0 - self.acceptance.whole_block(k)
         return verify + drafting
 
@@ -389,6 +443,10 @@ class SpeculationPolicy:
         records acceptance only: the round's times are not typical (the draft first caught up
         on many tokens after plain steps)."""
         self.acceptance.observe(k, accepted)
+        # The first round after a change of pipelining mode is neither (a block drafted ahead,
+        # or none ready yet): it times nothing.
+        timed = timed and self._last_pipelined in (None, self.pipelined)
+        self._last_pipelined = self.pipelined
         if not self.deterministic:
             self.shared.acceptance.observe(k, accepted)
             if timed:
@@ -409,7 +467,9 @@ class SpeculationPolicy:
             shared.draft_step.add(draft_seconds / k)
         shared.verify.setdefault(k, _Ewma(ewma)).add(verify_seconds)
         wall = draft_seconds + verify_seconds if round_seconds is None else round_seconds
-        shared.round.setdefault((k, self.config.pipelined), _Ewma(ewma)).add(wall)
+        shared.round.setdefault((k, self.pipelined), _Ewma(ewma)).add(wall)
+        shared.timed_rounds += 1
+        shared.last_timed[self.pipelined] = shared.timed_rounds
 
     def observe_plain(self, seconds: float) -> None:
         self.acceptance.age(1)

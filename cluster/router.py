@@ -44,7 +44,7 @@ from cluster.driver import (
     WorkerUnavailable,
 )
 from cluster.engine import spec_policy
-from cluster.policy import DeploymentEstimates, PolicyConfig, SpecMode
+from cluster.policy import DeploymentEstimates, PolicyConfig, SpecMode, with_pipelining
 from cluster.remote import Endpoint, EndpointState, WorkerPool
 from cluster.rounds import FinishReason, SequenceRounds, StopConditions
 from protos import specdec_pb2, worker_pb2
@@ -100,7 +100,7 @@ class RouterConfig:
     target_model_path: str  # local checkpoint of the target: tokenizer, context, EOS
     max_draft_tokens: int = 8  # a request's num_draft_tokens above this is INVALID_ARGUMENT
     policy: PolicyConfig = field(default_factory=PolicyConfig)  # default policy thresholds
-    pipelined: bool = True
+    pipelined: bool | str = True  # or "auto": measure rounds with and without, run the faster
     draft_timeout_s: float = 5.0  # a draft slower than this is dropped: plain mode
     target_timeout_s: float = 60.0  # a target slower than this is failed over
     max_in_flight: int = 64  # sequences at once; more: RESOURCE_EXHAUSTED at once
@@ -128,7 +128,7 @@ class RouterConfig:
     @classmethod
     def from_cluster_config(cls, cfg: Any) -> RouterConfig:
         """From a `cluster.config.ClusterConfig` (read duck-typed: models, speculation, limits,
-        workers), for the Serve ingress."""
+        target, workers), for the Serve ingress."""
         spec, limits = cfg.speculation, cfg.limits
         return cls(
             target_model_path=str(cfg.models.target_path()),
@@ -136,20 +136,20 @@ class RouterConfig:
             policy=spec.policy(),
             pipelined=spec.pipelined,
             draft_timeout_s=spec.draft_timeout_s,
+            target_timeout_s=cfg.target.call_timeout_s,
             max_in_flight=limits.max_in_flight,
-            default_max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens),
+            default_max_new_tokens=limits.default_max_new_tokens,
             max_new_tokens_limit=limits.max_new_tokens,
             health_recheck_s=cfg.workers.health_check_period_s,
         )
 
     def policy_config(self) -> PolicyConfig:
-        return replace(
-            self.policy, max_draft_tokens=self.max_draft_tokens, pipelined=self.pipelined
+        return with_pipelining(
+            replace(self.policy, max_draft_tokens=self.max_draft_tokens), self.pipelined
         )
 
     def driver_options(self) -> DriverOptions:
         return DriverOptions(
-            pipelined=self.pipelined,
             draft_timeout_s=self.draft_timeout_s,
             target_timeout_s=self.target_timeout_s,
         )

@@ -102,7 +102,7 @@ def make_driver(pipelined: bool, k: int = 4, mode: SpecMode = SpecMode.ON):
         Draft(clock),
         Target(clock),
         SamplingParams(),
-        DriverOptions(pipelined=pipelined),
+        DriverOptions(),
         clock=clock,
     )
     driver.start()

@@ -16,6 +16,7 @@ from cluster.policy import (
     SpecMode,
     SpeculationPolicy,
     expected_tokens,
+    with_pipelining,
 )
 
 # A cost model: a verify of k costs VERIFY0 + VERIFY1*k seconds, a drafted token DRAFT, a plain
@@ -491,3 +492,68 @@ def test_hysteresis_stays_in_spec_while_it_pays_and_returns_only_with_a_margin(g
     assert p.next_k() == 4  # the probe
     p.observe_round(4, 4, 0.4, 1.0, 1.0)
     assert not p.speculating
+
+
+# -- adaptive pipelining ------------------------------------------------------------------------
+
+
+def run_rounds(p: SpeculationPolicy, n: int, pipelined_cost: float, serial_cost_: float) -> list:
+    """n spec rounds, every block accepted, each costing what its pipelining mode costs here."""
+    modes = []
+    for _ in range(n):
+        k = p.next_k()
+        assert k > 0
+        modes.append(p.pipelined)
+        wall = (pipelined_cost if p.pipelined else serial_cost_) * (1 + 0.05 * k)
+        p.observe_round(k, k, 0.0 if p.pipelined else DRAFT * k, verify_cost(k), wall)
+    return modes
+
+
+@pytest.mark.parametrize("faster", [True, False], ids=["pipelined-faster", "serial-faster"])
+def test_adaptive_pipelining_settles_on_the_faster_mode(faster):
+    p = make(SpecMode.AUTO, adaptive_pipelining=True, pipelined=True, reexplore_after=1000)
+    p.observe_plain(10.0)  # plain decoding is slow: speculation pays either way
+    costs = (1.0, 2.0) if faster else (2.0, 1.0)
+    modes = run_rounds(p, 60, *costs)
+    assert modes[0] is True  # it starts where configured
+    assert False in modes[:20]  # and measures the other mode early
+    assert all(m is faster for m in modes[-30:])
+
+
+def test_exploration_runs_the_other_mode_for_a_few_rounds_and_times_only_steady_ones():
+    p = make(SpecMode.AUTO, adaptive_pipelining=True, pipelined=True, explore_rounds=4)
+    p.observe_plain(10.0)
+    modes = run_rounds(p, 6, pipelined_cost=1.0, serial_cost_=5.0)
+    assert modes == [True, False, False, False, False, True]
+    # Rounds 3-5 were timed in serial mode; the first serial round (a block drafted ahead was
+    # ready) was not: three timed serial rounds, all at the serial cost.
+    serial = {k: e.value for (k, pipe), e in p.shared.round.items() if not pipe}
+    assert serial and all(v == pytest.approx(5.0 * (1 + 0.05 * k)) for k, v in serial.items())
+
+
+def test_stale_times_are_measured_again():
+    p = make(SpecMode.AUTO, adaptive_pipelining=True, pipelined=True, reexplore_after=20)
+    p.observe_plain(10.0)
+    modes = run_rounds(p, 80, pipelined_cost=1.0, serial_cost_=2.0)
+    runs = sum(1 for a, b in zip(modes, modes[1:], strict=False) if a and not b)
+    assert runs >= 3  # the slower mode is looked at again now and then, not abandoned forever
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_fixed_pipelining_never_changes(deterministic):
+    config = PolicyConfig(pipelined=False, adaptive_pipelining=deterministic)
+    p = SpeculationPolicy(config, SpecMode.AUTO, deterministic=deterministic)
+    p.observe_plain(10.0)
+    assert set(run_rounds(p, 30, pipelined_cost=0.1, serial_cost_=5.0)) == {False}
+
+
+def test_pipelining_setting_values():
+    base = PolicyConfig()
+    assert with_pipelining(base, "auto").adaptive_pipelining
+    assert not with_pipelining(base, False).pipelined
+    assert (
+        with_pipelining(base, True).pipelined
+        and not with_pipelining(base, True).adaptive_pipelining
+    )
+    with pytest.raises(ValueError, match="pipelined"):
+        with_pipelining(base, "sometimes")

@@ -18,6 +18,16 @@ def test_defaults_are_valid_and_round_trip():
     assert cfg.speculation.policy().max_draft_tokens == cfg.speculation.max_draft_tokens
 
 
+def test_pipelined_is_true_false_or_auto():
+    for value, fixed_on, adaptive in (
+        (True, True, False),
+        (False, False, False),
+        ("auto", True, True),
+    ):
+        policy = ClusterConfig.load({"speculation": {"pipelined": value}}).speculation.policy()
+        assert (policy.pipelined, policy.adaptive_pipelining) == (fixed_on, adaptive)
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -25,6 +35,7 @@ def test_defaults_are_valid_and_round_trip():
         ({"draftt": {}}, "draftt: unknown key (allowed: models, draft, target"),
         ({"draft": {"pool": {"resource": "x", "gpus": 1}}}, "draft.pool.gpus: unknown key"),
         ({"speculation": {"k": 9}}, "k must be in [0, max_draft_tokens=8], got 9"),
+        ({"speculation": {"pipelined": "sometimes"}}, "speculation.pipelined"),
         ({"target": {"backend": "nccl"}}, "backend 'nccl' needs GPUs"),
         ({"draft": {"pool": {"resource": "target_pool"}}}, "must differ"),
         ({"limits": {"max_new_tokens": 0}}, "limits.max_new_tokens"),
