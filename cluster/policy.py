@@ -105,7 +105,7 @@ class AcceptanceModel:
     as good as the last one measured, so longer blocks get tried when they would pay.
     """
 
-    __slots__ = ("accepted", "tried", "prior_weight", "prior", "keep", "strength")
+    __slots__ = ("accepted", "tried", "prior_weight", "prior", "keep", "strength", "_rates")
 
     def __init__(self, prior: Sequence[float | None], strength: float, window: float) -> None:
         if not prior or prior[0] is None:
@@ -116,8 +116,10 @@ class AcceptanceModel:
         self.prior_weight = [strength] * len(prior)
         self.tried = [0.0] * len(prior)
         self.accepted = [0.0] * len(prior)
+        self._rates: list[float] | None = None  # the policy reads them ~20 times a decision
 
     def observe(self, k: int, accepted: int) -> None:
+        self._rates = None
         for i in range(min(k, accepted + 1, len(self.tried))):
             self.prior_weight[i] *= self.keep
             self.tried[i] = self.tried[i] * self.keep + 1.0
@@ -127,6 +129,7 @@ class AcceptanceModel:
         """Target passes that told nothing about acceptance (plain steps): older evidence weighs
         less against the next round (rates stay), down to `strength` observations per position,
         so a probe after a long plain stretch counts, without one probe deciding alone."""
+        self._rates = None
         fade = self.keep**passes
         for i, (t, w) in enumerate(zip(self.tried, self.prior_weight, strict=True)):
             total = t + w
@@ -138,6 +141,8 @@ class AcceptanceModel:
             self.prior_weight[i] *= f
 
     def rates(self) -> list[float]:
+        if self._rates is not None:
+            return self._rates
         out: list[float] = []
         for i, (a, t, w) in enumerate(
             zip(self.accepted, self.tried, self.prior_weight, strict=True)
@@ -146,6 +151,7 @@ class AcceptanceModel:
             if prior is None:
                 prior = out[-1]
             out.append((a + w * prior) / (t + w))
+        self._rates = out
         return out
 
     def expected_tokens(self, k: int) -> float:
@@ -278,17 +284,15 @@ class SpeculationPolicy:
         """k for the next target pass; 0 means a plain step."""
         if self.mode is SpecMode.OFF or not self.draft_available:
             return 0
+        if self.mode is SpecMode.AUTO and not self.speculating:
+            if self._plain_since_probe < self._probe_interval:
+                return 0
+            self._plain_since_probe = 0  # probe one round
         self._choose_pipelining()
-        if self.mode is SpecMode.ON:
-            return self._fixed_or(max(1, self._best_k()[0]))
-        if self.speculating:
-            if self._pays(1.0):
-                return self._fixed_or(max(1, self._best_k()[0]))
+        best = self._best_k()
+        if self.mode is SpecMode.AUTO and self.speculating and not self._pays(1.0, best):
             return self._to_plain()
-        if self._plain_since_probe >= self._probe_interval:
-            self._plain_since_probe = 0
-            return self._fixed_or(max(1, self._best_k()[0]))  # probe one round
-        return 0
+        return self._fixed_or(max(1, best[0]))
 
     def _choose_pipelining(self) -> None:
         """Adaptive pipelining: run the faster mode by measured round times; now and then run
@@ -321,16 +325,16 @@ class SpeculationPolicy:
         self._plain_since_probe = 0
         return 0
 
-    def gain(self) -> float | None:
+    def gain(self, best: tuple[int, float] | None = None) -> float | None:
         """Expected speculative throughput over plain throughput, at the best k (None: unknown)."""
-        k, rate = self._best_k()
+        k, rate = self._best_k() if best is None else best
         plain = self._plain_cost()
         if k == 0 or plain is None or rate == float("inf"):
             return None
         return rate * plain
 
-    def _pays(self, threshold: float) -> bool:
-        gain = self.gain()
+    def _pays(self, threshold: float, best: tuple[int, float] | None = None) -> bool:
+        gain = self.gain(best)
         return gain is None or gain >= threshold  # nothing measured yet: speculate and learn
 
     def _plain_cost(self) -> float | None:
@@ -353,9 +357,10 @@ class SpeculationPolicy:
         pipelining mode of the next round (or the one given)."""
         pipelined = self.pipelined if pipelined is None else pipelined
         ks = self._candidates()
+        measured = self._measured_rounds(pipelined)
         best = (0, 0.0)
         for k in ks:
-            cost = self._round_cost(k, pipelined)
+            cost = self._round_cost(k, pipelined, measured)
             if cost is None:  # nothing measured yet: speculate and learn, from a middling block
                 return (k if self.config.num_draft_tokens else min(4, ks[-1]), float("inf"))
             rate = self.acceptance.expected_tokens(k) / cost
@@ -363,20 +368,27 @@ class SpeculationPolicy:
                 best = (k, rate)
         return best
 
-    def _round_cost(self, k: int, pipelined: bool | None = None) -> float | None:
+    def _measured_rounds(self, pipelined: bool) -> dict[int, float]:
+        """k -> measured seconds of a round of k run this way (none for a timing-free policy)."""
+        if self.deterministic:
+            return {}
+        return {
+            k: e.value
+            for (k, pipe), e in self.shared.round.items()
+            if pipe == pipelined and e.value is not None
+        }
+
+    def _round_cost(
+        self, k: int, pipelined: bool | None = None, measured: dict[int, float] | None = None
+    ) -> float | None:
         """Seconds of a round of k: measured if this k ran; else the nearest measured k scaled by
         the component model's ratio; else the component model alone."""
         pipelined = self.pipelined if pipelined is None else pipelined
-        model = self._model_cost(k, pipelined)
-        if self.deterministic:
-            return model
-        measured = {
-            m: e.value
-            for (m, pipe), e in self.shared.round.items()
-            if pipe == pipelined and e.value is not None
-        }
+        if measured is None:
+            measured = self._measured_rounds(pipelined)
         if k in measured:
             return measured[k]
+        model = self._model_cost(k, pipelined)
         if not measured or model is None:
             return model
         near = min(measured, key=lambda m: (abs(m - k), m))
