@@ -77,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 = any free port (printed)")
     parser.add_argument("--max-draft-tokens", type=int, default=8)
     parser.add_argument("--max-in-flight", type=int, default=64)
-    parser.add_argument("--no-pipeline", action="store_true")
+    parser.add_argument(
+        "--pipelined",
+        choices=("true", "false", "auto"),
+        default="true",
+        help="draft the next block while verifying; auto: time both ways, run the faster",
+    )
     parser.add_argument("--draft-timeout", type=float, default=5.0)
     parser.add_argument("--target-timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         target_model_path=args.target_model,
         max_draft_tokens=args.max_draft_tokens,
         max_in_flight=args.max_in_flight,
-        pipelined=not args.no_pipeline,
+        pipelined={"true": True, "false": False}.get(args.pipelined, args.pipelined),
         draft_timeout_s=args.draft_timeout,
         target_timeout_s=args.target_timeout,
     )

@@ -47,7 +47,9 @@ def ckpts(tmp_path_factory):
 def cluster(ckpts):
     workers = start_all(worker("target", ckpts["target"]), worker("draft", ckpts["near"]))
     try:
-        front = start_all(ingress(workers[0].address, workers[1].address, ckpts["target"]))[0]
+        front = start_all(
+            ingress(workers[0].address, workers[1].address, ckpts["target"], "--pipelined", "auto")
+        )[0]
     except BaseException:
         stop_all(workers)
         raise
