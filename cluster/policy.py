@@ -177,11 +177,6 @@ class AcceptanceModel:
             for i, (r, t) in enumerate(zip(rates, self.tried, strict=True))
         ]
 
-    def mean_rate(self) -> float:
-        """Accepted / tried over all positions, as the counts stand (prior: first position)."""
-        tried = sum(self.tried)
-        return sum(self.accepted) / tried if tried else self.rates()[0]
-
 
 class _Ewma:
     __slots__ = ("value", "weight")
@@ -432,10 +427,6 @@ class SpeculationPolicy:
             prior = self.config.verify_cost_per_token_prior
             slope = measured * prior / (1.0 + near * prior)
         return max(measured + slope * (k - near), 1e-9)
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.acceptance.mean_rate()
 
     # -- observations -------------------------------------------------------------------------
 
