@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.batch import PrefillRow, ProposeRow, run_row
 from workers.errors import StaleSequenceError, UnknownSequenceError
 from workers.model_runner import ModelRunner
 from workers.sampling import PositionalRng, SamplingParams, warp_probs
@@ -148,6 +149,19 @@ class DraftWorker:
         self.runner.release(seq_id)
         return self._seqs.pop(seq_id, None) is not None
 
+    # -- batched (one call, many rows; each row answered on its own) --------------------------
+
+    def prefill_batch(self, rows: list[PrefillRow]) -> list[object]:
+        """Per row: None, or the exception that refused that row."""
+        return [run_row(self.prefill, r.seq_id, list(r.token_ids), r.params) for r in rows]
+
+    def propose_batch(self, rows: list[ProposeRow]) -> list[object]:
+        """Per row: a Proposal, or the exception that refused that row (nothing of it changed)."""
+        return [
+            run_row(self.propose, r.seq_id, r.committed_len, r.k, list(r.commit), r.start)
+            for r in rows
+        ]
+
     def _get(self, seq_id: str) -> _DraftSeq:
         try:
             return self._seqs[seq_id]
@@ -161,3 +175,4 @@ class DraftWorker:
                 f"sequence {seq_id!r}: draft holds committed length {seq.committed_len}, "
                 f"caller assumed {committed_len}"
             )
+

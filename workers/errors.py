@@ -10,3 +10,8 @@ class UnknownSequenceError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else "unknown sequence"
+
+
+class KVBudgetExceeded(RuntimeError):
+    """Admitting the sequence would pass the worker's KV budget; nothing was changed. The caller
+    waits for room or answers RESOURCE_EXHAUSTED: a worker never runs out of memory instead."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.batch import PrefillRow, VerifyRow, plain_verdict, run_row
 from workers.errors import StaleSequenceError, UnknownSequenceError
 from workers.model_runner import ModelRunner
 from workers.sampling import PositionalRng, SamplingParams, next_token, warp_probs
@@ -114,6 +115,26 @@ class TargetWorker:
         self.runner.release(seq_id)
         return self._seqs.pop(seq_id, None) is not None
 
+    # -- batched (one call, many rows; each row answered on its own) --------------------------
+
+    def prefill_batch(self, rows: list[PrefillRow]) -> list[object]:
+        """Per row: None, or the exception that refused that row."""
+        return [run_row(self.prefill, r.seq_id, list(r.token_ids), r.params) for r in rows]
+
+    def verify_batch(self, rows: list[VerifyRow]) -> list[object]:
+        """Per row: a Verdict (a plain row: accepted 0 and the next token), or the row's error.
+
+        Reference semantics: exactly what each row's own verify / plain_step answers.
+        """
+        out: list[object] = []
+        for r in rows:
+            if r.plain:
+                res = run_row(self.plain_step, r.seq_id, r.committed_len)
+                out.append(res if isinstance(res, BaseException) else plain_verdict(res))
+            else:
+                out.append(run_row(self.verify, r.seq_id, r.committed_len, list(r.draft_tokens), r.q))
+        return out
+
     def _get(self, seq_id: str) -> _TargetSeq:
         try:
             return self._seqs[seq_id]
@@ -127,3 +148,4 @@ class TargetWorker:
                 f"sequence {seq_id!r}: target holds committed length {len(seq.tokens)}, "
                 f"caller assumed {committed_len}"
             )
+
