@@ -132,7 +132,8 @@ class TargetWorker:
                 res = run_row(self.plain_step, r.seq_id, r.committed_len)
                 out.append(res if isinstance(res, BaseException) else plain_verdict(res))
             else:
-                out.append(run_row(self.verify, r.seq_id, r.committed_len, list(r.draft_tokens), r.q))
+                args = (r.seq_id, r.committed_len, list(r.draft_tokens), r.q)
+                out.append(run_row(self.verify, *args))
         return out
 
     def _get(self, seq_id: str) -> _TargetSeq:
