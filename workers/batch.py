@@ -19,6 +19,15 @@ from workers.verification import SparseQ, Verdict
 
 
 @dataclass(frozen=True, slots=True)
+class Proposal:
+    """Draft tokens starting at absolute position `start`; q is None for greedy."""
+
+    start: int
+    tokens: list[int]
+    q: SparseQ | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PrefillRow:
     """(Re)start a sequence from its committed tokens."""
 

@@ -12,22 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.batch import PrefillRow, ProposeRow, run_row
+from workers.batch import PrefillRow, Proposal, ProposeRow, run_row
 from workers.errors import StaleSequenceError, UnknownSequenceError
 from workers.model_runner import ModelRunner
 from workers.sampling import PositionalRng, SamplingParams, warp_probs
 from workers.verification import SparseQ
 
 DRAFT_STREAM = 1  # the draft's random stream differs from the target's for the same seed
-
-
-@dataclass(frozen=True, slots=True)
-class Proposal:
-    """Draft tokens starting at absolute position `start`; q is None for greedy."""
-
-    start: int
-    tokens: list[int]
-    q: SparseQ | None = None
 
 
 @dataclass(slots=True)
