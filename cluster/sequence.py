@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from cluster.policy import SpecMode, SpeculationPolicy
 from cluster.rounds import FinishReason, SequenceRounds
@@ -59,6 +59,8 @@ class Row:
         self.ready: Proposal | None = None  # drafted ahead and confirmed: the next block
         self.on_target = False  # the current target holds the committed tokens
         self.target_failovers = 0
+        self.home: Any = None  # the router's record of the target the row runs on
+        self.tried: set[str] = set()  # targets that failed this row
         self._cancel = threading.Event()
         self.released = threading.Event()  # set once the scheduler let go of the row
 
