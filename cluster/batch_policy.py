@@ -66,8 +66,9 @@ class LineFit:
                 return my, 0.0
             return 0.0, my / mx if mx > 0 else 0.0  # through the origin
         # One x seen (or nearly): y(x) = a (1 + r (x - 1)) through the mean point.
-        a = my / (1.0 + self.prior_ratio * max(0.0, mx - 1.0))
-        return a, a * self.prior_ratio
+        r = self.prior_ratio
+        a = my / (1.0 + r * max(0.0, mx - 1.0))
+        return max(0.0, a * (1.0 - r)), a * r
 
     def predict(self, x: float) -> float | None:
         ab = self.coefficients()
@@ -183,7 +184,10 @@ class BatchPolicy:
     def _rate(self, rows: Sequence[RowChoice], k: int) -> float | None:
         """Expected committed tokens per second of a step where flexible rows take k."""
         ks = [self._own(r, k) for r in rows]
-        tokens = sum(r.expected[kr] if kr > 0 else 1.0 for r, kr in zip(rows, ks, strict=True))
+        tokens = sum(
+            r.expected[kr] if 0 < kr < len(r.expected) else 1.0
+            for r, kr in zip(rows, ks, strict=True)
+        )
         width = max(ks) + 1
         drafting = sum(1 for kr in ks if kr > 0)
         seconds = self.costs.step_seconds(len(rows), width, drafting, max(ks))

@@ -101,6 +101,9 @@ class StepScheduler:
         self.alive = True
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.row_steps = 0  # sum over steps of the rows in the target pass (mean batch size)
+        self.plain_row_steps = 0  # of those, plain rows
+        self.max_batch = 0
 
     # -- outside API --------------------------------------------------------------------------
 
@@ -306,6 +309,9 @@ class StepScheduler:
         finally:
             verify_seconds = self.clock() - t1
         width = max(len(v.draft_tokens) for v in vrows) + 1
+        self.row_steps += len(rows)
+        self.plain_row_steps += sum(1 for v in vrows if v.plain)
+        self.max_batch = max(self.max_batch, len(rows))
         committed = self._commit(rows, vrows, verdicts)
         self._settle_ahead(ahead, proposals, verdicts, rows)
         step_seconds = self.clock() - t0
@@ -320,17 +326,17 @@ class StepScheduler:
 
     def _choose(self, rows: Sequence[Row]) -> list[int]:
         choices = []
+        top = self.config.max_draft_tokens
         for row in rows:
-            cap = row.rounds.block_size(self.config.max_draft_tokens)
+            cap = row.rounds.block_size(top)
             pol = row.policy
-            batch_decides = (
-                not row.deterministic and pol.draft_available and row.mode is not SpecMode.OFF
-            )
-            if not batch_decides:
-                choices.append(RowChoice(cap, "own", (), own_k=pol.next_k()))
-                continue
             acc = pol.acceptance
-            expected = [acc.expected_tokens(k) for k in range(self.config.max_draft_tokens + 1)]
+            expected = [acc.expected_tokens(k) for k in range(top + 1)]
+            if row.deterministic or not pol.draft_available or row.mode is SpecMode.OFF:
+                # Decided by the row alone: a seeded row's choices must not depend on its
+                # neighbours (it repeats exactly, whatever shares its batch).
+                choices.append(RowChoice(cap, "own", expected, own_k=pol.next_k()))
+                continue
             kind = "on" if row.mode is SpecMode.ON else "auto"
             choices.append(RowChoice(cap, kind, expected, pin=row.request.k))
         return self.batch_policy.choose(choices)

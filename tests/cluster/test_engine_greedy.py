@@ -290,7 +290,7 @@ def test_abandoned_stream_frees_every_worker(bad_engine, self_engine, reference,
         for chunk in stream:
             got.extend(chunk)
             break
-        stream.close()  # the row leaves the batch (or has finished) and is freed before this returns
+        stream.close()  # the row leaves the batch (or has finished), freed before this returns
         assert got and got == reference[prompt][: len(got)]
         assert_no_live(engine)
         # The engine goes on serving.
