@@ -273,7 +273,15 @@ class Router:
         with self._lock:
             scheds = dict(self._schedulers)
         return {
-            a: {"running": len(s.running), "waiting": len(s.waiting), "steps": s.steps}
+            a: {
+                "running": len(s.running),
+                "waiting": len(s.waiting),
+                "steps": s.steps,
+                "row_steps": s.row_steps,
+                "plain_row_steps": s.plain_row_steps,
+                "max_batch": s.max_batch,
+                "speculating": s.batch_policy.speculating,
+            }
             for a, s in scheds.items()
         }
 
