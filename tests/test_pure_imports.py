@@ -18,6 +18,7 @@ PURE = [
     "workers.sampling",
     "workers.verification",
     "workers.kv_cache",
+    "workers.batch_kv",
     "workers.model_runner",
     "workers.draft",
     "workers.target",
