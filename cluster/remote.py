@@ -1,4 +1,4 @@
-"""Remote workers: the driver's DraftSide / TargetSide over gRPC, and the pools the router uses.
+"""Remote workers: the scheduler's BatchDraft / BatchTarget over gRPC, and the router's pools.
 
 `GrpcDraft` / `GrpcTarget` turn each call into `stub.Method.future(request, timeout=...)` and hand
 the driver a `concurrent.futures.Future` of the same value the in-process worker returns
@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from cluster.driver import WorkerUnavailable
+from cluster.transport import WorkerUnavailable
 from protos import worker_pb2, worker_pb2_grpc
 from workers.draft import Proposal
 from workers.errors import StaleSequenceError, UnknownSequenceError

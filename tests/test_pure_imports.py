@@ -22,9 +22,14 @@ PURE = [
     "workers.model_runner",
     "workers.draft",
     "workers.target",
+    "workers.batch",
     "cluster.rounds",
     "cluster.policy",
-    "cluster.driver",
+    "cluster.batch_policy",
+    "cluster.pipelining",
+    "cluster.transport",
+    "cluster.sequence",
+    "cluster.scheduler",
     "cluster.engine",
 ]
 FORBIDDEN = ["ray", "grpc"]

@@ -13,8 +13,8 @@ import grpc
 import pytest
 import torch
 
-from cluster.driver import WorkerUnavailable
 from cluster.remote import EndpointState, GrpcDraft, GrpcTarget, WorkerPool, open_channel
+from cluster.transport import WorkerUnavailable
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc
 from tests.cluster.grpc_procs import make_checkpoints, start_all, stats, stop_all, worker
