@@ -40,6 +40,7 @@ class Cell:
     row_steps: int = 0
     plain_row_steps: int = 0
     steps: int = 0
+    target_rss_mb: float = 0.0  # peak resident memory of the target worker during the cell
 
     @property
     def throughput(self) -> float:
@@ -60,6 +61,7 @@ class Cell:
             "plain share": round(self.plain_row_steps / self.row_steps, 2)
             if self.row_steps
             else 0.0,
+            "target RSS MB": round(self.target_rss_mb),
         }
 
 
@@ -96,10 +98,27 @@ async def _one(router, ids: list[int], mode: int, k: int, max_new: int, cell: Ce
     return out
 
 
-async def _cell(router, prompts, mode_name, streams, per_stream, max_new) -> Cell:
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+async def _watch_rss(pid: int, cell: Cell) -> None:
+    while True:
+        cell.target_rss_mb = max(cell.target_rss_mb, _rss_mb(pid))
+        await asyncio.sleep(0.2)
+
+
+async def _cell(router, prompts, mode_name, streams, per_stream, max_new, pid=0) -> Cell:
     mode, k = MODES[mode_name]
     cell = Cell(mode_name, streams)
     before = _batch_totals(router)
+    watch = asyncio.ensure_future(_watch_rss(pid, cell)) if pid else None
 
     async def stream(s: int) -> None:
         for j in range(per_stream):
@@ -109,6 +128,8 @@ async def _cell(router, prompts, mode_name, streams, per_stream, max_new) -> Cel
     t0 = time.perf_counter()
     await asyncio.gather(*(stream(s) for s in range(streams)))
     cell.seconds = time.perf_counter() - t0
+    if watch is not None:
+        watch.cancel()
     cell.tokens = sum(len(o) for o in cell.outputs.values())
     after = _batch_totals(router)
     deltas = [a - b for a, b in zip(after, before, strict=True)]
@@ -152,13 +173,13 @@ def sweep(
             loop.run_until_complete(_cell(router, prompts, mode_name, 1, 1, max_new))  # warm-up
             for c in concurrency:
                 cell = loop.run_until_complete(
-                    _cell(router, prompts, mode_name, c, per_stream, max_new)
+                    _cell(router, prompts, mode_name, c, per_stream, max_new, procs[0].popen.pid)
                 )
                 r = cell.row()
                 print(
                     f"  {mode_name:6s} streams={c:3d}  {r['tok/s']:8.1f} tok/s  "
                     f"rows/pass {r['rows/pass']:5.2f}  tau {r['tau']:.2f}  "
-                    f"plain share {r['plain share']:.2f}",
+                    f"plain share {r['plain share']:.2f}  target RSS {r['target RSS MB']} MB",
                     flush=True,
                 )
                 cells.append(cell)
