@@ -64,8 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
     old = PerSequence(model)
     vocab = runner.vocab_size
-    print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, "
-          f"context {args.context}, {torch.get_num_threads()} threads")
+    print(
+        f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, "
+        f"context {args.context}, {torch.get_num_threads()} threads"
+    )
 
     def toks(n: int) -> list[int]:
         return torch.randint(2, vocab, (n,), generator=gen).tolist()
@@ -93,11 +95,15 @@ def main(argv: list[str] | None = None) -> None:
                 old.extend(s, toks(5))
                 old.rollback(s, 2)
 
-        for name, new, base in (("decode", new_decode, old_decode), ("verify k=4", new_verify,
-                                                                      old_verify)):
+        for name, new, base in (
+            ("decode", new_decode, old_decode),
+            ("verify k=4", new_verify, old_verify),
+        ):
             t_new, t_old = median_ms(new, args.steps), median_ms(base, args.steps)
-            print(f"B={b:2d} {name:10s}: batched {t_new:7.2f} ms   per-sequence {t_old:7.2f} ms"
-                  f"   ({t_old / t_new:4.2f}x)")
+            print(
+                f"B={b:2d} {name:10s}: batched {t_new:7.2f} ms   per-sequence {t_old:7.2f} ms"
+                f"   ({t_old / t_new:4.2f}x)"
+            )
         for s in sids:
             runner.release(s)
 

@@ -245,4 +245,3 @@ class DraftWorker:
                 f"sequence {seq_id!r}: draft holds committed length {seq.committed_len}, "
                 f"caller assumed {committed_len}"
             )
-

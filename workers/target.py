@@ -215,5 +215,3 @@ class TargetWorker:
                 f"sequence {seq_id!r}: target holds committed length {len(seq.tokens)}, "
                 f"caller assumed {committed_len}"
             )
-
-
