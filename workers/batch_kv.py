@@ -21,10 +21,12 @@ with the query's), with explicit per-row positions and a 4-D mask over [0, end).
   squeezed when at least half of them are free.
 
 KV budget: `max_kv_tokens` bounds the tokens *held* (the sum of live rows' lengths, `kv_tokens`),
-checked when a sequence is admitted (`check_admit`): a refusal raises KVBudgetExceeded and changes
-nothing. Extending an admitted sequence is never refused (the caller reserves headroom). The
-allocation is at most about twice rows x (longest row + widest forward) because of the doubling
-and the compaction rule: size the budget with that in mind.
+the number a scheduler can reason about, checked when a sequence is admitted (`check_admit`): a
+refusal raises KVBudgetExceeded and changes nothing. Extending an admitted sequence is never
+refused (the caller reserves headroom for its growth). The buffers (`allocated`) are larger than
+what is held: rows < 2 x (rows in use) < 4 x live sequences (doubling; squeezed at half free),
+columns < 2 x (2 x longest row + slack + widest forward) (doubling; compacted when holes reach the
+longest row). When the last sequence leaves, the buffers go back to their initial size.
 
 No ray, no grpc.
 """
@@ -106,14 +108,12 @@ class BatchedKV:
         self.cache = Cache(layers=[_Layer(self, i) for i in range(num_layers)])
         self._k: list[torch.Tensor | None] = [None] * num_layers
         self._v: list[torch.Tensor | None] = [None] * num_layers
-        self._rcap, self._ccap = rows, columns
-        self.valid = torch.zeros(rows, columns, dtype=torch.bool, device=self.device)
-        self.pos = torch.zeros(rows, columns, dtype=torch.long, device=self.device)
+        self._init_caps = (rows, columns)
         self._row: dict[str, int] = {}
-        self._len: list[int] = [0] * rows
-        self._free: list[int] = []  # a heap of free rows below _nrows
-        self._nrows = 0  # rows [0, _nrows) are in use or free
-        self._cols = 0  # columns [0, _cols) may hold tokens
+        self._reset(self._init_caps)  # buffers come with the first forward (heads from its K)
+        self._free: list[int]  # a heap of free rows below _nrows
+        self._nrows: int  # rows [0, _nrows) are in use or free
+        self._cols: int  # columns [0, _cols) may hold tokens
         self._held = 0
         self._step: Step | None = None
         self._tril: dict[int, torch.Tensor] = {}
@@ -130,6 +130,11 @@ class BatchedKV:
     @property
     def kv_tokens(self) -> int:
         return self._held
+
+    @property
+    def allocated(self) -> tuple[int, int]:
+        """(rows, columns) of the buffers: memory = rows x columns x layers x 2 x heads x dim."""
+        return self._rcap, self._ccap
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -198,9 +203,19 @@ class BatchedKV:
         heapq.heappush(self._free, row)
         while self._free and self._nrows and self._free_top():
             pass
-        if not self._row:
-            self._free, self._nrows, self._cols = [], 0, 0
+        if not self._row:  # idle: give the memory of a burst back
+            self._reset(self._init_caps)
         return True
+
+    def _reset(self, caps: tuple[int, int]) -> None:
+        rows, cols = caps
+        self._k = [None] * len(self._k)
+        self._v = [None] * len(self._v)
+        self._rcap, self._ccap = rows, cols
+        self.valid = torch.zeros(rows, cols, dtype=torch.bool, device=self.device)
+        self.pos = torch.zeros(rows, cols, dtype=torch.long, device=self.device)
+        self._len = [0] * rows
+        self._free, self._nrows, self._cols = [], 0, 0
 
     def _free_top(self) -> bool:
         """Drop the top row when it is free (keeps the used range tight); True if one went."""
@@ -274,7 +289,8 @@ class BatchedKV:
         tril = self._tril.get(width)
         if tril is None:
             tril = torch.ones(width, width, dtype=torch.bool, device=self.device).tril_()
-            self._tril[width] = tril
+            if width <= 64:  # verify-sized blocks recur every step; prompts do not
+                self._tril[width] = tril
         mask = torch.cat([old, tril.expand(b, 1, width, width)], dim=-1)
         if self.additive_mask:
             zero = torch.zeros((), dtype=torch.float32, device=self.device)

@@ -49,7 +49,12 @@ class DraftWorker:
 
     @property
     def kv_tokens(self) -> int:
+        """Tokens held in the KV cache (the budget counts these)."""
         return self.runner.kv_tokens
+
+    @property
+    def max_kv_tokens(self) -> int | None:
+        return self.runner.max_kv_tokens
 
     def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> None:
         """(Re)start a sequence from its committed tokens; replaces any earlier state."""
@@ -231,4 +236,3 @@ class DraftWorker:
                 f"sequence {seq_id!r}: draft holds committed length {seq.committed_len}, "
                 f"caller assumed {committed_len}"
             )
-

@@ -53,7 +53,12 @@ class TargetWorker:
 
     @property
     def kv_tokens(self) -> int:
+        """Tokens held in the KV cache (the budget counts these)."""
         return self.runner.kv_tokens
+
+    @property
+    def max_kv_tokens(self) -> int | None:
+        return self.runner.max_kv_tokens
 
     def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> None:
         """(Re)start a sequence from its committed tokens; replaces any earlier state."""
@@ -210,5 +215,3 @@ class TargetWorker:
                 f"sequence {seq_id!r}: target holds committed length {len(seq.tokens)}, "
                 f"caller assumed {committed_len}"
             )
-
-

@@ -203,3 +203,43 @@ def test_kv_budget_refuses_prefill_rows_alone(ckpts):
     for sid in ("a", "b"):
         t.release(sid)
     assert t.kv_tokens == 0 and t.live_sequences == 0
+
+
+def test_pipelined_proposals_with_tails_commits_and_start(ckpts):
+    """The draft's speculative tail: batched proposals that extend a tail, commit into it (agree
+    or not) and restart from `start` equal the same calls row by row."""
+    _, bd = pair(ckpts)
+    _, od = pair(ckpts)
+    sampled = SamplingParams(1.0, 0, seed=3)
+    prompts = {"p": [4, 5, 6, 7], "q": [8, 9], "r": [10, 11, 12, 13, 14, 15]}
+    for sid, toks in prompts.items():
+        params = sampled if sid == "q" else GREEDY
+        bd.prefill(sid, toks, params)
+        od.prefill(sid, toks, params)
+    n = {s: len(t) for s, t in prompts.items()}
+
+    def both(rows: list[ProposeRow]) -> list[Proposal]:
+        got = bd.propose_batch(rows)
+        want = [od.propose(r.seq_id, r.committed_len, r.k, list(r.commit), r.start) for r in rows]
+        for g, w in zip(got, want, strict=True):
+            same_proposal(g, w)
+        return want
+
+    first = both([ProposeRow(s, n[s], k) for s, k in (("p", 2), ("q", 3), ("r", 1))])
+    # Pipelined: the next block before the first is verified (the tail grows).
+    second = both([ProposeRow(s, n[s], 2) for s in ("p", "q", "r")])
+    assert [p.start for p in second] == [n["p"] + 2, n["q"] + 3, n["r"] + 1]
+    # p: the whole first block and 1 more accepted (the tail stays); q: a commit that disagrees
+    # at its second token (the tail after it goes); r: restart inside the tail.
+    commit_p = first[0].tokens + second[0].tokens[:1]
+    commit_q = [first[1].tokens[0], (first[1].tokens[1] + 1) % 90]
+    rows = [
+        ProposeRow("p", n["p"], 2, tuple(commit_p)),
+        ProposeRow("q", n["q"], 4, tuple(commit_q)),
+        ProposeRow("r", n["r"], 3, (), n["r"] + 1),
+    ]
+    both(rows)
+    for sid in prompts:
+        assert bd.committed_len(sid) == od.committed_len(sid)
+        assert bd.release(sid)
+    assert bd.live_sequences == 0 and bd.kv_tokens == 0
