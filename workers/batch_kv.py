@@ -28,6 +28,11 @@ what is held: rows < 2 x (rows in use) < 4 x live sequences (doubling; squeezed 
 columns < 2 x (2 x longest row + slack + widest forward) (doubling; compacted when holes reach the
 longest row). When the last sequence leaves, the buffers go back to their initial size.
 
+Why not transformers' PagedAttentionCache (generation.continuous_batching, 5.24): it has no
+per-request rollback (a request's length is its scheduler's RequestState.position_offset; only
+whole requests are freed), and its forward needs that manager's packed varlen inputs (cu_seq_lens,
+read/write indices per allocator) and a "paged|..." attention implementation swapped into the model.
+
 No ray, no grpc.
 """
 
