@@ -230,6 +230,7 @@ class DraftDeployment(_WorkerReplica):
             top_m=cfg.draft.top_m,
             dtype=getattr(torch, cfg.models.dtype),
             device=device,
+            max_kv_tokens=cfg.draft.max_kv_tokens or None,
         )
         self._start_serving(cfg, worker, registry)
 
@@ -254,7 +255,10 @@ class TargetDeployment(_WorkerReplica):
 
             device = "cuda" if t.pool.num_gpus > 0 else "cpu"
             worker = TargetWorker.from_path(
-                cfg.models.target_path(), dtype=getattr(torch, cfg.models.dtype), device=device
+                cfg.models.target_path(),
+                dtype=getattr(torch, cfg.models.dtype),
+                device=device,
+                max_kv_tokens=t.max_kv_tokens or None,
             )
         else:
             from workers.tp import RankSpec, TensorParallelTarget
@@ -272,6 +276,7 @@ class TargetDeployment(_WorkerReplica):
                 strategy=t.placement_strategy,
                 timeout_s=t.tp_timeout_s,
                 threads=t.pool.threads,
+                max_kv_tokens=t.max_kv_tokens or None,
             )
         self._start_serving(cfg, worker, registry)
         self._start_scheduling(cfg, registry)

@@ -92,6 +92,11 @@ class DraftConfig(_Strict):
     top_m: int = Field(64, ge=1, description="support size of the sparse draft distribution q")
     pool: PoolConfig = PoolConfig(resource="draft_pool")
     max_ongoing_requests: int = Field(256, ge=1)
+    max_kv_tokens: int = Field(
+        0,
+        ge=0,
+        description="KV budget of one replica in tokens (0 = none); a row over it drafts no more",
+    )
 
 
 class TargetConfig(_Strict):
@@ -107,6 +112,12 @@ class TargetConfig(_Strict):
         60.0, gt=0, description="a target call slower than this fails over to another target"
     )
     max_ongoing_requests: int = Field(256, ge=1)
+    max_kv_tokens: int = Field(
+        0,
+        ge=0,
+        description="KV budget of one replica in tokens (0 = none): admission waits for room, "
+        "a request that can never fit is RESOURCE_EXHAUSTED",
+    )
 
     def resolved_backend(self) -> str:
         if self.backend != "auto":

@@ -71,6 +71,7 @@ class RouterConfig:
     max_new_tokens_limit: int = _default(LimitsConfig, "max_new_tokens")
     max_batch_rows: int = _default(LimitsConfig, "max_batch_rows")
     prefill_tokens_per_step: int = _default(LimitsConfig, "prefill_tokens_per_step")
+    kv_budget_tokens: int = _default(TargetConfig, "max_kv_tokens")  # per target; 0 = none
     max_stop_strings: int = 16
     health_recheck_s: float = _default(WorkersNetConfig, "health_check_period_s")
     probe_timeout_s: float = 2.0  # Stats call used as a health check
@@ -107,6 +108,7 @@ class RouterConfig:
             max_new_tokens_limit=limits.max_new_tokens,
             max_batch_rows=limits.max_batch_rows,
             prefill_tokens_per_step=limits.prefill_tokens_per_step,
+            kv_budget_tokens=cfg.target.max_kv_tokens,
             health_recheck_s=cfg.workers.health_check_period_s,
         )
 
@@ -122,6 +124,7 @@ class RouterConfig:
             max_rows=self.max_batch_rows,
             prefill_tokens_per_step=self.prefill_tokens_per_step,
             pipelined=self.pipelined,
+            kv_budget_tokens=self.kv_budget_tokens,
         )
 
     def limits(self) -> Limits:

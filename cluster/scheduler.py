@@ -50,6 +50,10 @@ class SchedulerOptions:
     prefill_tokens_per_step: int = 2048  # prompt tokens admitted per step (at least one row)
     pipelined: bool | str = "auto"  # draft ahead while the target verifies; "auto": measure
     ahead_min_whole: float = 0.3  # draft ahead for rows whose block is accepted whole this often
+    # The target's KV budget in tokens (0 = none). A row is admitted only when the most it can
+    # ever hold (prompt + max_new_tokens + a block) fits beside the running rows' most, so an
+    # admitted row is never refused later and the worker never passes its budget.
+    kv_budget_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_rows < 1 or self.prefill_tokens_per_step < 1:
@@ -211,14 +215,37 @@ class StepScheduler:
 
     # -- admission ----------------------------------------------------------------------------
 
+    def _kv_need(self, row: Row) -> int:
+        """The most KV tokens the row can ever hold on a worker."""
+        stop = row.rounds.stop
+        most = len(row.rounds.prompt_ids) + stop.max_new_tokens + self.config.max_draft_tokens + 1
+        return min(most, stop.max_context + self.config.max_draft_tokens + 1)
+
     def _admit(self) -> None:
         batch: list[Row] = []
         budget = self.options.prefill_tokens_per_step
+        kv_budget = self.options.kv_budget_tokens
+        kv_free = kv_budget - sum(self._kv_need(r) for r in self.running) if kv_budget else 0
         while self.waiting and len(self.running) + len(batch) < self.options.max_rows:
             row = self.waiting[0]
             cost = row.rounds.committed_len
             if batch and cost > budget:
                 break
+            if kv_budget:
+                need = self._kv_need(row)
+                if need > kv_budget:  # can never fit
+                    self.waiting.popleft()
+                    self._fail(
+                        row,
+                        KVBudgetExceeded(
+                            f"the request may need {need} KV tokens, the target's budget is "
+                            f"{kv_budget}: ask for fewer new tokens or a shorter prompt"
+                        ),
+                    )
+                    continue
+                if need > kv_free:
+                    break  # waits for running rows to finish
+                kv_free -= need
             batch.append(self.waiting.popleft())
             budget -= cost
         if not batch:

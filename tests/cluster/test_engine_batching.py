@@ -156,3 +156,43 @@ def test_cancelled_streams_leave_nothing_behind(engines, hf_target):
     res = engine.generate(keep_prompt, max_new_tokens=48, mode=SpecMode.ON, k=rng.randint(1, 8))
     assert res.token_ids == keep_ref
     assert res.finish_reason in (FinishReason.LENGTH, FinishReason.EOS)
+
+
+def test_the_kv_budget_bounds_admission_never_the_running_rows(model_dir, hf_target):
+    from cluster.scheduler import SchedulerOptions
+    from workers.draft import DraftWorker
+    from workers.errors import KVBudgetExceeded
+    from workers.target import TargetWorker
+
+    budget = 160  # two rows of (prompt + 48 new + a block of 8) at a time
+    engine = SpecEngine(
+        TargetWorker.from_path(model_dir / "target", max_kv_tokens=budget),
+        DraftWorker.from_path(model_dir / "near"),
+        options=SchedulerOptions(kv_budget_tokens=budget),
+    )
+    try:
+        with pytest.raises(KVBudgetExceeded):  # can never fit: refused at once, nothing held
+            engine.generate(PROMPTS[0], max_new_tokens=200)
+        peak = [0]
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                peak[0] = max(peak[0], engine.target.worker.runner.kv_tokens)
+                stop.wait(0.001)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        prompts = [PROMPTS[i % 4] for i in range(6)]
+        results = run_concurrently(
+            [lambda p=p: engine.generate(p, max_new_tokens=48, mode=SpecMode.ON) for p in prompts]
+        )
+        stop.set()
+        watcher.join()
+        for p, res in zip(prompts, results, strict=True):
+            assert res.token_ids == hf_greedy(hf_target, engine.encode(p), 48)
+        assert 0 < peak[0] <= budget
+        assert engine.scheduler.max_batch <= 2
+        assert_no_live(engine)
+    finally:
+        engine.close()
