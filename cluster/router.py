@@ -680,6 +680,7 @@ class Router:
                 target_failovers=driver.target_failovers,
                 # starting without a draft (mode OFF) is not a switch
                 mode_switches=max(0, driver.policy.switches - (driver.draft is None)),
+                acceptance_histogram=s.acceptance_histogram,  # for the HTTP API's metrics
             )
         )
 
