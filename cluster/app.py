@@ -15,7 +15,9 @@ Deployments (one application, named in the Serve config):
 * `SpecDecodeRegistry`: one small replica that knows the worker addresses (see below).
 * `SpecDecodeIngress`: the router, serving the public `specdec.v1.SpecDecode` API through Serve's
   gRPC proxy (`grpc_options.grpc_servicer_functions:
-  [protos.specdec_pb2_grpc.add_SpecDecodeServicer_to_server]`).
+  [protos.specdec_pb2_grpc.add_SpecDecodeServicer_to_server]`), and an OpenAI-compatible HTTP API
+  (/v1/completions, /v1/chat/completions, /v1/models) plus GET /specdec (status JSON) through
+  Serve's HTTP proxy (cluster/http_api.py; the application's route_prefix is "/").
 
 How the router finds the workers: Serve routes requests to *a* replica, but the router must talk
 to each worker replica directly (a sequence's KV lives on one draft and one target). So every
@@ -49,6 +51,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ClusterConfig
+from cluster.openai_api import default_model_id
 
 log = logging.getLogger("ray.serve")
 
@@ -304,8 +307,11 @@ def _fail(grpc_context: Any, exc: BaseException) -> _HandlerFailed:
 
 
 @serve.deployment(name="SpecDecodeIngress")
+@serve.ingress()  # the HTTP app is built per replica: __serve_build_asgi_app__
 class IngressDeployment:
-    """The router behind Serve's gRPC proxy: `specdec.v1.SpecDecode` Generate / GenerateStream."""
+    """The router behind Serve's gRPC proxy (`specdec.v1.SpecDecode` Generate / GenerateStream)
+    and behind Serve's HTTP proxy (the OpenAI-compatible /v1 API and GET /specdec, see
+    cluster/http_api.py): one router, one validation, for both."""
 
     async def __init__(
         self,
@@ -319,6 +325,10 @@ class IngressDeployment:
         self.drafts = drafts  # held so that `status` can ask the worker replicas where they run
         self.targets = targets
         self.router = make_router(self.cfg)
+        self.model_id = self.cfg.models.served_model_name or default_model_id(
+            self.cfg.models.target_path()
+        )
+        self.started = time.time()
         self._workers: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
         self._version = -1
         self._poll = asyncio.get_running_loop().create_task(self._poll_registry())
@@ -364,9 +374,10 @@ class IngressDeployment:
         finally:
             await stream.aclose()  # a cancelled client frees the sequence on the workers
 
-    async def __call__(self, request) -> dict[str, Any]:
-        """HTTP GET on the route prefix: the worker status as JSON (the API itself is gRPC)."""
-        return await self.status()
+    def __serve_build_asgi_app__(self):  # noqa: N807 - Serve's hook for a late-bound ASGI app
+        from cluster.http_api import build_http_app
+
+        return build_http_app(self)
 
     # -- operations -------------------------------------------------------------------------
 

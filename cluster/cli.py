@@ -346,7 +346,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"(tp={cfg.target.tp_size} x{cfg.target.replicas}), draft {cfg.models.draft_path()} "
             f"(x{cfg.draft.replicas}); loading models ..."
         )
-        _deploy_with_progress(build_app(cfg.to_args()), APP_NAME, "/specdec", args.timeout)
+        _deploy_with_progress(build_app(cfg.to_args()), APP_NAME, "/", args.timeout)
         status = _wait_workers(APP_NAME, args.timeout)
         _say(
             f"    up in {time.monotonic() - t_start:.1f}s: targets {status['targets']}, "
