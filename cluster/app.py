@@ -394,6 +394,7 @@ class IngressDeployment:
             "router": self.router.worker_status(),
             "in_flight": self.router.in_flight,
             "resources": ray.get_runtime_context().get_assigned_resources(),
+            "model": self.model_id,  # the OpenAI API's model id
             "want_drafts": self.cfg.draft.replicas,
             "want_targets": self.cfg.target.replicas,
             "ready": len(targets) >= self.cfg.target.replicas

@@ -25,6 +25,7 @@ PURE = [
     "cluster.policy",
     "cluster.driver",
     "cluster.engine",
+    "cluster.openai_api",
 ]
 FORBIDDEN = ["ray", "grpc"]
 
