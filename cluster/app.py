@@ -458,6 +458,9 @@ def deployment_options(cfg: ClusterConfig) -> dict[str, dict[str, Any]]:
             "ray_actor_options": {"num_cpus": cfg.ingress.num_cpus},
             "max_ongoing_requests": cfg.limits.max_in_flight,
             "max_queued_requests": cfg.limits.max_queued,
+            # Serve's own rejection past max_queued: 429 over HTTP, as overload is for the
+            # OpenAI API (gRPC gets RESOURCE_EXHAUSTED either way).
+            "backpressure_config": {"status_code": 429, "retry_after_s": 1},
             **health,
         },
     }

@@ -47,6 +47,19 @@ def chat_tokenizer(template: str | None):
     return tok
 
 
+def never_eos(path):
+    """Zero the EOS row of the LM head: greedy decoding then runs to max_tokens (a random model
+    otherwise picks EOS now and then), so a request stays in flight as long as the test needs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    with torch.no_grad():
+        model.lm_head.weight[0].zero_()
+    model.save_pretrained(path)
+    return path
+
+
 class Cluster:
     def __init__(self, grpc_address: str, http: str, target, tok) -> None:
         self.grpc = grpc_address
@@ -115,7 +128,9 @@ def cluster():
     tok = chat_tokenizer(TEMPLATE)
     target = make_model(root / "target", seed=1, max_positions=CONTEXT, tokenizer=tok)
     draft = noisy_copy(target, root / "draft", std=0.15)  # agrees with the target ~40% of the time
-    plain = make_model(root / "plain", seed=3, tokenizer=chat_tokenizer(None))
+    plain = never_eos(
+        make_model(root / "plain", seed=3, max_positions=1024, tokenizer=chat_tokenizer(None))
+    )
     init_ray()
     try:
         grpc_port, http_port = free_port(), free_port()
@@ -131,7 +146,12 @@ def cluster():
             **common,
         }
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-        other = {"models": {"target": str(plain)}, "draft": {"replicas": 0}, **common}
+        other = {
+            "models": {"target": str(plain)},
+            "draft": {"replicas": 0},
+            "limits": {"max_in_flight": 1, "max_queued": 1, "max_new_tokens": 1000},  # overload
+            **common,
+        }
         serve.run(build_app(other), name="notemplate", route_prefix="/notemplate")
         c = Cluster(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", target, tok)
         t1 = time.monotonic()
@@ -500,3 +520,30 @@ def test_chat_with_a_model_without_a_template_is_a_400(cluster):
     # Its completions work (plain decoding: no draft pool in that application).
     out = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0)
     assert out.usage.completion_tokens >= 1 and spec(out)["num_spec_steps"] == 0
+
+
+def test_overload_is_a_429(cluster):
+    """`notemplate` runs 1 request and queues 1: of 6 sent at once, the excess is refused with
+    429 (and Retry-After) at once, the rest are served."""
+    body = json.dumps({"model": "plain", "prompt": PROMPT, "max_tokens": 1000, "temperature": 0,
+                       "stream": True, "speculation": {"mode": "off"}}).encode()  # fmt: skip
+    headers = {"content-type": "application/json"}
+    conns = [cluster.conn() for _ in range(6)]
+    try:
+        for conn in conns:  # all sent before any answer is read
+            conn.request("POST", "/notemplate/v1/completions", body=body, headers=headers)
+        answers = [conn.getresponse() for conn in conns]
+        statuses = sorted(a.status for a in answers)
+        assert statuses.count(429) >= 1 and statuses.count(200) >= 1, statuses
+        for a in answers:
+            if a.status == 429:
+                assert a.getheader("retry-after") == "1"
+            a.read()
+    finally:
+        for conn in conns:
+            conn.close()
+    handle = serve.get_app_handle("notemplate")
+    t0 = time.monotonic()
+    while handle.status.remote().result()["in_flight"]:
+        assert time.monotonic() - t0 < 30
+        time.sleep(0.2)
