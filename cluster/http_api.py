@@ -97,6 +97,9 @@ def build_http_app(ingress: Any) -> FastAPI:
             first = await anext(stream)
         except StopAsyncIteration:
             first = None
+        except asyncio.CancelledError:  # the client left before the first tokens
+            await stream.aclose()
+            raise
         except Exception as exc:  # noqa: BLE001
             await stream.aclose()
             return error_response(to_api_error(exc, opts))

@@ -80,6 +80,12 @@ _STATUS = {
     "FAILED_PRECONDITION": (400, "invalid_request_error"),
 }
 
+# The GenerateRequest fields a RequestError may name.
+_REQUEST_FIELDS = frozenset(pb.GenerateRequest.DESCRIPTOR.fields_by_name) | {
+    "speculation.mode",
+    "speculation.num_draft_tokens",
+}
+
 # Proto field names (RequestError.field) -> OpenAI parameter names.
 _PARAMS = {
     "prompt": "prompt",
@@ -94,6 +100,12 @@ def error_from_router(
     """The OpenAI error for a router `RequestError(code, field, message)`."""
     name = getattr(code, "name", str(code))
     status, kind = _STATUS.get(name, (500, "internal_error"))
+    if not field and name == "INVALID_ARGUMENT":
+        # Refused after validation (a worker's or the round state's ValueError): the field is
+        # only in the message, which then starts with it ("prompt: ... exceed the context").
+        head, sep, rest = message.partition(": ")
+        if sep and head in _REQUEST_FIELDS:
+            field, message = head, rest
     param = _PARAMS.get(field, field) or None
     if chat and param == "prompt":
         param = "messages"  # the prompt of a chat request is the rendered messages

@@ -139,6 +139,17 @@ def test_router_errors_map_to_http_status_and_param(code, field, status, param):
     assert err.message == (f"{param}: why" if param else "why")
 
 
+def test_a_field_named_only_in_the_message_is_the_param():
+    """The router's RequestError from a later refusal (a worker's ValueError) has no field, but
+    its message starts with it."""
+    err = oa.error_from_router(
+        grpc.StatusCode.INVALID_ARGUMENT, "", "prompt: 512 tokens exceed the model context of 512"
+    )
+    assert err.param == "prompt" and err.message.startswith("prompt: 512 tokens")
+    err = oa.error_from_router(grpc.StatusCode.INVALID_ARGUMENT, "", "worker: something: odd")
+    assert err.param is None and err.message == "worker: something: odd"
+
+
 def test_chat_names_prompt_errors_messages_and_max_tokens_as_sent():
     err = oa.error_from_router(grpc.StatusCode.INVALID_ARGUMENT, "prompt", "too long", chat=True)
     assert err.param == "messages"

@@ -374,6 +374,7 @@ BAD = {
     "max_tokens<0": ("max_tokens", {"max_tokens": -4}),
     "max_tokens>limit": ("max_tokens", {"max_tokens": 1001}),
     "prompt>context": ("prompt", {"prompt": long_ids(CONTEXT + 44)}),
+    "prompt=context": ("prompt", {"prompt": long_ids(CONTEXT)}),
     # the rest of the gRPC validation
     "seed<0": ("seed", {"seed": -1}),
     "empty-stop": ("stop", {"stop": ["x", ""]}),
