@@ -551,3 +551,24 @@ def test_overload_is_a_429(cluster):
     while handle.status.remote().result()["in_flight"]:
         assert time.monotonic() - t0 < 30
         time.sleep(0.2)
+
+
+def test_no_target_left_is_a_503(cluster):
+    """Kill `notemplate`'s only target replica: the next request is a 503 in OpenAI's shape (not
+    a hang), before Serve has replaced it. Last in the module: the app is not waited for again."""
+    (victim,) = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "notemplate" in a["name"] and "SpecDecodeTarget" in a["name"]
+    ]
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    body = {"model": "plain", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    t0 = time.monotonic()
+    while True:
+        resp = cluster.post("/notemplate/v1/completions", body)
+        if resp.status_code != 200:
+            break
+        assert time.monotonic() - t0 < 30, "still answered by a dead target"
+        time.sleep(0.2)
+    err = assert_error(resp, 503, None)
+    assert err["type"] == "service_unavailable_error" and "target" in err["message"]
