@@ -1,6 +1,7 @@
 """Benchmark: speculative vs plain decoding vs HF assisted generation, measured in one run.
 
     specdec bench [--prompts 20] [--max-new-tokens 64] [--no-grpc]   (or: python -m bench.run)
+    specdec bench --concurrency 1,4,16,64 --plot sweep.png           (bench/concurrency.py)
 
 Every system decodes the same held-out prompts greedily with the shipped pair (or --target/--draft),
 so the outputs must be identical token for token; the benchmark checks that before it reports, and
@@ -202,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--no-grpc", action="store_true", help="skip the gRPC worker processes")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument(
+        "--concurrency",
+        help="comma-separated stream counts: run the concurrency sweep through the cluster instead",
+    )
+    ap.add_argument("--requests-per-stream", type=int, default=2)
+    ap.add_argument("--plot", type=Path, help="sweep: write the PNG plot here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -216,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     else:  # a pair trained elsewhere: fixed prompts
         texts = [f"def {name}(" for name in FALLBACK_PROMPTS]
         prompts = [tok.encode(t, add_special_tokens=False) for t in texts][: args.prompts]
+    if args.concurrency:
+        return run_sweep(args, prompts)
     results = bench_hf(args.target, args.draft, prompts, args.max_new_tokens)
     results += bench_engine(args.target, args.draft, prompts, args.max_new_tokens)
     if not args.no_grpc:
@@ -253,6 +262,35 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     return 1 if mismatched else 0
+
+
+def run_sweep(args: argparse.Namespace, prompts: list[list[int]]) -> int:
+    from bench import concurrency as sweep
+
+    counts = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    head = (
+        f"# specdec bench --concurrency — {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
+        f"{os.cpu_count()} cores, target torch threads {args.threads}, {len(prompts)} prompts x "
+        f"{args.max_new_tokens} new tokens, greedy, {args.requests_per_stream} requests per stream"
+    )
+    print(head, flush=True)
+    cells = sweep.sweep(
+        args.target,
+        args.draft,
+        prompts,
+        concurrency=counts,
+        per_stream=args.requests_per_stream,
+        max_new=args.max_new_tokens,
+        threads=args.threads,
+    )
+    bad = sweep.check_outputs(cells)
+    print(sweep.markdown(cells))
+    print("greedy outputs identical to plain decoding:", "yes" if not bad else f"NO: {bad}")
+    if args.plot and sweep.plot(cells, args.plot, head.lstrip("# ")[:110]):
+        print(f"plot: {args.plot}")
+    if args.json:
+        args.json.write_text(json.dumps([c.row() for c in cells], indent=2))
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -13,11 +13,19 @@ Deployments (one application, named in the Serve config):
   per bundle (`workers.tp.TensorParallelTarget`: torch.distributed, gloo on CPU / NCCL on GPU,
   transformers' `tp_plan="auto"`), then serves the worker API for the group.
 * `SpecDecodeRegistry`: one small replica that knows the worker addresses (see below).
-* `SpecDecodeIngress`: the router, serving the public `specdec.v1.SpecDecode` API through Serve's
-  gRPC proxy (`grpc_options.grpc_servicer_functions:
+* `SpecDecodeIngress`: serves the public `specdec.v1.SpecDecode` API through Serve's gRPC proxy
+  (`grpc_options.grpc_servicer_functions:
   [protos.specdec_pb2_grpc.add_SpecDecodeServicer_to_server]`), and an OpenAI-compatible HTTP API
   (/v1/completions, /v1/chat/completions, /v1/models) plus GET /specdec (status JSON) through
-  Serve's HTTP proxy (cluster/http_api.py; the application's route_prefix is "/").
+  Serve's HTTP proxy (cluster/http_api.py; the application's route_prefix is "/"). It is
+  stateless: it validates and tokenizes, then streams the request from a target replica (Serve
+  picks the least loaded one), and moves it to another replica when its replica dies
+  (cluster/forwarding.py).
+
+Continuous batching: every target replica runs the step scheduler of its own batch (a
+`cluster.router.Router` whose only target is the replica's own worker server, driven over gRPC,
+with the draft pool from the registry), so exactly one scheduler drives a target replica and no
+target ever sees competing batches, however many ingress replicas there are.
 
 How the router finds the workers: Serve routes requests to *a* replica, but the router must talk
 to each worker replica directly (a sequence's KV lives on one draft and one target). So every
@@ -107,6 +115,31 @@ class Registry:
 class RegistryDeployment(Registry):
     async def check_health(self) -> None:  # nothing can go wrong that a restart would fix
         return None
+
+
+async def poll_registry(registry: DeploymentHandle, period_s: float, apply, what: str) -> None:
+    """Forever: read the registry's snapshot and hand the live addresses to `apply(drafts,
+    targets)` when they change. A restarted registry starts empty: until it has seen one TTL of
+    heartbeats its snapshot is marked cold and addresses are only added, never removed."""
+    known: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    while True:
+        try:
+            snap = await registry.snapshot.remote()
+            drafts, targets = tuple(snap["drafts"]), tuple(snap["targets"])
+            if not snap["warm"]:
+                drafts = tuple(sorted(set(drafts) | set(known[0])))
+                targets = tuple(sorted(set(targets) | set(known[1])))
+            if (drafts, targets) != known:
+                known = (drafts, targets)
+                apply(drafts, targets)
+                log.info("%s: workers drafts=%s targets=%s", what, drafts, targets)
+        except Exception as exc:  # noqa: BLE001 - registry restarting; keep the old list
+            log.warning("%s: registry poll failed: %s", what, exc)
+        await asyncio.sleep(period_s)
+
+
+def poll_period(cfg: ClusterConfig) -> float:
+    return max(0.2, min(1.0, cfg.workers.heartbeat_s / 2))
 
 
 # -- workers ----------------------------------------------------------------------------------
@@ -245,11 +278,47 @@ class TargetDeployment(_WorkerReplica):
                 threads=t.pool.threads,
             )
         self._start_serving(cfg, worker, registry)
+        self._start_scheduling(cfg, registry)
 
     def _serve(self, worker: Any, host: str):
         from workers.service import serve_target
 
         return serve_target(worker, host, 0)
+
+    def _start_scheduling(self, cfg: ClusterConfig, registry: DeploymentHandle) -> None:
+        """The step scheduler of this replica's batch: a router whose one target is this
+        replica's own worker server (over gRPC), with the draft pool from the registry."""
+        from cluster.router import Router, RouterConfig
+
+        self.router = Router(RouterConfig.from_cluster_config(cfg), targets=[self.address])
+        self._drafts_poll = asyncio.get_running_loop().create_task(
+            poll_registry(
+                registry,
+                poll_period(cfg),
+                lambda drafts, _targets: self.router.set_workers(drafts=list(drafts)),
+                f"target {self.replica_id} scheduler",
+            )
+        )
+
+    async def generate(self, request: bytes):
+        """Stream one request through this replica's batch: GenerateResponse bytes, or one
+        error item `("error", grpc code name, details)` (cluster/forwarding.py). A caller that
+        goes away (Serve cancels the call) frees the sequence at the next step."""
+        from cluster.forwarding import error_item
+        from cluster.requests import RequestError
+        from protos import specdec_pb2
+
+        stream = self.router.generate_stream(specdec_pb2.GenerateRequest.FromString(request))
+        try:
+            async for msg in stream:
+                yield msg.SerializeToString()
+        except RequestError as exc:
+            yield error_item(exc)
+        finally:
+            await stream.aclose()
+
+    def batch_status(self) -> dict[str, Any]:
+        return {"in_flight": self.router.in_flight, "batch": self.router.batch_status()}
 
     async def check_health(self) -> None:
         await super().check_health()
@@ -269,6 +338,11 @@ class TargetDeployment(_WorkerReplica):
         return out
 
     def __del__(self) -> None:
+        try:
+            self._drafts_poll.cancel()
+            self.router.close()
+        except Exception:  # noqa: BLE001
+            pass
         super().__del__()
         close = getattr(getattr(self, "worker", None), "close", None)
         if close is not None:
@@ -324,37 +398,20 @@ class IngressDeployment:
         self.registry = registry
         self.drafts = drafts  # held so that `status` can ask the worker replicas where they run
         self.targets = targets
-        self.router = make_router(self.cfg)
+        self.router = make_router(self.cfg, targets)
         self.model_id = self.cfg.models.served_model_name or default_model_id(
             self.cfg.models.target_path()
         )
         self.started = time.time()
         self._workers: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
-        self._version = -1
-        self._poll = asyncio.get_running_loop().create_task(self._poll_registry())
+        self._poll = asyncio.get_running_loop().create_task(
+            poll_registry(registry, poll_period(self.cfg), self._set_workers, "specdec ingress")
+        )
 
-    # -- worker discovery -------------------------------------------------------------------
+    # -- worker discovery (for status: the schedulers in the target replicas use it) ----------
 
-    async def _poll_registry(self) -> None:
-        period = max(0.2, min(1.0, self.cfg.workers.heartbeat_s / 2))
-        while True:
-            try:
-                await self.refresh_workers()
-            except Exception as exc:  # noqa: BLE001 - registry restarting; keep the old list
-                log.warning("specdec ingress: registry poll failed: %s", exc)
-            await asyncio.sleep(period)
-
-    async def refresh_workers(self) -> dict[str, list[str]]:
-        snap = await self.registry.snapshot.remote()
-        drafts, targets = tuple(snap["drafts"]), tuple(snap["targets"])
-        if not snap["warm"]:  # a fresh registry has not heard every heartbeat yet: only add
-            drafts = tuple(sorted(set(drafts) | set(self._workers[0])))
-            targets = tuple(sorted(set(targets) | set(self._workers[1])))
-        if (drafts, targets) != self._workers:
-            self._workers = (drafts, targets)
-            self.router.set_workers(drafts=list(drafts), targets=list(targets))
-            log.info("specdec ingress: workers drafts=%s targets=%s", drafts, targets)
-        return {"drafts": list(drafts), "targets": list(targets)}
+    def _set_workers(self, drafts: tuple[str, ...], targets: tuple[str, ...]) -> None:
+        self._workers = (drafts, targets)
 
     # -- public API -------------------------------------------------------------------------
 
@@ -391,7 +448,6 @@ class IngressDeployment:
         return {
             "drafts": list(drafts),
             "targets": list(targets),
-            "router": self.router.worker_status(),
             "in_flight": self.router.in_flight,
             "resources": ray.get_runtime_context().get_assigned_resources(),
             "model": self.model_id,  # the OpenAI API's model id
@@ -416,11 +472,20 @@ class IngressDeployment:
         return await handle.info.remote()
 
 
-def make_router(cfg: ClusterConfig):
-    """The router of one ingress replica; worker addresses arrive from the registry."""
-    from cluster.router import Router, RouterConfig
+def make_router(cfg: ClusterConfig, targets: DeploymentHandle | None):
+    """The ingress side of one ingress replica: it forwards requests to the target replicas'
+    schedulers through the target deployment's handle (Serve routes by load)."""
+    from cluster.forwarding import ForwardingRouter
+    from cluster.router import RouterConfig
 
-    return Router(RouterConfig.from_cluster_config(cfg))
+    if targets is None:
+        raise ValueError("the ingress needs the target deployment's handle")
+    handle = targets.options(stream=True)
+
+    def submit(request: bytes):
+        return handle.generate.remote(request)
+
+    return ForwardingRouter(RouterConfig.from_cluster_config(cfg), submit)
 
 
 # -- the builder ------------------------------------------------------------------------------

@@ -170,6 +170,10 @@ class LimitsConfig(_Strict):
     )
     max_new_tokens: int = Field(512, ge=1, description="cap on a request's max_new_tokens")
     default_max_new_tokens: int = Field(128, ge=1, description="when a request leaves it unset")
+    max_batch_rows: int = Field(64, ge=1, description="rows in one target's running batch")
+    prefill_tokens_per_step: int = Field(
+        2048, ge=1, description="prompt tokens admitted per step (bounds the stall of a burst)"
+    )
 
     @model_validator(mode="after")
     def _check_limits(self) -> LimitsConfig:

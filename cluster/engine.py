@@ -1,8 +1,8 @@
 """The in-process engine: draft and target in this process, no Ray and no gRPC.
 
-It runs the same `RoundDriver` as the router; its transport is a single worker thread per side, so
-a pipelined draft really drafts block i+1 while the target verifies block i (torch releases the GIL
-inside its kernels).
+It runs the same `StepScheduler` as the cluster; its transport is one worker thread per side, so
+concurrent requests are batched into one target pass per step and a pipelined draft really drafts
+the next block while the target verifies (torch releases the GIL inside its kernels).
 
     engine = SpecEngine.from_paths(target_dir, draft_dir)
     result = engine.generate("def add(a, b):", max_new_tokens=32, k=4)
@@ -13,26 +13,22 @@ from __future__ import annotations
 
 import itertools
 import os
+import queue
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-from cluster.driver import DriverOptions, RoundDriver
-from cluster.policy import (
-    DeploymentEstimates,
-    PolicyConfig,
-    SpecMode,
-    SpeculationPolicy,
-    with_pipelining,
-)
+from cluster.policy import PolicyConfig, SpecMode
 from cluster.rounds import FinishReason, GenerationStats, SequenceRounds, StopConditions
+from cluster.scheduler import SchedulerOptions, StepScheduler
+from cluster.sequence import Row, RowRequest
+from workers.batch import PrefillRow, ProposeRow, VerifyRow
 from workers.draft import DraftWorker
 from workers.model_runner import check_same_tokenizer
 from workers.sampling import SamplingParams
 from workers.target import TargetWorker
-from workers.verification import SparseQ
 
 
 class _OnThread:
@@ -56,48 +52,51 @@ class _OnThread:
 
 
 class LocalDraft:
-    """`DraftSide` over an in-process `DraftWorker`."""
+    """`BatchDraft` over an in-process `DraftWorker`, and the lease of every row (one draft)."""
+
+    key = "local"
 
     def __init__(self, worker: DraftWorker) -> None:
         self.worker = worker
+        self.side = self
         self.thread = _OnThread("draft", torch_threads=1)
 
-    def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> Future:
-        return self.thread.submit(self.worker.prefill, seq_id, token_ids, params)
+    def prefill_batch(self, rows: Sequence[PrefillRow]) -> Future:
+        return self.thread.submit(self.worker.prefill_batch, list(rows))
 
-    def propose(
-        self,
-        seq_id: str,
-        committed_len: int,
-        k: int,
-        commit: Sequence[int] = (),
-        start: int | None = None,
-    ) -> Future:
-        return self.thread.submit(
-            self.worker.propose, seq_id, committed_len, k, list(commit), start
-        )
+    def propose_batch(self, rows: Sequence[ProposeRow]) -> Future:
+        return self.thread.submit(self.worker.propose_batch, list(rows))
 
     def release(self, seq_id: str) -> None:
         self.thread.submit(self.worker.release, seq_id).result()
 
 
+class _LocalDraftPool:
+    """The `DraftPool` of one in-process draft."""
+
+    def __init__(self, draft: LocalDraft) -> None:
+        self.draft = draft
+        self.configured = True
+
+    def acquire(self) -> LocalDraft:
+        return self.draft
+
+    def release(self, lease: LocalDraft) -> None:
+        pass
+
+
 class LocalTarget:
-    """`TargetSide` over an in-process `TargetWorker`."""
+    """`BatchTarget` over an in-process `TargetWorker`."""
 
     def __init__(self, worker: TargetWorker) -> None:
         self.worker = worker
         self.thread = _OnThread("target")
 
-    def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> Future:
-        return self.thread.submit(self.worker.prefill, seq_id, token_ids, params)
+    def prefill_batch(self, rows: Sequence[PrefillRow]) -> Future:
+        return self.thread.submit(self.worker.prefill_batch, list(rows))
 
-    def verify(
-        self, seq_id: str, committed_len: int, draft_tokens: list[int], q: SparseQ | None
-    ) -> Future:
-        return self.thread.submit(self.worker.verify, seq_id, committed_len, draft_tokens, q)
-
-    def plain_step(self, seq_id: str, committed_len: int) -> Future:
-        return self.thread.submit(self.worker.plain_step, seq_id, committed_len)
+    def verify_batch(self, rows: Sequence[VerifyRow]) -> Future:
+        return self.thread.submit(self.worker.verify_batch, list(rows))
 
     def release(self, seq_id: str) -> None:
         self.thread.submit(self.worker.release, seq_id).result()
@@ -111,40 +110,50 @@ class GenerationResult:
     stats: GenerationStats
 
 
-def spec_policy(
-    base: PolicyConfig,
-    mode: SpecMode,
-    k: int | None,
-    sampling: SamplingParams = SamplingParams(),
-    shared: DeploymentEstimates | None = None,
-    pipelined: bool | str | None = None,
-) -> SpeculationPolicy:
-    """The per-request policy: `k` fixes the block size (None = adaptive). A seeded sampling
-    request gets a timing-free policy so that it repeats exactly."""
-    if k is not None and (not isinstance(k, int) or k < 1):
-        raise ValueError(f"k (num_draft_tokens) must be >= 1, got {k!r}")
-    if k is not None and k > base.max_draft_tokens:
-        raise ValueError(f"k (num_draft_tokens) must be <= {base.max_draft_tokens}, got {k}")
-    deterministic = sampling.seed is not None and not sampling.greedy
-    config = replace(base, num_draft_tokens=k or 0)
-    if pipelined is not None:  # True, False or "auto" (measure both, run the faster)
-        config = with_pipelining(config, pipelined)
-    return SpeculationPolicy(config, mode, deterministic, shared)
+_DONE = object()
+
+
+class _QueueSink:
+    """A row's output as a queue the consumer thread reads (the scheduler never blocks on it)."""
+
+    def __init__(self) -> None:
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+
+    def tokens(self, tokens: list[int]) -> None:
+        self.q.put(tokens)
+
+    def finished(self) -> None:
+        self.q.put(_DONE)
+
+    def failed(self, exc: BaseException) -> None:
+        self.q.put(exc)
 
 
 class Generation:
-    """One request in flight: iterate it for token chunks; it frees its KV when done or dropped."""
+    """One request: iterate it for token chunks (it joins the batch on the first `next`); it
+    leaves the batch and frees its KV when done, closed or dropped."""
 
-    def __init__(self, driver: RoundDriver) -> None:
-        self.driver = driver
-        self.rounds = driver.rounds
+    def __init__(self, scheduler: StepScheduler, row: Row, sink: _QueueSink) -> None:
+        self.scheduler = scheduler
+        self.row = row
+        self.sink = sink
+        self.rounds = row.rounds
 
     def __iter__(self) -> Iterator[list[int]]:
+        self.scheduler.submit(self.row)
         try:
-            yield from self.driver.run()
+            while True:
+                item = self.sink.q.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
-            self.rounds.cancel()  # no-op when finished; marks an abandoned stream
-            self.driver.close()
+            if not self.row.released.is_set():
+                self.row.cancel()  # an abandoned stream: leave the batch at the next step
+                self.scheduler.wake()
+                self.row.released.wait(30)
 
     def result(self) -> GenerationResult:
         r = self.rounds
@@ -152,7 +161,7 @@ class Generation:
 
 
 class SpecEngine:
-    """Speculative decoding for many sequences, one process. Thread-safe per request."""
+    """Speculative decoding for many sequences, one process, batched. Thread-safe."""
 
     def __init__(
         self,
@@ -160,16 +169,17 @@ class SpecEngine:
         draft: DraftWorker | None,
         *,
         policy: PolicyConfig = PolicyConfig(),
-        options: DriverOptions = DriverOptions(),
+        options: SchedulerOptions = SchedulerOptions(),
     ) -> None:
         if draft is not None:
             check_same_tokenizer(draft.runner.tokenizer, target.runner.tokenizer)
         self.target = LocalTarget(target)
         self.draft = LocalDraft(draft) if draft is not None else None
         self.policy = policy
-        # Shared by all requests: costs and acceptance belong to the workers.
-        self.estimates = DeploymentEstimates(policy)
-        self.options = options
+        pool = _LocalDraftPool(self.draft) if self.draft is not None else None
+        self.scheduler = StepScheduler(
+            self.target, pool, policy, options, name="engine-scheduler"
+        ).start()
         self.tokenizer = target.runner.tokenizer
         self._ids = itertools.count()
 
@@ -212,6 +222,12 @@ class SpecEngine:
     ) -> Generation:
         """Validate a request and set up its sequence; iterate the result to run it."""
         ids = self.encode(prompt)
+        if k is not None and (not isinstance(k, int) or not 1 <= k <= self.policy.max_draft_tokens):
+            raise ValueError(
+                f"k (num_draft_tokens) must be in [1, {self.policy.max_draft_tokens}], got {k!r}"
+            )
+        if pipelined not in (None, True, False, "auto"):
+            raise ValueError(f'pipelined must be true, false or "auto", got {pipelined!r}')
         runner = self.target.worker.runner
         stop = StopConditions(
             max_new_tokens,
@@ -220,19 +236,16 @@ class SpecEngine:
             runner.max_context,
         )
         rounds = SequenceRounds(ids, stop)
-        driver = RoundDriver(
-            f"local-{next(self._ids)}",
-            rounds,
-            spec_policy(self.policy, mode, k, sampling, self.estimates, pipelined),
-            self.draft if mode is not SpecMode.OFF else None,
-            self.target,
-            sampling,
-            self.options,
+        if self.draft is None:
+            mode = SpecMode.OFF
+        sink = _QueueSink()
+        row = Row(
+            f"local-{next(self._ids)}", rounds, sampling, sink, RowRequest(mode, k, pipelined)
         )
-        return Generation(driver)
+        return Generation(self.scheduler, row, sink)
 
     def stream(self, prompt: str | Sequence[int], **kw) -> Iterator[list[int]]:
-        """Yields the tokens of each round as they are committed."""
+        """Yields the tokens of each step as they are committed."""
         return iter(self.start(prompt, **kw))
 
     def generate(self, prompt: str | Sequence[int], **kw) -> GenerationResult:
@@ -242,6 +255,7 @@ class SpecEngine:
         return gen.result()
 
     def close(self) -> None:
+        self.scheduler.close()
         self.target.thread.shutdown()
         if self.draft is not None:
             self.draft.thread.shutdown()

@@ -75,16 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-model", required=True, help="target checkpoint (tokenizer)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 = any free port (printed)")
-    parser.add_argument("--max-draft-tokens", type=int, default=8)
-    parser.add_argument("--max-in-flight", type=int, default=64)
+    from cluster.router import RouterConfig  # its defaults are the cluster config's
+
+    d = {f: RouterConfig.__dataclass_fields__[f].default for f in RouterConfig.__slots__}
+    parser.add_argument("--max-draft-tokens", type=int, default=d["max_draft_tokens"])
+    parser.add_argument("--max-in-flight", type=int, default=d["max_in_flight"])
     parser.add_argument(
         "--pipelined",
         choices=("true", "false", "auto"),
-        default="true",
+        default=str(d["pipelined"]).lower(),
         help="draft the next block while verifying; auto: time both ways, run the faster",
     )
-    parser.add_argument("--draft-timeout", type=float, default=5.0)
-    parser.add_argument("--target-timeout", type=float, default=60.0)
+    parser.add_argument("--draft-timeout", type=float, default=d["draft_timeout_s"])
+    parser.add_argument("--target-timeout", type=float, default=d["target_timeout_s"])
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s ingress %(message)s"
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from cluster.router import Router, RouterConfig, WorkerMismatchError
+    from cluster.router import Router, WorkerMismatchError
 
     config = RouterConfig(
         target_model_path=args.target_model,

@@ -498,3 +498,23 @@ class SpeculationPolicy:
     def draft_restored(self) -> None:
         self.draft_available = True
         self._plain_since_probe = 0
+
+
+def spec_policy(
+    base: PolicyConfig,
+    mode: SpecMode,
+    k: int | None,
+    deterministic: bool = False,
+    shared: DeploymentEstimates | None = None,
+    pipelined: bool | str | None = None,
+) -> SpeculationPolicy:
+    """The per-request policy: `k` fixes the block size (None = adaptive). `deterministic` (a
+    seeded sampling request) makes it timing-free so that the request repeats exactly."""
+    if k is not None and (not isinstance(k, int) or k < 1):
+        raise ValueError(f"k (num_draft_tokens) must be >= 1, got {k!r}")
+    if k is not None and k > base.max_draft_tokens:
+        raise ValueError(f"k (num_draft_tokens) must be <= {base.max_draft_tokens}, got {k}")
+    config = replace(base, num_draft_tokens=k or 0)
+    if pipelined is not None:  # True, False or "auto" (measure both, run the faster)
+        config = with_pipelining(config, pipelined)
+    return SpeculationPolicy(config, mode, deterministic, shared)

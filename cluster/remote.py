@@ -1,4 +1,4 @@
-"""Remote workers: the driver's DraftSide / TargetSide over gRPC, and the pools the router uses.
+"""Remote workers: the scheduler's BatchDraft / BatchTarget over gRPC, and the router's pools.
 
 `GrpcDraft` / `GrpcTarget` turn each call into `stub.Method.future(request, timeout=...)` and hand
 the driver a `concurrent.futures.Future` of the same value the in-process worker returns
@@ -27,10 +27,11 @@ from typing import Any
 
 import grpc
 
-from cluster.driver import WorkerUnavailable
+from cluster.transport import WorkerUnavailable
 from protos import worker_pb2, worker_pb2_grpc
+from workers.batch import PrefillRow, ProposeRow, VerifyRow
 from workers.draft import Proposal
-from workers.errors import StaleSequenceError, UnknownSequenceError
+from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
 from workers.sampling import SamplingParams
 from workers.verification import SparseQ, Verdict
 from workers.wire import pack_q, sampling_to_proto, unpack_q
@@ -88,6 +89,51 @@ def map_rpc_error(exc: grpc.RpcError, address: str) -> Exception:
     if code is None or code in _UNAVAILABLE_CODES:
         return RemoteUnavailable(address, code, details)
     return RemoteWorkerError(address, code, details)
+
+
+# Row status codes of the batched RPCs -> the worker's own exceptions (one row, not the worker).
+_ROW_ERRORS: dict[grpc.StatusCode, Callable[[str], Exception]] = {
+    grpc.StatusCode.FAILED_PRECONDITION: StaleSequenceError,
+    grpc.StatusCode.NOT_FOUND: UnknownSequenceError,
+    grpc.StatusCode.INVALID_ARGUMENT: ValueError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: KVBudgetExceeded,
+}
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def row_result(status: worker_pb2.RowStatus, value: Callable[[], Any], address: str) -> object:
+    """One row of a batched answer: `value()` when OK, else the row's exception."""
+    if status.code == 0:
+        return value()
+    code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+    make = _ROW_ERRORS.get(code)
+    if make is None:
+        return RemoteWorkerError(address, code, status.message)
+    return make(f"{address}: {status.message}" if make is not ValueError else status.message)
+
+
+def prefill_request(seq_id: str, token_ids: Sequence[int], params: SamplingParams):
+    return worker_pb2.PrefillRequest(
+        seq_id=seq_id, token_ids=list(token_ids), sampling=sampling_to_proto(params)
+    )
+
+
+def propose_request(row: ProposeRow) -> worker_pb2.ProposeRequest:
+    req = worker_pb2.ProposeRequest(
+        seq_id=row.seq_id, committed_len=row.committed_len, k=row.k, commit=list(row.commit)
+    )
+    if row.start is not None:
+        req.start = row.start
+    return req
+
+
+def verify_request(row: VerifyRow) -> worker_pb2.VerifyRequest:
+    return worker_pb2.VerifyRequest(
+        seq_id=row.seq_id,
+        committed_len=row.committed_len,
+        draft_tokens=list(row.draft_tokens),
+        q=pack_q(row.q),
+    )
 
 
 def open_channel(address: str) -> grpc.Channel:
@@ -150,6 +196,26 @@ class _Remote:
             except Exception:  # noqa: BLE001 - bookkeeping must not hide the error
                 log.exception("on_unavailable callback failed")
         return err
+
+    def _rows(self, response: Any, n: int, value: Callable[[Any], Any]) -> list[object]:
+        """The per-row slots of a batched response (one per request row, in order)."""
+        if len(response.rows) != n:
+            raise RemoteWorkerError(
+                self.address,
+                grpc.StatusCode.INTERNAL,
+                f"{len(response.rows)} results for {n} rows",
+            )
+        return [
+            row_result(r.status, lambda r=r: value(r.result), self.address) for r in response.rows
+        ]
+
+    def _prefill_batch(self, rows: Sequence[PrefillRow]) -> Future:
+        req = worker_pb2.PrefillBatchRequest(
+            rows=[prefill_request(r.seq_id, r.token_ids, r.params) for r in rows]
+        )
+        return self._future(
+            self.stub.PrefillBatch, req, lambda resp: self._rows(resp, len(rows), lambda _: None)
+        )
 
     def _release(self, seq_id: str) -> bool:
         try:
@@ -214,6 +280,23 @@ class GrpcDraft(_Remote):
     def release(self, seq_id: str) -> None:
         self._release(seq_id)
 
+    def prefill_batch(self, rows: Sequence[PrefillRow]) -> Future:
+        """Future of one slot per row: None, or the row's error (ValueError, KVBudgetExceeded);
+        the future itself raises RemoteUnavailable when the worker is gone."""
+        return self._prefill_batch(rows)
+
+    def propose_batch(self, rows: Sequence[ProposeRow]) -> Future:
+        """Future of one slot per row: a Proposal, or the row's error (StaleSequenceError,
+        UnknownSequenceError, ValueError)."""
+        req = worker_pb2.ProposeBatchRequest(rows=[propose_request(r) for r in rows])
+
+        def proposal(r) -> Proposal:
+            return Proposal(r.start, list(r.tokens), unpack_q(r.q))
+
+        return self._future(
+            self.stub.ProposeBatch, req, lambda resp: self._rows(resp, len(rows), proposal)
+        )
+
 
 class GrpcTarget(_Remote):
     """`TargetSide` over a TargetWorker gRPC server."""
@@ -252,6 +335,23 @@ class GrpcTarget(_Remote):
 
     def release(self, seq_id: str) -> None:
         self._release(seq_id)
+
+    def prefill_batch(self, rows: Sequence[PrefillRow]) -> Future:
+        """Future of one slot per row: None, or the row's error (ValueError, KVBudgetExceeded);
+        the future itself raises RemoteUnavailable when the worker is gone."""
+        return self._prefill_batch(rows)
+
+    def verify_batch(self, rows: Sequence[VerifyRow]) -> Future:
+        """Future of one slot per row: a Verdict (a plain row: accepted 0, the next token), or
+        the row's error (StaleSequenceError, UnknownSequenceError, ValueError)."""
+        req = worker_pb2.VerifyBatchRequest(rows=[verify_request(r) for r in rows])
+
+        def verdict(r) -> Verdict:
+            return Verdict(r.accepted, r.token, bonus=r.bonus)
+
+        return self._future(
+            self.stub.VerifyBatch, req, lambda resp: self._rows(resp, len(rows), verdict)
+        )
 
 
 # -- pools --------------------------------------------------------------------------------------

@@ -159,9 +159,81 @@ class ModelInfo(_message.Message):
     def __init__(self, role: _Optional[_Union[Role, str]] = ..., model_path: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("live_sequences", "model")
+    __slots__ = ("live_sequences", "model", "kv_tokens", "max_kv_tokens")
     LIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
     live_sequences: int
     model: ModelInfo
-    def __init__(self, live_sequences: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+    kv_tokens: int
+    max_kv_tokens: int
+    def __init__(self, live_sequences: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., kv_tokens: _Optional[int] = ..., max_kv_tokens: _Optional[int] = ...) -> None: ...
+
+class RowStatus(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class PrefillBatchRequest(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[PrefillRequest]
+    def __init__(self, rows: _Optional[_Iterable[_Union[PrefillRequest, _Mapping]]] = ...) -> None: ...
+
+class PrefillResult(_message.Message):
+    __slots__ = ("status", "result")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    status: RowStatus
+    result: PrefillResponse
+    def __init__(self, status: _Optional[_Union[RowStatus, _Mapping]] = ..., result: _Optional[_Union[PrefillResponse, _Mapping]] = ...) -> None: ...
+
+class PrefillBatchResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[PrefillResult]
+    def __init__(self, rows: _Optional[_Iterable[_Union[PrefillResult, _Mapping]]] = ...) -> None: ...
+
+class ProposeBatchRequest(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[ProposeRequest]
+    def __init__(self, rows: _Optional[_Iterable[_Union[ProposeRequest, _Mapping]]] = ...) -> None: ...
+
+class ProposeResult(_message.Message):
+    __slots__ = ("status", "result")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    status: RowStatus
+    result: ProposeResponse
+    def __init__(self, status: _Optional[_Union[RowStatus, _Mapping]] = ..., result: _Optional[_Union[ProposeResponse, _Mapping]] = ...) -> None: ...
+
+class ProposeBatchResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[ProposeResult]
+    def __init__(self, rows: _Optional[_Iterable[_Union[ProposeResult, _Mapping]]] = ...) -> None: ...
+
+class VerifyBatchRequest(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[VerifyRequest]
+    def __init__(self, rows: _Optional[_Iterable[_Union[VerifyRequest, _Mapping]]] = ...) -> None: ...
+
+class VerifyResult(_message.Message):
+    __slots__ = ("status", "result")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    status: RowStatus
+    result: VerifyResponse
+    def __init__(self, status: _Optional[_Union[RowStatus, _Mapping]] = ..., result: _Optional[_Union[VerifyResponse, _Mapping]] = ...) -> None: ...
+
+class VerifyBatchResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[VerifyResult]
+    def __init__(self, rows: _Optional[_Iterable[_Union[VerifyResult, _Mapping]]] = ...) -> None: ...

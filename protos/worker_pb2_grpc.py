@@ -59,6 +59,16 @@ class DraftWorkerStub:
                 request_serializer=protos_dot_worker__pb2.StatsRequest.SerializeToString,
                 response_deserializer=protos_dot_worker__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.PrefillBatch = channel.unary_unary(
+                '/specdec.worker.v1.DraftWorker/PrefillBatch',
+                request_serializer=protos_dot_worker__pb2.PrefillBatchRequest.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.PrefillBatchResponse.FromString,
+                _registered_method=True)
+        self.ProposeBatch = channel.unary_unary(
+                '/specdec.worker.v1.DraftWorker/ProposeBatch',
+                request_serializer=protos_dot_worker__pb2.ProposeBatchRequest.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.ProposeBatchResponse.FromString,
+                _registered_method=True)
 
 
 class DraftWorkerServicer:
@@ -95,6 +105,19 @@ class DraftWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrefillBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProposeBatch(self, request, context):
+        """The k-step drafting of all rows runs batched (ragged k).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DraftWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +145,16 @@ def add_DraftWorkerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=protos_dot_worker__pb2.StatsRequest.FromString,
                     response_serializer=protos_dot_worker__pb2.StatsResponse.SerializeToString,
+            ),
+            'PrefillBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrefillBatch,
+                    request_deserializer=protos_dot_worker__pb2.PrefillBatchRequest.FromString,
+                    response_serializer=protos_dot_worker__pb2.PrefillBatchResponse.SerializeToString,
+            ),
+            'ProposeBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProposeBatch,
+                    request_deserializer=protos_dot_worker__pb2.ProposeBatchRequest.FromString,
+                    response_serializer=protos_dot_worker__pb2.ProposeBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +302,60 @@ class DraftWorker:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def PrefillBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specdec.worker.v1.DraftWorker/PrefillBatch',
+            protos_dot_worker__pb2.PrefillBatchRequest.SerializeToString,
+            protos_dot_worker__pb2.PrefillBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProposeBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specdec.worker.v1.DraftWorker/ProposeBatch',
+            protos_dot_worker__pb2.ProposeBatchRequest.SerializeToString,
+            protos_dot_worker__pb2.ProposeBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class TargetWorkerStub:
     """Missing associated documentation comment in .proto file."""
@@ -303,6 +390,16 @@ class TargetWorkerStub:
                 '/specdec.worker.v1.TargetWorker/Stats',
                 request_serializer=protos_dot_worker__pb2.StatsRequest.SerializeToString,
                 response_deserializer=protos_dot_worker__pb2.StatsResponse.FromString,
+                _registered_method=True)
+        self.PrefillBatch = channel.unary_unary(
+                '/specdec.worker.v1.TargetWorker/PrefillBatch',
+                request_serializer=protos_dot_worker__pb2.PrefillBatchRequest.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.PrefillBatchResponse.FromString,
+                _registered_method=True)
+        self.VerifyBatch = channel.unary_unary(
+                '/specdec.worker.v1.TargetWorker/VerifyBatch',
+                request_serializer=protos_dot_worker__pb2.VerifyBatchRequest.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.VerifyBatchResponse.FromString,
                 _registered_method=True)
 
 
@@ -339,6 +436,19 @@ class TargetWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrefillBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyBatch(self, request, context):
+        """All rows (plain and speculative) verified in one forward.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TargetWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -366,6 +476,16 @@ def add_TargetWorkerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=protos_dot_worker__pb2.StatsRequest.FromString,
                     response_serializer=protos_dot_worker__pb2.StatsResponse.SerializeToString,
+            ),
+            'PrefillBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrefillBatch,
+                    request_deserializer=protos_dot_worker__pb2.PrefillBatchRequest.FromString,
+                    response_serializer=protos_dot_worker__pb2.PrefillBatchResponse.SerializeToString,
+            ),
+            'VerifyBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyBatch,
+                    request_deserializer=protos_dot_worker__pb2.VerifyBatchRequest.FromString,
+                    response_serializer=protos_dot_worker__pb2.VerifyBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -503,6 +623,60 @@ class TargetWorker:
             '/specdec.worker.v1.TargetWorker/Stats',
             protos_dot_worker__pb2.StatsRequest.SerializeToString,
             protos_dot_worker__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefillBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specdec.worker.v1.TargetWorker/PrefillBatch',
+            protos_dot_worker__pb2.PrefillBatchRequest.SerializeToString,
+            protos_dot_worker__pb2.PrefillBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specdec.worker.v1.TargetWorker/VerifyBatch',
+            protos_dot_worker__pb2.VerifyBatchRequest.SerializeToString,
+            protos_dot_worker__pb2.VerifyBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

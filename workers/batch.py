@@ -19,6 +19,15 @@ from workers.verification import SparseQ, Verdict
 
 
 @dataclass(frozen=True, slots=True)
+class Proposal:
+    """Draft tokens starting at absolute position `start`; q is None for greedy."""
+
+    start: int
+    tokens: list[int]
+    q: SparseQ | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PrefillRow:
     """(Re)start a sequence from its committed tokens."""
 
@@ -68,3 +77,41 @@ def run_row(fn, *args) -> object:
         return fn(*args)
     except Exception as exc:  # noqa: BLE001 - a failing row fails alone, never the batch
         return exc
+
+
+def split_prefill(rows: Sequence[PrefillRow], runner, check) -> tuple[list, list[int], list[int]]:
+    """The row checks of a batched prefill: (slots, rows to prefill now, rows to redo after).
+
+    `check(row)` raises for a bad row. Each admitted row is charged its cache length
+    (len - 1: the last token is fed with the next call) against the runner's KV budget, with the
+    rows admitted before it in the same call, less what its own earlier state frees (a refused row
+    gets KVBudgetExceeded; nothing of it changes). A seq_id named again is redone after the
+    batch, in order, as a row-by-row loop would.
+    """
+    out: list[object] = [None] * len(rows)
+    now: list[int] = []
+    later: list[int] = []
+    named: set[str] = set()
+    pending = 0
+    for i, r in enumerate(rows):
+        if r.seq_id in named:
+            later.append(i)
+            continue
+        named.add(r.seq_id)
+        try:
+            check(r)
+            held = runner.held(r.seq_id)
+            runner.kv.check_admit(len(r.token_ids) - 1, held, pending)
+        except Exception as exc:  # noqa: BLE001 - a refused row fails alone
+            out[i] = exc
+            continue
+        pending += len(r.token_ids) - 1 - held
+        now.append(i)
+    return out, now, later
+
+
+def raise_row(result: object) -> object:
+    """A batch-of-one slot as the per-sequence API answers it: the value, or the row's error."""
+    if isinstance(result, BaseException):
+        raise result
+    return result

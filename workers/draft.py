@@ -12,22 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.batch import PrefillRow, ProposeRow, run_row
+from workers.batch import PrefillRow, Proposal, ProposeRow, raise_row, split_prefill
 from workers.errors import StaleSequenceError, UnknownSequenceError
 from workers.model_runner import ModelRunner
 from workers.sampling import PositionalRng, SamplingParams, warp_probs
 from workers.verification import SparseQ
 
 DRAFT_STREAM = 1  # the draft's random stream differs from the target's for the same seed
-
-
-@dataclass(frozen=True, slots=True)
-class Proposal:
-    """Draft tokens starting at absolute position `start`; q is None for greedy."""
-
-    start: int
-    tokens: list[int]
-    q: SparseQ | None = None
 
 
 @dataclass(slots=True)
@@ -56,15 +47,18 @@ class DraftWorker:
     def live_sequences(self) -> int:
         return len(self._seqs)
 
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens held in the KV cache (the budget counts these)."""
+        return self.runner.kv_tokens
+
+    @property
+    def max_kv_tokens(self) -> int | None:
+        return self.runner.max_kv_tokens
+
     def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> None:
         """(Re)start a sequence from its committed tokens; replaces any earlier state."""
-        if not token_ids:
-            raise ValueError("prompt: must contain at least one token")
-        self.release(seq_id)
-        self.runner.extend(seq_id, list(token_ids[:-1]))
-        self._seqs[seq_id] = _DraftSeq(
-            list(token_ids), len(token_ids), params, PositionalRng(params.seed, DRAFT_STREAM)
-        )
+        raise_row(self.prefill_batch([PrefillRow(seq_id, token_ids, params)])[0])
 
     def committed_len(self, seq_id: str) -> int:
         return self._get(seq_id).committed_len
@@ -84,43 +78,8 @@ class DraftWorker:
         between the committed length and the end of the tail) drafts from there instead, dropping
         the tail after it. Fewer than k tokens come back only at the model's context limit.
         """
-        if commit:
-            committed_len = self.commit(seq_id, committed_len, list(commit))
-        seq = self._get(seq_id)
-        self._check(seq_id, seq, committed_len)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if start is not None:
-            if not seq.committed_len <= start <= len(seq.tokens):
-                raise ValueError(
-                    f"start: {start} is outside [{seq.committed_len}, {len(seq.tokens)}]"
-                )
-            del seq.tokens[start:]
-            # The cache never holds the last token: drafting feeds it to get the next logits.
-            self.runner.rollback(seq_id, min(self.runner.length(seq_id), start - 1))
-        start = len(seq.tokens)
-        k = max(0, min(k, self.runner.max_context - start + 1))
-        drafted: list[int] = []
-        idx: list[torch.Tensor] = []
-        prob: list[torch.Tensor] = []
-        for _ in range(k):
-            pending = seq.tokens[self.runner.length(seq_id) :]
-            logits = self.runner.extend(seq_id, pending)[-1]
-            if seq.params.greedy:
-                tok = int(logits.argmax())
-            else:
-                probs = warp_probs(logits, seq.params)
-                m = min(self.top_m, probs.shape[-1])
-                top = torch.topk(probs, m)
-                top_p = top.values / top.values.sum()
-                choice = int(torch.multinomial(top_p, 1, generator=seq.rng.at(len(seq.tokens))))
-                tok = int(top.indices[choice])
-                idx.append(top.indices)
-                prob.append(top_p)
-            drafted.append(tok)
-            seq.tokens.append(tok)
-        q = SparseQ(torch.stack(idx), torch.stack(prob)) if idx else None
-        return Proposal(start, drafted, q)
+        row = ProposeRow(seq_id, committed_len, k, tuple(commit), start)
+        return raise_row(self.propose_batch([row])[0])
 
     def commit(self, seq_id: str, committed_len: int, new_tokens: list[int]) -> int:
         """Make committed_len + new_tokens the committed sequence; returns the new committed length.
@@ -152,15 +111,117 @@ class DraftWorker:
     # -- batched (one call, many rows; each row answered on its own) --------------------------
 
     def prefill_batch(self, rows: list[PrefillRow]) -> list[object]:
-        """Per row: None, or the exception that refused that row."""
-        return [run_row(self.prefill, r.seq_id, list(r.token_ids), r.params) for r in rows]
+        """Per row: None, or the exception that refused that row (KVBudgetExceeded when the
+        budget is full). All admitted prompts are prefilled in one forward."""
+        out, work, later = split_prefill(rows, self.runner, self._check_prompt)
+        for i in work:
+            self.release(rows[i].seq_id)
+        try:  # the cache never holds the last token: drafting feeds it
+            self.runner.extend_batch([(rows[i].seq_id, rows[i].token_ids[:-1]) for i in work])
+        except Exception as exc:  # noqa: BLE001 - every row of the failed forward
+            for i in work:
+                self.runner.release(rows[i].seq_id)
+                out[i] = exc
+            work = []
+        for i in work:
+            r, n = rows[i], len(rows[i].token_ids)
+            rng = PositionalRng(r.params.seed, DRAFT_STREAM)
+            self._seqs[r.seq_id] = _DraftSeq(list(r.token_ids), n, r.params, rng)
+        for i in later:
+            out[i] = self.prefill_batch([rows[i]])[0]
+        return out
+
+    def _check_prompt(self, r: PrefillRow) -> None:
+        if not r.token_ids:
+            raise ValueError("prompt: must contain at least one token")
+        if len(r.token_ids) - 1 > self.runner.max_context:
+            raise ValueError(
+                f"sequence {r.seq_id!r} would exceed the model context of "
+                f"{self.runner.max_context} tokens"
+            )
 
     def propose_batch(self, rows: list[ProposeRow]) -> list[object]:
-        """Per row: a Proposal, or the exception that refused that row (nothing of it changed)."""
-        return [
-            run_row(self.propose, r.seq_id, r.committed_len, r.k, list(r.commit), r.start)
-            for r in rows
-        ]
+        """Per row: a Proposal, or the exception that refused that row.
+
+        Each row's `commit` and `start` are applied first (as propose does; a row refused after
+        its commit keeps the commit), then the k_i drafting steps of all rows run batched: step j
+        is one forward over the rows that still draft (ragged k: the others drop out). Sampling
+        draws from each row's positional stream, so a row drafts what it would alone.
+        """
+        out: list[object] = [None] * len(rows)
+        todo: dict[int, tuple[_DraftSeq, int, int]] = {}  # row -> (seq, start, k)
+        later: list[int] = []
+        named: set[str] = set()
+        for i, r in enumerate(rows):
+            if r.seq_id in named:  # the same sequence again: after the batch, in order
+                later.append(i)
+                continue
+            named.add(r.seq_id)
+            try:
+                todo[i] = self._begin(r)
+            except Exception as exc:  # noqa: BLE001 - a refused row fails alone
+                out[i] = exc
+        drafted: dict[int, list[int]] = {i: [] for i in todo}
+        idx: dict[int, list[torch.Tensor]] = {i: [] for i in todo}
+        prob: dict[int, list[torch.Tensor]] = {i: [] for i in todo}
+        active = [i for i, (_, _, k) in todo.items() if k > 0]
+        while active:
+            items = []
+            for i in active:
+                seq = todo[i][0]
+                items.append((rows[i].seq_id, seq.tokens[self.runner.length(rows[i].seq_id) :]))
+            try:
+                logits = self.runner.extend_batch(items)
+            except Exception as exc:  # noqa: BLE001 - the rows of the failed forward
+                for i in active:
+                    out[i] = exc
+                    del todo[i]
+                break
+            for i, lg in zip(active, logits, strict=True):
+                seq = todo[i][0]
+                tok = self._draw(seq, lg[-1], idx[i], prob[i])
+                drafted[i].append(tok)
+                seq.tokens.append(tok)
+            active = [i for i in active if len(drafted[i]) < todo[i][2]]
+        for i, (_, start, _) in todo.items():
+            q = SparseQ(torch.stack(idx[i]), torch.stack(prob[i])) if idx[i] else None
+            out[i] = Proposal(start, drafted[i], q)
+        for i in later:
+            out[i] = self.propose_batch([rows[i]])[0]
+        return out
+
+    def _begin(self, r: ProposeRow) -> tuple[_DraftSeq, int, int]:
+        """Apply the row's commit and start; (seq, where drafting starts, k after clamping)."""
+        committed_len = r.committed_len
+        if r.commit:
+            committed_len = self.commit(r.seq_id, committed_len, list(r.commit))
+        seq = self._get(r.seq_id)
+        self._check(r.seq_id, seq, committed_len)
+        if r.k < 1:
+            raise ValueError(f"k must be >= 1, got {r.k}")
+        if r.start is not None:
+            if not seq.committed_len <= r.start <= len(seq.tokens):
+                raise ValueError(
+                    f"start: {r.start} is outside [{seq.committed_len}, {len(seq.tokens)}]"
+                )
+            del seq.tokens[r.start :]
+            # The cache never holds the last token: drafting feeds it to get the next logits.
+            self.runner.rollback(r.seq_id, min(self.runner.length(r.seq_id), r.start - 1))
+        start = len(seq.tokens)
+        return seq, start, max(0, min(r.k, self.runner.max_context - start + 1))
+
+    def _draw(self, seq: _DraftSeq, logits: torch.Tensor, idx: list, prob: list) -> int:
+        """The next draft token from one row of logits (greedy: argmax; else from the top-m)."""
+        if seq.params.greedy:
+            return int(logits.argmax())
+        probs = warp_probs(logits, seq.params)
+        m = min(self.top_m, probs.shape[-1])
+        top = torch.topk(probs, m)
+        top_p = top.values / top.values.sum()
+        choice = int(torch.multinomial(top_p, 1, generator=seq.rng.at(len(seq.tokens))))
+        idx.append(top.indices)
+        prob.append(top_p)
+        return int(top.indices[choice])
 
     def _get(self, seq_id: str) -> _DraftSeq:
         try:
@@ -175,4 +236,3 @@ class DraftWorker:
                 f"sequence {seq_id!r}: draft holds committed length {seq.committed_len}, "
                 f"caller assumed {committed_len}"
             )
-

@@ -1,18 +1,24 @@
-"""Runs one local Hugging Face causal LM over many sequences, each with its own KV cache.
+"""Runs one local Hugging Face causal LM over many sequences in one batched KV cache.
 
-The runner knows nothing about drafting or verification: it extends a sequence's cache by n tokens
-and returns their logits, rolls a cache back, and releases it. Models load from local paths only.
+The runner knows nothing about drafting or verification: it extends sequences by n_i tokens each
+in ONE forward and returns their logits, rolls a sequence back, and releases it (the rows, holes
+and masks are workers/batch_kv.py's). Models load from local paths only.
+
+transformers 5.x renames the forward's `past_key_values=` to `cache=` (the old name goes in
+5.40); the runner passes whichever the loaded model's forward declares.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from workers.kv_cache import KVStore
+from workers.batch_kv import BatchedKV
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
@@ -47,6 +53,7 @@ class ModelRunner:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         tp_plan: str | None = None,
+        max_kv_tokens: int | None = None,
     ) -> None:
         kwargs: dict = {"dtype": dtype, "local_files_only": True}
         if tp_plan is not None:
@@ -65,7 +72,16 @@ class ModelRunner:
         self.tokenizer = load_tokenizer(path)
         self.vocab_size = int(self.model.config.vocab_size)
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
-        self.kv = KVStore()
+        cfg = self.model.config
+        self.kv = BatchedKV(
+            int(cfg.num_hidden_layers),
+            device=self.device,
+            additive_mask=cfg._attn_implementation != "sdpa",
+            max_positions=self.max_context,
+            max_kv_tokens=max_kv_tokens,
+        )
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -77,30 +93,83 @@ class ModelRunner:
         return set(eos) if isinstance(eos, list) else {int(eos)}
 
     def length(self, seq_id: str) -> int:
-        return self.kv.get(seq_id).length
+        return self.kv.length(seq_id)
 
-    @torch.inference_mode()
-    def extend(self, seq_id: str, token_ids: list[int]) -> torch.Tensor:
-        """Append tokens to the sequence's cache (created if new); returns their logits [n, V]."""
-        held = self.kv.get(seq_id).length if seq_id in self.kv else 0
-        if held + len(token_ids) > self.max_context:  # checked first: a refusal changes nothing
+    def held(self, seq_id: str) -> int:
+        """Tokens the sequence holds in the cache (0 when unknown)."""
+        return self.kv.held(seq_id)
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.kv.kv_tokens
+
+    @property
+    def max_kv_tokens(self) -> int | None:
+        return self.kv.max_kv_tokens
+
+    def check_extend(self, seq_id: str, n: int) -> None:
+        """ValueError if n more tokens would pass the model context (nothing is changed)."""
+        if self.kv.held(seq_id) + n > self.max_context:
             raise ValueError(
                 f"sequence {seq_id!r} would exceed the model context of {self.max_context} tokens"
             )
-        kv = self.kv.get(seq_id) if seq_id in self.kv else self.kv.create(seq_id)
-        if not token_ids:
-            return torch.empty(0, self.vocab_size)
-        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, past_key_values=kv.cache, use_cache=True)
-        kv.advanced(len(token_ids))
-        return out.logits[0].float().cpu()
+
+    def extend(self, seq_id: str, token_ids: Sequence[int]) -> torch.Tensor:
+        """Append tokens to the sequence's cache (created if new); returns their logits [n, V]."""
+        return self.extend_batch([(seq_id, token_ids)])[0]
+
+    @torch.inference_mode()
+    def extend_batch(self, items: Sequence[tuple[str, Sequence[int]]]) -> list[torch.Tensor]:
+        """Append tokens_i to each sequence (created if new) in one forward; returns logits [n_i, V]
+        per item. Checked first, for all items (a refusal changes nothing): distinct ids, the
+        context, and the KV budget for new sequences (KVBudgetExceeded)."""
+        seen: set[str] = set()
+        fresh = 0
+        for sid, toks in items:
+            if sid in seen:
+                raise ValueError(f"sequence {sid!r} appears twice in one batch")
+            seen.add(sid)
+            self.check_extend(sid, len(toks))
+            if sid not in self.kv:
+                fresh += len(toks)
+        self.kv.check_admit(fresh)
+        for sid, _ in items:
+            if sid not in self.kv:
+                self.kv.create(sid)
+        work = [(sid, list(toks)) for sid, toks in items if toks]
+        out: dict[str, torch.Tensor] = {}
+        if work:
+            step = self.kv.begin([(sid, len(toks)) for sid, toks in work])
+            width = step.end - step.start
+            ids = torch.zeros(step.hi - step.lo, width, dtype=torch.long)
+            for sid, toks in work:
+                ids[self.kv.row(sid) - step.lo, : len(toks)] = torch.tensor(toks)
+            try:
+                res = self.model(
+                    input_ids=ids.to(self.device),
+                    attention_mask=step.mask,
+                    position_ids=step.position_ids,
+                    use_cache=True,
+                    **{self._cache_kw: self.kv.cache},
+                )
+            except BaseException:
+                self.kv.abort()
+                raise
+            rows = {sid: self.kv.row(sid) - step.lo for sid, _ in work}
+            self.kv.finish(step)
+            logits = res.logits.float()
+            if logits.device.type != "cpu":
+                logits = logits.cpu()
+            out = {sid: logits[rows[sid], : len(toks)] for sid, toks in work}
+        empty = torch.empty(0, self.vocab_size)
+        return [out.get(sid, empty) for sid, _ in items]
 
     def rollback(self, seq_id: str, length: int) -> None:
-        self.kv.get(seq_id).rollback(length)
+        self.kv.rollback(seq_id, length)
 
     def release(self, seq_id: str) -> bool:
         return self.kv.release(seq_id)
 
     @property
     def live_sequences(self) -> int:
-        return len(self.kv)
+        return self.kv.live_sequences

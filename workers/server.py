@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-m", type=int, default=64, help="draft: support size of sparse q")
     parser.add_argument("--max-workers", type=int, default=16, help="gRPC handler threads")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--max-kv-tokens", type=int, default=0, help="KV budget in held tokens (0 = none)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s {args.role} %(message)s"
@@ -44,15 +47,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from workers.service import serve_draft, serve_target
 
+    budget = args.max_kv_tokens or None
+
     if args.role == "draft":
         from workers.draft import DraftWorker
 
-        worker = DraftWorker.from_path(args.model, top_m=args.top_m, device=args.device)
+        worker = DraftWorker.from_path(
+            args.model, top_m=args.top_m, device=args.device, max_kv_tokens=budget
+        )
         server, port = serve_draft(worker, args.host, args.port, max_workers=args.max_workers)
     else:
         from workers.target import TargetWorker
 
-        worker = TargetWorker.from_path(args.model, device=args.device)
+        worker = TargetWorker.from_path(args.model, device=args.device, max_kv_tokens=budget)
         server, port = serve_target(worker, args.host, args.port, max_workers=args.max_workers)
 
     stop = threading.Event()

@@ -11,8 +11,12 @@ holds the verify / plain-step calls of several sequences for a moment and runs t
 can replace `SerialExecutor` without touching the servicers.
 
 Errors: StaleSequenceError -> FAILED_PRECONDITION (nothing changed), UnknownSequenceError ->
-NOT_FOUND, ValueError -> INVALID_ARGUMENT, the configured "worker is gone" errors (a dead
-tensor-parallel rank) -> UNAVAILABLE, anything else -> INTERNAL. Details carry the message.
+NOT_FOUND, ValueError -> INVALID_ARGUMENT, KVBudgetExceeded -> RESOURCE_EXHAUSTED, the configured
+"worker is gone" errors (a dead tensor-parallel rank) -> UNAVAILABLE, anything else -> INTERNAL.
+Details carry the message. Batched RPCs (PrefillBatch, ProposeBatch, VerifyBatch) answer the same
+codes per row, in a RowStatus (a row that fails to decode fails alone too); only "worker is gone"
+fails the whole call. A batched call is one `Call` (seq_id None): one executor job, one batched
+forward.
 
     server, port = serve_target(TargetWorker.from_path(path), "127.0.0.1", 0)
 """
@@ -31,10 +35,11 @@ from typing import Any, Protocol
 import grpc
 
 from protos import worker_pb2, worker_pb2_grpc
+from workers.batch import PrefillRow, ProposeRow, VerifyRow
 from workers.draft import Proposal
-from workers.errors import StaleSequenceError, UnknownSequenceError
-from workers.sampling import SamplingParams
-from workers.verification import SparseQ, Verdict
+from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
+from workers.protocols import DraftModel, TargetModel
+from workers.verification import Verdict
 from workers.wire import pack_q, sampling_from_proto, tokenizer_fingerprint, unpack_q
 
 log = logging.getLogger(__name__)
@@ -46,64 +51,14 @@ SERVER_OPTIONS = [
 ]
 
 
-# -- what the services need from a worker -----------------------------------------------------
-
-
-class RunnerInfo(Protocol):
-    """Read from `worker.runner` for Stats and request checks."""
-
-    path: str
-    vocab_size: int
-    max_context: int
-    eos_token_ids: set[int]
-    tokenizer: Any  # a PreTrainedTokenizerBase (its fingerprint goes out in Stats)
-
-
-class DraftModel(Protocol):
-    runner: RunnerInfo
-
-    @property
-    def live_sequences(self) -> int: ...
-
-    def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> None: ...
-
-    def propose(
-        self,
-        seq_id: str,
-        committed_len: int,
-        k: int,
-        commit: Sequence[int] = (),
-        start: int | None = None,
-    ) -> Proposal: ...
-
-    def commit(self, seq_id: str, committed_len: int, new_tokens: list[int]) -> int: ...
-
-    def release(self, seq_id: str) -> bool: ...
-
-
-class TargetModel(Protocol):
-    runner: RunnerInfo
-
-    @property
-    def live_sequences(self) -> int: ...
-
-    def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> None: ...
-
-    def verify(
-        self, seq_id: str, committed_len: int, draft_tokens: list[int], q: SparseQ | None = None
-    ) -> Verdict: ...
-
-    def plain_step(self, seq_id: str, committed_len: int) -> int: ...
-
-    def release(self, seq_id: str) -> bool: ...
-
-
 # -- the single entry point for model work ----------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One worker method call: `getattr(worker, method)(seq_id, *args)`.
+    """One worker method call: `getattr(worker, method)(seq_id, *args)`, or, for a batched
+    method (seq_id None: prefill_batch, propose_batch, verify_batch; args = (rows,)),
+    `getattr(worker, method)(*args)`.
 
     Methods: prefill, propose, commit, release (draft); prefill, verify, plain_step, release
     (target). A batcher looks at `method` and `args` (verify: committed_len, draft_tokens, q;
@@ -111,8 +66,12 @@ class Call:
     """
 
     method: str
-    seq_id: str
+    seq_id: str | None
     args: tuple = ()
+
+    def run(self, worker: Any) -> Any:
+        fn = getattr(worker, self.method)
+        return fn(*self.args) if self.seq_id is None else fn(self.seq_id, *self.args)
 
 
 class Executor(Protocol):
@@ -132,7 +91,7 @@ class SerialExecutor:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     def submit(self, call: Call) -> Future:
-        return self._thread.submit(getattr(self.worker, call.method), call.seq_id, *call.args)
+        return self._thread.submit(call.run, self.worker)
 
     def shutdown(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
@@ -160,6 +119,8 @@ def _rpc(method: Callable) -> Callable:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except KVBudgetExceeded as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except Exception as exc:
             if isinstance(exc, _unavailable_types(self.unavailable_errors)):
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.role} worker: {exc}")
@@ -208,12 +169,59 @@ class _ServicerBase:
             raise ValueError(f"{field}: token id {bad[0]} outside [0, {self.vocab_size})")
         return out
 
+    def _prefill_row(self, req) -> PrefillRow:
+        tokens = self._tokens("token_ids", req.token_ids)
+        return PrefillRow(_seq_id(req), tokens, sampling_from_proto(req.sampling))
+
+    def _batch(self, method: str, rows: Sequence, decode: Callable, encode: Callable, result):
+        """One batched call: decode each row (a bad row fails alone), one executor job for the
+        rest, then one `result(status=..., result=...)` per row, in order."""
+        slots: list[object] = [None] * len(rows)
+        good: list[tuple[int, object]] = []
+        for i, req in enumerate(rows):
+            try:
+                good.append((i, decode(req)))
+            except Exception as exc:  # noqa: BLE001 - answered in the row's status
+                slots[i] = exc
+        if good:
+            call = Call(method, None, ([row for _, row in good],))
+            for (i, _), res in zip(good, self.executor.submit(call).result(), strict=True):
+                slots[i] = res
+        gone = _unavailable_types(self.unavailable_errors)
+        out = []
+        for req, res in zip(rows, slots, strict=True):
+            if isinstance(res, gone):
+                raise res  # the worker is gone: the whole call is UNAVAILABLE
+            if isinstance(res, BaseException):
+                out.append(result(status=self._row_status(method, res)))
+            else:
+                out.append(result(status=worker_pb2.RowStatus(code=0), result=encode(req, res)))
+        return out
+
+    def _row_status(self, method: str, exc: BaseException) -> worker_pb2.RowStatus:
+        for types, code in _ROW_CODES:
+            if isinstance(exc, types):
+                return worker_pb2.RowStatus(code=code.value[0], message=str(exc))
+        log.error("%s worker: a %s row failed: %r", self.role, method, exc)
+        code = grpc.StatusCode.INTERNAL.value[0]
+        return worker_pb2.RowStatus(code=code, message=f"{self.role} worker: {exc!r}")
+
     @_rpc
     def Prefill(self, request, context):
-        tokens = self._tokens("token_ids", request.token_ids)
-        params = sampling_from_proto(request.sampling)
-        self._call("prefill", request.seq_id, tokens, params)
-        return worker_pb2.PrefillResponse(committed_len=len(tokens))
+        row = self._prefill_row(request)
+        self._call("prefill", row.seq_id, row.token_ids, row.params)
+        return worker_pb2.PrefillResponse(committed_len=len(row.token_ids))
+
+    @_rpc
+    def PrefillBatch(self, request, context):
+        rows = self._batch(
+            "prefill_batch",
+            request.rows,
+            self._prefill_row,
+            lambda req, _: worker_pb2.PrefillResponse(committed_len=len(req.token_ids)),
+            worker_pb2.PrefillResult,
+        )
+        return worker_pb2.PrefillBatchResponse(rows=rows)
 
     @_rpc
     def Release(self, request, context):
@@ -223,7 +231,10 @@ class _ServicerBase:
     @_rpc
     def Stats(self, request, context):
         return worker_pb2.StatsResponse(
-            live_sequences=int(self.worker.live_sequences), model=self.info
+            live_sequences=int(self.worker.live_sequences),
+            model=self.info,
+            kv_tokens=int(getattr(self.worker, "kv_tokens", 0)),
+            max_kv_tokens=int(getattr(self.worker, "max_kv_tokens", None) or 0),
         )
 
 
@@ -231,19 +242,36 @@ class DraftServicer(_ServicerBase, worker_pb2_grpc.DraftWorkerServicer):
     role = "draft"
     role_enum = worker_pb2.ROLE_DRAFT
 
-    @_rpc
-    def Propose(self, request, context):
-        commit = self._tokens("commit", request.commit)
-        start = request.start if request.HasField("start") else None
-        proposal: Proposal = self._call(
-            "propose", request.seq_id, request.committed_len, request.k, commit, start
-        )
+    def _propose_row(self, req) -> ProposeRow:
+        commit = self._tokens("commit", req.commit)
+        start = req.start if req.HasField("start") else None
+        return ProposeRow(_seq_id(req), req.committed_len, req.k, tuple(commit), start)
+
+    @staticmethod
+    def _proposal(req, proposal: Proposal) -> worker_pb2.ProposeResponse:
         return worker_pb2.ProposeResponse(
             start=proposal.start,
             tokens=proposal.tokens,
             q=pack_q(proposal.q),
-            committed_len=request.committed_len + len(commit),
+            committed_len=req.committed_len + len(req.commit),
         )
+
+    @_rpc
+    def Propose(self, request, context):
+        r = self._propose_row(request)
+        proposal = self._call("propose", r.seq_id, r.committed_len, r.k, list(r.commit), r.start)
+        return self._proposal(request, proposal)
+
+    @_rpc
+    def ProposeBatch(self, request, context):
+        rows = self._batch(
+            "propose_batch",
+            request.rows,
+            self._propose_row,
+            self._proposal,
+            worker_pb2.ProposeResult,
+        )
+        return worker_pb2.ProposeBatchResponse(rows=rows)
 
     @_rpc
     def Commit(self, request, context):
@@ -256,26 +284,56 @@ class TargetServicer(_ServicerBase, worker_pb2_grpc.TargetWorkerServicer):
     role = "target"
     role_enum = worker_pb2.ROLE_TARGET
 
-    @_rpc
-    def Verify(self, request, context):
-        tokens = self._tokens("draft_tokens", request.draft_tokens)
-        q = unpack_q(request.q)
+    def _verify_row(self, req) -> VerifyRow:
+        tokens = self._tokens("draft_tokens", req.draft_tokens)
+        q = unpack_q(req.q)
         if q is not None and (
             q.indices.shape[0] != len(tokens) or int(q.indices.max()) >= self.vocab_size
         ):
             raise ValueError("q: needs one row per draft token, with indices inside the vocabulary")
-        verdict: Verdict = self._call("verify", request.seq_id, request.committed_len, tokens, q)
+        return VerifyRow(_seq_id(req), req.committed_len, tokens, q)
+
+    @staticmethod
+    def _verdict(req, verdict: Verdict) -> worker_pb2.VerifyResponse:
         return worker_pb2.VerifyResponse(
             accepted=verdict.accepted,
             token=verdict.token,
             bonus=verdict.bonus,
-            committed_len=request.committed_len + verdict.accepted + 1,
+            committed_len=req.committed_len + verdict.accepted + 1,
         )
+
+    @_rpc
+    def Verify(self, request, context):
+        r = self._verify_row(request)
+        verdict = self._call("verify", r.seq_id, r.committed_len, list(r.draft_tokens), r.q)
+        return self._verdict(request, verdict)
+
+    @_rpc
+    def VerifyBatch(self, request, context):
+        rows = self._batch(
+            "verify_batch", request.rows, self._verify_row, self._verdict, worker_pb2.VerifyResult
+        )
+        return worker_pb2.VerifyBatchResponse(rows=rows)
 
     @_rpc
     def PlainStep(self, request, context):
         token = self._call("plain_step", request.seq_id, request.committed_len)
         return worker_pb2.PlainStepResponse(token=token, committed_len=request.committed_len + 1)
+
+
+def _seq_id(req) -> str:
+    if not req.seq_id:
+        raise ValueError("seq_id: must not be empty")
+    return req.seq_id
+
+
+# Row status codes of the batched calls (the unary calls abort with the same ones).
+_ROW_CODES = (
+    (StaleSequenceError, grpc.StatusCode.FAILED_PRECONDITION),
+    (UnknownSequenceError, grpc.StatusCode.NOT_FOUND),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (KVBudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+)
 
 
 # -- servers ----------------------------------------------------------------------------------

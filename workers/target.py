@@ -3,7 +3,9 @@
 Per sequence the worker keeps the committed tokens; its KV cache holds all of them but the last,
 which is fed together with the draft block, so verifying k tokens is one forward over k+1 positions
 and its logits are exactly p_1..p_{k+1}. After every call the cache is rolled back to the new
-committed length minus one: rejected draft positions never survive a round.
+committed length minus one: rejected draft positions never survive a round (they become holes of
+the batched cache). The batched calls run all their rows in one forward; the per-sequence methods
+are batches of one.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.batch import PrefillRow, VerifyRow, plain_verdict, run_row
+from workers.batch import PrefillRow, VerifyRow, plain_verdict, raise_row, run_row, split_prefill
 from workers.errors import StaleSequenceError, UnknownSequenceError
 from workers.model_runner import ModelRunner
 from workers.sampling import PositionalRng, SamplingParams, next_token, warp_probs
@@ -49,20 +51,18 @@ class TargetWorker:
     def live_sequences(self) -> int:
         return len(self._seqs)
 
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens held in the KV cache (the budget counts these)."""
+        return self.runner.kv_tokens
+
+    @property
+    def max_kv_tokens(self) -> int | None:
+        return self.runner.max_kv_tokens
+
     def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> None:
         """(Re)start a sequence from its committed tokens; replaces any earlier state."""
-        if not token_ids:
-            raise ValueError("prompt: must contain at least one token")
-        if len(token_ids) > self.runner.max_context:
-            raise ValueError(
-                f"prompt: {len(token_ids)} tokens exceed the target context of "
-                f"{self.runner.max_context}"
-            )
-        self.release(seq_id)
-        self.runner.extend(seq_id, list(token_ids[:-1]))
-        self._seqs[seq_id] = _TargetSeq(
-            list(token_ids), params, PositionalRng(params.seed, TARGET_STREAM)
-        )
+        raise_row(self.prefill_batch([PrefillRow(seq_id, token_ids, params)])[0])
 
     def committed_len(self, seq_id: str) -> int:
         return len(self._get(seq_id).tokens)
@@ -74,42 +74,15 @@ class TargetWorker:
         self, seq_id: str, committed_len: int, draft_tokens: list[int], q: SparseQ | None = None
     ) -> Verdict:
         """Accept a prefix of draft_tokens and add one recovered or bonus token; commits both."""
-        seq = self._get(seq_id)
-        key = ("verify", committed_len, tuple(draft_tokens))
-        if seq.last_call is not None and seq.last_call[0] == key:
-            return seq.last_call[1]  # a retry of the call that was just applied
-        self._check(seq_id, seq, committed_len)
         if not draft_tokens:
+            seq = self._get(seq_id)
+            self._check(seq_id, seq, committed_len)
             raise ValueError("draft_tokens: must contain at least one token")
-        if committed_len + len(draft_tokens) > self.runner.max_context:
-            raise ValueError(f"draft_tokens: block would pass the context of {self.max_context}")
-        if not seq.params.greedy and (q is None or q.indices.shape[0] != len(draft_tokens)):
-            raise ValueError("q: sampling needs one draft distribution per draft token")
-        logits = self.runner.extend(seq_id, [seq.tokens[-1], *draft_tokens])
-        drafted = torch.tensor(draft_tokens, dtype=torch.long)
-        if seq.params.greedy:
-            verdict = verify_greedy(logits, drafted)
-        else:
-            verdict = verify_sampled(
-                warp_probs(logits, seq.params), drafted, q, seq.rng, committed_len
-            )
-        seq.tokens.extend(verdict.committed(draft_tokens))
-        self.runner.rollback(seq_id, len(seq.tokens) - 1)
-        seq.last_call = (key, verdict)
-        return verdict
+        return raise_row(self.verify_batch([VerifyRow(seq_id, committed_len, draft_tokens, q)])[0])
 
     def plain_step(self, seq_id: str, committed_len: int) -> int:
         """One ordinary decoding step (the fallback path), with the same sampler as verify."""
-        seq = self._get(seq_id)
-        key = ("plain", committed_len)
-        if seq.last_call is not None and seq.last_call[0] == key:
-            return seq.last_call[1]
-        self._check(seq_id, seq, committed_len)
-        logits = self.runner.extend(seq_id, [seq.tokens[-1]])[-1]
-        token = next_token(logits, seq.params, seq.rng.at(committed_len))
-        seq.tokens.append(token)
-        seq.last_call = (key, token)
-        return token
+        return raise_row(self.verify_batch([VerifyRow(seq_id, committed_len)])[0]).token
 
     def release(self, seq_id: str) -> bool:
         self.runner.release(seq_id)
@@ -118,23 +91,116 @@ class TargetWorker:
     # -- batched (one call, many rows; each row answered on its own) --------------------------
 
     def prefill_batch(self, rows: list[PrefillRow]) -> list[object]:
-        """Per row: None, or the exception that refused that row."""
-        return [run_row(self.prefill, r.seq_id, list(r.token_ids), r.params) for r in rows]
+        """Per row: None, or the exception that refused that row (KVBudgetExceeded when the
+        budget is full). All admitted prompts are prefilled in one forward."""
+        out, work, later = split_prefill(rows, self.runner, self._check_prompt)
+        for i in work:
+            self.release(rows[i].seq_id)
+        # The cache holds all committed tokens but the last (fed with the next draft block).
+        res = self._forward([(rows[i].seq_id, list(rows[i].token_ids[:-1])) for i in work])
+        for i in work:
+            r = rows[i]
+            if isinstance(res, BaseException):
+                self.runner.release(r.seq_id)
+                out[i] = res
+            else:
+                rng = PositionalRng(r.params.seed, TARGET_STREAM)
+                self._seqs[r.seq_id] = _TargetSeq(list(r.token_ids), r.params, rng)
+        for i in later:
+            out[i] = self.prefill_batch([rows[i]])[0]
+        return out
+
+    def _check_prompt(self, r: PrefillRow) -> None:
+        n = len(r.token_ids)
+        if not n:
+            raise ValueError("prompt: must contain at least one token")
+        if n > self.runner.max_context:
+            raise ValueError(f"prompt: {n} tokens exceed the target context of {self.max_context}")
 
     def verify_batch(self, rows: list[VerifyRow]) -> list[object]:
         """Per row: a Verdict (a plain row: accepted 0 and the next token), or the row's error.
 
-        Reference semantics: exactly what each row's own verify / plain_step answers.
+        Every row that needs the model is verified in ONE forward (a plain row feeds one
+        position, a row with k draft tokens k + 1). Semantics are each row's own verify /
+        plain_step: retries of the last call answered again, stale / unknown rows refused alone.
+        A seq_id named twice: the later rows run after the batch, in order.
         """
-        out: list[object] = []
-        for r in rows:
-            if r.plain:
-                res = run_row(self.plain_step, r.seq_id, r.committed_len)
-                out.append(res if isinstance(res, BaseException) else plain_verdict(res))
+        out: list[object] = [None] * len(rows)
+        work: list[tuple[int, _TargetSeq, tuple]] = []
+        later: list[int] = []
+        named: set[str] = set()
+        for i, r in enumerate(rows):
+            if r.seq_id in named:
+                later.append(i)
+                continue
+            named.add(r.seq_id)
+            try:
+                seq, key, cached = self._begin(r)
+            except Exception as exc:  # noqa: BLE001 - a refused row fails alone
+                out[i] = exc
+                continue
+            if cached is not None:
+                out[i] = cached
             else:
-                args = (r.seq_id, r.committed_len, list(r.draft_tokens), r.q)
-                out.append(run_row(self.verify, *args))
+                work.append((i, seq, key))
+        items = [(rows[i].seq_id, [seq.tokens[-1], *rows[i].draft_tokens]) for i, seq, _ in work]
+        res = self._forward(items)
+        for j, (i, seq, key) in enumerate(work):
+            if isinstance(res, BaseException):
+                out[i] = res
+                continue
+            out[i] = run_row(self._finish, rows[i], seq, key, res[j])
+        for i in later:
+            out[i] = self.verify_batch([rows[i]])[0]
         return out
+
+    def _begin(self, r: VerifyRow) -> tuple[_TargetSeq, tuple, object | None]:
+        """The row's checks; (seq, key, the cached answer of a retry or None)."""
+        seq = self._get(r.seq_id)
+        n = r.committed_len
+        key = ("plain", n) if r.plain else ("verify", n, tuple(r.draft_tokens))
+        if seq.last_call is not None and seq.last_call[0] == key:  # a retry: answer again
+            cached = seq.last_call[1]
+            return seq, key, plain_verdict(cached) if r.plain else cached
+        self._check(r.seq_id, seq, n)
+        if r.plain:
+            self.runner.check_extend(r.seq_id, 1)
+        else:
+            k = len(r.draft_tokens)
+            if n + k > self.runner.max_context:
+                raise ValueError(
+                    f"draft_tokens: block would pass the context of {self.max_context}"
+                )
+            if not seq.params.greedy and (r.q is None or r.q.indices.shape[0] != k):
+                raise ValueError("q: sampling needs one draft distribution per draft token")
+        return seq, key, None
+
+    def _finish(self, r: VerifyRow, seq: _TargetSeq, key: tuple, logits: torch.Tensor) -> Verdict:
+        n = r.committed_len
+        if r.plain:
+            token = next_token(logits[-1], seq.params, seq.rng.at(n))
+            seq.tokens.append(token)
+            seq.last_call = (key, token)
+            return plain_verdict(token)
+        draft = list(r.draft_tokens)
+        drafted = torch.tensor(draft, dtype=torch.long)
+        if seq.params.greedy:
+            verdict = verify_greedy(logits, drafted)
+        else:
+            verdict = verify_sampled(warp_probs(logits, seq.params), drafted, r.q, seq.rng, n)
+        seq.tokens.extend(verdict.committed(draft))
+        self.runner.rollback(r.seq_id, len(seq.tokens) - 1)  # rejected positions become holes
+        seq.last_call = (key, verdict)
+        return verdict
+
+    def _forward(self, items: list[tuple[str, list[int]]]) -> list[torch.Tensor] | BaseException:
+        """One batched forward, or the exception that failed it (then every row it carried)."""
+        if not items:
+            return []
+        try:
+            return self.runner.extend_batch(items)
+        except Exception as exc:  # noqa: BLE001 - answered per row by the caller
+            return exc
 
     def _get(self, seq_id: str) -> _TargetSeq:
         try:
@@ -149,4 +215,3 @@ class TargetWorker:
                 f"sequence {seq_id!r}: target holds committed length {len(seq.tokens)}, "
                 f"caller assumed {committed_len}"
             )
-

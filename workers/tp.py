@@ -6,10 +6,12 @@ actor in each bundle, joins them into one `torch.distributed` process group (glo
 GPU) and loads the target on every rank with transformers' own TP plan (`tp_plan="auto"`): nothing
 is sharded by hand here.
 
-Lock-step rule: every call (prefill, verify, plain_step, release, ...) goes to *all* ranks with the
-same arguments, in the same order, so each rank holds the same sequences, the same committed tokens
-and the same random streams; the collectives inside the forward pass then line up, and every rank
-computes the same full logits. The result of rank 0 is returned. Submission is serialized by a lock
+Lock-step rule: every call (prefill, verify, plain_step, release, prefill_batch, verify_batch,
+...) goes to *all* ranks with the same arguments, in the same order, so each rank holds the same
+sequences, the same committed tokens and the same random streams; the collectives inside the
+forward pass then line up, and every rank computes the same full logits (a batched call is one
+batched forward on every rank, its per-row slots come from rank 0). The result of rank 0 is
+returned. Submission is serialized by a lock
 (Ray runs an actor's tasks in the order one caller submitted them), so concurrent callers can never
 interleave two ops differently on two ranks. A request without a seed gets one drawn here, before
 the fan-out, so that the ranks' samplers agree.
@@ -37,7 +39,8 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from workers.errors import StaleSequenceError, UnknownSequenceError
+from workers.batch import PrefillRow, VerifyRow
+from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
 from workers.model_runner import load_tokenizer
 from workers.sampling import SamplingParams
 from workers.verification import SparseQ, Verdict
@@ -48,7 +51,7 @@ class TensorParallelError(RuntimeError):
 
 
 # What a TargetWorker refuses a call with, identically on every rank (nothing was changed).
-_REFUSALS = (StaleSequenceError, UnknownSequenceError, ValueError)
+_REFUSALS = (StaleSequenceError, UnknownSequenceError, ValueError, KVBudgetExceeded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,10 +271,27 @@ class TensorParallelTarget:
     def live_sequences(self) -> int:
         return int(self._get([self.ranks[0].get.remote("live_sequences")])[0])
 
+    @property
+    def kv_tokens(self) -> int:
+        return int(self._get([self.ranks[0].get.remote("kv_tokens")])[0])
+
+    @property
+    def max_kv_tokens(self) -> int | None:
+        return self._get([self.ranks[0].get.remote("max_kv_tokens")])[0]
+
     def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> None:
-        if params.seed is None:  # every rank must draw the same random stream
-            params = replace(params, seed=int(torch.randint(0, 2**62, (1,)).item()))
-        return self._all("prefill", seq_id, list(token_ids), params)
+        return self._all("prefill", seq_id, list(token_ids), _seeded(params))
+
+    def prefill_batch(self, rows: Sequence[PrefillRow]) -> list[object]:
+        """Per row: None or the row's error (as TargetWorker.prefill_batch), from rank 0."""
+        rows = [replace(r, token_ids=list(r.token_ids), params=_seeded(r.params)) for r in rows]
+        return self._all("prefill_batch", rows)
+
+    def verify_batch(self, rows: Sequence[VerifyRow]) -> list[object]:
+        """Per row: a Verdict or the row's error (as TargetWorker.verify_batch), from rank 0."""
+        return self._all(
+            "verify_batch", [replace(r, draft_tokens=list(r.draft_tokens)) for r in rows]
+        )
 
     def committed_len(self, seq_id: str) -> int:
         return self._all("committed_len", seq_id)
@@ -357,3 +377,11 @@ class TensorParallelTarget:
             f"{type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}"
         )[:500]
         raise TensorParallelError(self._broken) from first
+
+
+def _seeded(params: SamplingParams) -> SamplingParams:
+    """Every rank must draw the same random stream: a request without a seed gets one here,
+    before the fan-out."""
+    if params.seed is None:
+        return replace(params, seed=int(torch.randint(0, 2**62, (1,)).item()))
+    return params

@@ -290,8 +290,7 @@ def test_abandoned_stream_frees_every_worker(bad_engine, self_engine, reference,
         for chunk in stream:
             got.extend(chunk)
             break
-        assert engine.target.worker.live_sequences == 1  # still open until closed
-        stream.close()
+        stream.close()  # the row leaves the batch (or has finished), freed before this returns
         assert got and got == reference[prompt][: len(got)]
         assert_no_live(engine)
         # The engine goes on serving.
@@ -301,14 +300,19 @@ def test_abandoned_stream_frees_every_worker(bad_engine, self_engine, reference,
 
 
 def test_abandoned_generation_reports_cancelled(bad_engine, reference):
-    prompt = PROMPTS[0]
-    gen = bad_engine.start(prompt, max_new_tokens=MAX_NEW, mode=SpecMode.ON, k=2)
+    prompt = next(p for p in PROMPTS if len(reference[p]) == MAX_NEW)
+    # Long enough that the consumer leaves long before the sequence could finish.
+    gen = bad_engine.start(prompt, max_new_tokens=200, mode=SpecMode.ON, k=2)
     it = iter(gen)
     first = next(it)
     it.close()
     res = gen.result()
+    # The batch runs ahead of a slow reader: the sequence holds what it committed until the
+    # consumer left, of which the reader saw a prefix.
     assert res.finish_reason is FinishReason.CANCELLED
-    assert res.token_ids == first == reference[prompt][: len(first)]
+    assert res.token_ids[: len(first)] == first
+    n = min(len(res.token_ids), MAX_NEW)
+    assert res.token_ids[:n] == reference[prompt][:n]
     assert_no_live(bad_engine)
 
 

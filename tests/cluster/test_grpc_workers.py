@@ -13,13 +13,14 @@ import grpc
 import pytest
 import torch
 
-from cluster.driver import WorkerUnavailable
 from cluster.remote import EndpointState, GrpcDraft, GrpcTarget, WorkerPool, open_channel
+from cluster.transport import WorkerUnavailable
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc
 from tests.cluster.grpc_procs import make_checkpoints, start_all, stats, stop_all, worker
+from workers.batch import PrefillRow, ProposeRow, VerifyRow
 from workers.draft import DraftWorker
-from workers.errors import StaleSequenceError, UnknownSequenceError
+from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
 from workers.model_runner import load_tokenizer
 from workers.sampling import SamplingParams
 from workers.target import TargetWorker
@@ -350,3 +351,103 @@ def test_least_loaded_then_round_robin(servers):
         assert pool.acquire() is a  # a is idle now, b is busy
     finally:
         pool.close()
+
+
+# -- batched RPCs --------------------------------------------------------------------------------
+
+
+def test_batched_rpcs_answer_per_row_like_in_process_workers(servers, local):
+    """PrefillBatch / ProposeBatch / VerifyBatch: good rows get what the in-process workers answer;
+    a stale, unknown or malformed row fails alone with its own error; nothing leaks."""
+    target, draft = local
+    gt, gd = GrpcTarget(servers["target"]), GrpcDraft(servers["draft"])
+    params = SamplingParams(temperature=0.9, top_k=20, seed=7)
+    prompts = {
+        "ba": (PROMPT, SamplingParams()),
+        "bb": (PROMPT[3:], params),
+        "bc": (PROMPT[:5], params),
+    }
+    try:
+        rows = [PrefillRow(s, p, sp) for s, (p, sp) in prompts.items()]
+        bad = PrefillRow("bx", [1, 999], SamplingParams())
+        assert gt.prefill_batch([*rows, bad]).result(10)[:3] == [None] * 3
+        got = gd.prefill_batch([bad, *rows]).result(10)
+        assert isinstance(got[0], ValueError) and "token_ids" in str(got[0])
+        assert got[1:] == [None] * 3
+        for s, (p, sp) in prompts.items():
+            target.prefill(s, p, sp)
+            draft.prefill(s, p, sp)
+        n = {s: len(p) for s, (p, _) in prompts.items()}
+        prows = [
+            ProposeRow("ba", n["ba"], 3),
+            ProposeRow("nope", 3, 2),
+            ProposeRow("bb", n["bb"] + 1, 2),  # stale
+            ProposeRow("bc", n["bc"], 2),
+        ]
+        got = gd.propose_batch(prows).result(10)
+        assert isinstance(got[1], UnknownSequenceError) and isinstance(got[2], StaleSequenceError)
+        want = {s: draft.propose(s, n[s], k) for s, k in (("ba", 3), ("bc", 2))}
+        for g, s in ((got[0], "ba"), (got[3], "bc")):
+            assert (g.start, g.tokens) == (want[s].start, want[s].tokens)
+        assert got[0].q is None and torch.equal(got[3].q.indices, want["bc"].q.indices)
+        vrows = [
+            VerifyRow("ba", n["ba"], got[0].tokens),
+            VerifyRow("bb", n["bb"]),  # a plain step
+            VerifyRow("bc", n["bc"], got[3].tokens, got[3].q),
+            VerifyRow("bc", n["bc"] + 5),  # the same sequence again, stale
+            VerifyRow("ba", n["ba"], [999]),  # malformed: fails alone, before the worker
+            VerifyRow("zz", 4),
+        ]
+        out = gt.verify_batch(vrows).result(10)
+        assert out[0] == target.verify("ba", n["ba"], want["ba"].tokens)
+        assert (out[1].accepted, out[1].token) == (0, target.plain_step("bb", n["bb"]))
+        assert out[2] == target.verify("bc", n["bc"], want["bc"].tokens, want["bc"].q)
+        assert isinstance(out[3], StaleSequenceError)
+        assert isinstance(out[4], ValueError) and "draft_tokens" in str(out[4])
+        assert isinstance(out[5], UnknownSequenceError)
+        assert gt.verify_batch(vrows[:1]).result(10) == out[:1]  # a retry answers again
+        assert gt.verify_batch([]).result(10) == []
+    finally:
+        for s in prompts:
+            gt.release(s)
+            gd.release(s)
+            target.release(s)
+            draft.release(s)
+        gt.channel.close()
+        gd.channel.close()
+    for addr, role in ((servers["target"], "target"), (servers["draft"], "draft")):
+        s = stats(addr, role)
+        assert s.live_sequences == 0 and s.kv_tokens == 0
+    dead = GrpcTarget("127.0.0.1:1", timeout_s=5)
+    with pytest.raises(WorkerUnavailable):
+        dead.verify_batch([VerifyRow("a", 3)]).result(10)
+    dead.channel.close()
+
+
+def test_kv_budget_over_grpc_is_resource_exhausted_per_row(ckpts):
+    from workers.model_runner import ModelRunner
+    from workers.service import serve_target
+
+    worker = TargetWorker(ModelRunner(ckpts["target"], max_kv_tokens=20))
+    server, port = serve_target(worker, "127.0.0.1", 0)
+    gt = GrpcTarget(f"127.0.0.1:{port}")
+    try:
+        rows = [
+            PrefillRow("k1", PROMPT, SamplingParams()),
+            PrefillRow("k2", PROMPT, SamplingParams()),
+        ]
+        got = gt.prefill_batch(rows).result(10)
+        assert got[0] is None and isinstance(got[1], KVBudgetExceeded)
+        s = gt.stats()
+        assert (s.live_sequences, s.kv_tokens, s.max_kv_tokens) == (1, len(PROMPT) - 1, 20)
+        code, _ = _code(
+            lambda: gt.stub.Prefill(
+                wpb.PrefillRequest(seq_id="k3", token_ids=PROMPT, sampling=GREEDY)
+            )
+        )
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        gt.release("k1")
+        assert gt.stats().kv_tokens == 0
+    finally:
+        gt.channel.close()
+        server.stop(0)

@@ -116,6 +116,44 @@ def test_greedy_over_the_grpc_proxy_equals_hf_greedy(cluster):
     assert list(resp.token_ids) == want and resp.stats.rounds == 0
 
 
+def test_sixteen_concurrent_mixed_requests_share_the_target_batch(cluster):
+    """Continuous batching through Serve: 16 requests at once (different prompts and lengths;
+    spec with fixed k, adaptive, AUTO and plain; joining and leaving at different steps) each get
+    exactly HF's greedy continuation, and the target replica's scheduler ran them as one batch."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = random.Random(5)
+    modes = [
+        (pb.SPECULATION_MODE_ON, 2),
+        (pb.SPECULATION_MODE_ON, 0),
+        (pb.SPECULATION_MODE_AUTO, 0),
+        (pb.SPECULATION_MODE_OFF, 0),
+    ]
+    jobs = []
+    for i in range(16):
+        prompt = PROMPT[: 2 + i % 5] + [7 + i]
+        n = rng.choice([6, 20, 48])
+        mode, k = modes[i % 4]
+        req = build_request("", max_new_tokens=n, k=k)
+        req.prompt_token_ids.extend(prompt)
+        req.speculation.mode = mode
+        jobs.append((req, hf_greedy(cluster.target, prompt, n), rng.random() * 0.3))
+
+    def run(job):
+        req, _, delay = job
+        time.sleep(delay)
+        return [t for m in stream_generate(cluster.address, req) for t in m.token_ids]
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(run, jobs))
+    for i, (g, (_, want, _)) in enumerate(zip(got, jobs, strict=True)):
+        assert g == want, (i, modes[i % 4])
+    target = serve.get_deployment_handle("SpecDecodeTarget", APP_NAME)
+    batch = next(iter(target.batch_status.remote().result()["batch"].values()))
+    assert batch["max_batch"] > 4, batch
+
+
 def test_seeded_sampling_through_serve_repeats_the_in_process_engine(cluster):
     """Sampling is exact too: a seeded request over Serve (TP = 2 target, remote draft) draws the
     same tokens as the in-process engine (TP = 1, same draft, same k, same seed)."""

@@ -12,6 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.deploy.helpers import init_ray, tiny_pair, tmpdir
+from workers.batch import PrefillRow, VerifyRow
+from workers.errors import StaleSequenceError
 from workers.sampling import SamplingParams
 from workers.target import TargetWorker
 from workers.tp import RankSpec, TensorParallelError, TensorParallelTarget
@@ -108,6 +110,34 @@ def test_concurrent_callers_are_serialized(tp2, models):
     for i in range(4):
         tp2.release(f"c{i}")
     tp2.check_health()
+
+
+def test_batched_calls_equal_tp1_and_keep_ranks_in_lock_step(tp2, models):
+    ref = TargetWorker.from_path(models[0])
+    rows = [
+        PrefillRow("ba", PROMPT, SamplingParams()),
+        PrefillRow("bb", PROMPT[2:], SamplingParams(temperature=1.0)),  # unseeded
+        PrefillRow("bc", PROMPT[:3], SamplingParams()),
+    ]
+    assert tp2.prefill_batch(rows) == [None] * 3
+    ref.prefill_batch([rows[0], rows[2]])
+    cont = plain(ref, "r", 4)
+    n = {r.seq_id: len(r.token_ids) for r in rows}
+    vrows = [
+        VerifyRow("ba", n["ba"], [*cont[:2], (cont[2] + 1) % 90]),
+        VerifyRow("bb", n["bb"]),
+        VerifyRow("bc", n["bc"]),
+        VerifyRow("bc", n["bc"] + 3),  # stale: fails alone
+    ]
+    got = tp2.verify_batch(vrows)
+    want = ref.verify_batch([vrows[0], vrows[2]])
+    assert [got[0], got[2]] == want and got[1].accepted == 0
+    assert isinstance(got[3], StaleSequenceError)
+    for sid in ("ba", "bb", "bc"):
+        per_rank = ray.get([r.call.remote("committed_tokens", (sid,), {}) for r in tp2.ranks])
+        assert per_rank[0] == per_rank[1]
+        tp2.release(sid)
+    assert tp2.live_sequences == 0 and tp2.kv_tokens == 0
 
 
 def test_a_dead_rank_breaks_the_group_for_good(tp2):

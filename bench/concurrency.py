@@ -1,0 +1,249 @@
+"""Concurrency sweep through the cluster: plain vs AUTO vs fixed k under 1..64 concurrent streams.
+
+    specdec bench --concurrency 1,4,16,64 [--requests-per-stream 2] [--plot sweep.png]
+
+Draft and target run as separate gRPC worker processes, the router (one step scheduler per target)
+in this process, exactly as behind the Serve ingress. For each mode and concurrency c, c streams
+each decode held-out prompts greedily, one after another; the outputs must equal plain decoding's
+token for token. Figures per cell: aggregate tokens/s, per-request tokens/s p50, time to first
+token p50/p95, inter-token latency p50/p95 (a step's gap spread over the tokens it brought),
+mean rows per target pass, tokens per target pass (tau) and the share of plain rows in the passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from protos import specdec_pb2 as pb
+
+MODES = {
+    "plain": (pb.SPECULATION_MODE_OFF, 0),
+    "auto": (pb.SPECULATION_MODE_AUTO, 0),
+    "k=4": (pb.SPECULATION_MODE_ON, 4),
+}
+
+
+@dataclass
+class Cell:
+    mode: str
+    streams: int
+    seconds: float = 0.0
+    tokens: int = 0
+    per_request: list[float] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    outputs: dict[int, list[int]] = field(default_factory=dict)
+    passes: int = 0
+    row_steps: int = 0
+    plain_row_steps: int = 0
+    steps: int = 0
+    target_rss_mb: float = 0.0  # peak resident memory of the target worker during the cell
+
+    @property
+    def throughput(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def row(self) -> dict[str, float | int | str]:
+        return {
+            "mode": self.mode,
+            "streams": self.streams,
+            "tok/s": round(self.throughput, 1),
+            "req tok/s p50": round(_q(self.per_request, 0.5), 1),
+            "ttft p50 ms": round(1e3 * _q(self.ttft, 0.5), 1),
+            "ttft p95 ms": round(1e3 * _q(self.ttft, 0.95), 1),
+            "itl p50 ms": round(1e3 * _q(self.itl, 0.5), 2),
+            "itl p95 ms": round(1e3 * _q(self.itl, 0.95), 2),
+            "rows/pass": round(self.row_steps / self.steps, 2) if self.steps else 0.0,
+            "tau": round(self.tokens / self.passes, 2) if self.passes else 0.0,
+            "plain share": round(self.plain_row_steps / self.row_steps, 2)
+            if self.row_steps
+            else 0.0,
+            "target RSS MB": round(self.target_rss_mb),
+        }
+
+
+def _q(xs: list[float], q: float) -> float:
+    if not xs:
+        return 0.0
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def _one(router, ids: list[int], mode: int, k: int, max_new: int, cell: Cell) -> list[int]:
+    req = pb.GenerateRequest(
+        prompt_token_ids=ids,
+        max_new_tokens=max_new,
+        speculation=pb.SpeculationOptions(mode=mode, num_draft_tokens=k),
+    )
+    t0 = last = time.perf_counter()
+    out: list[int] = []
+    first = None
+    async for msg in router.generate_stream(req):
+        now = time.perf_counter()
+        if msg.token_ids:
+            if first is None:
+                first = now - t0
+            else:
+                cell.itl.extend([(now - last) / len(msg.token_ids)] * len(msg.token_ids))
+            last = now
+            out.extend(msg.token_ids)
+        if msg.finish_reason:
+            s = msg.stats
+            cell.passes += s.rounds + s.plain_steps
+    cell.ttft.append(first or 0.0)
+    cell.per_request.append(len(out) / max(1e-9, time.perf_counter() - t0))
+    return out
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+async def _watch_rss(pid: int, cell: Cell) -> None:
+    while True:
+        cell.target_rss_mb = max(cell.target_rss_mb, _rss_mb(pid))
+        await asyncio.sleep(0.2)
+
+
+async def _cell(router, prompts, mode_name, streams, per_stream, max_new, pid=0) -> Cell:
+    mode, k = MODES[mode_name]
+    cell = Cell(mode_name, streams)
+    before = _batch_totals(router)
+    watch = asyncio.ensure_future(_watch_rss(pid, cell)) if pid else None
+
+    async def stream(s: int) -> None:
+        for j in range(per_stream):
+            n = s * per_stream + j
+            cell.outputs[n] = await _one(router, prompts[n % len(prompts)], mode, k, max_new, cell)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(stream(s) for s in range(streams)))
+    cell.seconds = time.perf_counter() - t0
+    if watch is not None:
+        watch.cancel()
+    cell.tokens = sum(len(o) for o in cell.outputs.values())
+    after = _batch_totals(router)
+    deltas = [a - b for a, b in zip(after, before, strict=True)]
+    cell.steps, cell.row_steps, cell.plain_row_steps = deltas
+    return cell
+
+
+def _batch_totals(router) -> tuple[int, int, int]:
+    st = router.batch_status().values()
+    return (
+        sum(s["steps"] for s in st),
+        sum(s["row_steps"] for s in st),
+        sum(s["plain_row_steps"] for s in st),
+    )
+
+
+def sweep(
+    target_path: str,
+    draft_path: str,
+    prompts: list[list[int]],
+    *,
+    concurrency: list[int],
+    per_stream: int,
+    max_new: int,
+    threads: int,
+) -> list[Cell]:
+    from cluster.local_workers import start_all, stop_all, worker_process
+    from cluster.router import Router, RouterConfig
+
+    procs = start_all(
+        worker_process("target", target_path, threads=threads),
+        worker_process("draft", draft_path, threads=1),
+    )
+    cells: list[Cell] = []
+    loop = asyncio.new_event_loop()
+    try:
+        for mode_name in MODES:
+            # A fresh router per mode: its measured step costs start from nothing each time.
+            router = Router(RouterConfig(target_model_path=target_path, max_in_flight=256))
+            router.set_workers(drafts=[procs[1].address], targets=[procs[0].address])
+            loop.run_until_complete(_cell(router, prompts, mode_name, 1, 1, max_new))  # warm-up
+            for c in concurrency:
+                cell = loop.run_until_complete(
+                    _cell(router, prompts, mode_name, c, per_stream, max_new, procs[0].popen.pid)
+                )
+                r = cell.row()
+                print(
+                    f"  {mode_name:6s} streams={c:3d}  {r['tok/s']:8.1f} tok/s  "
+                    f"rows/pass {r['rows/pass']:5.2f}  tau {r['tau']:.2f}  "
+                    f"plain share {r['plain share']:.2f}  target RSS {r['target RSS MB']} MB",
+                    flush=True,
+                )
+                cells.append(cell)
+            router.close()
+    finally:
+        loop.close()
+        stop_all(procs)
+    return cells
+
+
+def check_outputs(cells: list[Cell]) -> list[str]:
+    """Greedy outputs of every cell must equal plain decoding's for the same request."""
+    plain = {c.streams: c.outputs for c in cells if c.mode == "plain"}
+    bad = []
+    for c in cells:
+        ref = plain.get(c.streams, {})
+        if any(ref.get(i) != o for i, o in c.outputs.items()):
+            bad.append(f"{c.mode}@{c.streams}")
+    return bad
+
+
+def markdown(cells: list[Cell]) -> str:
+    rows = [c.row() for c in cells]
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    by = {(c.mode, c.streams): c.throughput for c in cells}
+    ratios = []
+    for n in sorted({c.streams for c in cells}):
+        plain = by.get(("plain", n))
+        auto = by.get(("auto", n))
+        if plain and auto:
+            ratios.append(f"{n} streams: AUTO/plain {auto / plain:.2f}x")
+    one = by.get(("auto", 1))
+    for n in (16, 64):
+        if one and by.get(("auto", n)):
+            ratios.append(f"AUTO {n} streams / AUTO 1 stream {by[('auto', n)] / one:.2f}x")
+    return "\n".join(lines) + "\n\n" + "; ".join(ratios)
+
+
+def plot(cells: list[Cell], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no plot)")
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in MODES:
+        cs = sorted((c for c in cells if c.mode == mode), key=lambda c: c.streams)
+        if not cs:
+            continue
+        xs = [c.streams for c in cs]
+        a.plot(xs, [c.throughput for c in cs], marker="o", label=mode)
+        b.plot(xs, [1e3 * _q(c.itl, 0.5) for c in cs], marker="o", label=f"{mode} ITL p50")
+    for ax, ylabel in ((a, "aggregate tokens/s"), (b, "inter-token latency p50 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True

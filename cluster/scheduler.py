@@ -1,0 +1,555 @@
+"""The step scheduler of one target replica: continuous batching with speculation.
+
+Exactly one scheduler drives a target replica's batch. Each step:
+
+1. admit waiting rows (one batched prefill on the target, one per draft worker, in parallel;
+   at most `prefill_tokens_per_step` prompt tokens a step, so a burst of long prompts does not
+   stall the running rows for long);
+2. choose each row's k (`BatchPolicy`: the batch's committed tokens per second, from measured
+   step times; k = 0 is a plain step, and plain and speculative rows share one target pass);
+3. one batched propose per draft worker for its speculating rows, in parallel;
+4. one batched verify on the target for every row (pipelined: while it runs, the drafts already
+   draft the next block for the rows expected to accept theirs whole);
+5. commit each row, stream its tokens out, release the rows that finished or were cancelled.
+
+Rows join and leave between steps. A failing row fails alone: a draft worker that is gone sends
+its rows to plain mode in the same step (nothing lost or recomputed, a re-prefill later brings them
+back); a target that is gone hands every row to `on_target_lost` (the router re-prefills them on
+another replica's scheduler). The transport is anything with the `BatchTarget` / `BatchDraft`
+calls (cluster/transport.py): threads in process, gRPC in the cluster. No ray, no grpc.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from cluster.batch_policy import BatchPolicy, RowChoice, StepCosts
+from cluster.pipelining import PipeliningChoice, ahead_hit
+from cluster.policy import DeploymentEstimates, PolicyConfig, SpecMode, spec_policy
+from cluster.rounds import FinishReason
+from cluster.sequence import Row, group_by_lease
+from cluster.transport import BatchTarget, DraftPool, is_worker_loss
+from workers.batch import PrefillRow, Proposal, ProposeRow, VerifyRow
+from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
+from workers.verification import SparseQ
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOptions:
+    draft_timeout_s: float = 10.0  # a draft slower than this is treated as gone
+    target_timeout_s: float | None = 60.0  # a target slower than this is failed over
+    max_rows: int = 64  # rows in the running batch; more wait
+    prefill_tokens_per_step: int = 2048  # prompt tokens admitted per step (at least one row)
+    pipelined: bool | str = "auto"  # draft ahead while the target verifies; "auto": measure
+    ahead_min_whole: float = 0.3  # draft ahead for rows whose block is accepted whole this often
+
+    def __post_init__(self) -> None:
+        if self.max_rows < 1 or self.prefill_tokens_per_step < 1:
+            raise ValueError("max_rows and prefill_tokens_per_step must be >= 1")
+        if self.pipelined not in (True, False, "auto"):
+            raise ValueError(f'pipelined must be true, false or "auto", got {self.pipelined!r}')
+
+
+class _TargetLost(Exception):
+    pass
+
+
+# (rows to move, the error) -> None; called on the scheduler thread, once, when the target fails.
+TargetLostHandler = Callable[[list[Row], BaseException], None]
+
+
+class StepScheduler:
+    """The running batch of one target. `submit(row)` from any thread; the loop runs on its own
+    thread (`start()`), or step by step (`step()`) in tests."""
+
+    def __init__(
+        self,
+        target: BatchTarget,
+        drafts: DraftPool | None,
+        policy: PolicyConfig = PolicyConfig(),
+        options: SchedulerOptions = SchedulerOptions(),
+        *,
+        name: str = "scheduler",
+        clock: Callable[[], float] = time.perf_counter,
+        on_target_lost: TargetLostHandler | None = None,
+    ) -> None:
+        self.target = target
+        self.drafts = drafts
+        self.config = policy
+        self.options = options
+        self.name = name
+        self.clock = clock
+        self.on_target_lost = on_target_lost
+        # Costs and acceptance of this replica's workers, shared by its rows (one thread).
+        self.estimates = DeploymentEstimates(policy)
+        self.costs = StepCosts(policy)
+        self.batch_policy = BatchPolicy(policy, self.costs)
+        self.pipelining = PipeliningChoice(options.pipelined)
+        self.running: list[Row] = []
+        self.waiting: collections.deque[Row] = collections.deque()
+        self._inbox: collections.deque[Row] = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self.alive = True
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.row_steps = 0  # sum over steps of the rows in the target pass (mean batch size)
+        self.plain_row_steps = 0  # of those, plain rows
+        self.max_batch = 0
+
+    # -- outside API --------------------------------------------------------------------------
+
+    def submit(self, row: Row) -> None:
+        with self._wake:
+            if self._closing or not self.alive:
+                raise RuntimeError(f"{self.name} is not running")
+            self._inbox.append(row)
+            self._wake.notify()
+
+    @property
+    def load(self) -> int:
+        """Rows this scheduler holds (running, waiting, just submitted): for routing."""
+        return len(self.running) + len(self.waiting) + len(self._inbox)
+
+    def wake(self) -> None:
+        """A row was cancelled: let an idle loop notice."""
+        with self._wake:
+            self._wake.notify()
+
+    def start(self) -> StepScheduler:
+        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """End every row (CANCELLED), release them, stop the loop."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        else:
+            self._shutdown()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closing and not self._has_work():
+                    self._wake.wait(0.5)
+                if self._closing:
+                    break
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - never let one bad step end the replica's loop
+                log.exception("%s: step failed", self.name)
+                time.sleep(0.01)
+            if not self.alive:
+                return
+        self._shutdown()
+
+    def _has_work(self) -> bool:
+        return bool(self._inbox or self.waiting or self.running)
+
+    def _shutdown(self) -> None:
+        self._take_inbox()
+        for row in [*self.running, *self.waiting]:
+            row.finish_cancelled()
+            self._release(row)
+            row.sink.finished()
+        self.running.clear()
+        self.waiting.clear()
+        self.alive = False
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """One step of the batch; False when there was nothing to do."""
+        try:
+            self._take_inbox()
+            self._drop_cancelled()
+            self._admit()
+            if not self.running:
+                return bool(self.waiting)
+            self._retry_drafts()
+            self._run_batch()
+            self.steps += 1
+            self.costs.steps = self.steps
+            return True
+        except _TargetLost as lost:
+            self._target_lost(lost.__cause__ or lost)
+            return False
+
+    def _take_inbox(self) -> None:
+        with self._wake:
+            while self._inbox:
+                self.waiting.append(self._inbox.popleft())
+
+    def _drop_cancelled(self) -> None:
+        for rows in (self.running, self.waiting):
+            gone = [r for r in rows if r.cancelled]
+            for row in gone:
+                rows.remove(row)
+                row.finish_cancelled()
+                self._release(row)
+                row.sink.finished()
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        batch: list[Row] = []
+        budget = self.options.prefill_tokens_per_step
+        while self.waiting and len(self.running) + len(batch) < self.options.max_rows:
+            row = self.waiting[0]
+            cost = row.rounds.committed_len
+            if batch and cost > budget:
+                break
+            batch.append(self.waiting.popleft())
+            budget -= cost
+        if not batch:
+            return
+        for row in batch:
+            if row.policy is None:
+                row.policy = spec_policy(
+                    self.config,
+                    row.mode,
+                    row.request.k,
+                    row.deterministic,
+                    self.estimates,
+                    row.request.pipelined,
+                )
+                if row.mode is SpecMode.OFF or self.drafts is None or not self.drafts.configured:
+                    row.policy.draft_failed()
+        fresh = [r for r in batch if r.mode is not SpecMode.OFF and r.lease is None]
+        draft_calls = self._draft_prefill(fresh)
+        target_f = self._target_call(
+            lambda t: t.prefill_batch(
+                [PrefillRow(r.seq_id, r.rounds.tokens, r.params) for r in batch]
+            )
+        )
+        results = self._target_wait(target_f)
+        self._settle_draft_prefill(draft_calls)
+        refused: list[Row] = []
+        for row, res in zip(batch, results, strict=True):
+            if res is None:
+                row.on_target = True
+                self.running.append(row)
+            elif isinstance(res, KVBudgetExceeded) and (self.running or refused):
+                refused.append(row)  # waits for room: rows leave as they finish
+            else:
+                self._fail(row, res)
+        self.waiting.extendleft(reversed(refused))
+
+    def _draft_prefill(self, rows: Sequence[Row]) -> list[tuple[list[Row], Future | None]]:
+        """Bind each row to a draft worker and prefill it there (one call per worker)."""
+        if self.drafts is None or not rows:
+            return []
+        for row in rows:
+            if row.lease is None:
+                row.lease = self.drafts.acquire()
+                if row.lease is None:
+                    row.lose_draft()
+        calls = []
+        for group in group_by_lease(rows).values():
+            side = group[0].lease.side
+            try:
+                fut = side.prefill_batch(
+                    [PrefillRow(r.seq_id, r.rounds.tokens, r.params) for r in group]
+                )
+            except Exception:  # noqa: BLE001 - the draft is gone: plain mode
+                fut = None
+            calls.append(([r for r in group], fut))
+        return calls
+
+    def _settle_draft_prefill(self, calls: list[tuple[list[Row], Future | None]]) -> None:
+        for group, fut in calls:
+            results = self._draft_results(fut, len(group))
+            for row, res in zip(group, results, strict=True):
+                if res is None:
+                    row.draft_len = row.rounds.committed_len
+                    row.ready = None
+                    row.policy.draft_restored()
+                else:
+                    self._drop_lease(row)
+                    row.lose_draft()
+
+    def _retry_drafts(self) -> None:
+        due = [r for r in self.running if r.policy.draft_retry_due()]
+        if due:
+            self._settle_draft_prefill(self._draft_prefill(due))
+
+    # -- the batch ----------------------------------------------------------------------------
+
+    def _run_batch(self) -> None:
+        rows = list(self.running)
+        ks = self._choose(rows)
+        t0 = self.clock()
+        proposals, drafted, timed = self._draft(rows, ks)
+        draft_seconds = self.clock() - t0
+        vrows = []
+        for row in rows:
+            p = proposals.get(row.seq_id)
+            committed = row.rounds.committed_len
+            if p is None:
+                vrows.append(VerifyRow(row.seq_id, committed))
+            else:
+                vrows.append(VerifyRow(row.seq_id, committed, p.tokens, p.q))
+        t1 = self.clock()
+        verify_f = self._target_call(lambda t: t.verify_batch(vrows))
+        ahead = self._draft_ahead(rows, proposals)
+        try:
+            verdicts = self._target_wait(verify_f)
+        finally:
+            verify_seconds = self.clock() - t1
+        width = max(len(v.draft_tokens) for v in vrows) + 1
+        self.row_steps += len(rows)
+        self.plain_row_steps += sum(1 for v in vrows if v.plain)
+        self.max_batch = max(self.max_batch, len(rows))
+        committed = self._commit(rows, vrows, verdicts)
+        self._settle_ahead(ahead, proposals, verdicts, rows)
+        step_seconds = self.clock() - t0
+        # Prices: the target pass by its padded positions; the draft passes by rows drafting.
+        if not ahead:  # drafting ahead shares the cores here: that verify time is not typical
+            self.costs.observe_target(len(rows), width, verify_seconds)
+        if drafted and timed:
+            self.costs.observe_draft(drafted, max(ks), draft_seconds)
+        if width == 1:
+            self.costs.last_plain_step = self.steps
+        self.pipelining.observe(width > 1, committed, step_seconds)
+
+    def _choose(self, rows: Sequence[Row]) -> list[int]:
+        choices = []
+        top = self.config.max_draft_tokens
+        for row in rows:
+            cap = row.rounds.block_size(top)
+            pol = row.policy
+            acc = pol.acceptance
+            expected = [acc.expected_tokens(k) for k in range(top + 1)]
+            if row.deterministic or not pol.draft_available or row.mode is SpecMode.OFF:
+                # Decided by the row alone: a seeded row's choices must not depend on its
+                # neighbours (it repeats exactly, whatever shares its batch).
+                choices.append(RowChoice(cap, "own", expected, own_k=pol.next_k()))
+                continue
+            kind = "on" if row.mode is SpecMode.ON else "auto"
+            choices.append(RowChoice(cap, kind, expected, pin=row.request.k))
+        return self.batch_policy.choose(choices)
+
+    def _draft(
+        self, rows: Sequence[Row], ks: Sequence[int]
+    ) -> tuple[dict[str, Proposal], int, bool]:
+        """Proposals of the rows that speculate (rows whose draft fails go plain)."""
+        proposals: dict[str, Proposal] = {}
+        asks: list[tuple[Row, int]] = []
+        for row, k in zip(rows, ks, strict=True):
+            if k <= 0 or row.lease is None:
+                row.ready = None
+                continue
+            ready, row.ready = row.ready, None
+            if ready is not None and ready.start == row.rounds.committed_len and ready.tokens:
+                proposals[row.seq_id] = _trim(ready, k)
+            else:
+                asks.append((row, k))
+        timed = all(
+            row.rounds.committed_len - row.draft_len <= self.config.max_draft_tokens + 1
+            for row, _ in asks
+        )
+        calls = []
+        by_key: dict[str, list[tuple[Row, int]]] = {}
+        for row, k in asks:
+            by_key.setdefault(row.lease.key, []).append((row, k))
+        for group in by_key.values():
+            reqs = [
+                ProposeRow(r.seq_id, r.draft_len, k, r.lag(), r.rounds.committed_len)
+                for r, k in group
+            ]
+            calls.append(
+                (group, self._draft_call(group[0][0], lambda s, q=reqs: s.propose_batch(q)))
+            )
+        for group, fut in calls:
+            results = self._draft_results(fut, len(group))
+            for (row, _k), res in zip(group, results, strict=True):
+                if isinstance(res, Proposal) and res.tokens:
+                    row.draft_len = row.rounds.committed_len
+                    proposals[row.seq_id] = res
+                else:
+                    self._lose_row_draft(row, res)
+        return proposals, len(asks), timed
+
+    def _draft_ahead(
+        self, rows: Sequence[Row], proposals: dict[str, Proposal]
+    ) -> list[tuple[list[Row], Future | None]]:
+        """Pipelining: draft the guessed bonus plus the next block while the target verifies."""
+        pick = []
+        for row in rows:
+            p = proposals.get(row.seq_id)
+            want = row.request.pipelined
+            if want is None or want == "auto":
+                want = self.pipelining.now
+            if p is None or not want:
+                continue
+            k = len(p.tokens)
+            if row.policy.acceptance.whole_block(k) < self.options.ahead_min_whole:
+                continue
+            pick.append(row)
+        calls = []
+        for group in group_by_lease(pick).values():
+            reqs = []
+            for r in group:
+                p = proposals[r.seq_id]
+                reqs.append(
+                    ProposeRow(
+                        r.seq_id, r.draft_len, len(p.tokens) + 1, (), p.start + len(p.tokens)
+                    )
+                )
+            calls.append((group, self._draft_call(group[0], lambda s, q=reqs: s.propose_batch(q))))
+        return calls
+
+    def _settle_ahead(self, calls, proposals, verdicts, rows) -> None:
+        verdict_of = {r.seq_id: v for r, v in zip(rows, verdicts, strict=True)}
+        for group, fut in calls:
+            results = self._draft_results(fut, len(group))
+            for row, res in zip(group, results, strict=True):
+                if not isinstance(res, Proposal):
+                    self._lose_row_draft(row, res)
+                    continue
+                verdict = verdict_of.get(row.seq_id)
+                if row.rounds.finished or isinstance(verdict, BaseException):
+                    continue
+                hit = ahead_hit(proposals[row.seq_id], verdict, res)
+                stats = row.rounds.stats
+                if hit is not None:
+                    stats.pipeline_hits += 1
+                    row.ready = hit
+                else:
+                    stats.pipeline_misses += 1
+
+    def _commit(self, rows: Sequence[Row], vrows: Sequence[VerifyRow], verdicts) -> int:
+        committed = 0
+        for row, vrow, res in zip(rows, vrows, verdicts, strict=True):
+            if isinstance(res, BaseException):
+                self._row_target_error(row, res)
+                continue
+            if vrow.plain:
+                out = row.rounds.on_plain(res.token)
+                row.policy.observe_plain(0.0)
+            else:
+                out = row.rounds.on_round(list(vrow.draft_tokens), res.accepted, res.token)
+                row.policy.observe_round(
+                    len(vrow.draft_tokens), res.accepted, 0.0, 0.0, timed=False
+                )
+            committed += len(out)
+            if out:
+                row.sink.tokens(out)
+            if row.rounds.finished:
+                self.running.remove(row)
+                self._release(row)
+                row.sink.finished()
+        return committed
+
+    # -- failures -----------------------------------------------------------------------------
+
+    def _row_target_error(self, row: Row, exc: BaseException) -> None:
+        if isinstance(exc, UnknownSequenceError | StaleSequenceError):
+            # The target lost (or disagrees on) this row: recover by re-prefilling it.
+            log.warning("%s: re-prefilling %s on the target (%s)", self.name, row.seq_id, exc)
+            self.running.remove(row)
+            row.on_target = False
+            row.ready = None
+            self.waiting.appendleft(row)
+            return
+        self.running.remove(row)
+        self._fail(row, exc)
+
+    def _fail(self, row: Row, exc: BaseException) -> None:
+        self._release(row)
+        row.sink.failed(exc)
+
+    def _target_lost(self, exc: BaseException) -> None:
+        log.warning("%s: target lost (%s); moving %d rows", self.name, exc, self.load)
+        self._take_inbox()
+        rows = [*self.running, *self.waiting]
+        self.running.clear()
+        self.waiting.clear()
+        self.alive = False
+        for row in rows:
+            row.on_target = False
+            row.ready = None
+        if self.on_target_lost is not None:
+            self.on_target_lost(rows, exc)
+        else:
+            for row in rows:
+                self._release(row)
+                row.sink.failed(exc)
+
+    def _target_call(self, call: Callable[[BatchTarget], Future]) -> Future:
+        try:
+            return call(self.target)
+        except Exception as exc:
+            if is_worker_loss(exc):
+                raise _TargetLost() from exc
+            raise
+
+    def _target_wait(self, fut: Future) -> list:
+        try:
+            return fut.result(timeout=self.options.target_timeout_s)
+        except Exception as exc:
+            if is_worker_loss(exc):
+                raise _TargetLost() from exc
+            raise
+
+    def _draft_call(self, row: Row, call) -> Future | None:
+        try:
+            return call(row.lease.side)
+        except Exception:  # noqa: BLE001 - any transport error means: no draft now
+            return None
+
+    def _draft_results(self, fut: Future | None, n: int) -> list:
+        if fut is None:
+            return [RuntimeError("draft call failed")] * n
+        try:
+            return fut.result(timeout=self.options.draft_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - failure or timeout: plain mode, no token lost
+            return [exc] * n
+
+    def _lose_row_draft(self, row: Row, exc: object) -> None:
+        log.debug("%s: %s loses its draft (%s)", self.name, row.seq_id, exc)
+        self._drop_lease(row)
+        row.lose_draft()
+
+    def _drop_lease(self, row: Row) -> None:
+        lease, row.lease = row.lease, None
+        if lease is not None:
+            try:
+                lease.side.release(row.seq_id)
+            except Exception:  # noqa: BLE001 - a dead draft holds nothing any more
+                pass
+            self.drafts.release(lease)
+
+    def _release(self, row: Row) -> None:
+        """Free the row on every worker (also after errors and cancellation)."""
+        if row.on_target:
+            try:
+                self.target.release(row.seq_id)
+            except Exception:  # noqa: BLE001 - a dead target has nothing left to free
+                pass
+            row.on_target = False
+        self._drop_lease(row)
+        row.ready = None
+        row.released.set()
+
+
+def _trim(p: Proposal, k: int) -> Proposal:
+    if len(p.tokens) <= k:
+        return p
+    q = None if p.q is None else SparseQ(p.q.indices[:k], p.q.probs[:k])
+    return Proposal(p.start, p.tokens[:k], q)
+
+
+__all__ = ["FinishReason", "SchedulerOptions", "StepScheduler"]

@@ -1,0 +1,111 @@
+"""The batch policy prices whole steps: k per row maximises the batch's committed tokens per
+second, down to k = 0 (plain steps for every row) when batched verification costs more than it
+gains, and back when speculation pays again. Fake step times from a cost function stand in for
+the clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.batch_policy import BatchPolicy, LineFit, RowChoice, StepCosts
+from cluster.policy import AcceptanceModel, PolicyConfig
+
+CFG = PolicyConfig(max_draft_tokens=8, probe_interval=4, max_probe_interval=16)
+
+
+def compute_bound(rows: int, width: int) -> float:
+    """A target whose pass costs 2 ms + 1 ms per padded position (compute-bound at scale)."""
+    return 0.002 + 0.001 * rows * width
+
+
+def overhead_bound(rows: int, width: int) -> float:
+    """A target dominated by per-pass overhead: 20 ms + 0.05 ms per position."""
+    return 0.020 + 0.00005 * rows * width
+
+
+def draft_pass(rows: int) -> float:
+    return 0.0005 + 0.0001 * rows
+
+
+def rows_of(n: int, alpha: float, kind: str = "auto", cap: int = 8) -> list[RowChoice]:
+    acc = AcceptanceModel([alpha] * 8, 1.0, 10.0)
+    expected = [acc.expected_tokens(k) for k in range(9)]
+    return [RowChoice(cap, kind, expected) for _ in range(n)]
+
+
+def run_steps(policy: BatchPolicy, costs: StepCosts, rows, target, steps: int) -> list[int]:
+    """Drive the policy: each step's chosen k is 'measured' with the given cost functions."""
+    chosen = []
+    for _ in range(steps):
+        ks = policy.choose(rows)
+        k = max(ks)
+        width = k + 1
+        costs.observe_target(len(rows), width, target(len(rows), width))
+        drafting = sum(1 for x in ks if x > 0)
+        if k:
+            costs.observe_draft(drafting, k, k * draft_pass(drafting))
+        else:
+            costs.last_plain_step = costs.steps
+        costs.steps += 1
+        chosen.append(k)
+    return chosen
+
+
+def test_line_fit_recovers_slope_and_offset_and_falls_back_to_the_prior_ratio():
+    fit = LineFit(keep=1.0, prior_ratio=0.1)
+    for x in (1, 5, 16, 80):
+        fit.add(x, 0.002 + 0.001 * x)
+    a, b = fit.coefficients()
+    assert a == pytest.approx(0.002, rel=1e-6) and b == pytest.approx(0.001, rel=1e-6)
+    one = LineFit(keep=1.0, prior_ratio=0.1)
+    one.add(5, 1.4)  # one width seen: y = a (1 + 0.1 (x - 1)) through it
+    assert one.predict(1) == pytest.approx(1.0) and one.predict(5) == pytest.approx(1.4)
+
+
+def test_speculates_at_low_load_and_goes_plain_when_the_batch_saturates_the_target():
+    costs = StepCosts(CFG)
+    policy = BatchPolicy(CFG, costs)
+    single = rows_of(1, 0.8)
+    ks = run_steps(policy, costs, single, compute_bound, 40)
+    assert ks[-1] > 0 and sum(k > 0 for k in ks[-20:]) >= 19  # one stream: speculation pays
+    big = rows_of(64, 0.8)
+    ks = run_steps(policy, costs, big, compute_bound, 40)
+    # 64 rows x (k+1) positions: the target is compute-bound, k + 1 positions cost ~k + 1 times
+    # one: every row takes plain steps (probes aside).
+    assert ks[-10:].count(0) >= 9
+    assert policy.speculating is False
+    # The load goes away: speculation comes back (a probe sees it pay).
+    ks = run_steps(policy, costs, single, compute_bound, 40)
+    assert ks[-1] > 0 and policy.speculating
+
+
+def test_overhead_bound_target_keeps_speculating_under_load():
+    costs = StepCosts(CFG)
+    policy = BatchPolicy(CFG, costs)
+    ks = run_steps(policy, costs, rows_of(16, 0.8), overhead_bound, 60)
+    assert sum(k > 0 for k in ks[-20:]) >= 19
+
+
+def test_poor_acceptance_goes_plain_even_alone():
+    costs = StepCosts(CFG)
+    policy = BatchPolicy(CFG, costs)
+    ks = run_steps(policy, costs, rows_of(1, 0.02), compute_bound, 60)
+    assert ks[-10:].count(0) >= 9
+
+
+def test_own_and_pinned_rows_keep_their_k_whatever_the_batch_does():
+    costs = StepCosts(CFG)
+    policy = BatchPolicy(CFG, costs)
+    rows = rows_of(32, 0.8)
+    run_steps(policy, costs, rows, compute_bound, 40)
+    assert not policy.speculating
+    acc = rows[0].expected
+    seeded = RowChoice(8, "own", (), own_k=3)  # seeded sampling: decided by itself
+    on_pinned = RowChoice(8, "on", acc, pin=2)  # mode ON with num_draft_tokens=2
+    on_free = RowChoice(8, "on", acc)  # mode ON, adaptive: at least one draft token
+    capped = RowChoice(1, "on", acc, pin=4)  # one token left before max_new_tokens
+    off = RowChoice(8, "own", (), own_k=0)
+    ks = policy.choose([*rows, seeded, on_pinned, on_free, capped, off])
+    batch_k = ks[0]
+    assert ks[-5:] == [3, 2, max(1, batch_k), 1, 0]
+    assert set(ks[: len(rows)]) == {batch_k}

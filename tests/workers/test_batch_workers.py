@@ -1,0 +1,245 @@
+"""Batched draft/target calls (workers/batch.py rows) against each row run alone.
+
+Oracle: a second draft and target worker pair on the same checkpoints, called per sequence
+(propose / verify / plain_step) with the same arguments. The batched pair must answer every row
+exactly as the oracle does (same drafts, same q to fp32 tolerance, same verdicts), through ragged
+k, plain rows, pipelined commits, joins, leaves, refusals, retries and the KV budget.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.tiny_models import make_model
+from workers.batch import PrefillRow, ProposeRow, VerifyRow
+from workers.draft import DraftWorker, Proposal
+from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
+from workers.model_runner import ModelRunner
+from workers.sampling import SamplingParams
+from workers.target import TargetWorker
+
+GREEDY = SamplingParams()
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    base = tmp_path_factory.mktemp("batchw")
+    target = make_model(base / "target", seed=0)
+    near = base / "near"  # the target plus noise: partial acceptance
+    model = AutoModelForCausalLM.from_pretrained(target, local_files_only=True)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(near)
+    AutoTokenizer.from_pretrained(target, local_files_only=True).save_pretrained(near)
+    return {"target": target, "near": near}
+
+
+def pair(ckpts, **kw) -> tuple[TargetWorker, DraftWorker]:
+    return (
+        TargetWorker(ModelRunner(ckpts["target"], **kw)),
+        DraftWorker(ModelRunner(ckpts["near"], **kw), top_m=16),
+    )
+
+
+def same_proposal(got: object, want: Proposal) -> None:
+    assert isinstance(got, Proposal), got
+    assert (got.start, got.tokens) == (want.start, want.tokens)
+    if want.q is None:
+        assert got.q is None
+    else:
+        assert torch.equal(got.q.indices, want.q.indices)
+        torch.testing.assert_close(got.q.probs, want.q.probs, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_rounds_equal_each_row_alone(ckpts):
+    """Many sequences, ragged prompts and k (0 = plain), greedy and seeded sampling, pipelined
+    commits, joins and leaves between steps: every row's answer equals the row alone."""
+    bt, bd = pair(ckpts)
+    bt.runner.kv.slack = 8  # compact often
+    bd.runner.kv.slack = 8
+    ot, od = pair(ckpts)
+    rng = random.Random(0)
+    live: dict[str, dict] = {}
+    next_id = 0
+    accepted_any = rejected_any = False
+
+    def join(count: int) -> None:
+        nonlocal next_id
+        rows = []
+        for _ in range(count):
+            sid = f"s{next_id}"
+            next_id += 1
+            params = GREEDY if rng.random() < 0.5 else SamplingParams(0.9, 20, seed=next_id)
+            prompt = [rng.randrange(2, 96) for _ in range(rng.randint(1, 12))]
+            rows.append(PrefillRow(sid, prompt, params))
+            live[sid] = {"n": len(prompt), "commit": []}
+            ot.prefill(sid, prompt, params)
+            od.prefill(sid, prompt, params)
+        assert bt.prefill_batch(rows) == [None] * count
+        assert bd.prefill_batch(rows) == [None] * count
+
+    join(5)
+    for step in range(14):
+        if step % 4 == 3:
+            join(rng.randint(1, 3))
+        if step % 5 == 4:
+            for sid in rng.sample(sorted(live), 2):
+                for w in (bt, bd, ot, od):
+                    assert w.release(sid)
+                del live[sid]
+        ks = {sid: rng.choice([0, 1, 2, 3, 4]) for sid in live}
+        spec = [sid for sid in live if ks[sid]]
+        prows = [ProposeRow(s, live[s]["n"], ks[s], tuple(live[s]["commit"])) for s in spec]
+        got = bd.propose_batch(prows)
+        proposals = {}
+        for r, g in zip(prows, got, strict=True):
+            want = od.propose(r.seq_id, r.committed_len, r.k, list(r.commit))
+            same_proposal(g, want)
+            proposals[r.seq_id] = want
+            live[r.seq_id]["n"] += len(r.commit)
+            live[r.seq_id]["commit"] = []
+        # The target's committed length: the draft's plus what it was not yet told.
+        tlen = {s: live[s]["n"] + len(live[s]["commit"]) for s in live}
+        vrows = [
+            VerifyRow(s, tlen[s], proposals[s].tokens, proposals[s].q)
+            if s in proposals
+            else VerifyRow(s, tlen[s])
+            for s in live
+        ]
+        rng.shuffle(vrows)
+        got = bt.verify_batch(vrows)
+        for r, g in zip(vrows, got, strict=True):
+            st = live[r.seq_id]
+            if r.plain:
+                want_token = ot.plain_step(r.seq_id, r.committed_len)
+                assert (g.accepted, g.token, g.bonus) == (0, want_token, False)
+                st["commit"].append(want_token)
+                for w in (bd, od):  # a plain row tells its draft at once (commit alone)
+                    assert w.commit(r.seq_id, st["n"], st["commit"]) == tlen[r.seq_id] + 1
+                st["n"], st["commit"] = tlen[r.seq_id] + 1, []
+            else:
+                want = ot.verify(r.seq_id, r.committed_len, list(r.draft_tokens), r.q)
+                assert g == want
+                st["commit"] += want.committed(list(r.draft_tokens))
+                accepted_any |= want.accepted > 0
+                rejected_any |= want.accepted < len(r.draft_tokens)
+        for sid, st in live.items():
+            assert bt.committed_tokens(sid) == ot.committed_tokens(sid)
+            assert bt.committed_len(sid) == st["n"] + len(st["commit"])
+    assert accepted_any and rejected_any
+    for sid in list(live):
+        for w in (bt, bd):
+            assert w.release(sid)
+    for w in (bt, bd):
+        assert w.live_sequences == 0 and w.kv_tokens == 0
+
+
+def test_failing_rows_fail_alone_and_retries_answer_again(ckpts):
+    t, d = pair(ckpts)
+    ot, _ = pair(ckpts)
+    prompt = [5, 6, 7, 8, 9]
+    for sid in ("a", "b"):
+        t.prefill(sid, prompt, GREEDY)
+        ot.prefill(sid, prompt, GREEDY)
+        d.prefill(sid, prompt, GREEDY)
+    n = len(prompt)
+    block = d.propose("a", n, 3).tokens
+    rows = [
+        VerifyRow("a", n, block),
+        VerifyRow("nope", n),
+        VerifyRow("b", n + 1),  # stale
+        VerifyRow("b", n, [1], None),
+    ]
+    got = t.verify_batch(rows)
+    assert got[0] == ot.verify("a", n, block)
+    assert isinstance(got[1], UnknownSequenceError)
+    assert isinstance(got[2], StaleSequenceError)
+    assert got[3] == ot.verify("b", n, [1])
+    again = t.verify_batch([rows[0], rows[3]])  # the retry of the applied calls
+    assert again == [got[0], got[3]]
+    # The same sequence twice in one batch: handled in order, like a row-by-row loop.
+    n_b = t.committed_len("b")
+    twice = t.verify_batch([VerifyRow("b", n_b), VerifyRow("b", n_b + 1)])
+    assert [v.token for v in twice] == [ot.plain_step("b", n_b), ot.plain_step("b", n_b + 1)]
+    # Draft refusals: bad k, bad start and unknown rows fail alone; the good row drafts.
+    prows = [
+        ProposeRow("a", n, 0),
+        ProposeRow("a", n, 2, start=n + 10),
+        ProposeRow("zz", n, 2),
+        ProposeRow("b", n, 2),
+    ]
+    got = d.propose_batch(prows)
+    assert isinstance(got[0], ValueError) and isinstance(got[2], UnknownSequenceError)
+    assert isinstance(got[1], ValueError)  # "a" named twice: after the batch, in order
+    assert isinstance(got[3], Proposal) and len(got[3].tokens) == 2
+    pre = t.prefill_batch([PrefillRow("x", [], GREEDY), PrefillRow("y", [3, 4], GREEDY)])
+    assert isinstance(pre[0], ValueError) and pre[1] is None
+    for w in (t, d):
+        for sid in ("a", "b", "x", "y"):
+            w.release(sid)
+        assert w.live_sequences == 0 and w.kv_tokens == 0
+
+
+def test_kv_budget_refuses_prefill_rows_alone(ckpts):
+    t = TargetWorker(ModelRunner(ckpts["target"], max_kv_tokens=20))
+    rows = [
+        PrefillRow("a", list(range(2, 12)), GREEDY),  # holds 9
+        PrefillRow("b", list(range(2, 14)), GREEDY),  # 11 more -> 20: fits exactly
+        PrefillRow("c", [3, 4], GREEDY),  # 1 more -> 21: refused
+    ]
+    got = t.prefill_batch(rows)
+    assert got[:2] == [None, None] and isinstance(got[2], KVBudgetExceeded)
+    assert t.live_sequences == 2 and t.kv_tokens == 20
+    with pytest.raises(KVBudgetExceeded):
+        t.prefill("c", [3, 4], GREEDY)
+    t.prefill("a", [3, 4], GREEDY)  # a re-prefill frees its old tokens first: fits
+    assert t.kv_tokens == 12
+    for sid in ("a", "b"):
+        t.release(sid)
+    assert t.kv_tokens == 0 and t.live_sequences == 0
+
+
+def test_pipelined_proposals_with_tails_commits_and_start(ckpts):
+    """The draft's speculative tail: batched proposals that extend a tail, commit into it (agree
+    or not) and restart from `start` equal the same calls row by row."""
+    _, bd = pair(ckpts)
+    _, od = pair(ckpts)
+    sampled = SamplingParams(1.0, 0, seed=3)
+    prompts = {"p": [4, 5, 6, 7], "q": [8, 9], "r": [10, 11, 12, 13, 14, 15]}
+    for sid, toks in prompts.items():
+        params = sampled if sid == "q" else GREEDY
+        bd.prefill(sid, toks, params)
+        od.prefill(sid, toks, params)
+    n = {s: len(t) for s, t in prompts.items()}
+
+    def both(rows: list[ProposeRow]) -> list[Proposal]:
+        got = bd.propose_batch(rows)
+        want = [od.propose(r.seq_id, r.committed_len, r.k, list(r.commit), r.start) for r in rows]
+        for g, w in zip(got, want, strict=True):
+            same_proposal(g, w)
+        return want
+
+    first = both([ProposeRow(s, n[s], k) for s, k in (("p", 2), ("q", 3), ("r", 1))])
+    # Pipelined: the next block before the first is verified (the tail grows).
+    second = both([ProposeRow(s, n[s], 2) for s in ("p", "q", "r")])
+    assert [p.start for p in second] == [n["p"] + 2, n["q"] + 3, n["r"] + 1]
+    # p: the whole first block and 1 more accepted (the tail stays); q: a commit that disagrees
+    # at its second token (the tail after it goes); r: restart inside the tail.
+    commit_p = first[0].tokens + second[0].tokens[:1]
+    commit_q = [first[1].tokens[0], (first[1].tokens[1] + 1) % 90]
+    rows = [
+        ProposeRow("p", n["p"], 2, tuple(commit_p)),
+        ProposeRow("q", n["q"], 4, tuple(commit_q)),
+        ProposeRow("r", n["r"], 3, (), n["r"] + 1),
+    ]
+    both(rows)
+    for sid in prompts:
+        assert bd.committed_len(sid) == od.committed_len(sid)
+        assert bd.release(sid)
+    assert bd.live_sequences == 0 and bd.kv_tokens == 0
