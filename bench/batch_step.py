@@ -41,14 +41,16 @@ class PerSequence:
         self.caches[sid].crop(-n_drop)
 
 
-def median_ms(fn, steps: int) -> float:
-    fn()  # warm
-    times = []
+def compare_ms(new, base, steps: int) -> tuple[float, float]:
+    """Median wall times of new and base, alternating (a shared, noisy machine drifts)."""
+    new(), base()  # warm
+    t_new, t_base = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for fn, out in ((new, t_new), (base, t_base)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(t_new), 1e3 * statistics.median(t_base)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             ("decode", new_decode, old_decode),
             ("verify k=4", new_verify, old_verify),
         ):
-            t_new, t_old = median_ms(new, args.steps), median_ms(base, args.steps)
+            t_new, t_old = compare_ms(new, base, args.steps)
             print(
                 f"B={b:2d} {name:10s}: batched {t_new:7.2f} ms   per-sequence {t_old:7.2f} ms"
                 f"   ({t_old / t_new:4.2f}x)"

@@ -375,6 +375,10 @@ class Endpoint:
     info: worker_pb2.ModelInfo | None = None
     order: int = field(default=0)
 
+    @property
+    def key(self) -> str:  # a DraftLease: rows of one worker share one batched call
+        return self.address
+
 
 class WorkerPool:
     """The addresses of one kind of worker (role "draft" or "target"). Thread-safe.

@@ -331,6 +331,10 @@ class Router:
     def _scheduler_for(self, ep: Endpoint) -> StepScheduler:
         with self._lock:
             sched = self._schedulers.get(ep.address)
+            if sched is not None and sched.alive and sched.target is not ep.side:
+                # The address left the pool (its channel closed) and came back: a new channel.
+                sched.close()
+                sched = None
             if sched is None or not sched.alive:
                 sched = StepScheduler(
                     ep.side,

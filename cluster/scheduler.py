@@ -148,12 +148,20 @@ class StepScheduler:
                     break
             try:
                 self.step()
-            except Exception:  # noqa: BLE001 - never let one bad step end the replica's loop
-                log.exception("%s: step failed", self.name)
-                time.sleep(0.01)
+            except Exception as exc:  # noqa: BLE001 - a bug must not hang its streams
+                log.exception("%s: step failed; failing its rows", self.name)
+                self._fail_all(exc)
             if not self.alive:
                 return
         self._shutdown()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self._take_inbox()
+        rows = [*self.running, *self.waiting]
+        self.running.clear()
+        self.waiting.clear()
+        for row in rows:
+            self._fail(row, exc)
 
     def _has_work(self) -> bool:
         return bool(self._inbox or self.waiting or self.running)

@@ -7,6 +7,14 @@ its neighbours are unaffected. No ray, no grpc.
 
     results = target.verify_batch([VerifyRow("a", 12, [5, 9]), VerifyRow("b", 40, [])])
     # -> [Verdict(...), Verdict(accepted=0, token=..., bonus=False)]   (row b: a plain step)
+
+The workers run each batched call as real batched forwards over one batched KV cache
+(workers/batch_kv.py): a verify_batch is ONE forward for all its rows, a prefill_batch one forward
+for all its prompts, a propose_batch k_max forwards (rows with a smaller k drop out). Row errors:
+UnknownSequenceError, StaleSequenceError, ValueError (bad argument, context), KVBudgetExceeded
+(prefill only: the worker's max_kv_tokens would be passed; retry when rows have left). A seq_id
+named twice in one call is allowed: its later rows run after the batch, in order (an extra
+forward). The per-sequence methods are batches of one.
 """
 
 from __future__ import annotations

@@ -28,6 +28,11 @@ what is held: rows < 2 x (rows in use) < 4 x live sequences (doubling; squeezed 
 columns < 2 x (2 x longest row + slack + widest forward) (doubling; compacted when holes reach the
 longest row). When the last sequence leaves, the buffers go back to their initial size.
 
+Why not transformers' PagedAttentionCache (generation.continuous_batching, 5.24): it has no
+per-request rollback (a request's length is its scheduler's RequestState.position_offset; only
+whole requests are freed), and its forward needs that manager's packed varlen inputs (cu_seq_lens,
+read/write indices per allocator) and a "paged|..." attention implementation swapped into the model.
+
 No ray, no grpc.
 """
 
@@ -44,15 +49,20 @@ from workers.errors import KVBudgetExceeded
 
 @dataclass(slots=True)
 class Step:
-    """One forward: rows [lo, hi) of the buffers, new tokens at columns [start, end)."""
+    """One forward: the view's buffer rows (`sel`: a slice, or an index tensor for a gathered
+    sub-batch), new tokens at columns [start, end)."""
 
-    lo: int
-    hi: int
+    rows: list[int]  # buffer row of each view row
+    sel: slice | torch.Tensor
     start: int
     end: int
-    counts: list[int]  # new real tokens per row of the view (0: padding only)
-    position_ids: torch.Tensor  # [hi - lo, end - start]
-    mask: torch.Tensor | None  # [hi - lo, 1, N, end] bool, or None: a plain causal block
+    counts: list[int]  # new real tokens per view row (0: padding only)
+    position_ids: torch.Tensor  # [len(rows), end - start]
+    mask: torch.Tensor | None  # [len(rows), 1, N, end] bool, or None: a plain causal block
+
+    def place(self) -> dict[int, int]:
+        """Buffer row -> view row."""
+        return {r: i for i, r in enumerate(self.rows)}
 
 
 class _Layer(CacheLayerMixin):
@@ -237,13 +247,21 @@ class BatchedKV:
 
     @torch.inference_mode()
     def begin(self, items: list[tuple[str, int]]) -> Step:
-        """Plan a forward of n_i >= 1 new tokens for each (live) seq_id; rows come back in the
-        order of `Step.lo`-relative rows: row_of(seq_id) - step.lo."""
+        """Plan a forward of n_i >= 1 new tokens for each (live) seq_id.
+
+        The view is the contiguous rows from the first to the last named one (rows in between
+        ride along as padding: no copy), or, when that span is mostly rows not named, just the
+        named rows, gathered (a copy of their KV, cheaper than the padding's compute)."""
         width = max(n for _, n in items)
         self._maybe_compact(width)
-        rows = [self._row[s] for s, _ in items]
-        lo, hi = min(rows), max(rows) + 1
-        lens = self._len[lo:hi]
+        named = sorted(self._row[s] for s, _ in items)
+        lo, hi = named[0], named[-1] + 1
+        if hi - lo >= 2 * len(named) + 2:
+            rows: list[int] = named
+            sel: slice | torch.Tensor = torch.tensor(named, device=self.device)
+        else:
+            rows, sel = list(range(lo, hi)), slice(lo, hi)
+        lens = [self._len[r] for r in rows]
         if not any(lens):  # joiners only: reuse the last columns in use, do not widen
             end = max(self._cols, width)
             start = end - width
@@ -254,27 +272,28 @@ class BatchedKV:
             while cap < end:
                 cap *= 2
             self._grow(self._rcap, cap)
-        counts = [0] * (hi - lo)
-        for r, (_, n) in zip(rows, items, strict=True):
-            counts[r - lo] = n
+        place = {r: i for i, r in enumerate(rows)}
+        counts = [0] * len(rows)
+        for sid, n in items:
+            counts[place[self._row[sid]]] = n
         ar = torch.arange(width, device=self.device)
         position_ids = torch.tensor(lens, device=self.device)[:, None] + ar
         if self.max_positions is not None:  # pads only: real tokens are checked by the caller
             position_ids.clamp_(max=self.max_positions - 1)
         plain = all(n == width for n in counts) and all(x == start for x in lens)
-        mask = None if plain else self._mask(lo, hi, start, width)
-        self._step = Step(lo, hi, start, end, counts, position_ids, mask)
+        mask = None if plain else self._mask(sel, len(rows), start, width)
+        self._step = Step(rows, sel, start, end, counts, position_ids, mask)
         return self._step
 
     @torch.inference_mode()
     def finish(self, step: Step) -> None:
         """After the forward: real new columns valid, pads holes, lengths advanced."""
-        lo, hi, s, e = step.lo, step.hi, step.start, step.end
+        sel, s, e = step.sel, step.start, step.end
         counts = torch.tensor(step.counts, device=self.device)
-        self.valid[lo:hi, s:e] = torch.arange(e - s, device=self.device)[None, :] < counts[:, None]
-        self.pos[lo:hi, s:e] = step.position_ids
-        for i, n in enumerate(step.counts):
-            self._len[lo + i] += n
+        self.valid[sel, s:e] = torch.arange(e - s, device=self.device)[None, :] < counts[:, None]
+        self.pos[sel, s:e] = step.position_ids
+        for r, n in zip(step.rows, step.counts, strict=True):
+            self._len[r] += n
         self._held += sum(step.counts)
         self._cols = max(self._cols, e)
         self._step = None
@@ -283,9 +302,8 @@ class BatchedKV:
         """The forward failed: whatever it wrote is in columns nobody marked valid."""
         self._step = None
 
-    def _mask(self, lo: int, hi: int, start: int, width: int) -> torch.Tensor:
-        b = hi - lo
-        old = self.valid[lo:hi, :start][:, None, None, :].expand(b, 1, width, start)
+    def _mask(self, sel: slice | torch.Tensor, b: int, start: int, width: int) -> torch.Tensor:
+        old = self.valid[sel, :start][:, None, None, :].expand(b, 1, width, start)
         tril = self._tril.get(width)
         if tril is None:
             tril = torch.ones(width, width, dtype=torch.bool, device=self.device).tril_()
@@ -305,10 +323,10 @@ class BatchedKV:
         if kb is None:
             kb = self._k[layer] = self._alloc(k, self._rcap, self._ccap)
             vb = self._v[layer] = self._alloc(v, self._rcap, self._ccap)
-        lo, hi, s, e = step.lo, step.hi, step.start, step.end
-        kb[lo:hi, :, s:e] = k
-        vb[lo:hi, :, s:e] = v
-        return kb[lo:hi, :, :e], vb[lo:hi, :, :e]
+        sel, s, e = step.sel, step.start, step.end
+        kb[sel, :, s:e] = k
+        vb[sel, :, s:e] = v
+        return kb[sel, :, :e], vb[sel, :, :e]  # a gathered view copies (after the write)
 
     @staticmethod
     def _alloc(like: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -141,9 +141,11 @@ class ModelRunner:
         if work:
             step = self.kv.begin([(sid, len(toks)) for sid, toks in work])
             width = step.end - step.start
-            ids = torch.zeros(step.hi - step.lo, width, dtype=torch.long)
+            place = step.place()
+            rows = {sid: place[self.kv.row(sid)] for sid, _ in work}
+            ids = torch.zeros(len(step.rows), width, dtype=torch.long)
             for sid, toks in work:
-                ids[self.kv.row(sid) - step.lo, : len(toks)] = torch.tensor(toks)
+                ids[rows[sid], : len(toks)] = torch.tensor(toks)
             try:
                 res = self.model(
                     input_ids=ids.to(self.device),
@@ -155,7 +157,6 @@ class ModelRunner:
             except BaseException:
                 self.kv.abort()
                 raise
-            rows = {sid: self.kv.row(sid) - step.lo for sid, _ in work}
             self.kv.finish(step)
             logits = res.logits.float()
             if logits.device.type != "cpu":

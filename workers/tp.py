@@ -105,7 +105,14 @@ class TargetRank:
         return host, int(self._store.port)
 
     def init(
-        self, host: str, port: int, backend: str, path: str, dtype: str, timeout_s: float
+        self,
+        host: str,
+        port: int,
+        backend: str,
+        path: str,
+        dtype: str,
+        timeout_s: float,
+        max_kv_tokens: int | None = None,
     ) -> dict[str, Any]:
         """Join the process group and load this rank's shard of the target."""
         import torch.distributed as dist
@@ -132,7 +139,9 @@ class TargetRank:
             timeout=timedelta(seconds=timeout_s),
             **kw,
         )
-        runner = ModelRunner(path, dtype=getattr(torch, dtype), tp_plan="auto")
+        runner = ModelRunner(
+            path, dtype=getattr(torch, dtype), tp_plan="auto", max_kv_tokens=max_kv_tokens
+        )
         self.worker = TargetWorker(runner)
         return {
             "rank": self.rank,
@@ -208,6 +217,7 @@ class TensorParallelTarget:
         pg: PlacementGroup | None = None,
         timeout_s: float = 120.0,
         threads: int | None = None,
+        max_kv_tokens: int | None = None,
     ) -> None:
         if tp_size < 2:
             raise ValueError(f"tp_size must be >= 2 for a tensor-parallel group, got {tp_size}")
@@ -251,7 +261,7 @@ class TensorParallelTarget:
             host, port = ray.get(self.ranks[0].rendezvous.remote(), timeout=timeout_s)
             infos = self._get(
                 [
-                    r.init.remote(host, port, backend, self.path, dtype, timeout_s)
+                    r.init.remote(host, port, backend, self.path, dtype, timeout_s, max_kv_tokens)
                     for r in self.ranks
                 ]
             )

@@ -187,3 +187,37 @@ def test_duplicate_ids_and_context_are_refused_up_front(runner):
     with pytest.raises(ValueError, match="context"):
         runner.extend_batch([("d", [3]), ("e", [4] * (CONTEXT + 1))])
     assert "d" not in runner.kv and "e" not in runner.kv
+
+
+def test_scattered_rows_run_as_a_gathered_sub_batch(runner, oracle):
+    """A few rows far apart in a wide batch run gathered (not the whole span padded); their new
+    KV lands in their own rows, the others are untouched."""
+    rng = random.Random(7)
+    toks = {f"w{i}": rand_tokens(rng, 4 + i % 5) for i in range(12)}
+    runner.extend_batch(list(toks.items()))
+    steps = []
+    orig = runner.kv.begin
+
+    def spy(items):
+        steps.append(orig(items))
+        return steps[-1]
+
+    runner.kv.begin = spy
+    try:
+        for round_ in range(3):
+            picked = ["w0", "w6", "w11"] if round_ != 1 else ["w1", "w11"]
+            items = [(s, rand_tokens(rng, 1 + round_)) for s in picked]
+            for (sid, t), got in zip(items, runner.extend_batch(items), strict=True):
+                close(got, oracle(toks[sid] + t)[-len(t) :])
+                toks[sid] = toks[sid] + t
+            runner.rollback("w6", len(toks["w6"]) - 1)
+            toks["w6"] = toks["w6"][:-1]
+        assert all(isinstance(st.sel, torch.Tensor) for st in steps)  # gathered each time
+        items = [(s, [21]) for s in toks]  # then every row together, contiguous
+        for (sid, t), got in zip(items, runner.extend_batch(items), strict=True):
+            close(got, oracle(toks[sid] + t)[-1:])
+        assert isinstance(steps[-1].sel, slice)
+    finally:
+        runner.kv.begin = orig
+        for sid in toks:
+            runner.release(sid)
