@@ -15,9 +15,12 @@ Deployments (one application, named in the Serve config):
 * `SpecDecodeRegistry`: one small replica that knows the worker addresses (see below).
 * `SpecDecodeIngress`: serves the public `specdec.v1.SpecDecode` API through Serve's gRPC proxy
   (`grpc_options.grpc_servicer_functions:
-  [protos.specdec_pb2_grpc.add_SpecDecodeServicer_to_server]`). It is stateless: it validates and
-  tokenizes, then streams the request from a target replica (Serve picks the least loaded one),
-  and moves it to another replica when its replica dies (cluster/forwarding.py).
+  [protos.specdec_pb2_grpc.add_SpecDecodeServicer_to_server]`), and an OpenAI-compatible HTTP API
+  (/v1/completions, /v1/chat/completions, /v1/models) plus GET /specdec (status JSON) through
+  Serve's HTTP proxy (cluster/http_api.py; the application's route_prefix is "/"). It is
+  stateless: it validates and tokenizes, then streams the request from a target replica (Serve
+  picks the least loaded one), and moves it to another replica when its replica dies
+  (cluster/forwarding.py).
 
 Continuous batching: every target replica runs the step scheduler of its own batch (a
 `cluster.router.Router` whose only target is the replica's own worker server, driven over gRPC,
@@ -56,6 +59,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ClusterConfig
+from cluster.openai_api import default_model_id
 
 log = logging.getLogger("ray.serve")
 
@@ -382,8 +386,11 @@ def _fail(grpc_context: Any, exc: BaseException) -> _HandlerFailed:
 
 
 @serve.deployment(name="SpecDecodeIngress")
+@serve.ingress()  # the HTTP app is built per replica: __serve_build_asgi_app__
 class IngressDeployment:
-    """The router behind Serve's gRPC proxy: `specdec.v1.SpecDecode` Generate / GenerateStream."""
+    """The router behind Serve's gRPC proxy (`specdec.v1.SpecDecode` Generate / GenerateStream)
+    and behind Serve's HTTP proxy (the OpenAI-compatible /v1 API and GET /specdec, see
+    cluster/http_api.py): one router, one validation, for both."""
 
     async def __init__(
         self,
@@ -397,6 +404,10 @@ class IngressDeployment:
         self.drafts = drafts  # held so that `status` can ask the worker replicas where they run
         self.targets = targets
         self.router = make_router(self.cfg, targets)
+        self.model_id = self.cfg.models.served_model_name or default_model_id(
+            self.cfg.models.target_path()
+        )
+        self.started = time.time()
         self._workers: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
         self._poll = asyncio.get_running_loop().create_task(
             poll_registry(registry, poll_period(self.cfg), self._set_workers, "specdec ingress")
@@ -425,9 +436,10 @@ class IngressDeployment:
         finally:
             await stream.aclose()  # a cancelled client frees the sequence on the workers
 
-    async def __call__(self, request) -> dict[str, Any]:
-        """HTTP GET on the route prefix: the worker status as JSON (the API itself is gRPC)."""
-        return await self.status()
+    def __serve_build_asgi_app__(self):  # noqa: N807 - Serve's hook for a late-bound ASGI app
+        from cluster.http_api import build_http_app
+
+        return build_http_app(self)
 
     # -- operations -------------------------------------------------------------------------
 
@@ -443,6 +455,7 @@ class IngressDeployment:
             "targets": list(targets),
             "in_flight": self.router.in_flight,
             "resources": ray.get_runtime_context().get_assigned_resources(),
+            "model": self.model_id,  # the OpenAI API's model id
             "want_drafts": self.cfg.draft.replicas,
             "want_targets": self.cfg.target.replicas,
             "ready": len(targets) >= self.cfg.target.replicas
@@ -515,6 +528,9 @@ def deployment_options(cfg: ClusterConfig) -> dict[str, dict[str, Any]]:
             "ray_actor_options": {"num_cpus": cfg.ingress.num_cpus},
             "max_ongoing_requests": cfg.limits.max_in_flight,
             "max_queued_requests": cfg.limits.max_queued,
+            # Serve's own rejection past max_queued: 429 over HTTP, as overload is for the
+            # OpenAI API (gRPC gets RESOURCE_EXHAUSTED either way).
+            "backpressure_config": {"status_code": 429, "retry_after_s": 1},
             **health,
         },
     }

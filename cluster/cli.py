@@ -2,6 +2,8 @@
 
 specdec up [--once]                       local Ray + Serve + the shipped pair, one sample
 specdec generate "def fib(n):" --stream   a gRPC client of a running cluster
+specdec deploy deploy/cluster.yaml        `serve deploy` with Ray's token when `ray start` uses it
+specdec status                            `serve status`, the same way
 specdec train-pair --out DIR [--smoke]    train the small draft/target pair (workers.pair)
 specdec eval-pair                         evaluate it
 specdec bench ...                         benchmarks (bench.run)
@@ -32,6 +34,58 @@ PASSTHROUGH = {
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
+
+
+# -- the serve CLI, with Ray's token authentication matched -------------------------------------
+
+# `specdec deploy ARGS` = `serve deploy ARGS`, `specdec status ARGS` = `serve status ARGS`.
+SERVE_CLI = {"deploy": "deploy a Serve config (serve deploy)", "status": "serve status"}
+
+
+def ray_token_source(env: dict[str, str]) -> str | None:
+    """Where Ray would read its auth token from in this environment, or None: RAY_AUTH_TOKEN,
+    then the file RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token (Ray's AuthenticationError lists
+    these)."""
+    if env.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    path = env.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return path if Path(path).expanduser().is_file() else None
+    home = env.get("HOME") or str(Path.home())
+    default = Path(home) / ".ray" / "auth_token"
+    return str(default) if default.is_file() else None
+
+
+def serve_cli_env(env: dict[str, str]) -> tuple[dict[str, str], str | None]:
+    """The environment for the serve CLI that matches a `ray start` run in `env`.
+
+    Ray 2.60's `ray start --head` turns token authentication on by itself when RAY_AUTH_MODE is
+    unset and a token exists (any local `ray.init()`, so `specdec up`, writes ~/.ray/auth_token),
+    but the serve CLI does not follow, and fails with "AuthenticationError: ... Missing
+    authentication token". Apply the same rule for it; an explicit RAY_AUTH_MODE is kept.
+    Returns the environment and the token source it switched on (None: unchanged)."""
+    out = dict(env)
+    if out.get("RAY_AUTH_MODE") is not None:
+        return out, None
+    source = ray_token_source(out)
+    if source is not None:
+        out["RAY_AUTH_MODE"] = "token"
+    return out, source
+
+
+def cmd_serve_cli(command: str, argv: list[str]) -> int:
+    import shutil
+    import subprocess
+
+    serve = Path(sys.executable).with_name("serve")
+    exe = str(serve) if serve.is_file() else shutil.which("serve")
+    if exe is None:
+        print("specdec: the `serve` command (ray[serve]) is not installed", file=sys.stderr)
+        return 2
+    env, source = serve_cli_env(dict(os.environ))
+    if source is not None:
+        print(f"specdec {command}: Ray token authentication on (token: {source})", file=sys.stderr)
+    return subprocess.call([exe, command, *argv], env=env)
 
 
 # -- gRPC client --------------------------------------------------------------------------------
@@ -346,7 +400,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"(tp={cfg.target.tp_size} x{cfg.target.replicas}), draft {cfg.models.draft_path()} "
             f"(x{cfg.draft.replicas}); loading models ..."
         )
-        _deploy_with_progress(build_app(cfg.to_args()), APP_NAME, "/specdec", args.timeout)
+        _deploy_with_progress(build_app(cfg.to_args()), APP_NAME, "/", args.timeout)
         status = _wait_workers(APP_NAME, args.timeout)
         _say(
             f"    up in {time.monotonic() - t_start:.1f}s: targets {status['targets']}, "
@@ -359,11 +413,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         _say(f"    prompt: {args.prompt!r}")
         _say(f"    output: {resp.text!r}")
         _say(f"    stats:  {format_stats(resp, seconds)}")
+        http = f"http://127.0.0.1:{http_port}"
+        model = status.get("model") or APP_NAME
+        _say(f"    endpoints: gRPC {address}  HTTP {http}/v1 (OpenAI API), {http}/specdec (status)")
         if args.once:
             return 0
         _say(
-            f"serving specdec.v1.SpecDecode on {address}; try:\n"
+            f"serving specdec.v1.SpecDecode (gRPC) on {address} and the OpenAI-compatible HTTP "
+            f"API on {http}/v1 (model {model!r}); try:\n"
             f"    specdec generate {DEFAULT_PROMPT!r} --address {address} --stream\n"
+            f"    curl {http}/v1/completions -H 'Content-Type: application/json' "
+            f"""-d '{{"model": "{model}", "prompt": "def main():", "max_tokens": 32, """
+            """"temperature": 0}'\n"""
             "Ctrl-C to stop."
         )
         stop = threading.Event()
@@ -432,6 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=300.0)
     gen.set_defaults(func=cmd_generate)
 
+    for name, help_text in SERVE_CLI.items():
+        sub.add_parser(
+            name,
+            help=f"{help_text}, with Ray's token auth as `ray start` set it (args go to serve)",
+            add_help=False,
+        )
     for name, (_, _, help_text) in PASSTHROUGH.items():
         sub.add_parser(name, help=f"{help_text} (see `specdec {name} --help`)", add_help=False)
     return parser
@@ -441,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASSTHROUGH:
         return _passthrough(argv[0], argv[1:])
+    if argv and argv[0] in SERVE_CLI:
+        return cmd_serve_cli(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -71,6 +71,9 @@ class ModelsConfig(_Strict):
     target: str | None = None
     draft: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    served_model_name: str | None = Field(
+        None, description="model id of the HTTP API; empty = the target directory's name"
+    )
 
     def target_path(self) -> Path:
         return _model_path(self.target, "target")

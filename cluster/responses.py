@@ -45,6 +45,7 @@ def finish(
             draft_failures=s.draft_failures,
             target_failovers=row.target_failovers,
             mode_switches=mode_switches(s),
+            acceptance_histogram=s.acceptance_histogram,  # for the HTTP API's metrics
         )
     )
     return msg

@@ -64,6 +64,16 @@ class GenerationStats:
         return (self.accepted_tokens + self.rounds) / self.rounds if self.rounds else 0.0
 
     @property
+    def acceptance_histogram(self) -> list[int]:
+        """[j] = speculative rounds that accepted exactly j draft tokens (j up to the longest
+        block proposed); empty when there were none."""
+        spec = [r for r in self.records if r.proposed]
+        hist = [0] * (max((r.proposed for r in spec), default=-1) + 1)
+        for r in spec:
+            hist[r.accepted] += 1
+        return hist
+
+    @property
     def tokens_per_target_pass(self) -> float:
         """τ over the whole sequence: committed tokens per target forward (plain steps count)."""
         passes = self.rounds + self.plain_steps

@@ -70,7 +70,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class SpeculationStats(_message.Message):
-    __slots__ = ("rounds", "draft_tokens", "accepted_tokens", "mean_accepted_length", "plain_steps", "pipeline_hits", "pipeline_misses", "acceptance_rate", "tokens_per_target_pass", "draft_failures", "target_failovers", "mode_switches")
+    __slots__ = ("rounds", "draft_tokens", "accepted_tokens", "mean_accepted_length", "plain_steps", "pipeline_hits", "pipeline_misses", "acceptance_rate", "tokens_per_target_pass", "draft_failures", "target_failovers", "mode_switches", "acceptance_histogram")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class SpeculationStats(_message.Message):
     DRAFT_FAILURES_FIELD_NUMBER: _ClassVar[int]
     TARGET_FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     MODE_SWITCHES_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     draft_tokens: int
     accepted_tokens: int
@@ -95,7 +96,8 @@ class SpeculationStats(_message.Message):
     draft_failures: int
     target_failovers: int
     mode_switches: int
-    def __init__(self, rounds: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., plain_steps: _Optional[int] = ..., pipeline_hits: _Optional[int] = ..., pipeline_misses: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., tokens_per_target_pass: _Optional[float] = ..., draft_failures: _Optional[int] = ..., target_failovers: _Optional[int] = ..., mode_switches: _Optional[int] = ...) -> None: ...
+    acceptance_histogram: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, rounds: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., plain_steps: _Optional[int] = ..., pipeline_hits: _Optional[int] = ..., pipeline_misses: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., tokens_per_target_pass: _Optional[float] = ..., draft_failures: _Optional[int] = ..., target_failovers: _Optional[int] = ..., mode_switches: _Optional[int] = ..., acceptance_histogram: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "usage", "stats")

@@ -31,6 +31,7 @@ PURE = [
     "cluster.sequence",
     "cluster.scheduler",
     "cluster.engine",
+    "cluster.openai_api",
 ]
 FORBIDDEN = ["ray", "grpc"]
 

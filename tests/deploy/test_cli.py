@@ -40,9 +40,10 @@ def test_specdec_up_once_brings_the_cluster_up_and_answers(tmp_path):
             shutil.rmtree(root, ignore_errors=True)
     print(f"\nspecdec up --once: {time.monotonic() - t0:.1f}s (shipped pair: {SHIPPED})")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "replicas running", "output:"):
+    for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "replicas running", "output:", "endpoints:"):
         assert step in out.stdout, out.stdout
     assert re.search(r"up in [\d.]+s", out.stdout)
+    assert re.search(r"gRPC 127\.0\.0\.1:\d+ +HTTP http://127\.0\.0\.1:\d+/v1", out.stdout)
     assert re.search(r"completion_tokens=\d+ .*rounds=\d+ plain_steps=\d+", out.stdout)
 
 
@@ -112,3 +113,30 @@ def test_passthrough_commands_reach_their_modules(capsys):
         main(["train-pair", "--help"])
     assert exit_.value.code == 0
     assert "--out" in capsys.readouterr().out
+
+
+def test_deploy_and_status_follow_ray_starts_token_rule(tmp_path):
+    """`ray start` turns token auth on when RAY_AUTH_MODE is unset and a token exists; `specdec
+    deploy` / `specdec status` run the serve CLI the same way (tested end to end in
+    tests/deploy/test_serve_deploy.py)."""
+    from cluster.cli import serve_cli_env
+
+    home = tmp_path / "home"
+    home.mkdir()
+    assert serve_cli_env({"HOME": str(home)}) == ({"HOME": str(home)}, None)  # fresh machine
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text("t")
+    env, source = serve_cli_env({"HOME": str(home)})  # after `specdec up`
+    assert env["RAY_AUTH_MODE"] == "token" and source == str(home / ".ray" / "auth_token")
+    for mode in ("disabled", "token"):  # an explicit mode is kept
+        env, source = serve_cli_env({"HOME": str(home), "RAY_AUTH_MODE": mode})
+        assert env["RAY_AUTH_MODE"] == mode and source is None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert serve_cli_env({"HOME": str(empty), "RAY_AUTH_TOKEN": "x"})[1] == "RAY_AUTH_TOKEN"
+    env, source = serve_cli_env({"HOME": str(empty), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "no")})
+    assert source is None and "RAY_AUTH_MODE" not in env
+    env, source = serve_cli_env(
+        {"HOME": str(empty), "RAY_AUTH_TOKEN_PATH": str(home / ".ray" / "auth_token")}
+    )
+    assert env["RAY_AUTH_MODE"] == "token"

@@ -1,0 +1,264 @@
+"""cluster/openai_api.py alone: JSON -> proto, router errors -> OpenAI errors, responses and SSE.
+
+No Ray, no server: the rules the HTTP API adds on top of the router's validation, in milliseconds.
+The end-to-end behaviour (the real openai client against Serve): tests/cluster/test_openai_http.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from cluster import openai_api as oa
+from cluster.rounds import GenerationStats, RoundRecord
+from cluster.router import RequestError
+from protos import specdec_pb2 as pb
+from tests.tiny_models import make_tokenizer
+
+M = "m"
+
+
+def comp(**body):
+    return oa.completion_request({"model": M, "prompt": "x", **body}, model_id=M)
+
+
+def test_completion_request_maps_every_parameter():
+    req, opts = comp(
+        prompt=[3, 4],
+        max_tokens=7,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=5,
+        seed=3,
+        stop="##",
+        stream=True,
+        stream_options={"include_usage": True},
+        speculation={"mode": "OFF", "num_draft_tokens": 2},
+        n=1,
+        best_of=1,
+        echo=False,
+        user="u",
+        presence_penalty=0,
+        logit_bias={},
+    )
+    assert list(req.prompt_token_ids) == [3, 4] and not req.prompt
+    assert req.max_new_tokens == 7 and req.temperature == 0.5 and req.top_k == 5
+    assert req.top_p == pytest.approx(0.9) and req.seed == 3 and list(req.stop) == ["##"]
+    assert req.speculation.mode == pb.SPECULATION_MODE_OFF
+    assert req.speculation.num_draft_tokens == 2
+    assert opts == oa.Options(M, True, True)
+
+
+def test_defaults_follow_openai_and_unset_stays_unset():
+    req, opts = comp()
+    assert req.prompt == "x" and req.temperature == 1.0  # OpenAI's default: sampling
+    assert not req.HasField("max_new_tokens") and not req.HasField("seed")  # router defaults
+    assert req.top_p == 0 and req.top_k == 0  # proto "unset"
+    assert not opts.stream and not opts.include_usage
+    assert comp(top_k=-1)[0].top_k == 0  # vLLM's "no top-k"
+    assert comp(max_tokens=3.0)[0].max_new_tokens == 3  # an integral float is an integer
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({"prompt": 3}, "prompt", "invalid_type"),
+        ({"prompt": ["a", "b"]}, "prompt", "unsupported_parameter"),
+        ({"prompt": [[1, 2]]}, "prompt", "unsupported_parameter"),
+        ({"prompt": [1, True]}, "prompt", "invalid_type"),
+        ({"prompt": [2**40]}, "prompt", "invalid_value"),
+        ({"prompt": None}, "prompt", "missing_required_parameter"),
+        ({"model": None}, "model", "missing_required_parameter"),
+        ({"model": 3}, "model", "invalid_type"),
+        ({"model": "other"}, "model", "model_not_found"),
+        ({"max_tokens": True}, "max_tokens", "invalid_type"),
+        ({"max_tokens": 1.5}, "max_tokens", "invalid_type"),
+        ({"max_tokens": 2**40}, "max_tokens", "invalid_value"),
+        ({"temperature": "1"}, "temperature", "invalid_type"),
+        ({"top_p": 0}, "top_p", "invalid_value"),
+        ({"seed": 2**70}, "seed", "invalid_value"),
+        ({"stop": [1]}, "stop", "invalid_type"),
+        ({"stream": 1}, "stream", "invalid_type"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
+        ({"stream": True, "stream_options": {"x": 1}}, "stream_options.x", "unknown_parameter"),
+        ({"speculation": {"mode": 2}}, "speculation.mode", "invalid_value"),
+        ({"speculation": {"k": 2}}, "speculation.k", "unknown_parameter"),
+        (
+            {"speculation": {"num_draft_tokens": "2"}},
+            "speculation.num_draft_tokens",
+            "invalid_type",
+        ),
+        ({"frobnicate": 1}, "frobnicate", "unknown_parameter"),
+        ({"n": 3}, "n", "unsupported_parameter"),
+        ({"logprobs": 0}, "logprobs", "unsupported_parameter"),
+        ({"echo": True}, "echo", "unsupported_parameter"),
+        ({"best_of": 3}, "best_of", "unsupported_parameter"),
+        ({"suffix": ""}, "suffix", "unsupported_parameter"),
+        ({"frequency_penalty": 0.1}, "frequency_penalty", "unsupported_parameter"),
+        ({"logit_bias": {"1": 100}}, "logit_bias", "unsupported_parameter"),
+    ],
+)
+def test_json_shapes_and_refused_parameters_are_400s_naming_them(body, param, code):
+    with pytest.raises(oa.APIError) as info:
+        oa.completion_request({"model": M, "prompt": "x", **body}, model_id=M)
+    err = info.value
+    assert (err.status, err.param, err.code) == (400, param, code)
+    assert err.message.startswith(f"{param}: ")
+    assert json.dumps(err.body())  # serialisable, OpenAI's shape
+    assert set(err.body()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("raw", [b"{", b"[]", b"3", b"\xff", b""])
+def test_a_body_that_is_not_a_json_object_is_a_400(raw):
+    with pytest.raises(oa.APIError) as info:
+        oa.parse_json(raw)
+    assert info.value.status == 400 and info.value.param is None
+
+
+@pytest.mark.parametrize(
+    ("code", "field", "status", "param"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens", 400, "max_tokens"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids", 400, "prompt"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "top_p", 400, "top_p"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "speculation.num_draft_tokens", 400,
+         "speculation.num_draft_tokens"),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "", 429, None),
+        (grpc.StatusCode.UNAVAILABLE, "", 503, None),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "", 408, None),
+        (grpc.StatusCode.CANCELLED, "", 499, None),
+        (grpc.StatusCode.INTERNAL, "", 500, None),
+    ],
+)  # fmt: skip
+def test_router_errors_map_to_http_status_and_param(code, field, status, param):
+    exc = RequestError(code, field, "why")
+    err = oa.error_from_router(exc.code, exc.field, exc.message)
+    assert (err.status, err.param) == (status, param)
+    assert err.message == (f"{param}: why" if param else "why")
+
+
+def test_a_field_named_only_in_the_message_is_the_param():
+    """The router's RequestError from a later refusal (a worker's ValueError) has no field, but
+    its message starts with it."""
+    err = oa.error_from_router(
+        grpc.StatusCode.INVALID_ARGUMENT, "", "prompt: 512 tokens exceed the model context of 512"
+    )
+    assert err.param == "prompt" and err.message.startswith("prompt: 512 tokens")
+    err = oa.error_from_router(grpc.StatusCode.INVALID_ARGUMENT, "", "worker: something: odd")
+    assert err.param is None and err.message == "worker: something: odd"
+
+
+def test_chat_names_prompt_errors_messages_and_max_tokens_as_sent():
+    err = oa.error_from_router(grpc.StatusCode.INVALID_ARGUMENT, "prompt", "too long", chat=True)
+    assert err.param == "messages"
+    err = oa.error_from_router(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_new_tokens",
+        "bad",
+        chat=True,
+        max_tokens_param="max_completion_tokens",
+    )
+    assert err.param == "max_completion_tokens"
+
+
+TEMPLATE = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}[assistant]"
+
+
+def test_chat_request_renders_the_template_and_refuses_without_one():
+    tok = make_tokenizer()
+    body = {"model": M, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    with pytest.raises(oa.APIError) as info:
+        oa.chat_request(body, model_id=M, tokenizer=tok)
+    assert info.value.status == 400 and info.value.code == "chat_template_missing"
+    assert "no chat template" in info.value.message
+    tok.chat_template = TEMPLATE
+    req, opts = oa.chat_request({**body, "max_completion_tokens": 5}, model_id=M, tokenizer=tok)
+    assert req.prompt == "[user]hi[assistant]" and req.max_new_tokens == 5
+    assert opts.chat and opts.max_tokens_param == "max_completion_tokens"
+    for bad, param in [
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+         "messages[0].content[0]"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"logprobs": True}, "logprobs"),
+        ({"max_tokens": 3, "max_completion_tokens": 3}, "max_tokens"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    ]:  # fmt: skip
+        with pytest.raises(oa.APIError) as info:
+            oa.chat_request({**body, **bad}, model_id=M, tokenizer=tok)
+        assert info.value.param == param, bad
+
+
+def final_message(text: str = "b") -> pb.GenerateResponse:
+    msg = pb.GenerateResponse(text=text, token_ids=[5], finish_reason=pb.FINISH_REASON_EOS)
+    msg.usage.prompt_tokens, msg.usage.completion_tokens = 3, 2
+    msg.stats.rounds, msg.stats.draft_tokens, msg.stats.accepted_tokens = 2, 6, 3
+    msg.stats.acceptance_histogram.extend([0, 1, 1, 0])
+    msg.stats.acceptance_rate = 0.5
+    return msg
+
+
+def test_unary_response_and_the_vllm_metrics_shape():
+    opts = oa.Options(M, False, False)
+    out = oa.response_json(final_message("ab"), opts, rid="cmpl-1", created=7)
+    assert out["id"] == "cmpl-1" and out["object"] == "text_completion" and out["created"] == 7
+    assert out["choices"] == [{"index": 0, "text": "ab", "logprobs": None, "finish_reason": "stop"}]
+    assert out["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    m = out["metrics"]["speculative_decoding"]
+    assert m["mean_acceptance_length"] == 2.5 and m["draft_acceptance_rate"] == 0.5
+    assert m["acceptance_histogram"] == [0, 1, 1, 0] and m["num_spec_tokens"] == 3
+    assert (m["num_spec_steps"], m["num_draft_tokens"], m["num_accepted_draft_tokens"]) == (2, 6, 3)
+    chat = oa.response_json(final_message(), oa.Options(M, False, False, chat=True))
+    assert chat["object"] == "chat.completion"
+    assert chat["choices"][0]["message"] == {"role": "assistant", "content": "b"}
+
+
+def events(writer: oa.ChunkWriter, *msgs: pb.GenerateResponse) -> list[dict]:
+    out = []
+    for msg in msgs:
+        for line in writer.events(msg):
+            assert line.startswith("data: ") and line.endswith("\n\n")
+            out.append(json.loads(line[6:]))
+    return out
+
+
+def test_stream_chunks_in_openai_order():
+    w = oa.ChunkWriter(oa.Options(M, True, True), rid="cmpl-2")
+    got = events(w, pb.GenerateResponse(text="a"), pb.GenerateResponse(), final_message())
+    assert [c["choices"][0]["text"] if c["choices"] else None for c in got] == ["a", "b", None]
+    assert [c["choices"][0]["finish_reason"] if c["choices"] else None for c in got] == [
+        None,
+        "stop",
+        None,
+    ]
+    assert got[0]["usage"] is None and got[-1]["usage"]["total_tokens"] == 5
+    assert "metrics" in got[1] and "metrics" in got[2]
+    assert {c["id"] for c in got} == {"cmpl-2"}
+    chat = oa.ChunkWriter(oa.Options(M, True, False, chat=True))
+    got = events(chat, pb.GenerateResponse(text="a"), final_message(""))
+    assert got[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert got[1]["choices"][0]["delta"] == {"content": "a"}
+    assert got[2]["choices"][0]["delta"] == {} and got[2]["choices"][0]["finish_reason"] == "stop"
+    assert all(c["object"] == "chat.completion.chunk" and "usage" not in c for c in got)
+    assert oa.DONE == "data: [DONE]\n\n"
+
+
+def test_acceptance_histogram_of_the_round_records():
+    s = GenerationStats(records=[RoundRecord(3, 3, 4), RoundRecord(0, 0, 1), RoundRecord(2, 0, 1),
+                                 RoundRecord(3, 1, 2)])  # fmt: skip
+    assert s.acceptance_histogram == [1, 1, 0, 1]
+    assert GenerationStats().acceptance_histogram == []
+
+
+def test_default_model_id_is_the_target_directory_name(tmp_path):
+    assert oa.default_model_id(tmp_path / "SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
+    assert oa.models_list("x", 5)["data"][0] == {
+        "id": "x",
+        "object": "model",
+        "created": 5,
+        "owned_by": "specdec",
+    }
