@@ -319,6 +319,10 @@ class TargetDeployment(_WorkerReplica):
                 yield msg.SerializeToString()
         except RequestError as exc:
             yield error_item(exc)
+        except Exception as exc:  # noqa: BLE001 - a clean one-line INTERNAL, never a traceback
+            log.exception("target %s: request failed", self.replica_id)
+            code, details = grpc_status_for(exc)
+            yield error_item(RequestError(code, "", details))
         finally:
             await stream.aclose()
 

@@ -92,8 +92,12 @@ def validate_request(
         bad = next((t for t in ids if not 0 <= t < vocab_size), None)
         if bad is not None:
             raise invalid("prompt_token_ids", f"token id {bad} outside [0, {vocab_size})")
-    if len(ids) > max_context:
-        raise invalid("prompt", f"{len(ids)} tokens exceed the target's context of {max_context}")
+    if len(ids) >= max_context:  # a prompt must leave room for at least one new token
+        raise invalid(
+            "prompt",
+            f"{len(ids)} tokens leave no room in the target's context of {max_context} "
+            "(prompt and new tokens must fit in it)",
+        )
     max_new = (
         request.max_new_tokens
         if request.HasField("max_new_tokens")
