@@ -30,14 +30,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from cluster.batch_policy import BatchPolicy, RowChoice, StepCosts
-from cluster.pipelining import PipeliningChoice, ahead_hit
+from cluster.drafting import Drafting
+from cluster.pipelining import PipeliningChoice
 from cluster.policy import DeploymentEstimates, PolicyConfig, SpecMode, spec_policy
 from cluster.rounds import FinishReason
-from cluster.sequence import Row, group_by_lease
+from cluster.sequence import Row
 from cluster.transport import BatchTarget, DraftPool, is_worker_loss
-from workers.batch import PrefillRow, Proposal, ProposeRow, VerifyRow
+from workers.batch import PrefillRow, VerifyRow
 from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
-from workers.verification import SparseQ
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,13 @@ class StepScheduler:
         self.costs = StepCosts(policy)
         self.batch_policy = BatchPolicy(policy, self.costs)
         self.pipelining = PipeliningChoice(options.pipelined)
+        self.drafting = Drafting(
+            drafts,
+            timeout_s=options.draft_timeout_s,
+            max_draft_tokens=policy.max_draft_tokens,
+            ahead_min_whole=options.ahead_min_whole,
+            name=name,
+        )
         self.running: list[Row] = []
         self.waiting: collections.deque[Row] = collections.deque()
         self._inbox: collections.deque[Row] = collections.deque()
@@ -263,14 +270,14 @@ class StepScheduler:
                 if row.mode is SpecMode.OFF or self.drafts is None or not self.drafts.configured:
                     row.policy.draft_failed()
         fresh = [r for r in batch if r.mode is not SpecMode.OFF and r.lease is None]
-        draft_calls = self._draft_prefill(fresh)
+        draft_calls = self.drafting.prefill(fresh)
         target_f = self._target_call(
             lambda t: t.prefill_batch(
                 [PrefillRow(r.seq_id, r.rounds.tokens, r.params) for r in batch]
             )
         )
         results = self._target_wait(target_f)
-        self._settle_draft_prefill(draft_calls)
+        self.drafting.settle_prefill(draft_calls)
         refused: list[Row] = []
         for row, res in zip(batch, results, strict=True):
             if res is None:
@@ -282,43 +289,10 @@ class StepScheduler:
                 self._fail(row, res)
         self.waiting.extendleft(reversed(refused))
 
-    def _draft_prefill(self, rows: Sequence[Row]) -> list[tuple[list[Row], Future | None]]:
-        """Bind each row to a draft worker and prefill it there (one call per worker)."""
-        if self.drafts is None or not rows:
-            return []
-        for row in rows:
-            if row.lease is None:
-                row.lease = self.drafts.acquire()
-                if row.lease is None:
-                    row.lose_draft()
-        calls = []
-        for group in group_by_lease(rows).values():
-            side = group[0].lease.side
-            try:
-                fut = side.prefill_batch(
-                    [PrefillRow(r.seq_id, r.rounds.tokens, r.params) for r in group]
-                )
-            except Exception:  # noqa: BLE001 - the draft is gone: plain mode
-                fut = None
-            calls.append(([r for r in group], fut))
-        return calls
-
-    def _settle_draft_prefill(self, calls: list[tuple[list[Row], Future | None]]) -> None:
-        for group, fut in calls:
-            results = self._draft_results(fut, len(group))
-            for row, res in zip(group, results, strict=True):
-                if res is None:
-                    row.draft_len = row.rounds.committed_len
-                    row.ready = None
-                    row.policy.draft_restored()
-                else:
-                    self._drop_lease(row)
-                    row.lose_draft()
-
     def _retry_drafts(self) -> None:
         due = [r for r in self.running if r.policy.draft_retry_due()]
         if due:
-            self._settle_draft_prefill(self._draft_prefill(due))
+            self.drafting.settle_prefill(self.drafting.prefill(due))
 
     # -- the batch ----------------------------------------------------------------------------
 
@@ -326,7 +300,7 @@ class StepScheduler:
         rows = list(self.running)
         ks = self._choose(rows)
         t0 = self.clock()
-        proposals, drafted, timed = self._draft(rows, ks)
+        proposals, drafted, timed = self.drafting.propose(rows, ks)
         draft_seconds = self.clock() - t0
         vrows = []
         for row in rows:
@@ -338,7 +312,7 @@ class StepScheduler:
                 vrows.append(VerifyRow(row.seq_id, committed, p.tokens, p.q))
         t1 = self.clock()
         verify_f = self._target_call(lambda t: t.verify_batch(vrows))
-        ahead = self._draft_ahead(rows, proposals)
+        ahead = self.drafting.ahead(rows, proposals, self.pipelining.now)
         try:
             verdicts = self._target_wait(verify_f)
         finally:
@@ -348,7 +322,7 @@ class StepScheduler:
         self.plain_row_steps += sum(1 for v in vrows if v.plain)
         self.max_batch = max(self.max_batch, len(rows))
         committed = self._commit(rows, vrows, verdicts)
-        self._settle_ahead(ahead, proposals, verdicts, rows)
+        self.drafting.settle_ahead(ahead, proposals, verdicts, rows)
         step_seconds = self.clock() - t0
         # Prices: the target pass by its padded positions; the draft passes by rows drafting.
         if not ahead:  # drafting ahead shares the cores here: that verify time is not typical
@@ -375,95 +349,6 @@ class StepScheduler:
             kind = "on" if row.mode is SpecMode.ON else "auto"
             choices.append(RowChoice(cap, kind, expected, pin=row.request.k))
         return self.batch_policy.choose(choices)
-
-    def _draft(
-        self, rows: Sequence[Row], ks: Sequence[int]
-    ) -> tuple[dict[str, Proposal], int, bool]:
-        """Proposals of the rows that speculate (rows whose draft fails go plain)."""
-        proposals: dict[str, Proposal] = {}
-        asks: list[tuple[Row, int]] = []
-        for row, k in zip(rows, ks, strict=True):
-            if k <= 0 or row.lease is None:
-                row.ready = None
-                continue
-            ready, row.ready = row.ready, None
-            if ready is not None and ready.start == row.rounds.committed_len and ready.tokens:
-                proposals[row.seq_id] = _trim(ready, k)
-            else:
-                asks.append((row, k))
-        timed = all(
-            row.rounds.committed_len - row.draft_len <= self.config.max_draft_tokens + 1
-            for row, _ in asks
-        )
-        calls = []
-        by_key: dict[str, list[tuple[Row, int]]] = {}
-        for row, k in asks:
-            by_key.setdefault(row.lease.key, []).append((row, k))
-        for group in by_key.values():
-            reqs = [
-                ProposeRow(r.seq_id, r.draft_len, k, r.lag(), r.rounds.committed_len)
-                for r, k in group
-            ]
-            calls.append(
-                (group, self._draft_call(group[0][0], lambda s, q=reqs: s.propose_batch(q)))
-            )
-        for group, fut in calls:
-            results = self._draft_results(fut, len(group))
-            for (row, _k), res in zip(group, results, strict=True):
-                if isinstance(res, Proposal) and res.tokens:
-                    row.draft_len = row.rounds.committed_len
-                    proposals[row.seq_id] = res
-                else:
-                    self._lose_row_draft(row, res)
-        return proposals, len(asks), timed
-
-    def _draft_ahead(
-        self, rows: Sequence[Row], proposals: dict[str, Proposal]
-    ) -> list[tuple[list[Row], Future | None]]:
-        """Pipelining: draft the guessed bonus plus the next block while the target verifies."""
-        pick = []
-        for row in rows:
-            p = proposals.get(row.seq_id)
-            want = row.request.pipelined
-            if want is None or want == "auto":
-                want = self.pipelining.now
-            if p is None or not want:
-                continue
-            k = len(p.tokens)
-            if row.policy.acceptance.whole_block(k) < self.options.ahead_min_whole:
-                continue
-            pick.append(row)
-        calls = []
-        for group in group_by_lease(pick).values():
-            reqs = []
-            for r in group:
-                p = proposals[r.seq_id]
-                reqs.append(
-                    ProposeRow(
-                        r.seq_id, r.draft_len, len(p.tokens) + 1, (), p.start + len(p.tokens)
-                    )
-                )
-            calls.append((group, self._draft_call(group[0], lambda s, q=reqs: s.propose_batch(q))))
-        return calls
-
-    def _settle_ahead(self, calls, proposals, verdicts, rows) -> None:
-        verdict_of = {r.seq_id: v for r, v in zip(rows, verdicts, strict=True)}
-        for group, fut in calls:
-            results = self._draft_results(fut, len(group))
-            for row, res in zip(group, results, strict=True):
-                if not isinstance(res, Proposal):
-                    self._lose_row_draft(row, res)
-                    continue
-                verdict = verdict_of.get(row.seq_id)
-                if row.rounds.finished or isinstance(verdict, BaseException):
-                    continue
-                hit = ahead_hit(proposals[row.seq_id], verdict, res)
-                stats = row.rounds.stats
-                if hit is not None:
-                    stats.pipeline_hits += 1
-                    row.ready = hit
-                else:
-                    stats.pipeline_misses += 1
 
     def _commit(self, rows: Sequence[Row], vrows: Sequence[VerifyRow], verdicts) -> int:
         committed = 0
@@ -539,34 +424,6 @@ class StepScheduler:
                 raise _TargetLost() from exc
             raise
 
-    def _draft_call(self, row: Row, call) -> Future | None:
-        try:
-            return call(row.lease.side)
-        except Exception:  # noqa: BLE001 - any transport error means: no draft now
-            return None
-
-    def _draft_results(self, fut: Future | None, n: int) -> list:
-        if fut is None:
-            return [RuntimeError("draft call failed")] * n
-        try:
-            return fut.result(timeout=self.options.draft_timeout_s)
-        except Exception as exc:  # noqa: BLE001 - failure or timeout: plain mode, no token lost
-            return [exc] * n
-
-    def _lose_row_draft(self, row: Row, exc: object) -> None:
-        log.debug("%s: %s loses its draft (%s)", self.name, row.seq_id, exc)
-        self._drop_lease(row)
-        row.lose_draft()
-
-    def _drop_lease(self, row: Row) -> None:
-        lease, row.lease = row.lease, None
-        if lease is not None:
-            try:
-                lease.side.release(row.seq_id)
-            except Exception:  # noqa: BLE001 - a dead draft holds nothing any more
-                pass
-            self.drafts.release(lease)
-
     def _release(self, row: Row) -> None:
         """Free the row on every worker (also after errors and cancellation)."""
         if row.on_target:
@@ -575,16 +432,9 @@ class StepScheduler:
             except Exception:  # noqa: BLE001 - a dead target has nothing left to free
                 pass
             row.on_target = False
-        self._drop_lease(row)
+        self.drafting.drop_lease(row)
         row.ready = None
         row.released.set()
-
-
-def _trim(p: Proposal, k: int) -> Proposal:
-    if len(p.tokens) <= k:
-        return p
-    q = None if p.q is None else SparseQ(p.q.indices[:k], p.q.probs[:k])
-    return Proposal(p.start, p.tokens[:k], q)
 
 
 __all__ = ["FinishReason", "SchedulerOptions", "StepScheduler"]

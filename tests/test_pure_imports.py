@@ -29,6 +29,7 @@ PURE = [
     "cluster.pipelining",
     "cluster.transport",
     "cluster.sequence",
+    "cluster.drafting",
     "cluster.scheduler",
     "cluster.engine",
     "cluster.openai_api",

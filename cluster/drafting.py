@@ -1,0 +1,193 @@
+"""The draft side of a step: one batched call per draft worker for its rows. No ray, no grpc.
+
+Rows are bound to a draft worker (a lease from the pool) from their draft prefill on; each step
+the rows that speculate are grouped by worker, and each group is one `propose_batch`. A worker
+that fails or does not answer within `timeout_s` sends its rows to plain mode for that step (the
+verify goes on without them); a row the worker refuses alone goes plain alone. Either way nothing
+committed is lost, and the row's draft is re-prefilled later (policy.draft_retry_due).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Future
+
+from cluster.pipelining import ahead_hit
+from cluster.sequence import Row, group_by_lease
+from cluster.transport import DraftPool
+from workers.batch import PrefillRow, Proposal, ProposeRow
+from workers.verification import SparseQ
+
+log = logging.getLogger(__name__)
+
+Calls = list[tuple[list[Row], Future | None]]
+
+
+class Drafting:
+    def __init__(
+        self,
+        pool: DraftPool | None,
+        *,
+        timeout_s: float,
+        max_draft_tokens: int,
+        ahead_min_whole: float,
+        name: str = "scheduler",
+    ) -> None:
+        self.drafts = pool
+        self.timeout_s = timeout_s
+        self.max_draft_tokens = max_draft_tokens
+        self.ahead_min_whole = ahead_min_whole
+        self.name = name
+
+    def prefill(self, rows: Sequence[Row]) -> Calls:
+        """Bind each row to a draft worker and prefill it there (one call per worker)."""
+        if self.drafts is None or not rows:
+            return []
+        for row in rows:
+            if row.lease is None:
+                row.lease = self.drafts.acquire()
+                if row.lease is None:
+                    row.lose_draft()
+        calls = []
+        for group in group_by_lease(rows).values():
+            side = group[0].lease.side
+            try:
+                fut = side.prefill_batch(
+                    [PrefillRow(r.seq_id, r.rounds.tokens, r.params) for r in group]
+                )
+            except Exception:  # noqa: BLE001 - the draft is gone: plain mode
+                fut = None
+            calls.append(([r for r in group], fut))
+        return calls
+
+    def settle_prefill(self, calls: Calls) -> None:
+        for group, fut in calls:
+            results = self._results(fut, len(group))
+            for row, res in zip(group, results, strict=True):
+                if res is None:
+                    row.draft_len = row.rounds.committed_len
+                    row.ready = None
+                    row.policy.draft_restored()
+                else:
+                    self.drop_lease(row)
+                    row.lose_draft()
+
+    def propose(
+        self, rows: Sequence[Row], ks: Sequence[int]
+    ) -> tuple[dict[str, Proposal], int, bool]:
+        """Proposals of the rows that speculate (rows whose draft fails go plain)."""
+        proposals: dict[str, Proposal] = {}
+        asks: list[tuple[Row, int]] = []
+        for row, k in zip(rows, ks, strict=True):
+            if k <= 0 or row.lease is None:
+                row.ready = None
+                continue
+            ready, row.ready = row.ready, None
+            if ready is not None and ready.start == row.rounds.committed_len and ready.tokens:
+                proposals[row.seq_id] = trim(ready, k)
+            else:
+                asks.append((row, k))
+        timed = all(
+            row.rounds.committed_len - row.draft_len <= self.max_draft_tokens + 1 for row, _ in asks
+        )
+        calls = []
+        by_key: dict[str, list[tuple[Row, int]]] = {}
+        for row, k in asks:
+            by_key.setdefault(row.lease.key, []).append((row, k))
+        for group in by_key.values():
+            reqs = [
+                ProposeRow(r.seq_id, r.draft_len, k, r.lag(), r.rounds.committed_len)
+                for r, k in group
+            ]
+            calls.append((group, self._call(group[0][0], lambda s, q=reqs: s.propose_batch(q))))
+        for group, fut in calls:
+            results = self._results(fut, len(group))
+            for (row, _k), res in zip(group, results, strict=True):
+                if isinstance(res, Proposal) and res.tokens:
+                    row.draft_len = row.rounds.committed_len
+                    proposals[row.seq_id] = res
+                else:
+                    self.lose(row, res)
+        return proposals, len(asks), timed
+
+    def ahead(self, rows: Sequence[Row], proposals: dict[str, Proposal], default: bool) -> Calls:
+        """Pipelining: draft the guessed bonus plus the next block while the target verifies."""
+        pick = []
+        for row in rows:
+            p = proposals.get(row.seq_id)
+            want = row.request.pipelined
+            if want is None or want == "auto":
+                want = default
+            if p is None or not want:
+                continue
+            k = len(p.tokens)
+            if row.policy.acceptance.whole_block(k) < self.ahead_min_whole:
+                continue
+            pick.append(row)
+        calls = []
+        for group in group_by_lease(pick).values():
+            reqs = []
+            for r in group:
+                p = proposals[r.seq_id]
+                reqs.append(
+                    ProposeRow(
+                        r.seq_id, r.draft_len, len(p.tokens) + 1, (), p.start + len(p.tokens)
+                    )
+                )
+            calls.append((group, self._call(group[0], lambda s, q=reqs: s.propose_batch(q))))
+        return calls
+
+    def settle_ahead(self, calls: Calls, proposals: dict[str, Proposal], verdicts, rows) -> None:
+        verdict_of = {r.seq_id: v for r, v in zip(rows, verdicts, strict=True)}
+        for group, fut in calls:
+            results = self._results(fut, len(group))
+            for row, res in zip(group, results, strict=True):
+                if not isinstance(res, Proposal):
+                    self.lose(row, res)
+                    continue
+                verdict = verdict_of.get(row.seq_id)
+                if row.rounds.finished or isinstance(verdict, BaseException):
+                    continue
+                hit = ahead_hit(proposals[row.seq_id], verdict, res)
+                stats = row.rounds.stats
+                if hit is not None:
+                    stats.pipeline_hits += 1
+                    row.ready = hit
+                else:
+                    stats.pipeline_misses += 1
+
+    def _call(self, row: Row, call) -> Future | None:
+        try:
+            return call(row.lease.side)
+        except Exception:  # noqa: BLE001 - any transport error means: no draft now
+            return None
+
+    def _results(self, fut: Future | None, n: int) -> list:
+        if fut is None:
+            return [RuntimeError("draft call failed")] * n
+        try:
+            return fut.result(timeout=self.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - failure or timeout: plain mode, no token lost
+            return [exc] * n
+
+    def lose(self, row: Row, exc: object) -> None:
+        log.debug("%s: %s loses its draft (%s)", self.name, row.seq_id, exc)
+        self.drop_lease(row)
+        row.lose_draft()
+
+    def drop_lease(self, row: Row) -> None:
+        lease, row.lease = row.lease, None
+        if lease is not None:
+            try:
+                lease.side.release(row.seq_id)
+            except Exception:  # noqa: BLE001 - a dead draft holds nothing any more
+                pass
+            self.drafts.release(lease)
+
+
+def trim(p: Proposal, k: int) -> Proposal:
+    if len(p.tokens) <= k:
+        return p
+    q = None if p.q is None else SparseQ(p.q.indices[:k], p.q.probs[:k])
+    return Proposal(p.start, p.tokens[:k], q)
