@@ -31,7 +31,7 @@ from transformers import AutoConfig, GenerationConfig
 
 from cluster.config import LimitsConfig, SpeculationConfig, TargetConfig, WorkersNetConfig
 from cluster.policy import PolicyConfig, with_pipelining
-from cluster.remote import Endpoint, EndpointState, WorkerPool
+from cluster.pools import Endpoint, EndpointState, WorkerPool
 from cluster.requests import Limits, RequestError, ValidRequest, validate_request
 from cluster.responses import finish
 from cluster.rounds import FinishReason, SequenceRounds, StopConditions

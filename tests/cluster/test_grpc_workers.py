@@ -13,7 +13,8 @@ import grpc
 import pytest
 import torch
 
-from cluster.remote import EndpointState, GrpcDraft, GrpcTarget, WorkerPool, open_channel
+from cluster.pools import EndpointState, WorkerPool
+from cluster.remote import GrpcDraft, GrpcTarget, open_channel
 from cluster.transport import WorkerUnavailable
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc
