@@ -43,13 +43,16 @@ def _timed(
     run: Callable[[list[int]], list[int]],
     extra: Callable[[], dict] = dict,
 ) -> Measured:
+    print(f"  {name} ...", end="", flush=True)  # progress: a run takes minutes
     run(prompts[0])  # warm-up: first-call allocations and lazy init are not what we measure
     outputs = []
     t0 = time.perf_counter()
     for ids in prompts:
         outputs.append(run(ids))
     seconds = time.perf_counter() - t0
-    return Measured(name, seconds, sum(len(o) for o in outputs), outputs, extra())
+    tokens = sum(len(o) for o in outputs)
+    print(f" {tokens / seconds:.1f} tok/s", flush=True)
+    return Measured(name, seconds, tokens, outputs, extra())
 
 
 def bench_hf(
