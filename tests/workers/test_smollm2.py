@@ -153,3 +153,14 @@ def test_verification_with_the_pairs_distributions_converges_to_p(converted):
         first_block, first_two, p, rows, k, n
     ).items():
         assert dist < threshold, (what, dist, threshold)
+
+
+def test_tp2_is_refused_for_this_target(converted):
+    """9 attention heads / 3 KV heads do not split over 2 ranks: transformers' TP plan cuts
+    q_proj into 288 + 288 rows (4.5 heads) and the attention reshape fails (checked with 2 gloo
+    ranks). The config check says so before anything is deployed."""
+    from cluster.config import ClusterConfig, ConfigError
+
+    cfg = ClusterConfig.load({"models": {"target": registry.SMOLLM2}, "target": {"tp_size": 2}})
+    with pytest.raises(ConfigError, match="num_attention_heads=9"):
+        cfg.check_models()
