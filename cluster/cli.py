@@ -24,6 +24,8 @@ from typing import Any
 from cluster.ports import pick_free_port, port_free
 
 DEFAULT_PROMPT = "def fibonacci(n):"
+# An instruct pair's sample is a chat request (through the target's chat template).
+DEFAULT_CHAT_PROMPT = "Write a Python function fibonacci(n) that returns the n-th Fibonacci number."
 PASSTHROUGH = {
     "train-pair": ("workers.pair.recipe", "main", "train the shipped draft/target pair"),
     "eval-pair": ("workers.pair.evaluate", "main", "evaluate the draft/target pair"),
@@ -222,13 +224,15 @@ def _model_arg(value: str) -> str:
     return value if value in PAIRS else str(Path(value).resolve())
 
 
-def sample_request(cfg, prompt: str, max_new_tokens: int):
-    """The sample of `specdec up`: an instruct target gets the prompt as a chat message."""
+def sample_request(cfg, prompt: str | None, max_new_tokens: int | None):
+    """The sample of `specdec up`: an instruct target gets the prompt as a chat message.
+    Returns (request, whether it went through the chat template)."""
     from workers.pair.registry import PAIRS
 
     name = cfg.models.pair_name("target")
     if name is None or not PAIRS[name].chat:
-        return build_request(prompt, max_new_tokens=max_new_tokens), False
+        return build_request(prompt or DEFAULT_PROMPT, max_new_tokens=max_new_tokens or 48), False
+    prompt, max_new_tokens = prompt or DEFAULT_CHAT_PROMPT, max_new_tokens or 128
     from workers.model_runner import load_tokenizer
 
     tok = load_tokenizer(cfg.models.target_path())
@@ -386,8 +390,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         _say(f"[4/4] sample generation over gRPC {address}")
         request, chat = sample_request(cfg, args.prompt, args.max_new_tokens)
         resp, seconds = call_generate(address, request, timeout=args.timeout)
-        _say(f"    prompt: {args.prompt!r}" + (" (as a chat message)" if chat else ""))
-        _say(f"    output: {resp.text!r}")
+        prompt = args.prompt or (DEFAULT_CHAT_PROMPT if chat else DEFAULT_PROMPT)
+        _say(
+            f"    prompt: {prompt!r}"
+            + (" (a chat message, through the chat template)" if chat else "")
+        )
+        if chat:  # an answer reads better as text than as a repr
+            _say("    answer:\n" + "\n".join("      " + ln for ln in resp.text.splitlines()))
+        else:
+            _say(f"    output: {resp.text!r}")
         _say(f"    stats:  {format_stats(resp, seconds)}")
         if args.once:
             return 0
@@ -466,8 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, help="gRPC port of the public API (default 9000)")
     up.add_argument("--http-port", type=int, help="Serve's HTTP port (default 8000)")
     up.add_argument("--num-cpus", type=int, help="logical CPUs for Ray (default: enough)")
-    up.add_argument("--prompt", default=DEFAULT_PROMPT, help="the sample prompt")
-    up.add_argument("--max-new-tokens", type=int, default=48)
+    up.add_argument("--prompt", help="the sample prompt (a chat message for an instruct pair)")
+    up.add_argument("--max-new-tokens", type=int, help="of the sample (48; 128 for a chat pair)")
     up.add_argument("--once", action="store_true", help="exit after the sample generation")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for start-up")
     up.add_argument("--dashboard", action="store_true", help="also start the Ray dashboard")
