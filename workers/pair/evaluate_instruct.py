@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import workers.pair.subset_draft  # noqa: F401 - registers the draft type
 from workers.pair import corpus, prompts, registry
 from workers.pair.evaluate import step_ms
 from workers.pair.speculative import SpecStats, plain_greedy, speculative_greedy
