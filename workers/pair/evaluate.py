@@ -166,6 +166,19 @@ def eval_pair(
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    from workers.pair.registry import PAIRS
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--pair" in argv and argv.index("--pair") + 1 < len(argv):
+        name = argv[argv.index("--pair") + 1]
+        if name in PAIRS and PAIRS[name].chat:  # an instruct pair: chat + code report
+            from workers.pair.evaluate_instruct import main as instruct_main
+
+            return instruct_main(argv)
+        if name in PAIRS:
+            argv[argv.index("--pair") + 1] = str(PAIRS[name].target().parent)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pair", type=Path, default=None, help="dir with target/, draft/, split.json")
     ap.add_argument("--prompts", type=int, default=64)

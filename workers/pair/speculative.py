@@ -60,7 +60,12 @@ class SpecStats:
 
 @torch.inference_mode()
 def speculative_greedy(
-    target: PreTrainedModel, draft: PreTrainedModel, prompt: list[int], new_tokens: int, k: int = 4
+    target: PreTrainedModel,
+    draft: PreTrainedModel,
+    prompt: list[int],
+    new_tokens: int,
+    k: int = 4,
+    stop: frozenset[int] = frozenset(),
 ) -> tuple[list[int], SpecStats]:
     """Greedy speculative decoding; returns (new tokens, stats).
 
@@ -73,7 +78,7 @@ def speculative_greedy(
     seq = list(prompt)
     # The prefill pass is not counted in tau: it costs the same with or without a draft.
     seq.append(int(t.forward(seq, len(seq))[-1].argmax()))
-    while len(seq) - len(prompt) < new_tokens:
+    while len(seq) - len(prompt) < new_tokens and seq[-1] not in stop:
         kk = min(k, new_tokens - (len(seq) - len(prompt)) - 1)
         proposal: list[int] = []
         if kk > 0:
@@ -93,20 +98,29 @@ def speculative_greedy(
         # Keep cache rows for seq + accepted drafts only.
         t.valid = len(seq) + n
         d.valid = min(d.valid, len(seq) + n)
-        seq += proposal[:n] + [best[n]]
+        got = proposal[:n] + [best[n]]
+        for i, tok in enumerate(got):  # an instruct model's answer ends at its EOS
+            if tok in stop:
+                got = got[: i + 1]
+                break
+        seq += got
         stats.proposed += kk
         stats.accepted += n
         stats.target_passes += 1
-        stats.committed += n + 1
+        stats.committed += len(got)
         stats.accepted_per_round.append(n)
     return seq[len(prompt) : len(prompt) + new_tokens], stats
 
 
 @torch.inference_mode()
-def plain_greedy(model: PreTrainedModel, prompt: list[int], new_tokens: int) -> list[int]:
+def plain_greedy(
+    model: PreTrainedModel, prompt: list[int], new_tokens: int, stop: frozenset[int] = frozenset()
+) -> list[int]:
     """The oracle: the model's own greedy decoding with a KV cache."""
     m = _Cached(model)
     seq = list(prompt)
     for _ in range(new_tokens):
         seq.append(int(m.forward(seq, len(seq))[-1].argmax()))
+        if seq[-1] in stop:
+            break
     return seq[len(prompt) :]
