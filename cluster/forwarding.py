@@ -32,6 +32,7 @@ import grpc
 from transformers import AutoConfig
 
 from cluster.requests import RequestError, ValidRequest, validate_request
+from cluster.responses import collect
 from cluster.router import RouterConfig
 from protos import specdec_pb2
 from workers.model_runner import load_tokenizer
@@ -83,19 +84,7 @@ class ForwardingRouter:
         )
 
     async def generate(self, request: specdec_pb2.GenerateRequest) -> specdec_pb2.GenerateResponse:
-        out = specdec_pb2.GenerateResponse()
-        stream = self.generate_stream(request)
-        try:
-            async for msg in stream:
-                out.text += msg.text
-                out.token_ids.extend(msg.token_ids)
-                if msg.finish_reason:
-                    out.finish_reason = msg.finish_reason
-                    out.usage.CopyFrom(msg.usage)
-                    out.stats.CopyFrom(msg.stats)
-        finally:
-            await stream.aclose()
-        return out
+        return await collect(self.generate_stream(request))
 
     async def generate_stream(
         self, request: specdec_pb2.GenerateRequest

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from cluster.rounds import FinishReason, GenerationStats
 from cluster.sequence import Row
 from protos import specdec_pb2
@@ -49,3 +51,21 @@ def finish(
         )
     )
     return msg
+
+
+async def collect(
+    stream: AsyncIterator[specdec_pb2.GenerateResponse],
+) -> specdec_pb2.GenerateResponse:
+    """A whole stream as one response (the unary Generate); closes the stream in any case."""
+    out = specdec_pb2.GenerateResponse()
+    try:
+        async for msg in stream:
+            out.text += msg.text
+            out.token_ids.extend(msg.token_ids)
+            if msg.finish_reason:
+                out.finish_reason = msg.finish_reason
+                out.usage.CopyFrom(msg.usage)
+                out.stats.CopyFrom(msg.stats)
+    finally:
+        await stream.aclose()
+    return out

@@ -30,7 +30,7 @@ from transformers import AutoConfig, GenerationConfig
 
 from cluster.pools import Endpoint, EndpointState, WorkerPool
 from cluster.requests import RequestError, ValidRequest, validate_request
-from cluster.responses import finish
+from cluster.responses import collect, finish
 from cluster.rounds import FinishReason, SequenceRounds, StopConditions
 from cluster.router_config import RouterConfig
 from cluster.scheduler import StepScheduler
@@ -372,19 +372,7 @@ class Router:
 
     async def generate(self, request: specdec_pb2.GenerateRequest) -> specdec_pb2.GenerateResponse:
         """The whole generation as one response. Raises RequestError."""
-        out = specdec_pb2.GenerateResponse()
-        stream = self.generate_stream(request)
-        try:
-            async for msg in stream:
-                out.text += msg.text
-                out.token_ids.extend(msg.token_ids)
-                if msg.finish_reason:
-                    out.finish_reason = msg.finish_reason
-                    out.usage.CopyFrom(msg.usage)
-                    out.stats.CopyFrom(msg.stats)
-        finally:
-            await stream.aclose()
-        return out
+        return await collect(self.generate_stream(request))
 
     def _wake(self, row: Row) -> None:
         home = row.home
