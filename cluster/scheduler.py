@@ -199,8 +199,6 @@ class StepScheduler:
                 return bool(self.waiting)
             self._retry_drafts()
             self._run_batch()
-            self.steps += 1
-            self.costs.steps = self.steps
             return True
         except _TargetLost as lost:
             self._target_lost(lost.__cause__ or lost)
@@ -318,6 +316,9 @@ class StepScheduler:
         finally:
             verify_seconds = self.clock() - t1
         width = max(len(v.draft_tokens) for v in vrows) + 1
+        # Counted before any row hears of this step (a reader may look right after its stream).
+        self.steps += 1
+        self.costs.steps = self.steps
         self.row_steps += len(rows)
         self.plain_row_steps += sum(1 for v in vrows if v.plain)
         self.max_batch = max(self.max_batch, len(rows))
