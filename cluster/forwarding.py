@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from transformers import AutoConfig
 
-from cluster.requests import RequestError, ValidRequest, validate_request
+from cluster.requests import Admission, RequestError, ValidRequest, validate_request
 from cluster.responses import collect
 from cluster.router import RouterConfig
 from protos import specdec_pb2
@@ -65,13 +64,11 @@ class ForwardingRouter:
         self.max_context = int(getattr(model_cfg, "max_position_embeddings", 2048))
         self.vocab_size = int(model_cfg.vocab_size)
         self._limits = config.limits()
-        self._lock = threading.Lock()
-        self._in_flight = 0
+        self._admission = Admission(config.max_in_flight, "ingress")
 
     @property
     def in_flight(self) -> int:
-        with self._lock:
-            return self._in_flight
+        return self._admission.in_flight
 
     def validate(self, request: specdec_pb2.GenerateRequest) -> ValidRequest:
         """Check a request and tokenize it; RequestError(INVALID_ARGUMENT, field, ...) if bad."""
@@ -90,7 +87,7 @@ class ForwardingRouter:
         self, request: specdec_pb2.GenerateRequest
     ) -> AsyncIterator[specdec_pb2.GenerateResponse]:
         req = self.validate(request)
-        self._admit()
+        self._admission.enter()
         try:
             forward = specdec_pb2.GenerateRequest()
             forward.CopyFrom(request)
@@ -128,7 +125,7 @@ class ForwardingRouter:
                     forward.prompt_token_ids.extend(req.prompt_ids + received)
                     forward.max_new_tokens = req.max_new_tokens - len(received)
         finally:
-            self._leave()
+            self._admission.leave()
 
     async def _attempt(
         self, forward: specdec_pb2.GenerateRequest
@@ -156,20 +153,6 @@ class ForwardingRouter:
             cancel = getattr(stream, "cancel", None)
             if cancel is not None:
                 cancel()  # a consumer that left frees the sequence on the replica
-
-    def _admit(self) -> None:
-        with self._lock:
-            if self._in_flight >= self.config.max_in_flight:
-                raise RequestError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    "",
-                    f"ingress is at its limit of {self.config.max_in_flight} sequences in flight",
-                )
-            self._in_flight += 1
-
-    def _leave(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
 
     def close(self) -> None:
         pass

@@ -10,6 +10,7 @@ parameter names, so the rules live here once.
 from __future__ import annotations
 
 import math
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -137,3 +138,32 @@ def validate_request(
         temperature=float(temperature), top_k=int(request.top_k), top_p=top_p, seed=seed
     )
     return ValidRequest(uuid.uuid4().hex, ids, params, int(max_new), stops, mode, int(k))
+
+
+class Admission:
+    """Sequences in flight against a limit: more is RESOURCE_EXHAUSTED at once. Thread-safe."""
+
+    def __init__(self, limit: int, who: str) -> None:
+        self.limit = limit
+        self.who = who
+        self._lock = threading.Lock()
+        self._n = 0
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._n
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._n >= self.limit:
+                raise RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "",
+                    f"{self.who} is at its limit of {self.limit} sequences in flight",
+                )
+            self._n += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._n -= 1

@@ -29,7 +29,7 @@ import grpc
 from transformers import AutoConfig, GenerationConfig
 
 from cluster.pools import Endpoint, EndpointState, WorkerPool
-from cluster.requests import RequestError, ValidRequest, validate_request
+from cluster.requests import Admission, RequestError, ValidRequest, validate_request
 from cluster.responses import collect, finish
 from cluster.rounds import FinishReason, SequenceRounds, StopConditions
 from cluster.router_config import RouterConfig
@@ -145,7 +145,7 @@ class Router:
         )
         self._schedulers: dict[str, StepScheduler] = {}  # target address -> its scheduler
         self._lock = threading.Lock()
-        self._in_flight = 0
+        self._admission = Admission(config.max_in_flight, "router")
         self._closing = threading.Event()
         self.set_workers(drafts=drafts, targets=targets)
         self._health: threading.Thread | None = None
@@ -205,8 +205,7 @@ class Router:
 
     @property
     def in_flight(self) -> int:
-        with self._lock:
-            return self._in_flight
+        return self._admission.in_flight
 
     def _check_common(self, info: worker_pb2.ModelInfo, role: int, name: str) -> str | None:
         if info.role != role:
@@ -384,20 +383,12 @@ class Router:
             sched.wake()
 
     def _admit(self) -> None:
-        with self._lock:
-            if self._closing.is_set():
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, "", "router is shutting down")
-            if self._in_flight >= self.config.max_in_flight:
-                raise RequestError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    "",
-                    f"router is at its limit of {self.config.max_in_flight} sequences in flight",
-                )
-            self._in_flight += 1
+        if self._closing.is_set():
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "", "router is shutting down")
+        self._admission.enter()
 
     def _leave(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
+        self._admission.leave()
 
     def _why(self) -> str:
         status = self._targets.status()
