@@ -41,6 +41,14 @@ class Cell:
     plain_row_steps: int = 0
     steps: int = 0
     target_rss_mb: float = 0.0  # peak resident memory of the target worker during the cell
+    phases: dict[str, float] = field(default_factory=dict)  # scheduler seconds by phase
+
+    def profile(self) -> str:
+        """Where the scheduler's time went, in shares of the cell's wall time."""
+        if not self.seconds:
+            return ""
+        parts = [f"{k} {v / self.seconds:.0%}" for k, v in sorted(self.phases.items())]
+        return ", ".join(parts)
 
     @property
     def throughput(self) -> float:
@@ -118,6 +126,7 @@ async def _cell(router, prompts, mode_name, streams, per_stream, max_new, pid=0)
     mode, k = MODES[mode_name]
     cell = Cell(mode_name, streams)
     before = _batch_totals(router)
+    phases_before = _phases(router)
     watch = asyncio.ensure_future(_watch_rss(pid, cell)) if pid else None
 
     async def stream(s: int) -> None:
@@ -134,7 +143,17 @@ async def _cell(router, prompts, mode_name, streams, per_stream, max_new, pid=0)
     after = _batch_totals(router)
     deltas = [a - b for a, b in zip(after, before, strict=True)]
     cell.steps, cell.row_steps, cell.plain_row_steps = deltas
+    after_phases = _phases(router)
+    cell.phases = {k: v - phases_before.get(k, 0.0) for k, v in after_phases.items()}
     return cell
+
+
+def _phases(router) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for s in router.batch_status().values():
+        for k, v in s["phase_seconds"].items():
+            out[k] = out.get(k, 0.0) + v
+    return out
 
 
 def _batch_totals(router) -> tuple[int, int, int]:
@@ -155,6 +174,7 @@ def sweep(
     per_stream: int,
     max_new: int,
     threads: int,
+    modes: list[str] | None = None,
 ) -> list[Cell]:
     from cluster.local_workers import start_all, stop_all, worker_process
     from cluster.router import Router, RouterConfig
@@ -166,7 +186,7 @@ def sweep(
     cells: list[Cell] = []
     loop = asyncio.new_event_loop()
     try:
-        for mode_name in MODES:
+        for mode_name in modes or list(MODES):
             # A fresh router per mode: its measured step costs start from nothing each time.
             router = Router(RouterConfig(target_model_path=target_path, max_in_flight=256))
             router.set_workers(drafts=[procs[1].address], targets=[procs[0].address])
@@ -182,6 +202,7 @@ def sweep(
                     f"plain share {r['plain share']:.2f}  target RSS {r['target RSS MB']} MB",
                     flush=True,
                 )
+                print(f"           scheduler time: {cell.profile()}", flush=True)
                 cells.append(cell)
             router.close()
     finally:
@@ -195,8 +216,8 @@ def check_outputs(cells: list[Cell]) -> list[str]:
     plain = {c.streams: c.outputs for c in cells if c.mode == "plain"}
     bad = []
     for c in cells:
-        ref = plain.get(c.streams, {})
-        if any(ref.get(i) != o for i, o in c.outputs.items()):
+        ref = plain.get(c.streams)
+        if ref is not None and any(ref.get(i) != o for i, o in c.outputs.items()):
             bad.append(f"{c.mode}@{c.streams}")
     return bad
 

@@ -307,6 +307,7 @@ def run_sweep(args: argparse.Namespace, prompts: list[list[int]]) -> int:
         per_stream=args.requests_per_stream,
         max_new=args.max_new_tokens,
         threads=args.threads,
+        modes=[m for m in sweep.MODES if re.search(args.only, m)] if args.only else None,
     )
     bad = sweep.check_outputs(cells)
     print(sweep.markdown(cells))

@@ -128,6 +128,7 @@ class BatchPolicy:
         self.speculating = True
         self._plain_since_probe = 0
         self._probe_interval = config.probe_interval
+        self._interval_before_probe = config.probe_interval
         self.probing = False
         self.switches = 0
 
@@ -155,8 +156,8 @@ class BatchPolicy:
         if self.costs.target.known and self.costs.steps - self.costs.last_plain_step > 64:
             # Keep the price of a plain step measured: one plain step now and then.
             return 0
-        rates = {k: self._rate(rows, k) for k in range(0, cfg.max_draft_tokens + 1)}
-        if any(v is None for v in rates.values()):
+        rates = self._rates(rows)
+        if rates is None:
             return min(4, cfg.max_draft_tokens)  # nothing measured yet: speculate and learn
         best = max(range(1, cfg.max_draft_tokens + 1), key=lambda k: rates[k])
         plain = rates[0]
@@ -176,10 +177,35 @@ class BatchPolicy:
         if self._plain_since_probe >= self._probe_interval:
             # A probe: acceptance and draft costs are stale after a plain stretch.
             self._plain_since_probe = 0
+            self._interval_before_probe = self._probe_interval
             self._probe_interval = min(self._probe_interval * 2, cfg.max_probe_interval)
             self.probing = True
             return best
         return 0
+
+    def would_speculate(self, rows: Sequence[RowChoice]) -> bool:
+        """Whether a batch of these rows would speculate now (no state changes): for admission,
+        which starts the draft prefill of new rows only when their batch would use it."""
+        if not any(r.kind != "own" and r.cap > 0 for r in rows):
+            return False
+        rates = self._rates(rows)
+        if rates is None:
+            return True
+        best = max(rates[k] for k in range(1, self.config.max_draft_tokens + 1))
+        return best >= rates[0] * (1.0 if self.speculating else self.config.min_gain)
+
+    def _rates(self, rows: Sequence[RowChoice]) -> dict[int, float] | None:
+        rates = {k: self._rate(rows, k) for k in range(0, self.config.max_draft_tokens + 1)}
+        if any(v is None for v in rates.values()):
+            return None
+        return rates  # type: ignore[return-value]
+
+    def retry_probe(self) -> None:
+        """The probe chosen could not run (no row had its draft yet): probe at the next step,
+        and do not count it as a failed probe."""
+        self.probing = False
+        self._probe_interval = self._interval_before_probe
+        self._plain_since_probe = self._probe_interval
 
     def _rate(self, rows: Sequence[RowChoice], k: int) -> float | None:
         """Expected committed tokens per second of a step where flexible rows take k."""

@@ -10,8 +10,10 @@ committed is lost, and the row's draft is re-prefilled later (policy.draft_retry
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 from cluster.pipelining import ahead_hit
 from cluster.sequence import Row, group_by_lease
@@ -39,9 +41,11 @@ class Drafting:
         self.max_draft_tokens = max_draft_tokens
         self.ahead_min_whole = ahead_min_whole
         self.name = name
+        self.pending: list[_Pending] = []
 
     def prefill(self, rows: Sequence[Row]) -> Calls:
-        """Bind each row to a draft worker and prefill it there (one call per worker)."""
+        """Bind each row to a draft worker and prefill it there (one call per worker); the
+        caller waits with `settle_prefill`."""
         if self.drafts is None or not rows:
             return []
         for row in rows:
@@ -73,6 +77,43 @@ class Drafting:
                     self.drop_lease(row)
                     row.lose_draft()
 
+    def start_prefill(self, rows: Sequence[Row]) -> None:
+        """Prefill in the background: the batch does not wait for it. Until `poll` sees the
+        answer the rows step plain; the tokens they commit meanwhile reach the draft as lag."""
+        rows = [r for r in rows if not r.draft_pending]
+        if not rows:
+            return
+        now = time.monotonic()
+        lens = {r.seq_id: r.rounds.committed_len for r in rows}
+        for group, fut in self.prefill(rows):
+            for r in group:
+                r.draft_pending = True
+            leases = [r.lease for r in group]
+            self.pending.append(_Pending(group, leases, [lens[r.seq_id] for r in group], fut, now))
+
+    def poll(self, wait: bool = False) -> None:
+        """Settle the background prefills that answered (all of them, waiting, when `wait`)."""
+        now = time.monotonic()
+        for p in list(self.pending):
+            busy = p.fut is not None and not p.fut.done()
+            if not busy or wait or now - p.started >= self.timeout_s:
+                self._settle(p)
+
+    def _settle(self, p: _Pending) -> None:
+        self.pending.remove(p)
+        results = self._results(p.fut, len(p.rows))
+        for row, lease, n, res in zip(p.rows, p.leases, p.lens, results, strict=True):
+            row.draft_pending = False
+            if row.lease is not lease:  # the row left meanwhile: free what it made
+                self._release_lease(row.seq_id, lease, held=res is None)
+            elif res is None:
+                row.draft_len = n
+                row.ready = None
+                row.policy.draft_restored()
+            else:
+                self.drop_lease(row)
+                row.lose_draft()
+
     def propose(
         self, rows: Sequence[Row], ks: Sequence[int]
     ) -> tuple[dict[str, Proposal], int, bool]:
@@ -80,7 +121,7 @@ class Drafting:
         proposals: dict[str, Proposal] = {}
         asks: list[tuple[Row, int]] = []
         for row, k in zip(rows, ks, strict=True):
-            if k <= 0 or row.lease is None:
+            if k <= 0 or row.lease is None or row.draft_pending:
                 row.ready = None
                 continue
             ready, row.ready = row.ready, None
@@ -178,12 +219,29 @@ class Drafting:
 
     def drop_lease(self, row: Row) -> None:
         lease, row.lease = row.lease, None
-        if lease is not None:
+        if row.draft_pending:  # its prefill answers first (a release must not overtake it)
+            self._settle(next(p for p in self.pending if row in p.rows))
+        elif lease is not None:
+            self._release_lease(row.seq_id, lease, held=True)
+
+    def _release_lease(self, seq_id: str, lease, *, held: bool) -> None:
+        if held:
             try:
-                lease.side.release(row.seq_id)
+                lease.side.release(seq_id)
             except Exception:  # noqa: BLE001 - a dead draft holds nothing any more
                 pass
-            self.drafts.release(lease)
+        self.drafts.release(lease)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A background draft prefill: the rows, their leases and committed lengths when sent."""
+
+    rows: list[Row]
+    leases: list
+    lens: list[int]
+    fut: Future | None
+    started: float
 
 
 def trim(p: Proposal, k: int) -> Proposal:

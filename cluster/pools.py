@@ -23,6 +23,7 @@ from protos import worker_pb2
 
 log = logging.getLogger(__name__)
 
+
 class EndpointState(enum.Enum):
     UNCHECKED = "unchecked"  # set, not yet probed: probed on first use
     UP = "up"
@@ -95,7 +96,7 @@ class WorkerPool:
                     if ep.in_flight == 0:
                         to_close.append(self._endpoints.pop(addr))
         for ep in to_close:
-            ep.side.channel.close()
+            ep.side.close()
 
     @property
     def configured(self) -> bool:
@@ -145,7 +146,7 @@ class WorkerPool:
                 del self._endpoints[ep.address]
                 close = True
         if close:
-            ep.side.channel.close()
+            ep.side.close()
 
     def mark_down(self, address: str, reason: BaseException | str) -> None:
         with self._lock:
@@ -211,4 +212,4 @@ class WorkerPool:
             eps = list(self._endpoints.values())
             self._endpoints.clear()
         for ep in eps:
-            ep.side.channel.close()
+            ep.side.close()

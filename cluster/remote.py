@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -150,33 +150,36 @@ class _Remote:
         self.timeout_s = timeout_s
         self.release_timeout_s = min(2.0, timeout_s)
         self.on_unavailable = on_unavailable
+        self._calls = ThreadPoolExecutor(4, thread_name_prefix=f"grpc-{address}")
 
     def _future(self, method: Any, request: Any, convert: Callable[[Any], Any]) -> Future:
-        """`method.future(request)` as a concurrent Future of `convert(response)`."""
-        out: Future = Future()
-        out.set_running_or_notify_cancel()
+        """`method(request)` on this remote's call threads, as a Future of `convert(response)`.
+
+        Not `method.future()`: grpcio's sync channel starts a new polling thread for a future
+        call whenever none is in flight, which the scheduler's one-call-at-a-time steps hit on
+        every step (a thread start each, milliseconds on a busy box). A blocking call on a
+        long-lived thread polls in that thread."""
+
+        def call() -> Any:
+            try:
+                response = method(request, timeout=self.timeout_s)
+            except grpc.RpcError as exc:
+                raise self._failed(map_rpc_error(exc, self.address)) from None
+            except ValueError as exc:  # e.g. a closed channel
+                raise self._failed(RemoteUnavailable(self.address, None, repr(exc))) from None
+            return convert(response)
+
         try:
-            call = method.future(request, timeout=self.timeout_s)
-        except Exception as exc:  # noqa: BLE001 - e.g. a closed channel
+            return self._calls.submit(call)
+        except RuntimeError as exc:  # closed
+            out: Future = Future()
             out.set_exception(self._failed(RemoteUnavailable(self.address, None, repr(exc))))
             return out
 
-        def done(f: grpc.Future) -> None:
-            try:
-                response = f.result()
-            except grpc.RpcError as exc:
-                out.set_exception(self._failed(map_rpc_error(exc, self.address)))
-                return
-            except grpc.FutureCancelledError:
-                out.set_exception(RemoteUnavailable(self.address, None, "call cancelled"))
-                return
-            try:
-                out.set_result(convert(response))
-            except Exception as exc:  # noqa: BLE001 - a malformed answer
-                out.set_exception(exc)
-
-        call.add_done_callback(done)
-        return out
+    def close(self) -> None:
+        """Close the channel (calls in flight fail) and let the call threads go."""
+        self.channel.close()
+        self._calls.shutdown(wait=False)
 
     def _failed(self, err: Exception) -> Exception:
         if (

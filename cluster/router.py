@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 from transformers import AutoConfig, GenerationConfig
 
+from cluster.loop_sink import END, LoopMailbox, LoopSink
 from cluster.pools import Endpoint, EndpointState, WorkerPool
 from cluster.requests import Admission, RequestError, ValidRequest, validate_request
 from cluster.responses import collect, finish
@@ -49,37 +51,6 @@ __all__ = ["RequestError", "Router", "RouterConfig", "WorkerMismatchError"]
 
 class WorkerMismatchError(ValueError):
     """A worker serves something the router cannot use (other tokenizer, role or model)."""
-
-
-_END = object()
-
-
-class _AsyncSink:
-    """A row's output into the consumer's asyncio queue (the scheduler thread never blocks)."""
-
-    def __init__(self, router: Router, loop: asyncio.AbstractEventLoop) -> None:
-        self.router = router
-        self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.row: Row | None = None
-
-    def _put(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            if self.row is not None:
-                self.row.cancel()
-
-    def tokens(self, tokens: list[int]) -> None:
-        self._put(tokens)
-
-    def finished(self) -> None:
-        self.router._row_done(self.row)
-        self._put(_END)
-
-    def failed(self, exc: BaseException) -> None:
-        self.router._row_done(self.row)
-        self._put(_request_error(exc))
 
 
 def _request_error(exc: BaseException) -> RequestError:
@@ -147,6 +118,7 @@ class Router:
         self._lock = threading.Lock()
         self._admission = Admission(config.max_in_flight, "router")
         self._closing = threading.Event()
+        self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.set_workers(drafts=drafts, targets=targets)
         self._health: threading.Thread | None = None
         if health_checks:
@@ -199,6 +171,7 @@ class Router:
                 "plain_row_steps": s.plain_row_steps,
                 "max_batch": s.max_batch,
                 "speculating": s.batch_policy.speculating,
+                "phase_seconds": dict(s.phase_seconds),
             }
             for a, s in scheds.items()
         }
@@ -279,6 +252,14 @@ class Router:
                 self._targets.release(ep)
                 row.home = None
 
+    def _mailbox(self) -> LoopMailbox:
+        """The running loop's mailbox (one wake-up a step for all its streams)."""
+        loop = asyncio.get_running_loop()
+        box = self._mailboxes.get(loop)
+        if box is None:
+            box = self._mailboxes[loop] = LoopMailbox(loop)
+        return box
+
     def _row_done(self, row: Row | None) -> None:
         if row is not None and row.home is not None:
             ep, row.home = row.home, None
@@ -332,7 +313,7 @@ class Router:
             StopConditions(req.max_new_tokens, self.eos_token_ids, frozenset(), self.max_context),
         )
         self._admit()
-        sink = _AsyncSink(self, asyncio.get_running_loop())
+        sink = LoopSink(self._mailbox(), self._row_done, _request_error)
         row = Row(req.seq_id, rounds, req.params, sink, RowRequest(req.mode, req.k or None, None))
         sink.row = row
         try:
@@ -346,7 +327,7 @@ class Router:
                 item = await sink.queue.get()
                 if isinstance(item, RequestError):
                     raise item
-                if item is _END:
+                if item is END:
                     reason = rounds.finish_reason or FinishReason.CANCELLED
                     msg = specdec_pb2.GenerateResponse(text=text.take(True))
                     yield finish(msg, row, reason, sent)

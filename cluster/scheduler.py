@@ -50,6 +50,7 @@ class SchedulerOptions:
     prefill_tokens_per_step: int = 2048  # prompt tokens admitted per step (at least one row)
     pipelined: bool | str = "auto"  # draft ahead while the target verifies; "auto": measure
     ahead_min_whole: float = 0.3  # draft ahead for rows whose block is accepted whole this often
+    probe_rows: int = 4  # rows a probe of plain batch prefills drafts for (speculation: all)
     # The target's KV budget in tokens (0 = none). A row is admitted only when the most it can
     # ever hold (prompt + max_new_tokens + a block) fits beside the running rows' most, so an
     # admitted row is never refused later and the worker never passes its budget.
@@ -115,6 +116,8 @@ class StepScheduler:
         self.row_steps = 0  # sum over steps of the rows in the target pass (mean batch size)
         self.plain_row_steps = 0  # of those, plain rows
         self.max_batch = 0
+        # Where the loop's time goes (seconds by phase): the profile the benchmark prints.
+        self.phase_seconds: collections.Counter[str] = collections.Counter()
 
     # -- outside API --------------------------------------------------------------------------
 
@@ -168,6 +171,7 @@ class StepScheduler:
 
     def _fail_all(self, exc: BaseException) -> None:
         self._take_inbox()
+        self.drafting.poll(wait=True)
         rows = [*self.running, *self.waiting]
         self.running.clear()
         self.waiting.clear()
@@ -175,10 +179,11 @@ class StepScheduler:
             self._fail(row, exc)
 
     def _has_work(self) -> bool:
-        return bool(self._inbox or self.waiting or self.running)
+        return bool(self._inbox or self.waiting or self.running or self.drafting.pending)
 
     def _shutdown(self) -> None:
         self._take_inbox()
+        self.drafting.poll(wait=True)
         for row in [*self.running, *self.waiting]:
             row.finish_cancelled()
             self._release(row)
@@ -194,8 +199,12 @@ class StepScheduler:
         try:
             self._take_inbox()
             self._drop_cancelled()
+            t = self.clock()
             self._admit()
+            self.phase_seconds["admit"] += self.clock() - t
             if not self.running:
+                # Only background draft prefills of rows that left: let them answer, free them.
+                self.drafting.poll(wait=not self.waiting)
                 return bool(self.waiting)
             self._retry_drafts()
             self._run_batch()
@@ -268,7 +277,17 @@ class StepScheduler:
                 if row.mode is SpecMode.OFF or self.drafts is None or not self.drafts.configured:
                     row.policy.draft_failed()
         fresh = [r for r in batch if r.mode is not SpecMode.OFF and r.lease is None]
-        draft_calls = self.drafting.prefill(fresh)
+        # A seeded row's k must not depend on timing, and an ON row asked for speculation: their
+        # drafts prefill beside the target's, waited for. An AUTO row's does not hold the batch
+        # up: it prefills in the background, and only when the batch speculates (under load,
+        # when every step is plain, never).
+        now = [r for r in fresh if r.deterministic or r.mode is SpecMode.ON]
+        later = [r for r in fresh if r not in now]
+        if later and self.batch_policy.would_speculate(
+            self._choices([*self.running, *batch], decide_own=False)
+        ):
+            self.drafting.start_prefill(later)
+        draft_calls = self.drafting.prefill(now)
         target_f = self._target_call(
             lambda t: t.prefill_batch(
                 [PrefillRow(r.seq_id, r.rounds.tokens, r.params) for r in batch]
@@ -276,6 +295,7 @@ class StepScheduler:
         )
         results = self._target_wait(target_f)
         self.drafting.settle_prefill(draft_calls)
+        self.drafting.poll()
         refused: list[Row] = []
         for row, res in zip(batch, results, strict=True):
             if res is None:
@@ -288,18 +308,20 @@ class StepScheduler:
         self.waiting.extendleft(reversed(refused))
 
     def _retry_drafts(self) -> None:
-        due = [r for r in self.running if r.policy.draft_retry_due()]
-        if due:
-            self.drafting.settle_prefill(self.drafting.prefill(due))
+        self.drafting.poll()
+        due = [r for r in self.running if r.policy.draft_retry_due() and not r.draft_pending]
+        self.drafting.start_prefill(due)
 
     # -- the batch ----------------------------------------------------------------------------
 
     def _run_batch(self) -> None:
         rows = list(self.running)
-        ks = self._choose(rows)
+        ks = self._without_drafts(rows, self._choose(rows))
         t0 = self.clock()
         proposals, drafted, timed = self.drafting.propose(rows, ks)
         draft_seconds = self.clock() - t0
+        phase = self.phase_seconds
+        phase["draft"] += draft_seconds
         vrows = []
         for row in rows:
             p = proposals.get(row.seq_id)
@@ -311,10 +333,13 @@ class StepScheduler:
         t1 = self.clock()
         verify_f = self._target_call(lambda t: t.verify_batch(vrows))
         ahead = self.drafting.ahead(rows, proposals, self.pipelining.now)
+        t2 = self.clock()
+        phase["send"] += t2 - t1
         try:
             verdicts = self._target_wait(verify_f)
         finally:
             verify_seconds = self.clock() - t1
+            phase["verify"] += self.clock() - t2
         width = max(len(v.draft_tokens) for v in vrows) + 1
         # Counted before any row hears of this step (a reader may look right after its stream).
         self.steps += 1
@@ -322,9 +347,13 @@ class StepScheduler:
         self.row_steps += len(rows)
         self.plain_row_steps += sum(1 for v in vrows if v.plain)
         self.max_batch = max(self.max_batch, len(rows))
+        t3 = self.clock()
         committed = self._commit(rows, vrows, verdicts)
+        t4 = self.clock()
+        phase["commit"] += t4 - t3
         self.drafting.settle_ahead(ahead, proposals, verdicts, rows)
         step_seconds = self.clock() - t0
+        phase["ahead"] += t0 + step_seconds - t4
         # Prices: the target pass by its padded positions; the draft passes by rows drafting.
         if not ahead:  # drafting ahead shares the cores here: that verify time is not typical
             self.costs.observe_target(len(rows), width, verify_seconds)
@@ -335,6 +364,11 @@ class StepScheduler:
         self.pipelining.observe(width > 1, committed, step_seconds)
 
     def _choose(self, rows: Sequence[Row]) -> list[int]:
+        return self.batch_policy.choose(self._choices(rows))
+
+    def _choices(self, rows: Sequence[Row], decide_own: bool = True) -> list[RowChoice]:
+        """What the batch policy needs of each row (`decide_own`: ask the rows that decide
+        alone for their k, which moves their own policy on)."""
         choices = []
         top = self.config.max_draft_tokens
         for row in rows:
@@ -345,11 +379,29 @@ class StepScheduler:
             if row.deterministic or not pol.draft_available or row.mode is SpecMode.OFF:
                 # Decided by the row alone: a seeded row's choices must not depend on its
                 # neighbours (it repeats exactly, whatever shares its batch).
-                choices.append(RowChoice(cap, "own", expected, own_k=pol.next_k()))
+                own = pol.next_k() if decide_own else 0
+                choices.append(RowChoice(cap, "own", expected, own_k=own))
                 continue
             kind = "on" if row.mode is SpecMode.ON else "auto"
             choices.append(RowChoice(cap, kind, expected, pin=row.request.k))
-        return self.batch_policy.choose(choices)
+        return choices
+
+    def _without_drafts(self, rows: Sequence[Row], ks: list[int]) -> list[int]:
+        """Rows chosen to speculate whose draft is not there yet step plain, and their draft
+        prefill starts (in the background). A probe kicks off a few, speculation all."""
+        want: list[Row] = []
+        for i, row in enumerate(rows):
+            if ks[i] > 0 and (row.lease is None or row.draft_pending):
+                ks[i] = 0
+                if row.lease is None and not row.draft_pending and row.policy.draft_available:
+                    want.append(row)
+        if self.batch_policy.probing:
+            if not any(ks):  # nothing to probe with yet: probe again once drafts are there
+                self.batch_policy.retry_probe()
+            pending = sum(1 for r in rows if r.draft_pending)
+            want = want[: max(0, self.options.probe_rows - pending)]
+        self.drafting.start_prefill(want)
+        return ks
 
     def _commit(self, rows: Sequence[Row], vrows: Sequence[VerifyRow], verdicts) -> int:
         committed = 0
@@ -395,6 +447,7 @@ class StepScheduler:
     def _target_lost(self, exc: BaseException) -> None:
         log.warning("%s: target lost (%s); moving %d rows", self.name, exc, self.load)
         self._take_inbox()
+        self.drafting.poll(wait=True)  # the rows take their draft state along
         rows = [*self.running, *self.waiting]
         self.running.clear()
         self.waiting.clear()

@@ -56,6 +56,7 @@ class Row:
         self.policy: SpeculationPolicy | None = None  # made on admission, on the scheduler thread
         self.lease: DraftLease | None = None  # the draft worker holding this row's draft state
         self.draft_len = 0  # committed tokens the draft holds (0: none)
+        self.draft_pending = False  # a background draft prefill is on its way
         self.ready: Proposal | None = None  # drafted ahead and confirmed: the next block
         self.on_target = False  # the current target holds the committed tokens
         self.target_failovers = 0

@@ -200,9 +200,7 @@ def test_two_hundred_cancelled_streams_leave_no_sequence_anywhere(ckpts, procs, 
     async def run():
         kept = []
         for wave in range(0, 200, 16):
-            jobs = [
-                (cancelled if i % 2 else deadline)(i) for i in range(wave, min(200, wave + 16))
-            ]
+            jobs = [(cancelled if i % 2 else deadline)(i) for i in range(wave, min(200, wave + 16))]
             jobs.append(collect(router, request(keep_ids, AUTO, 0, 60)))
             results = await asyncio.gather(*jobs)
             kept.append(results[-1])

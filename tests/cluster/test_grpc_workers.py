@@ -148,8 +148,8 @@ def test_remote_target_and_draft_answer_like_in_process_workers(servers, local):
             target.release(sid)
             draft.release(sid)
     finally:
-        gt.channel.close()
-        gd.channel.close()
+        gt.close()
+        gd.close()
 
 
 # -- status codes --------------------------------------------------------------------------------
@@ -273,13 +273,13 @@ def test_grpc_sides_map_errors_to_worker_exceptions(servers):
             gt.verify("m", len(PROMPT), [999], None).result(10)
         gt.release("m")
     finally:
-        gt.channel.close()
+        gt.close()
     down: list[str] = []
     dead = GrpcTarget("127.0.0.1:1", timeout_s=5, on_unavailable=lambda a, e: down.append(a))
     with pytest.raises(WorkerUnavailable):
         dead.plain_step("m", 3).result(10)
     assert down == ["127.0.0.1:1"]
-    dead.channel.close()
+    dead.close()
 
 
 def test_many_sequences_at_once(servers, local):
@@ -298,7 +298,7 @@ def test_many_sequences_at_once(servers, local):
         gt.prefill(f"c{i}", prompts[i], SamplingParams()).result(30)
         got[i] = [gt.plain_step(f"c{i}", len(prompts[i]) + j).result(30) for j in range(6)]
         gt.release(f"c{i}")
-        gt.channel.close()
+        gt.close()
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
     for th in threads:
@@ -414,15 +414,15 @@ def test_batched_rpcs_answer_per_row_like_in_process_workers(servers, local):
             gd.release(s)
             target.release(s)
             draft.release(s)
-        gt.channel.close()
-        gd.channel.close()
+        gt.close()
+        gd.close()
     for addr, role in ((servers["target"], "target"), (servers["draft"], "draft")):
         s = stats(addr, role)
         assert s.live_sequences == 0 and s.kv_tokens == 0
     dead = GrpcTarget("127.0.0.1:1", timeout_s=5)
     with pytest.raises(WorkerUnavailable):
         dead.verify_batch([VerifyRow("a", 3)]).result(10)
-    dead.channel.close()
+    dead.close()
 
 
 def test_kv_budget_over_grpc_is_resource_exhausted_per_row(ckpts):
@@ -450,5 +450,5 @@ def test_kv_budget_over_grpc_is_resource_exhausted_per_row(ckpts):
         gt.release("k1")
         assert gt.stats().kv_tokens == 0
     finally:
-        gt.channel.close()
+        gt.close()
         server.stop(0)
