@@ -19,6 +19,8 @@ from pathlib import Path
 
 from protos import specdec_pb2 as pb
 
+MIN_REQUESTS = 8  # per cell: one stream alone runs this many requests one after another
+
 MODES = {
     "plain": (pb.SPECULATION_MODE_OFF, 0),
     "auto": (pb.SPECULATION_MODE_AUTO, 0),
@@ -175,6 +177,7 @@ def sweep(
     max_new: int,
     threads: int,
     modes: list[str] | None = None,
+    repeats: int = 1,
 ) -> list[Cell]:
     from cluster.local_workers import start_all, stop_all, worker_process
     from cluster.router import Router, RouterConfig
@@ -185,27 +188,36 @@ def sweep(
     )
     cells: list[Cell] = []
     loop = asyncio.new_event_loop()
+    routers = {}
     try:
         for mode_name in modes or list(MODES):
-            # A fresh router per mode: its measured step costs start from nothing each time.
+            # A router per mode, kept across the sweep: each learns its step costs from nothing
+            # and follows the load as it rises. Modes take turns at each concurrency, so the
+            # ratios compare cells run next to each other (this box's speed drifts by minutes).
             router = Router(RouterConfig(target_model_path=target_path, max_in_flight=256))
             router.set_workers(drafts=[procs[1].address], targets=[procs[0].address])
             loop.run_until_complete(_cell(router, prompts, mode_name, 1, 1, max_new))  # warm-up
+            routers[mode_name] = router
+        for rep in range(repeats):
             for c in concurrency:
-                cell = loop.run_until_complete(
-                    _cell(router, prompts, mode_name, c, per_stream, max_new, procs[0].popen.pid)
-                )
-                r = cell.row()
-                print(
-                    f"  {mode_name:6s} streams={c:3d}  {r['tok/s']:8.1f} tok/s  "
-                    f"rows/pass {r['rows/pass']:5.2f}  tau {r['tau']:.2f}  "
-                    f"plain share {r['plain share']:.2f}  target RSS {r['target RSS MB']} MB",
-                    flush=True,
-                )
-                print(f"           scheduler time: {cell.profile()}", flush=True)
-                cells.append(cell)
-            router.close()
+                n = max(per_stream, -(-MIN_REQUESTS // c))  # requests per stream
+                for mode_name, router in routers.items():
+                    cell = loop.run_until_complete(
+                        _cell(router, prompts, mode_name, c, n, max_new, procs[0].popen.pid)
+                    )
+                    r = cell.row()
+                    print(
+                        f"  [{rep + 1}/{repeats}] {mode_name:6s} streams={c:3d}  "
+                        f"{r['tok/s']:8.1f} tok/s  rows/pass {r['rows/pass']:5.2f}  "
+                        f"tau {r['tau']:.2f}  plain share {r['plain share']:.2f}  "
+                        f"target RSS {r['target RSS MB']} MB",
+                        flush=True,
+                    )
+                    print(f"           scheduler time: {cell.profile()}", flush=True)
+                    cells.append(cell)
     finally:
+        for router in routers.values():
+            router.close()
         loop.close()
         stop_all(procs)
     return cells
@@ -222,12 +234,23 @@ def check_outputs(cells: list[Cell]) -> list[str]:
     return bad
 
 
+def pooled_throughput(cells: list[Cell]) -> dict[tuple[str, int], float]:
+    """Tokens / seconds of each (mode, streams) over its repeats."""
+    tok: dict[tuple[str, int], float] = {}
+    sec: dict[tuple[str, int], float] = {}
+    for c in cells:
+        key = (c.mode, c.streams)
+        tok[key] = tok.get(key, 0) + c.tokens
+        sec[key] = sec.get(key, 0) + c.seconds
+    return {k: tok[k] / sec[k] for k in tok if sec[k]}
+
+
 def markdown(cells: list[Cell]) -> str:
     rows = [c.row() for c in cells]
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    by = {(c.mode, c.streams): c.throughput for c in cells}
+    by = pooled_throughput(cells)
     ratios = []
     for n in sorted({c.streams for c in cells}):
         plain = by.get(("plain", n))
@@ -251,13 +274,14 @@ def plot(cells: list[Cell], path: Path, title: str) -> bool:
         print("(matplotlib is not installed: no plot)")
         return False
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    pooled = pooled_throughput(cells)
     for mode in MODES:
-        cs = sorted((c for c in cells if c.mode == mode), key=lambda c: c.streams)
-        if not cs:
+        xs = sorted({c.streams for c in cells if c.mode == mode})
+        if not xs:
             continue
-        xs = [c.streams for c in cs]
-        a.plot(xs, [c.throughput for c in cs], marker="o", label=mode)
-        b.plot(xs, [1e3 * _q(c.itl, 0.5) for c in cs], marker="o", label=f"{mode} ITL p50")
+        itl = {n: [t for c in cells if (c.mode, c.streams) == (mode, n) for t in c.itl] for n in xs}
+        a.plot(xs, [pooled[(mode, n)] for n in xs], marker="o", label=mode)
+        b.plot(xs, [1e3 * _q(itl[n], 0.5) for n in xs], marker="o", label=f"{mode} ITL p50")
     for ax, ylabel in ((a, "aggregate tokens/s"), (b, "inter-token latency p50 (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent streams")

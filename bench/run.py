@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated stream counts: run the concurrency sweep through the cluster instead",
     )
     ap.add_argument("--requests-per-stream", type=int, default=2)
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="sweep: run every cell this many times (pooled)"
+    )
     ap.add_argument("--plot", type=Path, help="sweep: write the PNG plot here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -296,7 +299,8 @@ def run_sweep(args: argparse.Namespace, prompts: list[list[int]]) -> int:
     head = (
         f"# specdec bench --concurrency — {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
         f"{os.cpu_count()} cores, target torch threads {args.threads}, {len(prompts)} prompts x "
-        f"{args.max_new_tokens} new tokens, greedy, {args.requests_per_stream} requests per stream"
+        f"{args.max_new_tokens} new tokens, greedy, {args.requests_per_stream} requests per stream "
+        f"(at least {sweep.MIN_REQUESTS} per cell), {args.repeats} repeat(s), modes in turn"
     )
     print(head, flush=True)
     cells = sweep.sweep(
@@ -308,6 +312,7 @@ def run_sweep(args: argparse.Namespace, prompts: list[list[int]]) -> int:
         max_new=args.max_new_tokens,
         threads=args.threads,
         modes=[m for m in sweep.MODES if re.search(args.only, m)] if args.only else None,
+        repeats=args.repeats,
     )
     bad = sweep.check_outputs(cells)
     print(sweep.markdown(cells))

@@ -162,7 +162,7 @@ class BatchPolicy:
         best = max(range(1, cfg.max_draft_tokens + 1), key=lambda k: rates[k])
         plain = rates[0]
         if self.speculating:
-            if rates[best] < plain:
+            if rates[best] < cfg.keep_gain * plain:
                 self.speculating = False
                 self.switches += 1
                 self._plain_since_probe = 0
@@ -192,7 +192,8 @@ class BatchPolicy:
         if rates is None:
             return True
         best = max(rates[k] for k in range(1, self.config.max_draft_tokens + 1))
-        return best >= rates[0] * (1.0 if self.speculating else self.config.min_gain)
+        cfg = self.config
+        return best >= rates[0] * (cfg.keep_gain if self.speculating else cfg.min_gain)
 
     def _rates(self, rows: Sequence[RowChoice]) -> dict[int, float] | None:
         rates = {k: self._rate(rows, k) for k in range(0, self.config.max_draft_tokens + 1)}

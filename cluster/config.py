@@ -158,7 +158,8 @@ class SpeculationConfig(_Strict):
 
     k: int = Field(0, ge=0, description="draft tokens per round; 0 = adaptive")
     max_draft_tokens: int = Field(8, ge=1)
-    min_gain: float = Field(1.05, gt=0)
+    min_gain: float = Field(1.15, gt=0, description="start speculating at this predicted gain")
+    keep_gain: float = Field(1.05, gt=0, description="stop speculating below this gain")
     probe_interval: int = Field(16, ge=1)
     max_probe_interval: int = Field(256, ge=1)
     ewma: float = Field(0.25, gt=0, le=1)
@@ -173,6 +174,7 @@ class SpeculationConfig(_Strict):
             num_draft_tokens=self.k,
             max_draft_tokens=self.max_draft_tokens,
             min_gain=self.min_gain,
+            keep_gain=self.keep_gain,
             probe_interval=self.probe_interval,
             max_probe_interval=self.max_probe_interval,
             ewma=self.ewma,

@@ -42,6 +42,7 @@ class Drafting:
         self.ahead_min_whole = ahead_min_whole
         self.name = name
         self.pending: list[_Pending] = []
+        self.background = True  # draft work may overlap target passes (its own compute)
 
     def prefill(self, rows: Sequence[Row]) -> Calls:
         """Bind each row to a draft worker and prefill it there (one call per worker); the
@@ -78,10 +79,15 @@ class Drafting:
                     row.lose_draft()
 
     def start_prefill(self, rows: Sequence[Row]) -> None:
-        """Prefill in the background: the batch does not wait for it. Until `poll` sees the
-        answer the rows step plain; the tokens they commit meanwhile reach the draft as lag."""
+        """Prefill in the background (`background`): the batch does not wait for it; until
+        `poll` sees the answer the rows step plain, and the tokens they commit meanwhile reach
+        the draft as lag. Otherwise prefill now and wait: where draft and target share cores a
+        draft prefill beside a target pass slows that pass by more than it saves."""
         rows = [r for r in rows if not r.draft_pending]
         if not rows:
+            return
+        if not self.background:
+            self.settle_prefill(self.prefill(rows))
             return
         now = time.monotonic()
         lens = {r.seq_id: r.rounds.committed_len for r in rows}

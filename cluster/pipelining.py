@@ -48,6 +48,16 @@ class PipeliningChoice:
         self._explore_left = 0
         self._skip = True  # the first step after a switch is neither mode
 
+    @property
+    def overlap_pays(self) -> bool:
+        """Whether draft work beside a target pass is known to pay here: pipelining set on, or
+        measured faster than not. Until measured, no (on shared cores overlap slows the target
+        pass by more than it saves; on pools of their own the measurement says so soon)."""
+        if not self.adaptive:
+            return self.now
+        on, off = self.rate.get(True), self.rate.get(False)
+        return on is not None and off is not None and on > off
+
     def observe(self, speculative: bool, tokens: int, seconds: float) -> None:
         if not speculative or seconds <= 0:
             return

@@ -316,6 +316,7 @@ class StepScheduler:
 
     def _run_batch(self) -> None:
         rows = list(self.running)
+        self.drafting.background = self.pipelining.overlap_pays
         ks = self._without_drafts(rows, self._choose(rows))
         t0 = self.clock()
         proposals, drafted, timed = self.drafting.propose(rows, ks)
@@ -333,6 +334,7 @@ class StepScheduler:
         t1 = self.clock()
         verify_f = self._target_call(lambda t: t.verify_batch(vrows))
         ahead = self.drafting.ahead(rows, proposals, self.pipelining.now)
+        shared = bool(ahead or self.drafting.pending)  # draft work beside this target pass
         t2 = self.clock()
         phase["send"] += t2 - t1
         try:
@@ -355,7 +357,7 @@ class StepScheduler:
         step_seconds = self.clock() - t0
         phase["ahead"] += t0 + step_seconds - t4
         # Prices: the target pass by its padded positions; the draft passes by rows drafting.
-        if not ahead:  # drafting ahead shares the cores here: that verify time is not typical
+        if not shared:  # draft work beside it may share the cores: that time is not typical
             self.costs.observe_target(len(rows), width, verify_seconds)
         if drafted and timed:
             self.costs.observe_draft(drafted, max(ks), draft_seconds)
@@ -387,20 +389,25 @@ class StepScheduler:
         return choices
 
     def _without_drafts(self, rows: Sequence[Row], ks: list[int]) -> list[int]:
-        """Rows chosen to speculate whose draft is not there yet step plain, and their draft
-        prefill starts (in the background). A probe kicks off a few, speculation all."""
+        """Rows chosen to speculate whose draft is not there yet get it prefilled (a probe a
+        few rows, speculation all): in the background, stepping plain until it answers, or at
+        once, speculating in this step (`Drafting.background`)."""
         want: list[Row] = []
+        asked = dict(zip((r.seq_id for r in rows), ks, strict=True))
         for i, row in enumerate(rows):
             if ks[i] > 0 and (row.lease is None or row.draft_pending):
                 ks[i] = 0
                 if row.lease is None and not row.draft_pending and row.policy.draft_available:
                     want.append(row)
         if self.batch_policy.probing:
-            if not any(ks):  # nothing to probe with yet: probe again once drafts are there
-                self.batch_policy.retry_probe()
             pending = sum(1 for r in rows if r.draft_pending)
             want = want[: max(0, self.options.probe_rows - pending)]
         self.drafting.start_prefill(want)
+        for i, row in enumerate(rows):
+            if row in want and row.lease is not None and not row.draft_pending:
+                ks[i] = asked[row.seq_id]  # prefilled at once: it speculates now
+        if self.batch_policy.probing and not any(ks):
+            self.batch_policy.retry_probe()  # nothing to probe with yet: once drafts are there
         return ks
 
     def _commit(self, rows: Sequence[Row], vrows: Sequence[VerifyRow], verdicts) -> int:

@@ -109,3 +109,31 @@ def test_own_and_pinned_rows_keep_their_k_whatever_the_batch_does():
     batch_k = ks[0]
     assert ks[-5:] == [3, 2, max(1, batch_k), 1, 0]
     assert set(ks[: len(rows)]) == {batch_k}
+
+
+def test_hysteresis_band_a_predicted_gain_below_min_gain_does_not_start_speculation():
+    """The model's gain must beat min_gain to leave plain mode, and keep_gain to stay: a gain
+    inside the band (here ~1.1x) never turns plain into speculation, but keeps it going."""
+    cfg = PolicyConfig(max_draft_tokens=1, probe_interval=4, min_gain=1.15, keep_gain=1.05)
+
+    def target(rows: int, width: int) -> float:  # a verify of 2 costs 1.7x a plain step
+        return 0.010 * (1.0 if width == 1 else 1.7)
+
+    def measured(policy: BatchPolicy) -> StepCosts:
+        costs = policy.costs
+        for w in (1, 2):
+            for _ in range(8):
+                costs.observe_target(1, w, target(1, w))
+        for _ in range(8):
+            costs.observe_draft(1, 1, 0.001)  # E(1) = 1.9 tokens / 18 ms ~ 1.06x plain
+        costs.last_plain_step = costs.steps  # a plain step was just measured
+        return costs
+
+    rows = rows_of(1, 0.9, cap=1)
+    start_plain = BatchPolicy(cfg, StepCosts(cfg))
+    start_plain.speculating = False
+    measured(start_plain)
+    assert [max(start_plain.choose(rows)) for _ in range(3)] == [0, 0, 0]
+    keep_going = BatchPolicy(cfg, StepCosts(cfg))
+    measured(keep_going)
+    assert [max(keep_going.choose(rows)) for _ in range(3)] == [1, 1, 1]
