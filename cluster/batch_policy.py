@@ -104,6 +104,48 @@ class StepCosts:
         return t + k * d
 
 
+class RealizedRates:
+    """Committed tokens per second of whole steps as they ran (draft, verify, commit), per mode
+    and batch size (rows in powers of two): the check on the step model, whose predictions miss
+    the cost of things it does not model (per-row work, masks, the draft's lag, core sharing).
+    Speculation is vetoed at a batch size where its measured steps do worse than plain ones;
+    a veto lapses when its spec figure is `stale_after` steps old, so the model gets to try
+    again once the traffic may have changed."""
+
+    def __init__(self, weight: float = 0.25, min_samples: int = 3, stale_after: int = 500):
+        self.weight = weight
+        self.min_samples = min_samples
+        self.stale_after = stale_after
+        self.steps = 0
+        self._rate: dict[tuple[int, bool], float] = {}
+        self._count: dict[tuple[int, bool], int] = {}
+        self._seen: dict[tuple[int, bool], int] = {}
+
+    @staticmethod
+    def bucket(rows: int) -> int:
+        return max(1, rows).bit_length()
+
+    def observe(self, rows: int, speculative: bool, tokens: int, seconds: float) -> None:
+        self.steps += 1
+        if seconds <= 0:
+            return
+        key = (self.bucket(rows), speculative)
+        r = tokens / seconds
+        old = self._rate.get(key)
+        self._rate[key] = r if old is None else old + self.weight * (r - old)
+        self._count[key] = self._count.get(key, 0) + 1
+        self._seen[key] = self.steps
+
+    def veto(self, rows: int) -> bool:
+        b = self.bucket(rows)
+        spec, plain = (b, True), (b, False)
+        if min(self._count.get(spec, 0), self._count.get(plain, 0)) < self.min_samples:
+            return False
+        if self.steps - self._seen[spec] > self.stale_after:
+            return False
+        return self._rate[spec] < self._rate[plain]
+
+
 @dataclass(frozen=True, slots=True)
 class RowChoice:
     """What the batch policy needs to know of one row.
@@ -131,6 +173,7 @@ class BatchPolicy:
         self._interval_before_probe = config.probe_interval
         self.probing = False
         self.switches = 0
+        self.realized = RealizedRates()
 
     def choose(self, rows: Sequence[RowChoice]) -> list[int]:
         """k per row for the next step."""
@@ -161,14 +204,15 @@ class BatchPolicy:
             return min(4, cfg.max_draft_tokens)  # nothing measured yet: speculate and learn
         best = max(range(1, cfg.max_draft_tokens + 1), key=lambda k: rates[k])
         plain = rates[0]
+        vetoed = self.realized.veto(len(rows))
         if self.speculating:
-            if rates[best] < cfg.keep_gain * plain:
+            if rates[best] < cfg.keep_gain * plain or vetoed:
                 self.speculating = False
                 self.switches += 1
                 self._plain_since_probe = 0
                 return 0
             return best
-        if rates[best] >= cfg.min_gain * plain:
+        if rates[best] >= cfg.min_gain * plain and not vetoed:
             self.speculating = True
             self.switches += 1
             self._probe_interval = cfg.probe_interval
@@ -193,7 +237,8 @@ class BatchPolicy:
             return True
         best = max(rates[k] for k in range(1, self.config.max_draft_tokens + 1))
         cfg = self.config
-        return best >= rates[0] * (cfg.keep_gain if self.speculating else cfg.min_gain)
+        gain = cfg.keep_gain if self.speculating else cfg.min_gain
+        return best >= rates[0] * gain and not self.realized.veto(len(rows))
 
     def _rates(self, rows: Sequence[RowChoice]) -> dict[int, float] | None:
         rates = {k: self._rate(rows, k) for k in range(0, self.config.max_draft_tokens + 1)}

@@ -364,6 +364,8 @@ class StepScheduler:
         if width == 1:
             self.costs.last_plain_step = self.steps
         self.pipelining.observe(width > 1, committed, step_seconds)
+        if width == 1 or 2 * len(proposals) >= len(rows):  # plain, or most rows speculated
+            self.batch_policy.realized.observe(len(rows), width > 1, committed, step_seconds)
 
     def _choose(self, rows: Sequence[Row]) -> list[int]:
         return self.batch_policy.choose(self._choices(rows))

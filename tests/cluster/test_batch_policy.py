@@ -137,3 +137,26 @@ def test_hysteresis_band_a_predicted_gain_below_min_gain_does_not_start_speculat
     keep_going = BatchPolicy(cfg, StepCosts(cfg))
     measured(keep_going)
     assert [max(keep_going.choose(rows)) for _ in range(3)] == [1, 1, 1]
+
+
+def test_measured_steps_veto_speculation_the_model_overrates_and_the_veto_lapses():
+    """The step model says speculation pays (an overhead-bound target), but whole steps as they
+    ran say it does not: the policy goes plain at that batch size and stays there while the
+    measurement holds; once the spec figure is stale the model decides again."""
+    costs = StepCosts(CFG)
+    policy = BatchPolicy(CFG, costs)
+    rows = rows_of(4, 0.8)
+    run_steps(policy, costs, rows, overhead_bound, 40)
+    assert policy.speculating  # the model alone speculates here
+    real = policy.realized
+    for _ in range(4):
+        real.observe(4, True, 8, 0.100)  # spec steps: 80 tok/s
+        real.observe(4, False, 4, 0.025)  # plain steps: 160 tok/s
+    assert real.veto(4) and not real.veto(16)  # per batch size
+    chosen = run_steps(policy, costs, rows, overhead_bound, 30)
+    assert chosen[0] == 0 and not policy.speculating
+    assert not policy.would_speculate(rows)
+    assert not policy.speculating
+    assert sum(1 for k in chosen if k) <= 3  # probes only (every 4, 8, 16 plain steps)
+    real.steps += real.stale_after + 1  # the spec figure grows stale
+    assert not real.veto(4) and policy.would_speculate(rows)
