@@ -84,10 +84,12 @@ class Drafting:
         the draft as lag. Otherwise prefill now and wait: where draft and target share cores a
         draft prefill beside a target pass slows that pass by more than it saves."""
         rows = [r for r in rows if not r.draft_pending]
+        # A seeded row's steps must not depend on timing: its draft is there when it asks.
+        now = [r for r in rows if not self.background or r.deterministic]
+        if now:
+            self.settle_prefill(self.prefill(now))
+        rows = [r for r in rows if r not in now]
         if not rows:
-            return
-        if not self.background:
-            self.settle_prefill(self.prefill(rows))
             return
         now = time.monotonic()
         lens = {r.seq_id: r.rounds.committed_len for r in rows}

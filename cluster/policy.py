@@ -412,7 +412,9 @@ class SpeculationPolicy:
         if draft is None or verify is None:
             return None
         drafting = k * draft
-        if self.pipelined if pipelined is None else pipelined:
+        # A seeded request prices rounds one way whatever its pipelining (pipelining is timing,
+        # and its k must not depend on timing: it repeats exactly either way).
+        if (self.pipelined if pipelined is None else pipelined) and not self.deterministic:
             drafting *= 1.0 - self.acceptance.whole_block(k)
         return verify + drafting
 
