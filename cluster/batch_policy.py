@@ -223,6 +223,11 @@ class BatchPolicy:
             self._plain_since_probe = 0
             self._interval_before_probe = self._probe_interval
             self._probe_interval = min(self._probe_interval * 2, cfg.max_probe_interval)
+            ceiling = max(self._rate(rows, k, perfect=True) or 0.0 for k in range(1, best + 1))
+            if ceiling < cfg.min_gain * plain:
+                # Not even a draft that is always right would pay at this load (the target is
+                # compute-bound): a probe would only cost a padded step. Back off as if it failed.
+                return 0
             self.probing = True
             return best
         return 0
@@ -253,11 +258,12 @@ class BatchPolicy:
         self._probe_interval = self._interval_before_probe
         self._plain_since_probe = self._probe_interval
 
-    def _rate(self, rows: Sequence[RowChoice], k: int) -> float | None:
-        """Expected committed tokens per second of a step where flexible rows take k."""
+    def _rate(self, rows: Sequence[RowChoice], k: int, perfect: bool = False) -> float | None:
+        """Expected committed tokens per second of a step where flexible rows take k (with
+        `perfect`, as if every drafted token were accepted: the most speculation can give)."""
         ks = [self._own(r, k) for r in rows]
         tokens = sum(
-            r.expected[kr] if 0 < kr < len(r.expected) else 1.0
+            (kr + 1.0 if perfect else r.expected[kr]) if 0 < kr < len(r.expected) else 1.0
             for r, kr in zip(rows, ks, strict=True)
         )
         width = max(ks) + 1

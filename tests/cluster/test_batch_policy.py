@@ -160,3 +160,23 @@ def test_measured_steps_veto_speculation_the_model_overrates_and_the_veto_lapses
     assert sum(1 for k in chosen if k) <= 3  # probes only (every 4, 8, 16 plain steps)
     real.steps += real.stale_after + 1  # the spec figure grows stale
     assert not real.veto(4) and policy.would_speculate(rows)
+
+
+def test_no_probes_where_even_a_perfect_draft_could_not_pay():
+    """Compute-bound at 64 rows: k + 1 positions cost about k + 1 plain steps, so no acceptance
+    could make speculation pay and a probe would only cost a padded step: none is run. With
+    few rows on the same target the ceiling is high and probes (or speculation) come back."""
+    costs = StepCosts(CFG)
+    policy = BatchPolicy(CFG, costs)
+    many = rows_of(64, 0.9)
+    # Measured over a spread of loads first, so the line's slope is known.
+    for rows in (1, 4, 16, 64):
+        for w in (1, 2, 5):
+            costs.observe_target(rows, w, compute_bound(rows, w))
+    for b in (1, 4, 16, 64):
+        costs.observe_draft(b, 2, 2 * draft_pass(b))
+    chosen = run_steps(policy, costs, many, compute_bound, 200)
+    assert not policy.speculating
+    assert sum(1 for k in chosen if k) <= 1  # at most the first step, before it learned
+    few = rows_of(1, 0.9)
+    assert max(run_steps(policy, costs, few, compute_bound, 40)) > 0
