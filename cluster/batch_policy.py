@@ -23,8 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from cluster.policy import PolicyConfig
+from cluster.policy import PolicyConfig, SpecMode
+
+if TYPE_CHECKING:
+    from cluster.sequence import Row
 
 
 class LineFit:
@@ -272,3 +276,25 @@ class BatchPolicy:
         if seconds is None or seconds <= 0:
             return None
         return tokens / seconds
+
+
+def row_choices(
+    rows: Sequence[Row], max_draft_tokens: int, decide_own: bool = True
+) -> list[RowChoice]:
+    """What the batch policy needs of each row. `decide_own`: ask the rows that decide alone for
+    their k, which moves their own policy on (off: just looking, as admission does)."""
+    choices = []
+    for row in rows:
+        cap = row.rounds.block_size(max_draft_tokens)
+        pol = row.policy
+        acc = pol.acceptance
+        expected = [acc.expected_tokens(k) for k in range(max_draft_tokens + 1)]
+        if row.deterministic or not pol.draft_available or row.mode is SpecMode.OFF:
+            # Decided by the row alone: a seeded row's choices must not depend on its
+            # neighbours (it repeats exactly, whatever shares its batch).
+            own = pol.next_k() if decide_own else 0
+            choices.append(RowChoice(cap, "own", expected, own_k=own))
+            continue
+        kind = "on" if row.mode is SpecMode.ON else "auto"
+        choices.append(RowChoice(cap, kind, expected, pin=row.request.k))
+    return choices

@@ -122,6 +122,28 @@ class Drafting:
                 self.drop_lease(row)
                 row.lose_draft()
 
+    def for_step(
+        self, rows: Sequence[Row], ks: list[int], probing: bool, probe_rows: int
+    ) -> list[int]:
+        """The k each row runs with: rows chosen to speculate whose draft is not there yet get
+        it prefilled (a probe a few rows, speculation all), in the background, stepping plain
+        until it answers, or at once, speculating in this step (`background`)."""
+        want: list[Row] = []
+        asked = {r.seq_id: k for r, k in zip(rows, ks, strict=True)}
+        for i, row in enumerate(rows):
+            if ks[i] > 0 and (row.lease is None or row.draft_pending):
+                ks[i] = 0
+                if row.lease is None and not row.draft_pending and row.policy.draft_available:
+                    want.append(row)
+        if probing:
+            pending = sum(1 for r in rows if r.draft_pending)
+            want = want[: max(0, probe_rows - pending)]
+        self.start_prefill(want)
+        for i, row in enumerate(rows):
+            if row in want and row.lease is not None and not row.draft_pending:
+                ks[i] = asked[row.seq_id]  # prefilled at once: it speculates now
+        return ks
+
     def propose(
         self, rows: Sequence[Row], ks: Sequence[int]
     ) -> tuple[dict[str, Proposal], int, bool]:

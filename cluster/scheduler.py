@@ -29,7 +29,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from cluster.batch_policy import BatchPolicy, RowChoice, StepCosts
+from cluster.admission_plan import plan_admissions
+from cluster.batch_policy import BatchPolicy, StepCosts, row_choices
 from cluster.drafting import Drafting
 from cluster.pipelining import PipeliningChoice
 from cluster.policy import DeploymentEstimates, PolicyConfig, SpecMode, spec_policy
@@ -229,39 +230,19 @@ class StepScheduler:
 
     # -- admission ----------------------------------------------------------------------------
 
-    def _kv_need(self, row: Row) -> int:
-        """The most KV tokens the row can ever hold on a worker."""
-        stop = row.rounds.stop
-        most = len(row.rounds.prompt_ids) + stop.max_new_tokens + self.config.max_draft_tokens + 1
-        return min(most, stop.max_context + self.config.max_draft_tokens + 1)
-
     def _admit(self) -> None:
-        batch: list[Row] = []
-        budget = self.options.prefill_tokens_per_step
-        kv_budget = self.options.kv_budget_tokens
-        kv_free = kv_budget - sum(self._kv_need(r) for r in self.running) if kv_budget else 0
-        while self.waiting and len(self.running) + len(batch) < self.options.max_rows:
-            row = self.waiting[0]
-            cost = row.rounds.committed_len
-            if batch and cost > budget:
-                break
-            if kv_budget:
-                need = self._kv_need(row)
-                if need > kv_budget:  # can never fit
-                    self.waiting.popleft()
-                    self._fail(
-                        row,
-                        KVBudgetExceeded(
-                            f"the request may need {need} KV tokens, the target's budget is "
-                            f"{kv_budget}: ask for fewer new tokens or a shorter prompt"
-                        ),
-                    )
-                    continue
-                if need > kv_free:
-                    break  # waits for running rows to finish
-                kv_free -= need
-            batch.append(self.waiting.popleft())
-            budget -= cost
+        opts = self.options
+        plan = plan_admissions(
+            self.waiting,
+            self.running,
+            max_rows=opts.max_rows,
+            prefill_tokens=opts.prefill_tokens_per_step,
+            kv_budget=opts.kv_budget_tokens,
+            max_draft_tokens=self.config.max_draft_tokens,
+        )
+        for row, exc in plan.refuse:
+            self._fail(row, exc)
+        batch = plan.admit
         if not batch:
             return
         for row in batch:
@@ -284,7 +265,7 @@ class StepScheduler:
         now = [r for r in fresh if r.deterministic or r.mode is SpecMode.ON]
         later = [r for r in fresh if r not in now]
         if later and self.batch_policy.would_speculate(
-            self._choices([*self.running, *batch], decide_own=False)
+            row_choices([*self.running, *batch], self.config.max_draft_tokens, decide_own=False)
         ):
             self.drafting.start_prefill(later)
         draft_calls = self.drafting.prefill(now)
@@ -317,7 +298,11 @@ class StepScheduler:
     def _run_batch(self) -> None:
         rows = list(self.running)
         self.drafting.background = self.pipelining.overlap_pays
-        ks = self._without_drafts(rows, self._choose(rows))
+        policy = self.batch_policy
+        ks = self._choose(rows)
+        ks = self.drafting.for_step(rows, ks, policy.probing, self.options.probe_rows)
+        if policy.probing and not any(ks):
+            policy.retry_probe()  # nothing to probe with yet: once drafts are there
         t0 = self.clock()
         proposals, drafted, timed = self.drafting.propose(rows, ks)
         draft_seconds = self.clock() - t0
@@ -368,49 +353,7 @@ class StepScheduler:
             self.batch_policy.realized.observe(len(rows), width > 1, committed, step_seconds)
 
     def _choose(self, rows: Sequence[Row]) -> list[int]:
-        return self.batch_policy.choose(self._choices(rows))
-
-    def _choices(self, rows: Sequence[Row], decide_own: bool = True) -> list[RowChoice]:
-        """What the batch policy needs of each row (`decide_own`: ask the rows that decide
-        alone for their k, which moves their own policy on)."""
-        choices = []
-        top = self.config.max_draft_tokens
-        for row in rows:
-            cap = row.rounds.block_size(top)
-            pol = row.policy
-            acc = pol.acceptance
-            expected = [acc.expected_tokens(k) for k in range(top + 1)]
-            if row.deterministic or not pol.draft_available or row.mode is SpecMode.OFF:
-                # Decided by the row alone: a seeded row's choices must not depend on its
-                # neighbours (it repeats exactly, whatever shares its batch).
-                own = pol.next_k() if decide_own else 0
-                choices.append(RowChoice(cap, "own", expected, own_k=own))
-                continue
-            kind = "on" if row.mode is SpecMode.ON else "auto"
-            choices.append(RowChoice(cap, kind, expected, pin=row.request.k))
-        return choices
-
-    def _without_drafts(self, rows: Sequence[Row], ks: list[int]) -> list[int]:
-        """Rows chosen to speculate whose draft is not there yet get it prefilled (a probe a
-        few rows, speculation all): in the background, stepping plain until it answers, or at
-        once, speculating in this step (`Drafting.background`)."""
-        want: list[Row] = []
-        asked = dict(zip((r.seq_id for r in rows), ks, strict=True))
-        for i, row in enumerate(rows):
-            if ks[i] > 0 and (row.lease is None or row.draft_pending):
-                ks[i] = 0
-                if row.lease is None and not row.draft_pending and row.policy.draft_available:
-                    want.append(row)
-        if self.batch_policy.probing:
-            pending = sum(1 for r in rows if r.draft_pending)
-            want = want[: max(0, self.options.probe_rows - pending)]
-        self.drafting.start_prefill(want)
-        for i, row in enumerate(rows):
-            if row in want and row.lease is not None and not row.draft_pending:
-                ks[i] = asked[row.seq_id]  # prefilled at once: it speculates now
-        if self.batch_policy.probing and not any(ks):
-            self.batch_policy.retry_probe()  # nothing to probe with yet: once drafts are there
-        return ks
+        return self.batch_policy.choose(row_choices(rows, self.config.max_draft_tokens))
 
     def _commit(self, rows: Sequence[Row], vrows: Sequence[VerifyRow], verdicts) -> int:
         committed = 0

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from cluster.policy import SpecMode, SpeculationPolicy
 from cluster.rounds import FinishReason, SequenceRounds
 from cluster.transport import DraftLease
-from workers.draft import Proposal
+from workers.batch import Proposal
 from workers.sampling import SamplingParams
 
 
