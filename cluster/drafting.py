@@ -85,10 +85,10 @@ class Drafting:
         draft prefill beside a target pass slows that pass by more than it saves."""
         rows = [r for r in rows if not r.draft_pending]
         # A seeded row's steps must not depend on timing: its draft is there when it asks.
-        now = [r for r in rows if not self.background or r.deterministic]
-        if now:
-            self.settle_prefill(self.prefill(now))
-        rows = [r for r in rows if r not in now]
+        at_once = [r for r in rows if not self.background or r.deterministic]
+        if at_once:
+            self.settle_prefill(self.prefill(at_once))
+        rows = [r for r in rows if r not in at_once]
         if not rows:
             return
         now = time.monotonic()
