@@ -251,8 +251,16 @@ def markdown(cells: list[Cell]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     by = pooled_throughput(cells)
+    modes = list(dict.fromkeys(c.mode for c in cells))
+    counts = sorted({c.streams for c in cells})
+    lines += ["", "Pooled over repeats (tok/s):", ""]
+    lines.append("| streams | " + " | ".join(modes) + " |")
+    lines.append("|" + "---|" * (len(modes) + 1))
+    for n in counts:
+        cells_n = [f"{by[(m, n)]:.1f}" if (m, n) in by else "" for m in modes]
+        lines.append(f"| {n} | " + " | ".join(cells_n) + " |")
     ratios = []
-    for n in sorted({c.streams for c in cells}):
+    for n in counts:
         plain = by.get(("plain", n))
         auto = by.get(("auto", n))
         if plain and auto:

@@ -128,20 +128,20 @@ class Drafting:
         """The k each row runs with: rows chosen to speculate whose draft is not there yet get
         it prefilled (a probe a few rows, speculation all), in the background, stepping plain
         until it answers, or at once, speculating in this step (`background`)."""
-        want: list[Row] = []
-        asked = {r.seq_id: k for r, k in zip(rows, ks, strict=True)}
+        asked = list(ks)
+        want: list[int] = []  # indices of rows whose draft prefill starts now
         for i, row in enumerate(rows):
             if ks[i] > 0 and (row.lease is None or row.draft_pending):
                 ks[i] = 0
                 if row.lease is None and not row.draft_pending and row.policy.draft_available:
-                    want.append(row)
+                    want.append(i)
         if probing:
             pending = sum(1 for r in rows if r.draft_pending)
             want = want[: max(0, probe_rows - pending)]
-        self.start_prefill(want)
-        for i, row in enumerate(rows):
-            if row in want and row.lease is not None and not row.draft_pending:
-                ks[i] = asked[row.seq_id]  # prefilled at once: it speculates now
+        self.start_prefill([rows[i] for i in want])
+        for i in want:
+            if rows[i].lease is not None and not rows[i].draft_pending:
+                ks[i] = asked[i]  # prefilled at once: it speculates now
         return ks
 
     def propose(

@@ -339,8 +339,9 @@ class StepScheduler:
         t4 = self.clock()
         phase["commit"] += t4 - t3
         self.drafting.settle_ahead(ahead, proposals, verdicts, rows)
-        step_seconds = self.clock() - t0
-        phase["ahead"] += t0 + step_seconds - t4
+        t5 = self.clock()
+        step_seconds = t5 - t0
+        phase["ahead"] += t5 - t4
         # Prices: the target pass by its padded positions; the draft passes by rows drafting.
         if not shared:  # draft work beside it may share the cores: that time is not typical
             self.costs.observe_target(len(rows), width, verify_seconds)
