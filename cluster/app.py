@@ -408,8 +408,11 @@ class IngressDeployment:
         self.drafts = drafts  # held so that `status` can ask the worker replicas where they run
         self.targets = targets
         self.router = make_router(self.cfg, targets)
-        self.model_id = self.cfg.models.served_model_name or default_model_id(
-            self.cfg.models.target_path()
+        # A pair's target dir is named "target": its pair's name says which model it is.
+        self.model_id = (
+            self.cfg.models.served_model_name
+            or self.cfg.models.pair_name("target")
+            or default_model_id(self.cfg.models.target_path())
         )
         self.started = time.time()
         self._workers: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())

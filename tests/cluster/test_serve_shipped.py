@@ -14,7 +14,7 @@ from cluster.cli import build_request, call_generate, stream_generate
 from protos import specdec_pb2 as pb
 from tests.deploy.helpers import free_port, hf_greedy, init_ray
 from workers.model_runner import load_tokenizer
-from workers.pair import shipped_target_path
+from workers.pair import registry, shipped_target_path
 
 pytestmark = pytest.mark.slow
 
@@ -76,6 +76,7 @@ def test_shipped_pair_chat_over_the_openai_api(cluster):
 
     client = openai.OpenAI(base_url=f"{cluster['http']}/v1", api_key="none", max_retries=0)
     (model,) = [m.id for m in client.models.list().data]
+    assert model == registry.default_pair_name()  # a pair's target dir is only called "target"
     tok = load_tokenizer(shipped_target_path())
     messages = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
     if not getattr(tok, "chat_template", None):

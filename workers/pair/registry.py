@@ -86,7 +86,7 @@ def default_pair_name() -> str:
     return os.environ.get("SPECDEC_PAIR") or DEFAULT_PAIR
 
 
-DEFAULT_PAIR = STDLIB
+DEFAULT_PAIR = SMOLLM2
 
 
 def get_pair(name: str | None = None) -> Pair:
