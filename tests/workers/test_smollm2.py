@@ -123,6 +123,32 @@ def test_speculative_greedy_with_the_pair_is_the_targets_greedy(converted):
     assert stats.accepted > 0
 
 
+# Measured by `specdec eval-pair` on the shipped draft (README); the floor sits well below it so
+# that a shipped draft which stopped paying fails here, not a box's load.
+ACCEPTANCE_FLOOR = 0.5
+
+
+@pytest.mark.skipif(not DRAFT_READY, reason="the distilled draft is not shipped yet")
+def test_the_default_pairs_draft_is_accepted_on_held_out_prompts(converted):
+    """The default pair's quality: its draft's greedy drafts are accepted on held-out chat
+    requests and code prompts (the recipe's split), and it is small beside the target."""
+    from transformers import AutoModelForCausalLM
+
+    from workers.pair.evaluate_instruct import heldout_prompts
+    from workers.pair.speculative import SpecStats, speculative_greedy
+
+    assert registry.DEFAULT_PAIR == registry.SMOLLM2
+    _, target, tok = converted
+    draft = AutoModelForCausalLM.from_pretrained(registry.SMOLLM2_DRAFT_DIR).eval()
+    total, stop = SpecStats(), frozenset({int(tok.eos_token_id)})
+    for _, ids in heldout_prompts(tok, 3, registry.SMOLLM2_DRAFT_DIR / "split.json"):
+        total.add(speculative_greedy(target, draft, ids, 32, k=4, stop=stop)[1])
+    rejections = sum(1 for a in total.accepted_per_round if a < 4)
+    assert total.accepted / (total.accepted + rejections) >= ACCEPTANCE_FLOOR
+    own = sum(p.numel() for n, p in draft.named_parameters() if "embed_tokens" not in n)
+    assert own <= 0.15 * sum(p.numel() for p in target.parameters())
+
+
 @pytest.mark.skipif(not DRAFT_READY, reason="the distilled draft is not shipped yet")
 def test_verification_with_the_pairs_distributions_converges_to_p(converted):
     """The distribution tests of test_verification, with this pair's own p and q: the target's

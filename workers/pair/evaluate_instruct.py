@@ -90,8 +90,13 @@ def eval_instruct(
             by_kind[kind].add(st)
             outs.append(o)
         hist = [total.accepted_per_round.count(i) for i in range(k + 1)]
+        # alpha counts the drafts after a round's first rejection as rejected too; the chance
+        # that a checked draft token is accepted (what (1 - a^(k+1)) / (1 - a) assumes) is
+        # accepted / (accepted + rejections), a round with fewer than k accepted rejecting one.
+        per_position = total.accepted / max(total.accepted + sum(hist[:k]), 1)
         report[f"k{k}"] = {
             "alpha": total.alpha,
+            "per_position_acceptance": per_position,
             "tau": total.tau,
             "alpha_chat": by_kind["chat"].alpha,
             "alpha_code": by_kind["code"].alpha,
@@ -103,7 +108,7 @@ def eval_instruct(
             f"greedy k={k} on {len(rows)} held-out prompts ({n_chat} chat, {len(rows) - n_chat} "
             f"code) x <={new_tokens} tokens: alpha={total.alpha:.3f} (chat "
             f"{by_kind['chat'].alpha:.3f}, code {by_kind['code'].alpha:.3f})  tau={total.tau:.3f}"
-            f"  accepted/round histogram {hist}"
+            f"  per-position acceptance={per_position:.3f}  accepted/round histogram {hist}"
         )
     mismatches = sum(
         outs[i] != plain_greedy(target, rows[i][1], new_tokens, stop) for i in range(verify)

@@ -229,6 +229,14 @@ def save_draft(draft, tok, out: Path) -> None:
     tmp.rename(out)
 
 
+def _data_summary(records: list[dict], t0: float) -> dict:
+    return {
+        "records": len(records),
+        "tokens": sum(len(r["top_idx"]) for r in records),
+        "minutes_this_run": round((time.monotonic() - t0) / 60, 2),
+    }
+
+
 def run(out: Path, cfg: Config) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -261,11 +269,7 @@ def run(out: Path, cfg: Config) -> dict:
     generate_shards(writer, train_p, out / "work" / "gen", minutes=cfg.gen_minutes, **gen_kw)
     train_recs = load_shards(out / "work" / "gen")
     held_recs = load_shards(out / "work" / "gen_heldout")
-    summary["generated"] = {
-        "records": len(train_recs),
-        "tokens": sum(len(r["top_idx"]) for r in train_recs),
-        "minutes_this_run": round((time.monotonic() - t0) / 60, 2),
-    }
+    summary["generated"] = _data_summary(train_recs, t0)
     log({"phase": "generated", **summary["generated"]})
     t0 = time.monotonic()
     corpus_labels.label_shards(
@@ -282,11 +286,7 @@ def run(out: Path, cfg: Config) -> dict:
     )
     del writer
     corpus_recs = load_shards(out / "work" / "corpus")
-    summary["corpus"] = {
-        "records": len(corpus_recs),
-        "tokens": sum(len(r["top_idx"]) for r in corpus_recs),
-        "minutes_this_run": round((time.monotonic() - t0) / 60, 2),
-    }
+    summary["corpus"] = _data_summary(corpus_recs, t0)
     log({"phase": "corpus", **summary["corpus"]})
 
     head_ids = head_vocab(train_recs + corpus_recs, cfg.head_size, eos)
