@@ -203,13 +203,15 @@ def bench_grpc(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from workers.pair import shipped_draft_path, shipped_target_path
-
     global ONLY
     ap = argparse.ArgumentParser(prog="specdec bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--pair", help="a named pair (specdec models); overrides --target/--draft")
-    ap.add_argument("--target", default=str(shipped_target_path()))
-    ap.add_argument("--draft", default=str(shipped_draft_path()))
+    ap.add_argument(
+        "--pair",
+        help="a named pair (specdec models); overrides --target/--draft; neither given: the "
+        "default pair",
+    )
+    ap.add_argument("--target", help="a checkpoint directory (with --draft)")
+    ap.add_argument("--draft")
     ap.add_argument("--only", help="regex: run only the systems whose name matches")
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--plot", type=Path, help="sweep: write the PNG plot here")
     args = ap.parse_args(argv)
+    if bool(args.target) != bool(args.draft):
+        ap.error("--target and --draft go together (or name a --pair)")
     torch.set_num_threads(args.threads)
     ONLY = re.compile(args.only) if args.only else None
 
@@ -233,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.pair.evaluate import heldout_prompts, heldout_texts
     from workers.pair.registry import get_pair
 
-    pair = get_pair(args.pair) if args.pair else None
+    pair = get_pair(args.pair) if args.pair or not args.target else None
     if pair is not None:
         args.target, args.draft = str(pair.target()), str(pair.draft())
     tok = load_tokenizer(args.target)
