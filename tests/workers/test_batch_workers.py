@@ -243,3 +243,34 @@ def test_pipelined_proposals_with_tails_commits_and_start(ckpts):
         assert bd.committed_len(sid) == od.committed_len(sid)
         assert bd.release(sid)
     assert bd.live_sequences == 0 and bd.kv_tokens == 0
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.999])
+def test_confidence_stop_drafts_a_prefix_of_the_full_block(ckpts, threshold):
+    """A draft with confidence_stop drafts, per row, the full block's tokens (and q) up to the
+    first token it gave less than the threshold; greedy and sampled rows alike."""
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    params = [
+        GREEDY,
+        SamplingParams(temperature=1.0, seed=3),
+        SamplingParams(temperature=0.7, seed=4),
+    ]
+    _, full = pair(ckpts)
+    _, short = pair(ckpts)
+    short.confidence_stop = threshold
+    for w in (full, short):
+        w.prefill_batch([PrefillRow(f"s{i}", p, params[i]) for i, p in enumerate(prompts)])
+    k = 6
+    rows = [ProposeRow(f"s{i}", len(p), k) for i, p in enumerate(prompts)]
+    want, got = full.propose_batch(rows), short.propose_batch(rows)
+    lengths = []
+    for w, g in zip(want, got, strict=True):
+        n = len(g.tokens)
+        assert 1 <= n <= k and g.tokens == w.tokens[:n] and g.start == w.start
+        if w.q is not None:
+            torch.testing.assert_close(g.q.probs, w.q.probs[:n])
+        lengths.append(n)
+    if threshold == 0.999:
+        assert lengths == [1, 1, 1]  # a tiny model is never that sure
+    with pytest.raises(ValueError, match="confidence_stop"):
+        DraftWorker(full.runner, confidence_stop=1.0)
