@@ -125,7 +125,7 @@ def test_speculative_greedy_with_the_pair_is_the_targets_greedy(converted):
 
 # Measured by `specdec eval-pair` on the shipped draft (README); the floor sits well below it so
 # that a shipped draft which stopped paying fails here, not a box's load.
-ACCEPTANCE_FLOOR = 0.5
+ACCEPTANCE_FLOOR = 0.35
 
 
 @pytest.mark.skipif(not DRAFT_READY, reason="the distilled draft is not shipped yet")
