@@ -85,7 +85,8 @@ class DraftWorker:
         `commit` (tokens committed after committed_len) is applied first, so a router sends the
         result of a round and asks for the next block in one call. `start` (an absolute position
         between the committed length and the end of the tail) drafts from there instead, dropping
-        the tail after it. Fewer than k tokens come back only at the model's context limit.
+        the tail after it. Fewer than k tokens come back only at the model's context limit, or
+        after a token the draft was unsure of (confidence_stop).
         """
         row = ProposeRow(seq_id, committed_len, k, tuple(commit), start)
         return raise_row(self.propose_batch([row])[0])
