@@ -139,9 +139,17 @@ def bench_engine(
     # The draft stops a block at a token it is unsure of (HF assisted generation's default
     # policy: up to 20 tokens, stop below 0.4), so a block is as long as the draft is sure.
     engine.draft.worker.confidence_stop = 0.4
-    name = "engine spec k=8, draft stops below p=0.4, not pipelined"
-    kw = {"mode": SpecMode.ON, "k": 8, "pipelined": False}
-    results.append(_timed(name, prompts, runner(**kw), summary))
+    for name, kw in [
+        (
+            "engine spec k=8, draft stops below p=0.4, not pipelined",
+            {"mode": SpecMode.ON, "k": 8, "pipelined": False},
+        ),
+        (
+            "engine spec adaptive (AUTO), draft stops below p=0.4, not pipelined",
+            {"mode": SpecMode.AUTO, "pipelined": False},
+        ),
+    ]:
+        results.append(_timed(name, prompts, runner(**kw), summary))
     engine.close()
     return results
 

