@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+# A draft that stops a block after a token it gave less than this (HF assisted generation's
+# default assistant_confidence_threshold).
+CONFIDENCE_STOP = 0.4
 FALLBACK_PROMPTS = ["fibonacci", "parse_args", "read_config", "__init__", "main", "walk"]
 
 
@@ -138,14 +141,14 @@ def bench_engine(
         results.append(_timed(name, prompts, runner(**kw), summary))
     # The draft stops a block at a token it is unsure of (HF assisted generation's default
     # policy: up to 20 tokens, stop below 0.4), so a block is as long as the draft is sure.
-    engine.draft.worker.confidence_stop = 0.4
+    engine.draft.worker.confidence_stop = CONFIDENCE_STOP
     for name, kw in [
         (
-            "engine spec k=8, draft stops below p=0.4, not pipelined",
+            f"engine spec k=8, draft stops below p={CONFIDENCE_STOP}, not pipelined",
             {"mode": SpecMode.ON, "k": 8, "pipelined": False},
         ),
         (
-            "engine spec adaptive (AUTO), draft stops below p=0.4, not pipelined",
+            f"engine spec adaptive (AUTO), draft stops below p={CONFIDENCE_STOP}, not pipelined",
             {"mode": SpecMode.AUTO, "pipelined": False},
         ),
     ]:
@@ -165,16 +168,22 @@ def bench_grpc(
     from cluster.router import Router, RouterConfig
     from protos import specdec_pb2 as pb
 
+    stop = ["--confidence-stop", str(CONFIDENCE_STOP)]
     procs = start_all(
         worker_process("target", target_path, threads=threads),
         worker_process("draft", draft_path, threads=1),
+        worker_process("draft", draft_path, threads=1, extra=stop),
     )
     loop = asyncio.new_event_loop()
     results = []
     try:
-        for pipelined in (False, True, "auto"):
+        # (pipelining, the draft process, what its rows are called): the last two drafts end a
+        # block after a token they gave less than CONFIDENCE_STOP.
+        runs = [(False, 1, ""), (True, 1, ""), ("auto", 1, "")]
+        runs += [(p, 2, f", draft stops below p={CONFIDENCE_STOP}") for p in (False, "auto")]
+        for pipelined, draft, stops in runs:
             router = Router(RouterConfig(target_model_path=target_path, pipelined=pipelined))
-            router.set_workers(drafts=[procs[1].address], targets=[procs[0].address])
+            router.set_workers(drafts=[procs[draft].address], targets=[procs[0].address])
             stats: list = []
 
             def runner(mode: int, k: int, router=router, stats=stats):
@@ -202,10 +211,12 @@ def bench_grpc(
                 }
 
             tag = {False: "not pipelined", True: "pipelined", "auto": "pipelining auto"}[pipelined]
+            tag += stops
             systems = [(f"grpc spec adaptive (AUTO), {tag}", pb.SPECULATION_MODE_AUTO, 0)]
             if pipelined != "auto":
-                systems.insert(0, (f"grpc spec k=4, {tag}", pb.SPECULATION_MODE_ON, 4))
-            if pipelined is False:
+                k = 8 if stops else 4
+                systems.insert(0, (f"grpc spec k={k}, {tag}", pb.SPECULATION_MODE_ON, k))
+            if pipelined is False and not stops:
                 systems.insert(0, ("grpc plain (mode OFF)", pb.SPECULATION_MODE_OFF, 0))
             for name, mode, k in systems:
                 results.append(_timed(name, prompts, runner(mode, k), summary))
@@ -275,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_grpc:
         results += bench_grpc(args.target, args.draft, prompts, args.max_new_tokens, args.threads)
     results = [m for m in results if m is not None]
+    ttft = {}
+    if ONLY is None or ONLY.search("ttft"):
+        from bench.ttft import bench_ttft
+
+        print("  time to first token ...", flush=True)
+        ttft = bench_ttft(args.target, args.draft, prompts)
     base = results[0]
     mismatched = [m.name for m in results if m.outputs != base.outputs]
     print(
@@ -288,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{m.name:36s} {m.tokens_per_s:8.1f} {m.tokens_per_s / base.tokens_per_s:6.2f}x  {note}"
         )
+    if ttft:
+        mean_len = sum(map(len, prompts)) / len(prompts)
+        print(f"time to first token, median over the prompts (mean {mean_len:.0f} tokens):")
+        for name, ms in ttft.items():
+            print(f"  {name:52s} {ms:8.1f} ms")
     print(
         "greedy outputs identical to hf generate:", "yes" if not mismatched else f"NO: {mismatched}"
     )
@@ -303,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                         **m.extra,
                     }
                     for m in results
-                ],
+                ]
+                + [{"name": name, "ms": ms} for name, ms in ttft.items()],
                 indent=2,
             )
         )

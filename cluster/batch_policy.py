@@ -163,6 +163,9 @@ class RowChoice:
     expected: Sequence[float]  # expected[k] = committed tokens of a round of k (expected[0] = 1)
     own_k: int = 0
     pin: int | None = None
+    # reach[j] = the chance that a block drafts token j+1 (a draft with a confidence stop ends
+    # blocks early); empty: every block is as long as asked.
+    reach: Sequence[float] = ()
 
 
 class BatchPolicy:
@@ -270,12 +273,29 @@ class BatchPolicy:
             (kr + 1.0 if perfect else r.expected[kr]) if 0 < kr < len(r.expected) else 1.0
             for r, kr in zip(rows, ks, strict=True)
         )
-        width = max(ks) + 1
+        passes = max(ks) if perfect else expected_passes(rows, ks)
         drafting = sum(1 for kr in ks if kr > 0)
-        seconds = self.costs.step_seconds(len(rows), width, drafting, max(ks))
+        seconds = self.costs.step_seconds(len(rows), passes + 1, drafting, passes)
         if seconds is None or seconds <= 0:
             return None
         return tokens / seconds
+
+
+def expected_passes(rows: Sequence[RowChoice], ks: Sequence[int]) -> float:
+    """Expected draft passes of a step, which is also its verify's padded width less one: the
+    longest block of the step. Blocks end early independently per row (a confidence stop), so
+    P(some row drafts token j+1) = 1 - prod_r (1 - reach_r[j]); without stops, max(ks)."""
+    top = max(ks, default=0)
+    if all(not r.reach for r, kr in zip(rows, ks, strict=True) if kr > 0):
+        return float(top)
+    total = 0.0
+    for j in range(top):
+        none = 1.0
+        for r, kr in zip(rows, ks, strict=True):
+            if kr > j:
+                none *= 1.0 - (r.reach[j] if j < len(r.reach) else 1.0)
+        total += 1.0 - none
+    return total
 
 
 def row_choices(
@@ -289,12 +309,14 @@ def row_choices(
         pol = row.policy
         acc = pol.acceptance
         expected = [acc.expected_tokens(k) for k in range(max_draft_tokens + 1)]
+        reach = acc.reach()
+        reach = reach if reach[-1] < 1.0 else ()  # no block has ended early: all as asked
         if row.deterministic or not pol.draft_available or row.mode is SpecMode.OFF:
             # Decided by the row alone: a seeded row's choices must not depend on its
             # neighbours (it repeats exactly, whatever shares its batch).
             own = pol.next_k() if decide_own else 0
-            choices.append(RowChoice(cap, "own", expected, own_k=own))
+            choices.append(RowChoice(cap, "own", expected, own_k=own, reach=reach))
             continue
         kind = "on" if row.mode is SpecMode.ON else "auto"
-        choices.append(RowChoice(cap, kind, expected, pin=row.request.k))
+        choices.append(RowChoice(cap, kind, expected, pin=row.request.k, reach=reach))
     return choices

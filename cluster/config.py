@@ -112,6 +112,12 @@ def _model_path(value: str | None, which: str, target: str | None = None) -> Pat
 class DraftConfig(_Strict):
     replicas: int = Field(1, ge=0, description="0 = no draft pool: plain decoding only")
     top_m: int = Field(64, ge=1, description="support size of the sparse draft distribution q")
+    confidence_stop: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="end a block after a draft token given less than this probability (0 = off)",
+    )
     pool: PoolConfig = PoolConfig(resource="draft_pool")
     max_ongoing_requests: int = Field(256, ge=1)
     max_kv_tokens: int = Field(

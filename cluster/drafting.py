@@ -144,9 +144,7 @@ class Drafting:
                 ks[i] = asked[i]  # prefilled at once: it speculates now
         return ks
 
-    def propose(
-        self, rows: Sequence[Row], ks: Sequence[int]
-    ) -> tuple[dict[str, Proposal], int, bool]:
+    def propose(self, rows: Sequence[Row], ks: Sequence[int]) -> DraftStep:
         """Proposals of the rows that speculate (rows whose draft fails go plain)."""
         proposals: dict[str, Proposal] = {}
         asks: list[tuple[Row, int]] = []
@@ -172,15 +170,18 @@ class Drafting:
                 for r, k in group
             ]
             calls.append((group, self._call(group[0][0], lambda s, q=reqs: s.propose_batch(q))))
+        asked: dict[str, int] = {}
         for group, fut in calls:
             results = self._results(fut, len(group))
-            for (row, _k), res in zip(group, results, strict=True):
+            for (row, k), res in zip(group, results, strict=True):
                 if isinstance(res, Proposal) and res.tokens:
                     row.draft_len = row.rounds.committed_len
                     proposals[row.seq_id] = res
+                    asked[row.seq_id] = k
                 else:
                     self.lose(row, res)
-        return proposals, len(asks), timed
+        passes = max((len(proposals[s].tokens) for s in asked), default=0)
+        return DraftStep(proposals, len(asks), timed, asked, passes)
 
     def ahead(self, rows: Sequence[Row], proposals: dict[str, Proposal], default: bool) -> Calls:
         """Pipelining: draft the guessed bonus plus the next block while the target verifies."""
@@ -261,6 +262,19 @@ class Drafting:
             except Exception:  # noqa: BLE001 - a dead draft holds nothing any more
                 pass
         self.drafts.release(lease)
+
+
+@dataclass(frozen=True, slots=True)
+class DraftStep:
+    """What the draft side of a step made: `proposals` by sequence; `drafted` rows asked now,
+    `asked` their block sizes (a block drafted ahead is not among them), `passes` the draft
+    forwards that took (blocks may end before k: a confidence stop); `timed`: typical times."""
+
+    proposals: dict[str, Proposal]
+    drafted: int
+    timed: bool
+    asked: dict[str, int]
+    passes: int
 
 
 @dataclass(slots=True)

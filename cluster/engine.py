@@ -190,10 +190,13 @@ class SpecEngine:
         draft_path: str | os.PathLike | None,
         *,
         top_m: int = 64,
+        confidence_stop: float = 0.0,
         **kw,
     ) -> SpecEngine:
         target = TargetWorker.from_path(target_path)
-        draft = DraftWorker.from_path(draft_path, top_m=top_m) if draft_path else None
+        draft = None
+        if draft_path:
+            draft = DraftWorker.from_path(draft_path, top_m=top_m, confidence_stop=confidence_stop)
         return cls(target, draft, **kw)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:

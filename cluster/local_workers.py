@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 START_TIMEOUT_S = 120.0
@@ -93,9 +94,12 @@ class ServerProcess:
             self.popen.wait(timeout=10)
 
 
-def worker_process(role: str, model: str | os.PathLike, *, threads: int = 1) -> ServerProcess:
-    """Start (not wait for) a `workers.server` process on 127.0.0.1 and a free port."""
-    args = ["-m", "workers.server", "--role", role, "--model", str(model), "--port", "0"]
+def worker_process(
+    role: str, model: str | os.PathLike, *, threads: int = 1, extra: Sequence[str] = ()
+) -> ServerProcess:
+    """Start (not wait for) a `workers.server` process on 127.0.0.1 and a free port; `extra`:
+    more of its flags (`--confidence-stop 0.4`)."""
+    args = ["-m", "workers.server", "--role", role, "--model", str(model), "--port", "0", *extra]
     return ServerProcess(
         [*args, "--threads", str(threads)], f"{role} worker ({Path(model).name})", threads=threads
     )

@@ -111,11 +111,36 @@ class AcceptanceModel:
     A position's prior is given (a sequence starts from its deployment's rates) or, where it is
     None, the estimate of the position before it: a position no round has reached yet is assumed
     as good as the last one measured, so longer blocks get tried when they would pay.
+
+    Blocks may also end before k: a draft with a confidence stop ends a block after a token it
+    was unsure of. Then k is a cap, and c[i] = P(the draft goes on after token i+1 | it drafted
+    it) is estimated the same way (`observe_stop`, prior 1: always goes on). The p[i] are then
+    rates over the blocks that reached position i+1, and a round of cap k commits
+    1 + sum_j reach(j) * p[0..j] tokens, reach(j) being the chance that token j+1 is drafted.
     """
 
-    __slots__ = ("accepted", "tried", "prior_weight", "prior", "keep", "strength", "_rates")
+    __slots__ = (
+        "accepted",
+        "tried",
+        "prior_weight",
+        "prior",
+        "keep",
+        "strength",
+        "_rates",
+        "went_on",
+        "looked",
+        "stop_prior",
+        "stop_weight",
+        "_reach",
+    )
 
-    def __init__(self, prior: Sequence[float | None], strength: float, window: float) -> None:
+    def __init__(
+        self,
+        prior: Sequence[float | None],
+        strength: float,
+        window: float,
+        continuation: Sequence[float] | None = None,
+    ) -> None:
         if not prior or prior[0] is None:
             raise ValueError("the first position needs a prior")
         self.keep = 1.0 - 1.0 / window
@@ -125,6 +150,13 @@ class AcceptanceModel:
         self.tried = [0.0] * len(prior)
         self.accepted = [0.0] * len(prior)
         self._rates: list[float] | None = None  # the policy reads them ~20 times a decision
+        n = len(prior)
+        self.stop_prior = list(continuation or [1.0] * n)[:n]
+        self.stop_prior += [1.0] * (n - len(self.stop_prior))
+        self.stop_weight = [strength] * n
+        self.looked = [0.0] * n  # blocks that drafted token i+1 and could have gone on
+        self.went_on = [0.0] * n  # ... and did
+        self._reach: list[float] | None = None
 
     def observe(self, k: int, accepted: int) -> None:
         self._rates = None
@@ -137,16 +169,52 @@ class AcceptanceModel:
         """Target passes that told nothing about acceptance (plain steps): older evidence weighs
         less against the next round (rates stay), down to `strength` observations per position,
         so a probe after a long plain stretch counts, without one probe deciding alone."""
-        self._rates = None
+        self._rates = self._reach = None
         fade = self.keep**passes
-        for i, (t, w) in enumerate(zip(self.tried, self.prior_weight, strict=True)):
-            total = t + w
-            if total <= self.strength:
-                continue
-            f = max(fade, self.strength / total)
-            self.accepted[i] *= f
-            self.tried[i] *= f
-            self.prior_weight[i] *= f
+        for hit, seen, weight in (
+            (self.accepted, self.tried, self.prior_weight),
+            (self.went_on, self.looked, self.stop_weight),
+        ):
+            for i in range(len(seen)):
+                total = seen[i] + weight[i]
+                if total <= self.strength:
+                    continue
+                f = max(fade, self.strength / total)
+                hit[i] *= f
+                seen[i] *= f
+                weight[i] *= f
+
+    def observe_stop(self, asked: int, drafted: int) -> None:
+        """A block asked for `asked` tokens came back with `drafted`: the draft went on after
+        tokens 1..drafted-1, and stopped after token `drafted` if that is short of `asked`."""
+        self._reach = None
+        for i in range(min(drafted, asked - 1, len(self.looked))):
+            self.stop_weight[i] *= self.keep
+            self.looked[i] = self.looked[i] * self.keep + 1.0
+            self.went_on[i] = self.went_on[i] * self.keep + (1.0 if i < drafted - 1 else 0.0)
+
+    def continuation(self) -> list[float]:
+        """c[i]: the chance that the draft goes on after drafting token i+1."""
+        return [
+            (g + w * p) / (n + w)
+            for g, n, w, p in zip(
+                self.went_on, self.looked, self.stop_weight, self.stop_prior, strict=True
+            )
+        ]
+
+    def reach(self) -> list[float]:
+        """reach[j]: the chance that a block drafts token j+1 (reach[0] = 1)."""
+        if self._reach is None:
+            out, r = [], 1.0
+            for c in self.continuation():
+                out.append(r)
+                r *= c
+            self._reach = out
+        return self._reach
+
+    def expected_length(self, k: int) -> float:
+        """Draft tokens a block of cap k drafts on average (k without a confidence stop)."""
+        return sum(self.reach()[:k])
 
     def rates(self) -> list[float]:
         if self._rates is not None:
@@ -163,11 +231,11 @@ class AcceptanceModel:
         return out
 
     def expected_tokens(self, k: int) -> float:
-        """Committed tokens per round of k: accepted ones plus the recovered or bonus token."""
+        """Committed tokens per round of cap k: accepted ones plus the recovered or bonus one."""
         total, whole = 1.0, 1.0
-        for p in self.rates()[:k]:
+        for p, reach in zip(self.rates()[:k], self.reach(), strict=False):
             whole *= p
-            total += whole
+            total += whole * reach
         return total
 
     def whole_block(self, k: int) -> float:
@@ -271,7 +339,12 @@ class SpeculationPolicy:
         self.shared = shared
         prior = shared.acceptance.known_rates()[: config.max_draft_tokens]
         prior += [None] * (config.max_draft_tokens - len(prior))
-        self.acceptance = AcceptanceModel(prior, config.prior_strength, config.acceptance_window)
+        self.acceptance = AcceptanceModel(
+            prior,
+            config.prior_strength,
+            config.acceptance_window,
+            continuation=shared.acceptance.continuation(),
+        )
         self.draft_available = True
         self.speculating = mode is not SpecMode.OFF
         self.pipelined = config.pipelined  # how the next spec round runs
@@ -408,17 +481,18 @@ class SpeculationPolicy:
         verify (all of it serially; pipelined, all of it unless the previous block was accepted
         whole)."""
         draft = self.shared.draft_step.value
-        verify = self._verify_cost(k)
+        length = self.acceptance.expected_length(k)  # k, unless blocks end early
+        verify = self._verify_cost(length)
         if draft is None or verify is None:
             return None
-        drafting = k * draft
+        drafting = length * draft
         # A seeded request prices rounds one way whatever its pipelining (pipelining is timing,
         # and its k must not depend on timing: it repeats exactly either way).
         if (self.pipelined if pipelined is None else pipelined) and not self.deterministic:
             drafting *= 1.0 - self.acceptance.whole_block(k)
         return verify + drafting
 
-    def _verify_cost(self, k: int) -> float | None:
+    def _verify_cost(self, k: float) -> float | None:
         verify = self.shared.verify
         if k in verify:
             return verify[k].value
@@ -450,13 +524,19 @@ class SpeculationPolicy:
         round_seconds: float | None = None,
         *,
         timed: bool = True,
+        asked: int | None = None,
     ) -> None:
         """A round of k committed `accepted` draft tokens. `draft_seconds` is the exposed
         drafting before the verify (0 for a block drafted ahead), `round_seconds` the round's wall
         time from its start to the next round ready (default: draft + verify). `timed=False`
         records acceptance only: the round's times are not typical (the draft first caught up
-        on many tokens after plain steps)."""
+        on many tokens after plain steps). `asked`: the block size the draft was asked for,
+        when this block was drafted now (k < asked: the draft stopped early)."""
         self.acceptance.observe(k, accepted)
+        if asked is not None:
+            self.acceptance.observe_stop(asked, k)
+            if not self.deterministic:
+                self.shared.acceptance.observe_stop(asked, k)
         # The first round after a change of pipelining mode is neither (a block drafted ahead,
         # or none ready yet): it times nothing.
         timed = timed and self._last_pipelined in (None, self.pipelined)

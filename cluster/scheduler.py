@@ -304,7 +304,8 @@ class StepScheduler:
         if policy.probing and not any(ks):
             policy.retry_probe()  # nothing to probe with yet: once drafts are there
         t0 = self.clock()
-        proposals, drafted, timed = self.drafting.propose(rows, ks)
+        drafted_now = self.drafting.propose(rows, ks)
+        proposals = drafted_now.proposals
         draft_seconds = self.clock() - t0
         phase = self.phase_seconds
         phase["draft"] += draft_seconds
@@ -335,7 +336,7 @@ class StepScheduler:
         self.plain_row_steps += sum(1 for v in vrows if v.plain)
         self.max_batch = max(self.max_batch, len(rows))
         t3 = self.clock()
-        committed = self._commit(rows, vrows, verdicts)
+        committed = self._commit(rows, vrows, verdicts, drafted_now.asked)
         t4 = self.clock()
         phase["commit"] += t4 - t3
         self.drafting.settle_ahead(ahead, proposals, verdicts, rows)
@@ -345,8 +346,8 @@ class StepScheduler:
         # Prices: the target pass by its padded positions; the draft passes by rows drafting.
         if not shared:  # draft work beside it may share the cores: that time is not typical
             self.costs.observe_target(len(rows), width, verify_seconds)
-        if drafted and timed:
-            self.costs.observe_draft(drafted, max(ks), draft_seconds)
+        if drafted_now.drafted and drafted_now.timed:
+            self.costs.observe_draft(drafted_now.drafted, drafted_now.passes, draft_seconds)
         if width == 1:
             self.costs.last_plain_step = self.steps
         self.pipelining.observe(width > 1, committed, step_seconds)
@@ -356,7 +357,9 @@ class StepScheduler:
     def _choose(self, rows: Sequence[Row]) -> list[int]:
         return self.batch_policy.choose(row_choices(rows, self.config.max_draft_tokens))
 
-    def _commit(self, rows: Sequence[Row], vrows: Sequence[VerifyRow], verdicts) -> int:
+    def _commit(
+        self, rows: Sequence[Row], vrows: Sequence[VerifyRow], verdicts, asked: dict[str, int]
+    ) -> int:
         committed = 0
         for row, vrow, res in zip(rows, vrows, verdicts, strict=True):
             if isinstance(res, BaseException):
@@ -368,7 +371,12 @@ class StepScheduler:
             else:
                 out = row.rounds.on_round(list(vrow.draft_tokens), res.accepted, res.token)
                 row.policy.observe_round(
-                    len(vrow.draft_tokens), res.accepted, 0.0, 0.0, timed=False
+                    len(vrow.draft_tokens),
+                    res.accepted,
+                    0.0,
+                    0.0,
+                    timed=False,
+                    asked=asked.get(row.seq_id),
                 )
             committed += len(out)
             if out:

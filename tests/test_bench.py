@@ -38,8 +38,14 @@ def test_bench_runs_and_outputs_agree(tmp_path, capsys):
         "hf assisted generation",
         "grpc plain (mode OFF)",
         "engine spec k=4, pipelined",
+        # through a draft worker process started with --confidence-stop
+        "grpc spec adaptive (AUTO), not pipelined, draft stops below p=0.4",
     } <= names
-    assert all(r["tokens"] == 2 * 12 and r["tokens_per_s"] > 0 for r in rows)
+    timed = [r for r in rows if "tokens" in r]
+    assert all(r["tokens"] == 2 * 12 and r["tokens_per_s"] > 0 for r in timed)
+    ttft = {r["name"]: r["ms"] for r in rows if "ms" in r}
+    assert len(ttft) == 3 and all(ms > 0 for ms in ttft.values())
+    assert "time to first token" in printed
 
 
 def test_concurrency_sweep_runs_and_agrees_with_plain(tmp_path, capsys):

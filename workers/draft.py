@@ -127,7 +127,9 @@ class DraftWorker:
         for i in work:
             self.release(rows[i].seq_id)
         try:  # the cache never holds the last token: drafting feeds it
-            self.runner.extend_batch([(rows[i].seq_id, rows[i].token_ids[:-1]) for i in work])
+            self.runner.extend_batch(
+                [(rows[i].seq_id, rows[i].token_ids[:-1]) for i in work], logits=False
+            )
         except Exception as exc:  # noqa: BLE001 - every row of the failed forward
             for i in work:
                 self.runner.release(rows[i].seq_id)

@@ -27,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 = any free port (printed)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--top-m", type=int, default=64, help="draft: support size of sparse q")
+    parser.add_argument(
+        "--confidence-stop",
+        type=float,
+        default=0.0,
+        help="draft: end a block after a token given less than this probability (0 = off)",
+    )
     parser.add_argument("--max-workers", type=int, default=16, help="gRPC handler threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
@@ -53,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         from workers.draft import DraftWorker
 
         worker = DraftWorker.from_path(
-            args.model, top_m=args.top_m, device=args.device, max_kv_tokens=budget
+            args.model,
+            top_m=args.top_m,
+            confidence_stop=args.confidence_stop,
+            device=args.device,
+            max_kv_tokens=budget,
         )
         server, port = serve_draft(worker, args.host, args.port, max_workers=args.max_workers)
     else:

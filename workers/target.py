@@ -97,7 +97,9 @@ class TargetWorker:
         for i in work:
             self.release(rows[i].seq_id)
         # The cache holds all committed tokens but the last (fed with the next draft block).
-        res = self._forward([(rows[i].seq_id, list(rows[i].token_ids[:-1])) for i in work])
+        res = self._forward(
+            [(rows[i].seq_id, list(rows[i].token_ids[:-1])) for i in work], logits=False
+        )
         for i in work:
             r = rows[i]
             if isinstance(res, BaseException):
@@ -193,12 +195,14 @@ class TargetWorker:
         seq.last_call = (key, verdict)
         return verdict
 
-    def _forward(self, items: list[tuple[str, list[int]]]) -> list[torch.Tensor] | BaseException:
+    def _forward(
+        self, items: list[tuple[str, list[int]]], logits: bool = True
+    ) -> list[torch.Tensor] | BaseException:
         """One batched forward, or the exception that failed it (then every row it carried)."""
         if not items:
             return []
         try:
-            return self.runner.extend_batch(items)
+            return self.runner.extend_batch(items, logits=logits)
         except Exception as exc:  # noqa: BLE001 - answered per row by the caller
             return exc
 

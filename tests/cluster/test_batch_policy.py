@@ -5,9 +5,11 @@ the clock."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from cluster.batch_policy import BatchPolicy, LineFit, RowChoice, StepCosts
+from cluster.batch_policy import BatchPolicy, LineFit, RowChoice, StepCosts, expected_passes
 from cluster.policy import AcceptanceModel, PolicyConfig
 
 CFG = PolicyConfig(max_draft_tokens=8, probe_interval=4, max_probe_interval=16)
@@ -180,3 +182,73 @@ def test_no_probes_where_even_a_perfect_draft_could_not_pay():
     assert sum(1 for k in chosen if k) <= 1  # at most the first step, before it learned
     few = rows_of(1, 0.9)
     assert max(run_steps(policy, costs, few, compute_bound, 40)) > 0
+
+
+# -- blocks that end early (a draft with a confidence stop) ------------------------------------
+
+
+def stopping_row(p: float, c: float) -> RowChoice:
+    """A row whose draft goes on after each token with chance c; drafted tokens accepted with p."""
+    acc = AcceptanceModel([p] * 8, 1.0, 10.0, continuation=[c] * 8)
+    return RowChoice(8, "auto", [acc.expected_tokens(k) for k in range(9)], reach=acc.reach())
+
+
+def simulate_step_rate(rows_pc, k: int, target, steps: int, seed: int) -> float:
+    """Committed tokens per second of steps of cap k, drawn block by block (the oracle)."""
+    rng = random.Random(seed)
+    tokens = seconds = 0.0
+    for _ in range(steps):
+        longest = 0
+        for p, c in rows_pc:
+            length = 1
+            while length < k and rng.random() < c:
+                length += 1
+            accepted = 0
+            while accepted < length and rng.random() < p:
+                accepted += 1
+            tokens += accepted + 1
+            longest = max(longest, length)
+        seconds += target(len(rows_pc), longest + 1) + longest * draft_pass(len(rows_pc))
+    return tokens / seconds
+
+
+def trained_costs(target) -> StepCosts:
+    costs = StepCosts(CFG, keep=1.0)
+    for rows in (1, 2, 4, 8):
+        for width in range(1, 10):
+            costs.observe_target(rows, width, target(rows, width))
+        costs.observe_draft(rows, 1, draft_pass(rows))
+    return costs
+
+
+def test_expected_passes_is_the_mean_longest_block():
+    rows_pc = [(0.9, 0.3), (0.9, 0.8), (0.9, 0.5)]
+    rows = [stopping_row(p, c) for p, c in rows_pc]
+    rng = random.Random(0)
+    n, total = 20000, 0
+    for _ in range(n):
+        longest = 0
+        for _p, c in rows_pc:
+            length = 1
+            while length < 6 and rng.random() < c:
+                length += 1
+            longest = max(longest, length)
+        total += longest
+    assert expected_passes(rows, [6, 6, 6]) == pytest.approx(total / n, rel=0.02)
+    assert expected_passes(rows_of(3, 0.8), [6, 2, 0]) == 6.0  # no stops: the widest k
+
+
+@pytest.mark.parametrize("rows_pc", [[(0.85, 0.55)], [(0.85, 0.55)] * 4 + [(0.6, 0.3)] * 4])
+def test_step_rates_of_early_ending_blocks_match_a_simulation(rows_pc):
+    """The policy's tokens per second of a step of cap k, for every k, against steps drawn block
+    by block; and its choice is the simulation's best cap. The target here is CPU-like: a
+    wide verify costs much more than a plain step, so what a short block costs matters."""
+    costs = trained_costs(compute_bound)
+    policy = BatchPolicy(CFG, costs)
+    rows = [stopping_row(p, c) for p, c in rows_pc]
+    simulated = {k: simulate_step_rate(rows_pc, k, compute_bound, 20000, k) for k in range(1, 9)}
+    for k in range(1, 9):
+        assert policy._rate(rows, k) == pytest.approx(simulated[k], rel=0.03), k
+    best = max(simulated, key=simulated.get)
+    chosen = max(range(1, 9), key=lambda k: policy._rate(rows, k))
+    assert simulated[chosen] >= 0.98 * simulated[best]

@@ -409,3 +409,29 @@ def test_seeded_sampling_repeats_in_auto_mode(bad_engine):
     }
     assert len(runs) == 1
     assert_no_live(bad_engine)
+
+
+@pytest.fixture(scope="module")
+def stopping_engine(model_dir):
+    """The target drafting for itself, ending a block after a token it gave < 0.05: the tiny
+    random model is that unsure of about a third of its tokens, so blocks of every length up
+    to k = 4 come back."""
+    engine = SpecEngine.from_paths(model_dir / "target", model_dir / "target", confidence_stop=0.05)
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["serial", "pipelined"])
+def test_blocks_that_end_early_stay_exact_and_are_learned(stopping_engine, reference, pipelined):
+    lengths = []
+    for prompt in PROMPTS:
+        res = stopping_engine.generate(
+            prompt, max_new_tokens=MAX_NEW, mode=SpecMode.ON, k=4, pipelined=pipelined
+        )
+        assert res.token_ids == reference[prompt], prompt
+        lengths += [r.proposed for r in res.stats.records if r.proposed]
+        assert_no_live(stopping_engine)
+    assert 1 in lengths and 4 in lengths  # both stops and full blocks happened
+    # The deployment's estimate of how far a block reaches follows the stops it saw.
+    reach = stopping_engine.scheduler.estimates.acceptance.reach()
+    assert reach[1] < 0.9 and reach[3] < reach[1]

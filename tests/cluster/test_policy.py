@@ -171,6 +171,44 @@ def test_bursty_acceptance_is_predicted_where_the_iid_formula_fails():
     assert expected_tokens(per_token, 4) < 0.8 * measured
 
 
+def feed_stopping(model: AcceptanceModel | None, p: float, c: float, cap: int, n: int, seed: int):
+    """n blocks of cap `cap` from a draft that goes on after each token with chance c, each
+    drafted token accepted with chance p; returns (mean committed, mean drafted)."""
+    rng = random.Random(seed)
+    committed = drafted = 0
+    for _ in range(n):
+        length = 1
+        while length < cap and rng.random() < c:
+            length += 1
+        accepted = 0
+        while accepted < length and rng.random() < p:
+            accepted += 1
+        if model is not None:
+            model.observe(length, accepted)
+            model.observe_stop(cap, length)
+        committed += accepted + 1
+        drafted += length
+    return committed / n, drafted / n
+
+
+def test_blocks_that_end_early_are_priced_by_how_far_they_reach():
+    """A confidence stop makes k a cap: the model learns how far blocks reach and predicts the
+    tokens and drafted length of every cap, also caps it never ran with."""
+    model = AcceptanceModel([0.5] * 8, strength=4, window=5000)
+    feed_stopping(model, p=0.85, c=0.6, cap=8, n=6000, seed=3)
+    assert all(abs(x - 0.6) < 0.03 for x in model.continuation()[:4])
+    for cap in (2, 4, 8):
+        tokens, length = feed_stopping(None, p=0.85, c=0.6, cap=cap, n=20000, seed=4)
+        assert model.expected_tokens(cap) == pytest.approx(tokens, rel=0.03), cap
+        assert model.expected_length(cap) == pytest.approx(length, rel=0.03), cap
+    # Without stops nothing changes: every block reaches its cap.
+    plain = AcceptanceModel([0.5] * 8, strength=4, window=5000)
+    feed_iid(plain, 0.7, 4, 500)
+    for _ in range(500):
+        plain.observe_stop(4, 4)
+    assert plain.reach() == [1.0] * 8 and plain.expected_length(4) == 4.0
+
+
 def test_one_rejected_block_does_not_swing_the_estimate():
     model = AcceptanceModel([0.6] * 4, strength=4, window=10)
     for _ in range(30):

@@ -40,6 +40,7 @@ def test_pipelined_is_true_false_or_auto():
         ({"draft": {"pool": {"resource": "target_pool"}}}, "must differ"),
         ({"limits": {"max_new_tokens": 0}}, "limits.max_new_tokens"),
         ({"target": {"placement_strategy": "TIGHT"}}, "target.placement_strategy"),
+        ({"draft": {"confidence_stop": 1.0}}, "draft.confidence_stop"),
     ],
 )
 def test_bad_configs_name_the_key(args, needle):

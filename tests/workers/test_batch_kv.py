@@ -47,6 +47,19 @@ def rand_tokens(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(2, 96) for _ in range(n)]
 
 
+def test_a_prefill_without_logits_fills_the_same_cache(path, oracle):
+    """Prefill asks for no logits (only the head of one position runs); what follows is the same."""
+    rng = random.Random(7)
+    prompts = {f"n{i}": rand_tokens(rng, n) for i, n in enumerate([9, 2, 30])}
+    quiet = ModelRunner(path)
+    outs = quiet.extend_batch(list(prompts.items()), logits=False)
+    assert all(o.shape == (0, quiet.vocab_size) for o in outs)
+    nxt = {sid: rand_tokens(rng, 2) for sid in prompts}
+    for (sid, toks), got in zip(nxt.items(), quiet.extend_batch(list(nxt.items())), strict=True):
+        assert quiet.length(sid) == len(prompts[sid]) + 2
+        close(got, oracle(prompts[sid] + toks)[-2:])
+
+
 def test_ragged_batch_equals_each_row_alone(runner, oracle):
     rng = random.Random(0)
     prompts = {f"r{i}": rand_tokens(rng, n) for i, n in enumerate([5, 1, 12, 7])}

@@ -103,11 +103,13 @@ def generate_shards(
     minutes: float,
     log: Callable[[dict], None],
     labeler=None,
+    skip: int = 0,
 ) -> int:
     """Shards of records under out_dir (shard i = prompts of batch i); returns the batches done.
 
     prompts: (kind, ids) in a fixed order; each batch holds one kind, sorted by length, so
-    padding stays small. Existing shards are kept (resume).
+    padding stays small. Existing shards are kept (resume). The first `skip` batches of the
+    order are left out: a run that warm-starts a draft gets answers its data never had.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     batches: list[tuple[str, list[list[int]]]] = []
@@ -120,7 +122,7 @@ def generate_shards(
     order = sorted(range(len(batches)), key=lambda b: _interleave_key(batches, b))
     t0 = time.monotonic()
     done = tokens = 0
-    for n, b in enumerate(order):
+    for n, b in enumerate(order[skip:], start=skip):
         path = out_dir / f"shard_{b:05d}.pt"
         if path.is_file():
             done += 1

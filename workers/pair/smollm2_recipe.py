@@ -71,6 +71,10 @@ class Config:
     lr: float = 6e-4
     soft_weight: float = 1.0
     ckpt_minutes: float = 5.0
+    # Warm start: a saved draft (its layers, head and head vocabulary) goes on training, and
+    # the generation skips the first gen_skip batches, the ones that draft was trained on.
+    init_from: str | None = None
+    gen_skip: int = 0
     smoke: bool = False
 
 
@@ -266,7 +270,9 @@ def run(out: Path, cfg: Config) -> dict:
         gen_kw["labeler"] = target
     generate_shards(writer, held_p, out / "work" / "gen_heldout", minutes=1e9, **gen_kw)
     t0 = time.monotonic()
-    generate_shards(writer, train_p, out / "work" / "gen", minutes=cfg.gen_minutes, **gen_kw)
+    generate_shards(
+        writer, train_p, out / "work" / "gen", minutes=cfg.gen_minutes, skip=cfg.gen_skip, **gen_kw
+    )
     train_recs = load_shards(out / "work" / "gen")
     held_recs = load_shards(out / "work" / "gen_heldout")
     summary["generated"] = _data_summary(train_recs, t0)
@@ -289,7 +295,12 @@ def run(out: Path, cfg: Config) -> dict:
     summary["corpus"] = _data_summary(corpus_recs, t0)
     log({"phase": "corpus", **summary["corpus"]})
 
-    head_ids = head_vocab(train_recs + corpus_recs, cfg.head_size, eos)
+    warm = SubsetDraftForCausalLM.from_pretrained(cfg.init_from) if cfg.init_from else None
+    if warm is not None:
+        warm = warm.float()
+        head_ids = warm.head_ids.clone()
+    else:
+        head_ids = head_vocab(train_recs + corpus_recs, cfg.head_size, eos)
     full_to_sub = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
     full_to_sub[head_ids] = torch.arange(len(head_ids))
     gen_tok = torch.cat([r["ids"][r["prompt_len"] :] for r in held_recs]).long()
@@ -298,7 +309,9 @@ def run(out: Path, cfg: Config) -> dict:
 
     state_path = out / "work" / "draft_state.pt"
     state = torch.load(state_path, weights_only=False) if state_path.is_file() else None
-    if state is None:
+    if warm is not None:
+        picks = tuple(range(warm.config.num_hidden_layers))  # as saved; no candidates
+    elif state is None:
         scores = {}
         for picks in cfg.layer_candidates:
             cand = new_draft(target, head_ids, picks)
@@ -310,6 +323,9 @@ def run(out: Path, cfg: Config) -> dict:
         picks = tuple(state["picks"])
     summary["layers_from"] = list(picks)
     draft = new_draft(target, head_ids, picks)
+    if warm is not None:
+        draft.load_state_dict(warm.state_dict())
+        del warm
     del target  # the teacher's signal is in the records now
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -320,13 +336,11 @@ def run(out: Path, cfg: Config) -> dict:
         step, spent, best = state["step"], state["spent"], state.get("best", -1.0)
         log({"phase": "resume", "step": step, "spent_min": round(spent / 60, 2)})
     summary["draft_trainable_params"] = sum(p.numel() for p in params)
-    log(
-        {
-            "phase": "draft",
-            "trainable": summary["draft_trainable_params"],
-            "init": evaluate(draft, held_recs, full_to_sub, cfg.soft_weight),
-        }
-    )
+    init = evaluate(draft, held_recs, full_to_sub, cfg.soft_weight)
+    log({"phase": "draft", "trainable": summary["draft_trainable_params"], "init": init})
+    if cfg.init_from and state is None:  # a warm start never ships worse than it started
+        best = init["agree"]
+        save_draft(draft, tok, out / "draft")
 
     gen = torch.Generator().manual_seed(cfg.seed + step)
     pool = train_recs + corpus_recs  # indices past len(train_recs) are corpus records
@@ -398,9 +412,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-minutes", type=float)
     ap.add_argument("--train-minutes", type=float)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--corpus-minutes", type=float)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--init-from", help="a saved draft to go on training (warm start)")
+    ap.add_argument("--gen-skip", type=int, help="generation batches to leave out (warm start)")
     args = ap.parse_args(argv)
     cfg = smoke_config() if args.smoke else Config()
-    for name in ("gen_minutes", "train_minutes", "threads"):
+    names = ("gen_minutes", "train_minutes", "threads", "corpus_minutes", "lr")
+    for name in (*names, "init_from", "gen_skip"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     random.seed(cfg.seed)
