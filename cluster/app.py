@@ -232,7 +232,7 @@ class DraftDeployment(_WorkerReplica):
         worker = DraftWorker.from_path(
             cfg.models.draft_path(),
             top_m=cfg.draft.top_m,
-            confidence_stop=cfg.draft.confidence_stop,
+            confidence_stop=cfg.confidence_stop(),
             dtype=getattr(torch, cfg.models.dtype),
             device=device,
             max_kv_tokens=cfg.draft.max_kv_tokens or None,

@@ -112,11 +112,12 @@ def _model_path(value: str | None, which: str, target: str | None = None) -> Pat
 class DraftConfig(_Strict):
     replicas: int = Field(1, ge=0, description="0 = no draft pool: plain decoding only")
     top_m: int = Field(64, ge=1, description="support size of the sparse draft distribution q")
-    confidence_stop: float = Field(
-        0.0,
+    confidence_stop: float | None = Field(
+        None,
         ge=0.0,
         lt=1.0,
-        description="end a block after a draft token given less than this probability (0 = off)",
+        description="end a block after a draft token given less than this probability (0 = off;"
+        " empty = the draft's pair's setting, 0 for a checkpoint given by path)",
     )
     pool: PoolConfig = PoolConfig(resource="draft_pool")
     max_ongoing_requests: int = Field(256, ge=1)
@@ -303,6 +304,15 @@ class ClusterConfig(_Strict):
         return ClusterConfig.load(args)
 
     # -- derived ----------------------------------------------------------------------------
+
+    def confidence_stop(self) -> float:
+        """draft.confidence_stop, or where it is empty, the setting of the draft's pair."""
+        if self.draft.confidence_stop is not None:
+            return self.draft.confidence_stop
+        from workers.pair.registry import PAIRS
+
+        name = self.models.pair_name("draft")
+        return PAIRS[name].confidence_stop if name in PAIRS else 0.0
 
     def required_resources(self) -> dict[str, float]:
         """Logical resources the whole application needs (for a local `ray.init`)."""

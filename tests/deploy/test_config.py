@@ -67,3 +67,15 @@ def test_missing_models_and_tp_divisibility(tmp_path):
     with pytest.raises(ConfigError, match="num_key_value_heads=2"):
         check_tp_divides(path, 4)
     assert json.loads((path / "config.json").read_text())["num_attention_heads"] == 4
+
+
+def test_confidence_stop_defaults_to_the_drafts_pair(tmp_path):
+    from workers.pair.registry import PAIRS, SMOLLM2, STDLIB
+
+    assert ClusterConfig.load({"models": {"target": SMOLLM2}}).confidence_stop() == 0.4
+    assert PAIRS[SMOLLM2].confidence_stop == 0.4
+    assert ClusterConfig.load({"models": {"target": STDLIB}}).confidence_stop() == 0.0
+    by_path = {"target": str(tmp_path / "t"), "draft": str(tmp_path / "d")}
+    assert ClusterConfig.load({"models": by_path}).confidence_stop() == 0.0
+    given = {"models": {"target": SMOLLM2}, "draft": {"confidence_stop": 0.0}}
+    assert ClusterConfig.load(given).confidence_stop() == 0.0  # set: the setting wins

@@ -37,6 +37,9 @@ class Pair:
     chat: bool  # an instruct model: requests go through its chat template
     _target: Callable[[bool], Path]
     _draft: Callable[[], Path]
+    # The draft ends a block after a token it gave less than this (0 = never): where its
+    # confidence says when to stop (measured per pair: README, "The SmolLM2 draft").
+    confidence_stop: float = 0.0
 
     def target(self, convert: bool = True) -> Path:
         """The target's checkpoint directory; convert=False only says where it would be."""
@@ -77,6 +80,7 @@ PAIRS: dict[str, Pair] = {
         True,
         _smollm2_target,
         lambda: SMOLLM2_DRAFT_DIR,
+        confidence_stop=0.4,
     ),
 }
 
