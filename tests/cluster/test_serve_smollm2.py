@@ -96,7 +96,10 @@ def test_seeded_sampling_through_serve_repeats_the_in_process_engine(cluster):
     address, cfg = cluster
     req, _ = sample_request(cfg, CHAT, 24)
     ids = list(req.prompt_token_ids)
-    engine = SpecEngine.from_paths(PAIR.target(), PAIR.draft())
+    # The same draft settings as the Serve app's (the pair's confidence stop).
+    stop = cfg.confidence_stop()
+    assert stop == PAIR.confidence_stop > 0
+    engine = SpecEngine.from_paths(PAIR.target(), PAIR.draft(), confidence_stop=stop)
     try:
         local = engine.generate(
             ids,
