@@ -11,6 +11,7 @@ import pytest
 
 from cluster.batch_policy import BatchPolicy, LineFit, RowChoice, StepCosts, expected_passes
 from cluster.policy import AcceptanceModel, PolicyConfig
+from tests.cluster.blocks import draw_block
 
 CFG = PolicyConfig(max_draft_tokens=8, probe_interval=4, max_probe_interval=16)
 
@@ -200,12 +201,7 @@ def simulate_step_rate(rows_pc, k: int, target, steps: int, seed: int) -> float:
     for _ in range(steps):
         longest = 0
         for p, c in rows_pc:
-            length = 1
-            while length < k and rng.random() < c:
-                length += 1
-            accepted = 0
-            while accepted < length and rng.random() < p:
-                accepted += 1
+            length, accepted = draw_block(rng, p, c, k)
             tokens += accepted + 1
             longest = max(longest, length)
         seconds += target(len(rows_pc), longest + 1) + longest * draft_pass(len(rows_pc))
@@ -227,12 +223,7 @@ def test_expected_passes_is_the_mean_longest_block():
     rng = random.Random(0)
     n, total = 20000, 0
     for _ in range(n):
-        longest = 0
-        for _p, c in rows_pc:
-            length = 1
-            while length < 6 and rng.random() < c:
-                length += 1
-            longest = max(longest, length)
+        longest = max(draw_block(rng, p, c, 6)[0] for p, c in rows_pc)
         total += longest
     assert expected_passes(rows, [6, 6, 6]) == pytest.approx(total / n, rel=0.02)
     assert expected_passes(rows_of(3, 0.8), [6, 2, 0]) == 6.0  # no stops: the widest k

@@ -18,6 +18,7 @@ from cluster.policy import (
     expected_tokens,
     with_pipelining,
 )
+from tests.cluster.blocks import draw_block
 
 # A cost model: a verify of k costs VERIFY0 + VERIFY1*k seconds, a drafted token DRAFT, a plain
 # step PLAIN.
@@ -177,12 +178,7 @@ def feed_stopping(model: AcceptanceModel | None, p: float, c: float, cap: int, n
     rng = random.Random(seed)
     committed = drafted = 0
     for _ in range(n):
-        length = 1
-        while length < cap and rng.random() < c:
-            length += 1
-        accepted = 0
-        while accepted < length and rng.random() < p:
-            accepted += 1
+        length, accepted = draw_block(rng, p, c, cap)
         if model is not None:
             model.observe(length, accepted)
             model.observe_stop(cap, length)
