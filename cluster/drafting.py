@@ -170,18 +170,17 @@ class Drafting:
                 for r, k in group
             ]
             calls.append((group, self._call(group[0][0], lambda s, q=reqs: s.propose_batch(q))))
-        asked: dict[str, int] = {}
+        passes = 0
         for group, fut in calls:
             results = self._results(fut, len(group))
-            for (row, k), res in zip(group, results, strict=True):
+            for (row, _k), res in zip(group, results, strict=True):
                 if isinstance(res, Proposal) and res.tokens:
                     row.draft_len = row.rounds.committed_len
                     proposals[row.seq_id] = res
-                    asked[row.seq_id] = k
+                    passes = max(passes, len(res.tokens))
                 else:
                     self.lose(row, res)
-        passes = max((len(proposals[s].tokens) for s in asked), default=0)
-        return DraftStep(proposals, len(asks), timed, asked, passes)
+        return DraftStep(proposals, len(asks), timed, passes)
 
     def ahead(self, rows: Sequence[Row], proposals: dict[str, Proposal], default: bool) -> Calls:
         """Pipelining: draft the guessed bonus plus the next block while the target verifies."""
@@ -266,14 +265,13 @@ class Drafting:
 
 @dataclass(frozen=True, slots=True)
 class DraftStep:
-    """What the draft side of a step made: `proposals` by sequence; `drafted` rows asked now,
-    `asked` their block sizes (a block drafted ahead is not among them), `passes` the draft
-    forwards that took (blocks may end before k: a confidence stop); `timed`: typical times."""
+    """What the draft side of a step made: `proposals` by sequence; `drafted`: rows drafted
+    now (not ahead), `passes` the draft forwards that took (blocks may end before k: a
+    confidence stop); `timed`: its times are typical."""
 
     proposals: dict[str, Proposal]
     drafted: int
     timed: bool
-    asked: dict[str, int]
     passes: int
 
 
@@ -289,6 +287,7 @@ class _Pending:
 
 
 def trim(p: Proposal, k: int) -> Proposal:
+    """The first k tokens of a block (the draft went on after them: not unsure of the last)."""
     if len(p.tokens) <= k:
         return p
     q = None if p.q is None else SparseQ(p.q.indices[:k], p.q.probs[:k])

@@ -20,7 +20,7 @@ def ahead_hit(block: Proposal, verdict: Verdict, ahead: Proposal) -> Proposal | 
     at_bonus = ahead.start == block.start + len(block.tokens)
     if whole and at_bonus and len(ahead.tokens) > 1 and ahead.tokens[0] == verdict.token:
         q = None if ahead.q is None else SparseQ(ahead.q.indices[1:], ahead.q.probs[1:])
-        return Proposal(ahead.start + 1, ahead.tokens[1:], q)
+        return Proposal(ahead.start + 1, ahead.tokens[1:], q, ahead.unsure_last)
     return None
 
 

@@ -184,14 +184,16 @@ class AcceptanceModel:
                 seen[i] *= f
                 weight[i] *= f
 
-    def observe_stop(self, asked: int, drafted: int) -> None:
-        """A block asked for `asked` tokens came back with `drafted`: the draft went on after
-        tokens 1..drafted-1, and stopped after token `drafted` if that is short of `asked`."""
+    def observe_stop(self, drafted: int, unsure_last: bool) -> None:
+        """A block of `drafted` tokens: the draft went on after tokens 1..drafted-1, and after
+        the last one it would have gone on unless it was unsure of it (the draft says so even
+        when the block ended at k, so the rates are learnt at every k, k = 1 too)."""
         self._reach = None
-        for i in range(min(drafted, asked - 1, len(self.looked))):
+        for i in range(min(drafted, len(self.looked))):
             self.stop_weight[i] *= self.keep
             self.looked[i] = self.looked[i] * self.keep + 1.0
-            self.went_on[i] = self.went_on[i] * self.keep + (1.0 if i < drafted - 1 else 0.0)
+            went = i < drafted - 1 or not unsure_last
+            self.went_on[i] = self.went_on[i] * self.keep + (1.0 if went else 0.0)
 
     def continuation(self) -> list[float]:
         """c[i]: the chance that the draft goes on after drafting token i+1."""
@@ -524,19 +526,19 @@ class SpeculationPolicy:
         round_seconds: float | None = None,
         *,
         timed: bool = True,
-        asked: int | None = None,
+        unsure_last: bool | None = None,
     ) -> None:
         """A round of k committed `accepted` draft tokens. `draft_seconds` is the exposed
         drafting before the verify (0 for a block drafted ahead), `round_seconds` the round's wall
         time from its start to the next round ready (default: draft + verify). `timed=False`
         records acceptance only: the round's times are not typical (the draft first caught up
-        on many tokens after plain steps). `asked`: the block size the draft was asked for,
-        when this block was drafted now (k < asked: the draft stopped early)."""
+        on many tokens after plain steps). `unsure_last`: whether the draft was unsure of the
+        block's last token (its confidence stop ends blocks there); None: not known."""
         self.acceptance.observe(k, accepted)
-        if asked is not None:
-            self.acceptance.observe_stop(asked, k)
+        if unsure_last is not None:
+            self.acceptance.observe_stop(k, unsure_last)
             if not self.deterministic:
-                self.shared.acceptance.observe_stop(asked, k)
+                self.shared.acceptance.observe_stop(k, unsure_last)
         # The first round after a change of pipelining mode is neither (a block drafted ahead,
         # or none ready yet): it times nothing.
         timed = timed and self._last_pipelined in (None, self.pipelined)

@@ -264,7 +264,9 @@ class GrpcDraft(_Remote):
         if start is not None:
             req.start = start
         return self._future(
-            self.stub.Propose, req, lambda r: Proposal(r.start, list(r.tokens), unpack_q(r.q))
+            self.stub.Propose,
+            req,
+            lambda r: Proposal(r.start, list(r.tokens), unpack_q(r.q), r.unsure_last),
         )
 
     def commit(self, seq_id: str, committed_len: int, new_tokens: Sequence[int]) -> Future:
@@ -287,7 +289,7 @@ class GrpcDraft(_Remote):
         req = worker_pb2.ProposeBatchRequest(rows=[propose_request(r) for r in rows])
 
         def proposal(r) -> Proposal:
-            return Proposal(r.start, list(r.tokens), unpack_q(r.q))
+            return Proposal(r.start, list(r.tokens), unpack_q(r.q), r.unsure_last)
 
         return self._future(
             self.stub.ProposeBatch, req, lambda resp: self._rows(resp, len(rows), proposal)

@@ -336,7 +336,7 @@ class StepScheduler:
         self.plain_row_steps += sum(1 for v in vrows if v.plain)
         self.max_batch = max(self.max_batch, len(rows))
         t3 = self.clock()
-        committed = self._commit(rows, vrows, verdicts, drafted_now.asked)
+        committed = self._commit(rows, vrows, verdicts, proposals)
         t4 = self.clock()
         phase["commit"] += t4 - t3
         self.drafting.settle_ahead(ahead, proposals, verdicts, rows)
@@ -358,7 +358,7 @@ class StepScheduler:
         return self.batch_policy.choose(row_choices(rows, self.config.max_draft_tokens))
 
     def _commit(
-        self, rows: Sequence[Row], vrows: Sequence[VerifyRow], verdicts, asked: dict[str, int]
+        self, rows: Sequence[Row], vrows: Sequence[VerifyRow], verdicts, proposals: dict
     ) -> int:
         committed = 0
         for row, vrow, res in zip(rows, vrows, verdicts, strict=True):
@@ -376,7 +376,7 @@ class StepScheduler:
                     0.0,
                     0.0,
                     timed=False,
-                    asked=asked.get(row.seq_id),
+                    unsure_last=proposals[row.seq_id].unsure_last,
                 )
             committed += len(out)
             if out:

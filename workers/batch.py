@@ -33,6 +33,9 @@ class Proposal:
     start: int
     tokens: list[int]
     q: SparseQ | None = None
+    # The draft was unsure of the last token (below its confidence stop): the block would have
+    # ended there whatever k. What the policy learns how far blocks reach from.
+    unsure_last: bool = False
 
 
 @dataclass(frozen=True, slots=True)

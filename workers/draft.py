@@ -174,6 +174,7 @@ class DraftWorker:
             except Exception as exc:  # noqa: BLE001 - a refused row fails alone
                 out[i] = exc
         drafted: dict[int, list[int]] = {i: [] for i in todo}
+        unsure: set[int] = set()  # rows whose latest token was below the confidence stop
         idx: dict[int, list[torch.Tensor]] = {i: [] for i in todo}
         prob: dict[int, list[torch.Tensor]] = {i: [] for i in todo}
         active = [i for i, (_, _, k) in todo.items() if k > 0]
@@ -189,7 +190,6 @@ class DraftWorker:
                     out[i] = exc
                     del todo[i]
                 break
-            unsure: set[int] = set()
             for i, lg in zip(active, logits, strict=True):
                 seq = todo[i][0]
                 tok = self._draw(seq, lg[-1], idx[i], prob[i])
@@ -202,7 +202,7 @@ class DraftWorker:
             active = [i for i in active if len(drafted[i]) < todo[i][2] and i not in unsure]
         for i, (_, start, _) in todo.items():
             q = SparseQ(torch.stack(idx[i]), torch.stack(prob[i])) if idx[i] else None
-            out[i] = Proposal(start, drafted[i], q)
+            out[i] = Proposal(start, drafted[i], q, unsure_last=i in unsure)
         for i in later:
             out[i] = self.propose_batch([rows[i]])[0]
         return out

@@ -254,6 +254,7 @@ class DraftServicer(_ServicerBase, worker_pb2_grpc.DraftWorkerServicer):
             tokens=proposal.tokens,
             q=pack_q(proposal.q),
             committed_len=req.committed_len + len(req.commit),
+            unsure_last=proposal.unsure_last,
         )
 
     @_rpc

@@ -5,13 +5,16 @@ from __future__ import annotations
 import random
 
 
-def draw_block(rng: random.Random, p: float, c: float, cap: int) -> tuple[int, int]:
-    """(drafted, accepted) of one block of cap `cap`: the draft goes on after each token with
-    chance c; each drafted token is accepted with chance p, up to the first rejection."""
+def draw_block(rng: random.Random, p: float, c: float, cap: int) -> tuple[int, int, bool]:
+    """(drafted, accepted, unsure of the last) of one block of cap `cap`: the draft is sure of
+    each token with chance c and ends the block after one it is unsure of; each drafted token
+    is accepted with chance p, up to the first rejection."""
     length = 1
-    while length < cap and rng.random() < c:
+    sure = rng.random() < c
+    while sure and length < cap:
         length += 1
+        sure = rng.random() < c
     accepted = 0
     while accepted < length and rng.random() < p:
         accepted += 1
-    return length, accepted
+    return length, accepted, not sure

@@ -201,7 +201,7 @@ def simulate_step_rate(rows_pc, k: int, target, steps: int, seed: int) -> float:
     for _ in range(steps):
         longest = 0
         for p, c in rows_pc:
-            length, accepted = draw_block(rng, p, c, k)
+            length, accepted, _ = draw_block(rng, p, c, k)
             tokens += accepted + 1
             longest = max(longest, length)
         seconds += target(len(rows_pc), longest + 1) + longest * draft_pass(len(rows_pc))

@@ -13,6 +13,7 @@ import grpc
 import pytest
 import torch
 
+from cluster.local_workers import worker_process
 from cluster.pools import EndpointState, WorkerPool
 from cluster.remote import GrpcDraft, GrpcTarget, open_channel
 from cluster.transport import WorkerUnavailable
@@ -35,6 +36,7 @@ from workers.wire import (
 )
 
 PROMPT = [70, 71, 72, 2, 67, 70, 70, 10, 67, 14, 2, 68, 11, 28]  # "def add(a, b):"
+SAMPLED = SamplingParams(temperature=0.8, seed=1)
 GREEDY = wpb.SamplingParams()
 
 
@@ -423,6 +425,26 @@ def test_batched_rpcs_answer_per_row_like_in_process_workers(servers, local):
     with pytest.raises(WorkerUnavailable):
         dead.verify_batch([VerifyRow("a", 3)]).result(10)
     dead.close()
+
+
+def test_a_draft_server_with_a_confidence_stop_says_where_it_was_unsure(ckpts):
+    """`--confidence-stop`: blocks end after a token the draft gave less, and the proposal says
+    that the draft was unsure of its last token, as the in-process worker does."""
+    stop = ["--confidence-stop", "0.999"]  # a tiny random model is never that sure
+    (proc,) = start_all(worker_process("draft", ckpts["near"], threads=1, extra=stop))
+    local = DraftWorker.from_path(ckpts["near"], confidence_stop=0.999)
+    try:
+        gd = GrpcDraft(proc.address)
+        rows = [PrefillRow("c0", PROMPT, SamplingParams()), PrefillRow("c1", PROMPT[2:], SAMPLED)]
+        assert gd.prefill_batch(rows).result(10) == [None, None]
+        local.prefill_batch(rows)
+        ask = [ProposeRow(r.seq_id, len(r.token_ids), 4) for r in rows]
+        got, want = gd.propose_batch(ask).result(10), local.propose_batch(ask)
+        for g, w in zip(got, want, strict=True):
+            assert (g.start, g.tokens, g.unsure_last) == (w.start, w.tokens, True)
+            assert len(g.tokens) == 1
+    finally:
+        stop_all([proc])
 
 
 def test_kv_budget_over_grpc_is_resource_exhausted_per_row(ckpts):

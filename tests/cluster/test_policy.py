@@ -178,10 +178,10 @@ def feed_stopping(model: AcceptanceModel | None, p: float, c: float, cap: int, n
     rng = random.Random(seed)
     committed = drafted = 0
     for _ in range(n):
-        length, accepted = draw_block(rng, p, c, cap)
+        length, accepted, unsure = draw_block(rng, p, c, cap)
         if model is not None:
             model.observe(length, accepted)
-            model.observe_stop(cap, length)
+            model.observe_stop(length, unsure)
         committed += accepted + 1
         drafted += length
     return committed / n, drafted / n
@@ -193,6 +193,10 @@ def test_blocks_that_end_early_are_priced_by_how_far_they_reach():
     model = AcceptanceModel([0.5] * 8, strength=4, window=5000)
     feed_stopping(model, p=0.85, c=0.6, cap=8, n=6000, seed=3)
     assert all(abs(x - 0.6) < 0.03 for x in model.continuation()[:4])
+    # Learnt from blocks of cap 1 alone, too: the draft says whether it would have gone on.
+    one = AcceptanceModel([0.5] * 8, strength=4, window=5000)
+    feed_stopping(one, p=0.85, c=0.6, cap=1, n=3000, seed=5)
+    assert abs(one.continuation()[0] - 0.6) < 0.03
     for cap in (2, 4, 8):
         tokens, length = feed_stopping(None, p=0.85, c=0.6, cap=cap, n=20000, seed=4)
         assert model.expected_tokens(cap) == pytest.approx(tokens, rel=0.03), cap
@@ -201,7 +205,7 @@ def test_blocks_that_end_early_are_priced_by_how_far_they_reach():
     plain = AcceptanceModel([0.5] * 8, strength=4, window=5000)
     feed_iid(plain, 0.7, 4, 500)
     for _ in range(500):
-        plain.observe_stop(4, 4)
+        plain.observe_stop(4, False)
     assert plain.reach() == [1.0] * 8 and plain.expected_length(4) == 4.0
 
 

@@ -270,7 +270,11 @@ def test_confidence_stop_drafts_a_prefix_of_the_full_block(ckpts, threshold):
         if w.q is not None:
             torch.testing.assert_close(g.q.probs, w.q.probs[:n])
         lengths.append(n)
+        # A block short of k ended at a token the draft was unsure of, and says so.
+        assert g.unsure_last or n == k
+        assert not w.unsure_last  # a draft without a stop is never unsure
     if threshold == 0.999:
         assert lengths == [1, 1, 1]  # a tiny model is never that sure
+        assert all(g.unsure_last for g in got)
     with pytest.raises(ValueError, match="confidence_stop"):
         DraftWorker(full.runner, confidence_stop=1.0)
