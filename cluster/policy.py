@@ -101,6 +101,60 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
+class GoOnRates:
+    """c[i] = P(the draft goes on after drafting token i+1), from decayed counts with a prior of
+    `strength` pseudo-observations (as AcceptanceModel's rates); prior 1: it always goes on."""
+
+    __slots__ = ("hits", "seen", "weight", "prior", "keep", "strength", "_reach")
+
+    def __init__(self, prior: Sequence[float], n: int, strength: float, keep: float) -> None:
+        self.prior = (list(prior) + [1.0] * n)[:n]
+        self.keep = keep
+        self.strength = strength
+        self.weight = [strength] * n
+        self.seen = [0.0] * n
+        self.hits = [0.0] * n
+        self._reach: list[float] | None = None
+
+    def observe(self, i: int, went_on: bool) -> None:
+        self._reach = None
+        self.weight[i] *= self.keep
+        self.seen[i] = self.seen[i] * self.keep + 1.0
+        self.hits[i] = self.hits[i] * self.keep + (1.0 if went_on else 0.0)
+
+    def fade(self, fade: float) -> None:
+        self._reach = None
+        _fade(self.hits, self.seen, self.weight, fade, self.strength)
+
+    def rates(self) -> list[float]:
+        return [
+            (h + w * p) / (n + w)
+            for h, n, w, p in zip(self.hits, self.seen, self.weight, self.prior, strict=True)
+        ]
+
+    def reach(self) -> list[float]:
+        """reach[j] = prod c[0..j-1]: the chance of getting to token j+1 (reach[0] = 1)."""
+        if self._reach is None:
+            out, r = [], 1.0
+            for c in self.rates():
+                out.append(r)
+                r *= c
+            self._reach = out
+        return self._reach
+
+
+def _fade(hits: list, seen: list, weight: list, fade: float, strength: float) -> None:
+    """Older evidence weighs less, down to `strength` observations per position."""
+    for i in range(len(seen)):
+        total = seen[i] + weight[i]
+        if total <= strength:
+            continue
+        f = max(fade, strength / total)
+        hits[i] *= f
+        seen[i] *= f
+        weight[i] *= f
+
+
 class AcceptanceModel:
     """Per-position acceptance: p[i] = P(draft token i+1 accepted | the i before it were).
 
@@ -113,10 +167,12 @@ class AcceptanceModel:
     as good as the last one measured, so longer blocks get tried when they would pay.
 
     Blocks may also end before k: a draft with a confidence stop ends a block after a token it
-    was unsure of. Then k is a cap, and c[i] = P(the draft goes on after token i+1 | it drafted
-    it) is estimated the same way (`observe_stop`, prior 1: always goes on). The p[i] are then
-    rates over the blocks that reached position i+1, and a round of cap k commits
-    1 + sum_j reach(j) * p[0..j] tokens, reach(j) being the chance that token j+1 is drafted.
+    was unsure of, so k is a cap. How far blocks get is learnt twice (`observe_stop`): over all
+    blocks (`go_on`: how many tokens are drafted, what a round costs) and over the blocks whose
+    tokens so far were all accepted (`go_on_ok`: what a round commits). The draft is sure of
+    the tokens the target accepts more often than of the others, so the product of the two
+    unconditional rates would undercount: a round of cap k commits
+    1 + sum_j prod_{i<=j} p[i] * prod_{i<j} c_ok[i] tokens.
     """
 
     __slots__ = (
@@ -127,11 +183,8 @@ class AcceptanceModel:
         "keep",
         "strength",
         "_rates",
-        "went_on",
-        "looked",
-        "stop_prior",
-        "stop_weight",
-        "_reach",
+        "go_on",
+        "go_on_ok",
     )
 
     def __init__(
@@ -139,8 +192,9 @@ class AcceptanceModel:
         prior: Sequence[float | None],
         strength: float,
         window: float,
-        continuation: Sequence[float] | None = None,
+        continuation: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> None:
+        """continuation: the priors of (go_on, go_on_ok), e.g. a deployment's `continuation()`."""
         if not prior or prior[0] is None:
             raise ValueError("the first position needs a prior")
         self.keep = 1.0 - 1.0 / window
@@ -151,12 +205,9 @@ class AcceptanceModel:
         self.accepted = [0.0] * len(prior)
         self._rates: list[float] | None = None  # the policy reads them ~20 times a decision
         n = len(prior)
-        self.stop_prior = list(continuation or [1.0] * n)[:n]
-        self.stop_prior += [1.0] * (n - len(self.stop_prior))
-        self.stop_weight = [strength] * n
-        self.looked = [0.0] * n  # blocks that drafted token i+1 and could have gone on
-        self.went_on = [0.0] * n  # ... and did
-        self._reach: list[float] | None = None
+        go_on, go_on_ok = continuation or ((), ())
+        self.go_on = GoOnRates(go_on, n, strength, self.keep)
+        self.go_on_ok = GoOnRates(go_on_ok, n, strength, self.keep)
 
     def observe(self, k: int, accepted: int) -> None:
         self._rates = None
@@ -169,50 +220,30 @@ class AcceptanceModel:
         """Target passes that told nothing about acceptance (plain steps): older evidence weighs
         less against the next round (rates stay), down to `strength` observations per position,
         so a probe after a long plain stretch counts, without one probe deciding alone."""
-        self._rates = self._reach = None
+        self._rates = None
         fade = self.keep**passes
-        for hit, seen, weight in (
-            (self.accepted, self.tried, self.prior_weight),
-            (self.went_on, self.looked, self.stop_weight),
-        ):
-            for i in range(len(seen)):
-                total = seen[i] + weight[i]
-                if total <= self.strength:
-                    continue
-                f = max(fade, self.strength / total)
-                hit[i] *= f
-                seen[i] *= f
-                weight[i] *= f
+        _fade(self.accepted, self.tried, self.prior_weight, fade, self.strength)
+        self.go_on.fade(fade)
+        self.go_on_ok.fade(fade)
 
-    def observe_stop(self, drafted: int, unsure_last: bool) -> None:
-        """A block of `drafted` tokens: the draft went on after tokens 1..drafted-1, and after
-        the last one it would have gone on unless it was unsure of it (the draft says so even
-        when the block ended at k, so the rates are learnt at every k, k = 1 too)."""
-        self._reach = None
-        for i in range(min(drafted, len(self.looked))):
-            self.stop_weight[i] *= self.keep
-            self.looked[i] = self.looked[i] * self.keep + 1.0
+    def observe_stop(self, drafted: int, unsure_last: bool, accepted: int) -> None:
+        """A block of `drafted` tokens, `accepted` of them: the draft went on after tokens
+        1..drafted-1, and after the last one it would have gone on unless it was unsure of it
+        (the draft says so even when the block ended at k, so this is learnt at every k)."""
+        for i in range(min(drafted, len(self.tried))):
             went = i < drafted - 1 or not unsure_last
-            self.went_on[i] = self.went_on[i] * self.keep + (1.0 if went else 0.0)
+            self.go_on.observe(i, went)
+            if i < accepted:  # tokens 1..i+1 were all accepted
+                self.go_on_ok.observe(i, went)
 
-    def continuation(self) -> list[float]:
-        """c[i]: the chance that the draft goes on after drafting token i+1."""
-        return [
-            (g + w * p) / (n + w)
-            for g, n, w, p in zip(
-                self.went_on, self.looked, self.stop_weight, self.stop_prior, strict=True
-            )
-        ]
+    def continuation(self) -> tuple[list[float], list[float]]:
+        """(c, c_ok): the chance that the draft goes on after token i+1, over all blocks and
+        over those accepted so far."""
+        return self.go_on.rates(), self.go_on_ok.rates()
 
     def reach(self) -> list[float]:
         """reach[j]: the chance that a block drafts token j+1 (reach[0] = 1)."""
-        if self._reach is None:
-            out, r = [], 1.0
-            for c in self.continuation():
-                out.append(r)
-                r *= c
-            self._reach = out
-        return self._reach
+        return self.go_on.reach()
 
     def expected_length(self, k: int) -> float:
         """Draft tokens a block of cap k drafts on average (k without a confidence stop)."""
@@ -235,7 +266,7 @@ class AcceptanceModel:
     def expected_tokens(self, k: int) -> float:
         """Committed tokens per round of cap k: accepted ones plus the recovered or bonus one."""
         total, whole = 1.0, 1.0
-        for p, reach in zip(self.rates()[:k], self.reach(), strict=False):
+        for p, reach in zip(self.rates()[:k], self.go_on_ok.reach(), strict=False):
             whole *= p
             total += whole * reach
         return total
@@ -536,9 +567,9 @@ class SpeculationPolicy:
         block's last token (its confidence stop ends blocks there); None: not known."""
         self.acceptance.observe(k, accepted)
         if unsure_last is not None:
-            self.acceptance.observe_stop(k, unsure_last)
+            self.acceptance.observe_stop(k, unsure_last, accepted)
             if not self.deterministic:
-                self.shared.acceptance.observe_stop(k, unsure_last)
+                self.shared.acceptance.observe_stop(k, unsure_last, accepted)
         # The first round after a change of pipelining mode is neither (a block drafted ahead,
         # or none ready yet): it times nothing.
         timed = timed and self._last_pipelined in (None, self.pipelined)

@@ -11,7 +11,7 @@ import pytest
 
 from cluster.batch_policy import BatchPolicy, LineFit, RowChoice, StepCosts, expected_passes
 from cluster.policy import AcceptanceModel, PolicyConfig
-from tests.cluster.blocks import draw_block
+from tests.cluster.blocks import StoppingDraft, feed
 
 CFG = PolicyConfig(max_draft_tokens=8, probe_interval=4, max_probe_interval=16)
 
@@ -188,23 +188,24 @@ def test_no_probes_where_even_a_perfect_draft_could_not_pay():
 # -- blocks that end early (a draft with a confidence stop) ------------------------------------
 
 
-def stopping_row(p: float, c: float) -> RowChoice:
-    """A row whose draft goes on after each token with chance c; drafted tokens accepted with p."""
-    acc = AcceptanceModel([p] * 8, 1.0, 10.0, continuation=[c] * 8)
+def stopping_row(draft: StoppingDraft) -> RowChoice:
+    """A row whose acceptance model learnt from this draft's blocks (at the largest cap)."""
+    acc = AcceptanceModel([0.5] * 8, 4.0, 5000.0)
+    feed(acc, draft, cap=8, n=6000, seed=1)
     return RowChoice(8, "auto", [acc.expected_tokens(k) for k in range(9)], reach=acc.reach())
 
 
-def simulate_step_rate(rows_pc, k: int, target, steps: int, seed: int) -> float:
+def simulate_step_rate(drafts, k: int, target, steps: int, seed: int) -> float:
     """Committed tokens per second of steps of cap k, drawn block by block (the oracle)."""
     rng = random.Random(seed)
     tokens = seconds = 0.0
     for _ in range(steps):
         longest = 0
-        for p, c in rows_pc:
-            length, accepted, _ = draw_block(rng, p, c, k)
+        for d in drafts:
+            length, accepted, _ = d.block(rng, k)
             tokens += accepted + 1
             longest = max(longest, length)
-        seconds += target(len(rows_pc), longest + 1) + longest * draft_pass(len(rows_pc))
+        seconds += target(len(drafts), longest + 1) + longest * draft_pass(len(drafts))
     return tokens / seconds
 
 
@@ -218,26 +219,28 @@ def trained_costs(target) -> StepCosts:
 
 
 def test_expected_passes_is_the_mean_longest_block():
-    rows_pc = [(0.9, 0.3), (0.9, 0.8), (0.9, 0.5)]
-    rows = [stopping_row(p, c) for p, c in rows_pc]
+    drafts = [StoppingDraft(c, 0.9, 0.5) for c in (0.3, 0.8, 0.5)]
+    rows = [stopping_row(d) for d in drafts]
     rng = random.Random(0)
-    n, total = 20000, 0
-    for _ in range(n):
-        longest = max(draw_block(rng, p, c, 6)[0] for p, c in rows_pc)
-        total += longest
+    n = 20000
+    total = sum(max(d.block(rng, 6)[0] for d in drafts) for _ in range(n))
     assert expected_passes(rows, [6, 6, 6]) == pytest.approx(total / n, rel=0.02)
     assert expected_passes(rows_of(3, 0.8), [6, 2, 0]) == 6.0  # no stops: the widest k
 
 
-@pytest.mark.parametrize("rows_pc", [[(0.85, 0.55)], [(0.85, 0.55)] * 4 + [(0.6, 0.3)] * 4])
-def test_step_rates_of_early_ending_blocks_match_a_simulation(rows_pc):
+SURE = StoppingDraft(c=0.55, p_sure=0.95, p_unsure=0.4)
+SHAKY = StoppingDraft(c=0.3, p_sure=0.8, p_unsure=0.3)
+
+
+@pytest.mark.parametrize("drafts", [[SURE], [SURE] * 4 + [SHAKY] * 4], ids=["1 row", "8 rows"])
+def test_step_rates_of_early_ending_blocks_match_a_simulation(drafts):
     """The policy's tokens per second of a step of cap k, for every k, against steps drawn block
     by block; and its choice is the simulation's best cap. The target here is CPU-like: a
     wide verify costs much more than a plain step, so what a short block costs matters."""
     costs = trained_costs(compute_bound)
     policy = BatchPolicy(CFG, costs)
-    rows = [stopping_row(p, c) for p, c in rows_pc]
-    simulated = {k: simulate_step_rate(rows_pc, k, compute_bound, 20000, k) for k in range(1, 9)}
+    rows = [stopping_row(d) for d in drafts]
+    simulated = {k: simulate_step_rate(drafts, k, compute_bound, 20000, k) for k in range(1, 9)}
     for k in range(1, 9):
         assert policy._rate(rows, k) == pytest.approx(simulated[k], rel=0.03), k
     best = max(simulated, key=simulated.get)

@@ -18,7 +18,7 @@ from cluster.policy import (
     expected_tokens,
     with_pipelining,
 )
-from tests.cluster.blocks import draw_block
+from tests.cluster.blocks import StoppingDraft, feed
 
 # A cost model: a verify of k costs VERIFY0 + VERIFY1*k seconds, a drafted token DRAFT, a plain
 # step PLAIN.
@@ -172,40 +172,29 @@ def test_bursty_acceptance_is_predicted_where_the_iid_formula_fails():
     assert expected_tokens(per_token, 4) < 0.8 * measured
 
 
-def feed_stopping(model: AcceptanceModel | None, p: float, c: float, cap: int, n: int, seed: int):
-    """n blocks of cap `cap` from a draft that goes on after each token with chance c, each
-    drafted token accepted with chance p; returns (mean committed, mean drafted)."""
-    rng = random.Random(seed)
-    committed = drafted = 0
-    for _ in range(n):
-        length, accepted, unsure = draw_block(rng, p, c, cap)
-        if model is not None:
-            model.observe(length, accepted)
-            model.observe_stop(length, unsure)
-        committed += accepted + 1
-        drafted += length
-    return committed / n, drafted / n
-
-
 def test_blocks_that_end_early_are_priced_by_how_far_they_reach():
     """A confidence stop makes k a cap: the model learns how far blocks reach and predicts the
-    tokens and drafted length of every cap, also caps it never ran with."""
+    tokens and drafted length of every cap, also of caps it never ran with, though the draft's
+    sure tokens are accepted more often than its unsure ones."""
+    draft = StoppingDraft(c=0.6, p_sure=0.95, p_unsure=0.5)
     model = AcceptanceModel([0.5] * 8, strength=4, window=5000)
-    feed_stopping(model, p=0.85, c=0.6, cap=8, n=6000, seed=3)
-    assert all(abs(x - 0.6) < 0.03 for x in model.continuation()[:4])
+    feed(model, draft, cap=8, n=8000, seed=3)
+    go_on, go_on_ok = model.continuation()
+    assert all(abs(x - 0.6) < 0.03 for x in go_on[:3])
+    assert all(x > 0.65 for x in go_on_ok[:3])  # P(sure | accepted) = 0.57 / 0.77
     # Learnt from blocks of cap 1 alone, too: the draft says whether it would have gone on.
     one = AcceptanceModel([0.5] * 8, strength=4, window=5000)
-    feed_stopping(one, p=0.85, c=0.6, cap=1, n=3000, seed=5)
-    assert abs(one.continuation()[0] - 0.6) < 0.03
+    feed(one, draft, cap=1, n=3000, seed=5)
+    assert abs(one.continuation()[0][0] - 0.6) < 0.03
     for cap in (2, 4, 8):
-        tokens, length = feed_stopping(None, p=0.85, c=0.6, cap=cap, n=20000, seed=4)
+        tokens, length = feed(None, draft, cap=cap, n=20000, seed=4)
         assert model.expected_tokens(cap) == pytest.approx(tokens, rel=0.03), cap
         assert model.expected_length(cap) == pytest.approx(length, rel=0.03), cap
     # Without stops nothing changes: every block reaches its cap.
     plain = AcceptanceModel([0.5] * 8, strength=4, window=5000)
-    feed_iid(plain, 0.7, 4, 500)
-    for _ in range(500):
-        plain.observe_stop(4, False)
+    committed = feed_iid(plain, 0.7, 4, 500)
+    for a in committed:
+        plain.observe_stop(4, False, a - 1)
     assert plain.reach() == [1.0] * 8 and plain.expected_length(4) == 4.0
 
 
