@@ -114,14 +114,20 @@ class RealizedRates:
     the cost of things it does not model (per-row work, masks, the draft's lag, core sharing).
     Speculation is vetoed at a batch size where its measured steps do worse than plain ones;
     a veto lapses when its spec figure is `stale_after` steps old, so the model gets to try
-    again once the traffic may have changed."""
+    again once the traffic may have changed.
 
-    def __init__(self, weight: float = 0.25, min_samples: int = 3, stale_after: int = 500):
-        self.weight = weight
+    A rate is a ratio of decayed sums (tokens over seconds), not a mean of per-step rates: those
+    weigh a step that committed one token (a rejected block, a request's capped last block) as
+    much as one that committed nine, and a mean of them undercounted speculation by ~25% on
+    SmolLM2 (13.7 tok/s where its steps ran at 18.2)."""
+
+    def __init__(self, weight: float = 0.1, min_samples: int = 3, stale_after: int = 500):
+        self.keep = 1.0 - weight
         self.min_samples = min_samples
         self.stale_after = stale_after
         self.steps = 0
-        self._rate: dict[tuple[int, bool], float] = {}
+        self._tokens: dict[tuple[int, bool], float] = {}
+        self._seconds: dict[tuple[int, bool], float] = {}
         self._count: dict[tuple[int, bool], int] = {}
         self._seen: dict[tuple[int, bool], int] = {}
 
@@ -134,11 +140,16 @@ class RealizedRates:
         if seconds <= 0:
             return
         key = (self.bucket(rows), speculative)
-        r = tokens / seconds
-        old = self._rate.get(key)
-        self._rate[key] = r if old is None else old + self.weight * (r - old)
+        self._tokens[key] = self._tokens.get(key, 0.0) * self.keep + tokens
+        self._seconds[key] = self._seconds.get(key, 0.0) * self.keep + seconds
         self._count[key] = self._count.get(key, 0) + 1
         self._seen[key] = self.steps
+
+    def rate(self, rows: int, speculative: bool) -> float | None:
+        key = (self.bucket(rows), speculative)
+        if key not in self._seconds:
+            return None
+        return self._tokens[key] / self._seconds[key]
 
     def veto(self, rows: int) -> bool:
         b = self.bucket(rows)
@@ -147,7 +158,7 @@ class RealizedRates:
             return False
         if self.steps - self._seen[spec] > self.stale_after:
             return False
-        return self._rate[spec] < self._rate[plain]
+        return self.rate(rows, True) < self.rate(rows, False)
 
 
 @dataclass(frozen=True, slots=True)

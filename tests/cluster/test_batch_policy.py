@@ -9,7 +9,14 @@ import random
 
 import pytest
 
-from cluster.batch_policy import BatchPolicy, LineFit, RowChoice, StepCosts, expected_passes
+from cluster.batch_policy import (
+    BatchPolicy,
+    LineFit,
+    RealizedRates,
+    RowChoice,
+    StepCosts,
+    expected_passes,
+)
 from cluster.policy import AcceptanceModel, PolicyConfig
 from tests.cluster.blocks import StoppingDraft, feed
 
@@ -246,3 +253,15 @@ def test_step_rates_of_early_ending_blocks_match_a_simulation(drafts):
     best = max(simulated, key=simulated.get)
     chosen = max(range(1, 9), key=lambda k: policy._rate(rows, k))
     assert simulated[chosen] >= 0.98 * simulated[best]
+
+
+def test_realized_rates_are_tokens_over_seconds_not_a_mean_of_step_rates():
+    """Steps alternate between a rejected block (1 token in 50 ms) and an accepted one (9 in
+    150 ms): 50 tok/s is what they run at, where a mean of per-step rates says 40."""
+    real = RealizedRates()
+    for _ in range(200):
+        real.observe(1, True, 1, 0.05)
+        real.observe(1, True, 9, 0.15)
+        real.observe(1, False, 1, 0.022)  # plain steps: 45 tok/s
+    assert real.rate(1, True) == pytest.approx(50.0, rel=0.02)
+    assert not real.veto(1)  # a mean of step rates would have vetoed speculation here
