@@ -178,13 +178,15 @@ def sweep(
     threads: int,
     modes: list[str] | None = None,
     repeats: int = 1,
+    confidence_stop: float = 0.0,
 ) -> list[Cell]:
     from cluster.local_workers import start_all, stop_all, worker_process
     from cluster.router import Router, RouterConfig
 
+    stop = ["--confidence-stop", str(confidence_stop)]
     procs = start_all(
         worker_process("target", target_path, threads=threads),
-        worker_process("draft", draft_path, threads=1),
+        worker_process("draft", draft_path, threads=1, extra=stop),
     )
     cells: list[Cell] = []
     loop = asyncio.new_event_loop()

@@ -252,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=1, help="sweep: run every cell this many times (pooled)"
     )
     ap.add_argument("--plot", type=Path, help="sweep: write the PNG plot here")
+    ap.add_argument(
+        "--confidence-stop",
+        type=float,
+        help="sweep: the draft's confidence stop (default: the pair's, 0 for checkpoint paths)",
+    )
     args = ap.parse_args(argv)
     if bool(args.target) != bool(args.draft):
         ap.error("--target and --draft go together (or name a --pair)")
@@ -265,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     pair = get_pair(args.pair) if args.pair or not args.target else None
     if pair is not None:
         args.target, args.draft = str(pair.target()), str(pair.draft())
+    if args.confidence_stop is None:
+        args.confidence_stop = pair.confidence_stop if pair is not None else 0.0
     tok = load_tokenizer(args.target)
     pair_dir = Path(args.target).parent
     if pair is not None and pair.chat:
@@ -341,7 +348,8 @@ def run_sweep(args: argparse.Namespace, prompts: list[list[int]]) -> int:
         f"# specdec bench --concurrency — {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
         f"{os.cpu_count()} cores, target torch threads {args.threads}, {len(prompts)} prompts x "
         f"{args.max_new_tokens} new tokens, greedy, {args.requests_per_stream} requests per stream "
-        f"(at least {sweep.MIN_REQUESTS} per cell), {args.repeats} repeat(s), modes in turn"
+        f"(at least {sweep.MIN_REQUESTS} per cell), {args.repeats} repeat(s), modes in turn, "
+        f"draft confidence stop {args.confidence_stop}"
     )
     print(head, flush=True)
     cells = sweep.sweep(
@@ -354,6 +362,7 @@ def run_sweep(args: argparse.Namespace, prompts: list[list[int]]) -> int:
         threads=args.threads,
         modes=[m for m in sweep.MODES if re.search(args.only, m)] if args.only else None,
         repeats=args.repeats,
+        confidence_stop=args.confidence_stop,
     )
     bad = sweep.check_outputs(cells)
     print(sweep.markdown(cells))
