@@ -37,7 +37,7 @@ from cluster.policy import DeploymentEstimates, PolicyConfig, SpecMode, spec_pol
 from cluster.rounds import FinishReason
 from cluster.sequence import Row
 from cluster.transport import BatchTarget, DraftPool, is_worker_loss
-from workers.batch import PrefillRow, VerifyRow
+from workers.batch import PrefillRow, Proposal, VerifyRow
 from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
 
 log = logging.getLogger(__name__)
@@ -358,7 +358,11 @@ class StepScheduler:
         return self.batch_policy.choose(row_choices(rows, self.config.max_draft_tokens))
 
     def _commit(
-        self, rows: Sequence[Row], vrows: Sequence[VerifyRow], verdicts, proposals: dict
+        self,
+        rows: Sequence[Row],
+        vrows: Sequence[VerifyRow],
+        verdicts,
+        proposals: dict[str, Proposal],
     ) -> int:
         committed = 0
         for row, vrow, res in zip(rows, vrows, verdicts, strict=True):
