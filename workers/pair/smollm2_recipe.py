@@ -321,7 +321,8 @@ def run(out: Path, cfg: Config) -> dict:
         summary["init_candidates"] = {str(list(k)): v for k, v in scores.items()}
     else:
         picks = tuple(state["picks"])
-    summary["layers_from"] = list(picks)
+    # A warm start's layers are the saved draft's, not target layers.
+    summary["layers_from"] = f"warm start: {cfg.init_from}" if warm is not None else list(picks)
     draft = new_draft(target, head_ids, picks)
     if warm is not None:
         draft.load_state_dict(warm.state_dict())
@@ -418,8 +419,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-skip", type=int, help="generation batches to leave out (warm start)")
     args = ap.parse_args(argv)
     cfg = smoke_config() if args.smoke else Config()
-    names = ("gen_minutes", "train_minutes", "threads", "corpus_minutes", "lr")
-    for name in (*names, "init_from", "gen_skip"):
+    for name in (
+        "gen_minutes",
+        "train_minutes",
+        "threads",
+        "corpus_minutes",
+        "lr",
+        "init_from",
+        "gen_skip",
+    ):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     random.seed(cfg.seed)
