@@ -18,8 +18,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from workers.checkpoints import shipped_target_path
 from workers.model_runner import ModelRunner
-from workers.pair import shipped_target_path
 
 
 class PerSequence:

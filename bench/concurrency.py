@@ -180,8 +180,8 @@ def sweep(
     repeats: int = 1,
     confidence_stop: float = 0.0,
 ) -> list[Cell]:
-    from cluster.local_workers import start_all, stop_all, worker_process
-    from cluster.router import Router, RouterConfig
+    from cluster.routing.processes import start_all, stop_all, worker_process
+    from cluster.routing.router import Router, RouterConfig
 
     stop = ["--confidence-stop", str(confidence_stop)]
     procs = start_all(

@@ -102,7 +102,7 @@ def bench_engine(
     target_path: str, draft_path: str, prompts: list[list[int]], max_new: int
 ) -> list[Measured]:
     from cluster.engine import SpecEngine
-    from cluster.policy import SpecMode
+    from cluster.scheduling.policy import SpecMode
 
     engine = SpecEngine.from_paths(target_path, draft_path)
     results = []
@@ -164,8 +164,8 @@ def bench_grpc(
     this process. The target gets `threads` torch threads, the draft one."""
     import asyncio
 
-    from cluster.local_workers import start_all, stop_all, worker_process
-    from cluster.router import Router, RouterConfig
+    from cluster.routing.processes import start_all, stop_all, worker_process
+    from cluster.routing.router import Router, RouterConfig
     from protos import specdec_pb2 as pb
 
     stop = ["--confidence-stop", str(CONFIDENCE_STOP)]
@@ -263,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     ONLY = re.compile(args.only) if args.only else None
 
+    from pairs.evaluate import heldout_prompts, heldout_texts
+    from workers.checkpoints.registry import get_pair
     from workers.model_runner import load_tokenizer
-    from workers.pair.evaluate import heldout_prompts, heldout_texts
-    from workers.pair.registry import get_pair
 
     pair = get_pair(args.pair) if args.pair or not args.target else None
     if pair is not None:
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     pair_dir = Path(args.target).parent
     if pair is not None and pair.chat:
         # Held-out chat requests (through the chat template) and code: what eval-pair uses.
-        from workers.pair.evaluate_instruct import heldout_prompts as instruct_prompts
+        from pairs.evaluate_instruct import heldout_prompts as instruct_prompts
 
         split = Path(args.draft) / "split.json"
         prompts = [ids for _, ids in instruct_prompts(tok, args.prompts, split)]

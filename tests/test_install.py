@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.pair import smollm2
+from workers.checkpoints import smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 UNWANTED = ("llm", "llama-cpp-python")

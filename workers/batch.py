@@ -1,8 +1,8 @@
 """The batched worker interface: one call carries many sequences (rows), answered per row.
 
-A step scheduler (cluster/scheduler.py) sends one batched call per worker per step. Each row is
-checked and applied on its own: a row that fails (unknown sequence, stale committed length, bad
-argument) comes back as its exception in that row's slot and changes nothing of its sequence;
+A step scheduler (cluster/scheduling/scheduler.py) sends one batched call per worker per step. Each
+row is checked and applied on its own: a row that fails (unknown sequence, stale committed length,
+bad argument) comes back as its exception in that row's slot and changes nothing of its sequence;
 its neighbours are unaffected. No ray, no grpc.
 
     results = target.verify_batch([VerifyRow("a", 12, [5, 9]), VerifyRow("b", 40, [])])

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-import workers.pair.subset_draft  # noqa: F401 - registers the reduced-vocabulary draft type
+import workers.checkpoints.subset_draft  # noqa: F401 - registers the reduced-vocabulary draft type
 from workers.batch_kv import BatchedKV
 
 

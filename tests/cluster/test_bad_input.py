@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from cluster.engine import SpecEngine
-from cluster.policy import SpecMode
+from cluster.scheduling.policy import SpecMode
 from tests.tiny_models import VOCAB, make_model
 from workers.draft import DraftWorker
 from workers.sampling import SamplingParams

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from cluster.batch_policy import (
+from cluster.scheduling.batch_policy import (
     BatchPolicy,
     LineFit,
     RealizedRates,
@@ -17,7 +17,7 @@ from cluster.batch_policy import (
     StepCosts,
     expected_passes,
 )
-from cluster.policy import AcceptanceModel, PolicyConfig
+from cluster.scheduling.policy import AcceptanceModel, PolicyConfig
 from tests.cluster.blocks import StoppingDraft, feed
 
 CFG = PolicyConfig(max_draft_tokens=8, probe_interval=4, max_probe_interval=16)

@@ -14,10 +14,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cluster.engine import SpecEngine
-from cluster.policy import SpecMode
+from cluster.scheduling.policy import SpecMode
 from tests.tiny_models import make_model
 from tests.workers.test_verification import tv, tv_threshold
-from workers.pair import registry
+from workers.checkpoints import registry
 from workers.sampling import SamplingParams, warp_probs
 
 PROMPTS = ["def f(x):", "class Stack:\n    pass"]  # interleaved: a mixed-up row would show

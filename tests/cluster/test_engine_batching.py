@@ -13,8 +13,8 @@ import threading
 import pytest
 
 from cluster.engine import SpecEngine
-from cluster.policy import SpecMode
-from cluster.rounds import FinishReason
+from cluster.scheduling.policy import SpecMode
+from cluster.scheduling.rounds import FinishReason
 from tests.cluster.test_engine_greedy import hf_greedy
 from tests.tiny_models import make_model
 from workers.sampling import SamplingParams
@@ -159,7 +159,7 @@ def test_cancelled_streams_leave_nothing_behind(engines, hf_target):
 
 
 def test_the_kv_budget_bounds_admission_never_the_running_rows(model_dir, hf_target):
-    from cluster.scheduler import SchedulerOptions
+    from cluster.scheduling.scheduler import SchedulerOptions
     from workers.draft import DraftWorker
     from workers.errors import KVBudgetExceeded
     from workers.target import TargetWorker

@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cluster.engine import SpecEngine
-from cluster.policy import SpecMode
-from cluster.rounds import FinishReason
+from cluster.scheduling.policy import SpecMode
+from cluster.scheduling.rounds import FinishReason
 from tests.tiny_models import make_model
 from workers.sampling import SamplingParams, warp_probs
 

@@ -10,9 +10,9 @@ import asyncio
 import grpc
 import pytest
 
-from cluster.forwarding import ForwardingRouter, error_item
-from cluster.requests import RequestError
-from cluster.router import RouterConfig
+from cluster.api.validation import RequestError
+from cluster.routing.forwarding import ForwardingRouter, error_item
+from cluster.routing.router import RouterConfig
 from protos import specdec_pb2 as pb
 from tests.tiny_models import make_model
 

@@ -15,8 +15,8 @@ import grpc
 import pytest
 
 from cluster.engine import SpecEngine
-from cluster.policy import PolicyConfig
-from cluster.router import RequestError, Router, RouterConfig, WorkerMismatchError
+from cluster.routing.router import RequestError, Router, RouterConfig, WorkerMismatchError
+from cluster.scheduling.policy import PolicyConfig
 from protos import specdec_pb2 as pb
 from tests.cluster.grpc_procs import (
     hf_greedy,

@@ -13,10 +13,10 @@ import grpc
 import pytest
 import torch
 
-from cluster.local_workers import worker_process
-from cluster.pools import EndpointState, WorkerPool
-from cluster.remote import GrpcDraft, GrpcTarget, open_channel
-from cluster.transport import WorkerUnavailable
+from cluster.routing.processes import worker_process
+from cluster.scheduling.worker_api import WorkerUnavailable
+from cluster.transport.grpc_workers import GrpcDraft, GrpcTarget, open_channel
+from cluster.transport.pools import EndpointState, WorkerPool
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc
 from tests.cluster.grpc_procs import make_checkpoints, start_all, stats, stop_all, worker

@@ -1,4 +1,4 @@
-"""cluster/openai_api.py alone: JSON -> proto, router errors -> OpenAI errors, responses and SSE.
+"""cluster/api/openai.py alone: JSON -> proto, router errors -> OpenAI errors, responses and SSE.
 
 No Ray, no server: the rules the HTTP API adds on top of the router's validation, in milliseconds.
 The end-to-end behaviour (the real openai client against Serve): tests/cluster/test_openai_http.py.
@@ -11,9 +11,9 @@ import json
 import grpc
 import pytest
 
-from cluster import openai_api as oa
-from cluster.rounds import GenerationStats, RoundRecord
-from cluster.router import RequestError
+from cluster.api import openai as oa
+from cluster.routing.router import RequestError
+from cluster.scheduling.rounds import GenerationStats, RoundRecord
 from protos import specdec_pb2 as pb
 from tests.tiny_models import make_tokenizer
 

@@ -21,8 +21,8 @@ import ray
 from ray import serve
 from tokenizers import decoders
 
-from cluster.app import APP_NAME, GRPC_SERVICER, build_app
 from cluster.cli import build_request, call_generate
+from cluster.serve.app import APP_NAME, GRPC_SERVICER, build_app
 from protos import specdec_pb2 as pb
 from tests.deploy.helpers import free_port, hf_greedy, init_ray, noisy_copy, tmpdir
 from tests.tiny_models import VOCAB, make_model, make_tokenizer

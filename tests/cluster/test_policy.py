@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from cluster.policy import (
+from cluster.scheduling.policy import (
     AcceptanceModel,
     DeploymentEstimates,
     PolicyConfig,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import socket
 
-from cluster.ports import RAY_WORKER_PORTS_END, ephemeral_start, pick_free_port, port_free
+from cluster.serve.ports import RAY_WORKER_PORTS_END, ephemeral_start, pick_free_port, port_free
 
 
 def test_picked_ports_lie_between_ray_worker_ports_and_the_ephemeral_range():

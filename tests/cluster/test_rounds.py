@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.rounds import FinishReason, RoundRecord, SequenceRounds, StopConditions
+from cluster.scheduling.rounds import FinishReason, RoundRecord, SequenceRounds, StopConditions
 
 EOS = 0
 STOP = 7

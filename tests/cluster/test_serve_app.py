@@ -20,8 +20,8 @@ import pytest
 import ray
 from ray import serve
 
-from cluster.app import APP_NAME, GRPC_SERVICER, build_app
 from cluster.cli import build_request, call_generate, stream_generate
+from cluster.serve.app import APP_NAME, GRPC_SERVICER, build_app
 from protos import specdec_pb2 as pb
 from tests.deploy.helpers import free_port, hf_greedy, init_ray, noisy_copy, tmpdir
 from tests.tiny_models import make_model, make_tokenizer
@@ -158,7 +158,7 @@ def test_seeded_sampling_through_serve_repeats_the_in_process_engine(cluster):
     """Sampling is exact too: a seeded request over Serve (TP = 2 target, remote draft) draws the
     same tokens as the in-process engine (TP = 1, same draft, same k, same seed)."""
     from cluster.engine import SpecEngine
-    from cluster.policy import SpecMode
+    from cluster.scheduling.policy import SpecMode
     from workers.sampling import SamplingParams
 
     engine = SpecEngine.from_paths(cluster.target, cluster.draft)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from cluster import app
-from cluster.app import Registry, _fail, grpc_status_for
-from cluster.router import RequestError
+from cluster.routing.router import RequestError
+from cluster.serve import app
+from cluster.serve.app import Registry, _fail, grpc_status_for
 
 
 def test_registry_registers_renews_and_expires(monkeypatch):

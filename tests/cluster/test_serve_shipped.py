@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from cluster.app import APP_NAME, GRPC_SERVICER, build_app
 from cluster.cli import build_request, call_generate, stream_generate
+from cluster.serve.app import APP_NAME, GRPC_SERVICER, build_app
 from protos import specdec_pb2 as pb
 from tests.deploy.helpers import free_port, hf_greedy, init_ray
+from workers.checkpoints import registry, shipped_target_path
 from workers.model_runner import load_tokenizer
-from workers.pair import registry, shipped_target_path
 
 pytestmark = pytest.mark.slow
 

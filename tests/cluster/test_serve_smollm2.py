@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-from cluster.app import APP_NAME, GRPC_SERVICER, build_app
 from cluster.cli import build_request, call_generate, sample_request, stream_generate
+from cluster.serve.app import APP_NAME, GRPC_SERVICER, build_app
 from protos import specdec_pb2 as pb
 from tests.deploy.helpers import free_port, hf_greedy, init_ray
-from workers.pair import registry, smollm2
+from workers.checkpoints import registry, smollm2
 
 PAIR = registry.PAIRS[registry.SMOLLM2]
 pytestmark = [
@@ -90,7 +90,7 @@ def test_chat_prompt_greedy_equals_hf_generate(cluster):
 
 def test_seeded_sampling_through_serve_repeats_the_in_process_engine(cluster):
     from cluster.engine import SpecEngine
-    from cluster.policy import SpecMode
+    from cluster.scheduling.policy import SpecMode
     from workers.sampling import SamplingParams
 
     address, cfg = cluster

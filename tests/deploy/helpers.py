@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from cluster.ports import pick_free_port
+from cluster.serve.ports import pick_free_port
 from tests.tiny_models import make_model, make_tokenizer
 
 # Logical resources of the test Ray: enough for 2 draft replicas, 2 target ranks, the ingress.

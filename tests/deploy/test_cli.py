@@ -14,7 +14,7 @@ import pytest
 from cluster.cli import build_parser, main, up_config
 from tests.deploy.helpers import free_port, noisy_copy, tmpdir
 from tests.tiny_models import make_model, make_tokenizer
-from workers.pair import shipped_draft_path, shipped_target_path
+from workers.checkpoints import shipped_draft_path, shipped_target_path
 
 BIN = Path(sys.executable).parent
 SHIPPED = (shipped_target_path() / "config.json").is_file() and (

@@ -70,7 +70,7 @@ def test_missing_models_and_tp_divisibility(tmp_path):
 
 
 def test_confidence_stop_defaults_to_the_drafts_pair(tmp_path):
-    from workers.pair.registry import PAIRS, SMOLLM2, STDLIB
+    from workers.checkpoints.registry import PAIRS, SMOLLM2, STDLIB
 
     assert ClusterConfig.load({"models": {"target": SMOLLM2}}).confidence_stop() == 0.4
     assert PAIRS[SMOLLM2].confidence_stop == 0.4

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.app import GRPC_SERVICER, build_app, deployment_options
 from cluster.config import ClusterConfig, ConfigError
+from cluster.serve.app import GRPC_SERVICER, build_app, deployment_options
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "deploy" / "cluster.yaml"
@@ -37,7 +37,7 @@ def test_cluster_yaml_is_a_valid_serve_config():
     raw = load_yaml(CLUSTER_YAML)
     schema = ServeDeploySchema.model_validate(raw)
     (app,) = schema.applications
-    assert app.import_path == "cluster.app:build_app"
+    assert app.import_path == "cluster.serve.app:build_app"
     assert app.route_prefix  # the gRPC proxy only routes to applications with a route prefix
     module, attr = app.import_path.split(":")
     assert callable(getattr(importlib.import_module(module), attr))

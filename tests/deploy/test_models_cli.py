@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import build_parser, main, up_config
-from workers.pair import registry, smollm2
+from workers.checkpoints import registry, smollm2
 
 
 def _default_available() -> bool:

@@ -30,12 +30,12 @@ import grpc
 import pytest
 import yaml
 
-from cluster.app import APP_NAME
 from cluster.cli import build_request, call_generate
+from cluster.serve.app import APP_NAME
 from tests.deploy.helpers import free_port, hf_greedy, noisy_copy, tmpdir
 from tests.tiny_models import make_model, make_tokenizer
+from workers.checkpoints import shipped_draft_path, shipped_target_path
 from workers.model_runner import load_tokenizer
-from workers.pair import shipped_draft_path, shipped_target_path
 
 pytestmark = pytest.mark.slow
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workers.pair import SHIPPED_PAIR_DIR, corpus, shipped_draft_path, shipped_target_path
-from workers.pair.evaluate import heldout_prompts, heldout_texts, load_pair, measure_acceptance
-from workers.pair.recipe import train_pair
-from workers.pair.speculative import plain_greedy
+from pairs import corpus
+from pairs.evaluate import heldout_prompts, heldout_texts, load_pair, measure_acceptance
+from pairs.recipe import train_pair
+from pairs.speculative import plain_greedy
+from workers.checkpoints import SHIPPED_PAIR_DIR, shipped_draft_path, shipped_target_path
 
 # The pair ships with the package: a missing asset is a failure, never a skip.
 needs_assets = pytest.mark.usefixtures("shipped_assets")

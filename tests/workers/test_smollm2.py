@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from workers.pair import registry, smollm2
+from workers.checkpoints import registry, smollm2
 
 
 def _wheel_installed() -> bool:
@@ -113,7 +113,7 @@ def test_draft_loads_by_path_with_the_targets_embeddings(converted):
 def test_speculative_greedy_with_the_pair_is_the_targets_greedy(converted):
     from transformers import AutoModelForCausalLM
 
-    from workers.pair.speculative import plain_greedy, speculative_greedy
+    from pairs.speculative import plain_greedy, speculative_greedy
 
     _, target, tok = converted
     draft = AutoModelForCausalLM.from_pretrained(registry.SMOLLM2_DRAFT_DIR).eval()
@@ -134,8 +134,8 @@ def test_the_default_pairs_draft_is_accepted_on_held_out_prompts(converted):
     requests and code prompts (the recipe's split), and it is small beside the target."""
     from transformers import AutoModelForCausalLM
 
-    from workers.pair.evaluate_instruct import heldout_prompts
-    from workers.pair.speculative import SpecStats, speculative_greedy
+    from pairs.evaluate_instruct import heldout_prompts
+    from pairs.speculative import SpecStats, speculative_greedy
 
     assert registry.DEFAULT_PAIR == registry.SMOLLM2
     _, target, tok = converted
@@ -156,8 +156,8 @@ def test_verification_with_the_pairs_distributions_converges_to_p(converted):
     draft's distribution on the same tokens, made sparse (top-3) as the draft worker sends it."""
     from transformers import AutoModelForCausalLM
 
+    from pairs.speculative import plain_greedy
     from tests.workers import test_verification as tv
-    from workers.pair.speculative import plain_greedy
     from workers.verification import verify_sampled
 
     _, target, tok = converted

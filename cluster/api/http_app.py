@@ -1,0 +1,134 @@
+"""The HTTP side of the Serve ingress: the OpenAI-compatible API and GET /specdec, as a FastAPI app.
+
+    GET  /specdec               worker status as JSON (also GET / under an old /specdec prefix)
+    GET  /v1/models             the served model id
+    POST /v1/completions        text completion, unary or server-sent events
+    POST /v1/chat/completions   chat completion (the target tokenizer's chat template)
+
+`build_http_app(ingress)` is called once per ingress replica (`__serve_build_asgi_app__` in
+cluster/serve/app.py) and closes over it: `ingress.router` (a `cluster.routing.router.Router`),
+`ingress.model_id`, `ingress.started` and `await ingress.status()`. The translation itself is
+in cluster/api/openai.py (pure); here is only HTTP: status codes, streaming, disconnects. No ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from cluster.api import openai as oa
+
+log = logging.getLogger("ray.serve")
+
+
+def to_api_error(exc: BaseException, opts: oa.Options | None) -> oa.APIError:
+    """The OpenAI error for a failure of the router (RequestError) or anything else."""
+    if isinstance(exc, oa.APIError):
+        return exc
+    code, field = getattr(exc, "code", None), getattr(exc, "field", None)
+    if code is not None and field is not None:  # the router's RequestError
+        return oa.error_from_router(
+            code,
+            field,
+            getattr(exc, "message", str(exc)),
+            chat=bool(opts and opts.chat),
+            max_tokens_param=opts.max_tokens_param if opts else "",
+        )
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return oa.APIError(408, f"deadline exceeded: {exc}", type="timeout_error", code="timeout")
+    log.error("specdec http: request failed", exc_info=exc)
+    return oa.APIError(
+        500, f"internal error: {type(exc).__name__}: {exc}", type="internal_error", code="internal"
+    )
+
+
+def error_response(err: oa.APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+def build_http_app(ingress: Any) -> FastAPI:
+    app = FastAPI(title="specdec-cluster", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/specdec")
+    @app.get("/")  # the same under an application deployed with route_prefix /specdec
+    async def status() -> dict[str, Any]:
+        return await ingress.status()
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return oa.models_list(ingress.model_id, int(ingress.started))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(request, chat=True)
+
+    async def _generate(request: Request, *, chat: bool) -> Response:
+        try:
+            body = oa.parse_json(await request.body())
+            if chat:
+                req, opts = oa.chat_request(
+                    body, model_id=ingress.model_id, tokenizer=ingress.router.tokenizer
+                )
+            else:
+                req, opts = oa.completion_request(body, model_id=ingress.model_id)
+        except oa.APIError as err:
+            return error_response(err)
+        router = ingress.router
+        if not opts.stream:
+            try:
+                resp = await router.generate(req)
+            except Exception as exc:  # noqa: BLE001 - every failure gets OpenAI's error shape
+                return error_response(to_api_error(exc, opts))
+            return JSONResponse(oa.response_json(resp, opts))
+
+        stream = router.generate_stream(req)
+        # Wait for the first message before answering: bad input, overload and "no target"
+        # then get their HTTP status (400 / 429 / 503) instead of an error inside a 200 stream.
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            first = None
+        except asyncio.CancelledError:  # the client left before the first tokens
+            await stream.aclose()
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await stream.aclose()
+            return error_response(to_api_error(exc, opts))
+        return StreamingResponse(
+            _events(stream, first, oa.ChunkWriter(opts), opts),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    return app
+
+
+async def _events(
+    stream: AsyncIterator[Any], first: Any, writer: oa.ChunkWriter, opts: oa.Options
+) -> AsyncIterator[str]:
+    """SSE lines; a client that disconnects cancels this task, and closing the router's stream
+    (finally) releases the sequence on every worker."""
+    try:
+        try:
+            if first is not None:
+                for event in writer.events(first):
+                    yield event
+            async for msg in stream:
+                for event in writer.events(msg):
+                    yield event
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mid-stream failure: an error event, as vLLM
+            yield writer.error(to_api_error(exc, opts))
+        yield oa.DONE
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]

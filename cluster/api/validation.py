@@ -1,0 +1,169 @@
+"""A public generation request, checked: one validation for every API (gRPC and HTTP).
+
+`validate_request` turns a `specdec.v1.GenerateRequest` into a `ValidRequest` (token ids, sampling,
+limits, speculation control) or raises `RequestError(INVALID_ARGUMENT, field, ...)` whose details
+start with the offending field, e.g. "top_p: must be in (0, 1] (0 = unset = 1.0), got 1.5". Other
+front ends (the OpenAI-compatible HTTP API) build the same proto and map `field` back to their own
+parameter names, so the rules live here once.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from cluster.scheduling.policy import SpecMode
+from protos import specdec_pb2
+from workers.sampling import SamplingParams
+
+MODES = {
+    specdec_pb2.SPECULATION_MODE_UNSPECIFIED: SpecMode.AUTO,
+    specdec_pb2.SPECULATION_MODE_AUTO: SpecMode.AUTO,
+    specdec_pb2.SPECULATION_MODE_ON: SpecMode.ON,
+    specdec_pb2.SPECULATION_MODE_OFF: SpecMode.OFF,
+}
+
+
+class RequestError(Exception):
+    """A request the router will not (or can no longer) serve; `code` is the gRPC status to answer
+    with and `details` (= str(self)) starts with the offending field, e.g.
+    "top_p: must be in (0, 1] (0 = unset = 1.0), got 1.5"."""
+
+    def __init__(self, code: grpc.StatusCode, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.code = code
+        self.field = field
+        self.message = message
+
+    @property
+    def details(self) -> str:
+        return str(self)
+
+
+def invalid(field: str, message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, field, message)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a request may ask for (from the router's config)."""
+
+    max_draft_tokens: int
+    default_max_new_tokens: int
+    max_new_tokens_limit: int
+    max_stop_strings: int
+
+
+@dataclass(frozen=True, slots=True)
+class ValidRequest:
+    seq_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    stop: tuple[str, ...]
+    mode: SpecMode
+    k: int  # 0 = the policy's default (adaptive unless configured)
+
+
+def validate_request(
+    request: specdec_pb2.GenerateRequest,
+    *,
+    tokenizer: Any,
+    vocab_size: int,
+    max_context: int,
+    limits: Limits,
+) -> ValidRequest:
+    """Check a request and tokenize it; RequestError(INVALID_ARGUMENT, field, ...) if bad."""
+    has_text, has_ids = bool(request.prompt), len(request.prompt_token_ids) > 0
+    if has_text and has_ids:
+        raise invalid("prompt", "set either prompt or prompt_token_ids, not both")
+    if not has_text and not has_ids:
+        raise invalid("prompt", "must not be empty (set prompt or prompt_token_ids)")
+    if has_text:
+        ids = list(tokenizer.encode(request.prompt, add_special_tokens=False))
+        if not ids:
+            raise invalid("prompt", "tokenizes to no tokens")
+    else:
+        ids = [int(t) for t in request.prompt_token_ids]
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise invalid("prompt_token_ids", f"token id {bad} outside [0, {vocab_size})")
+    if len(ids) >= max_context:  # a prompt must leave room for at least one new token
+        raise invalid(
+            "prompt",
+            f"{len(ids)} tokens leave no room in the target's context of {max_context} "
+            "(prompt and new tokens must fit in it)",
+        )
+    max_new = (
+        request.max_new_tokens
+        if request.HasField("max_new_tokens")
+        else limits.default_max_new_tokens
+    )
+    if not 1 <= max_new <= limits.max_new_tokens_limit:
+        raise invalid(
+            "max_new_tokens", f"must be in [1, {limits.max_new_tokens_limit}], got {max_new}"
+        )
+    temperature = request.temperature
+    if not math.isfinite(temperature) or temperature < 0:
+        raise invalid("temperature", f"must be >= 0 (0 = greedy), got {temperature}")
+    if request.top_k < 0:
+        raise invalid("top_k", f"must be >= 0 (0 = off), got {request.top_k}")
+    top_p = request.top_p if request.top_p != 0 else 1.0
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise invalid("top_p", f"must be in (0, 1] (0 = unset = 1.0), got {request.top_p}")
+    seed = request.seed if request.HasField("seed") else None
+    if seed is not None and seed < 0:
+        raise invalid("seed", f"must be >= 0, got {seed}")
+    stops = tuple(request.stop)
+    if any(not s for s in stops):
+        raise invalid("stop", "stop strings must not be empty")
+    if len(stops) > limits.max_stop_strings:
+        raise invalid("stop", f"at most {limits.max_stop_strings} stop strings, got {len(stops)}")
+    spec = request.speculation
+    mode = MODES.get(spec.mode)
+    if mode is None:
+        raise invalid("speculation.mode", f"unknown value {spec.mode} (use AUTO, ON or OFF)")
+    k = spec.num_draft_tokens
+    if not 0 <= k <= limits.max_draft_tokens:
+        raise invalid(
+            "speculation.num_draft_tokens",
+            f"must be in [0, {limits.max_draft_tokens}] (0 = adaptive), got {k}",
+        )
+    params = SamplingParams(
+        temperature=float(temperature), top_k=int(request.top_k), top_p=top_p, seed=seed
+    )
+    return ValidRequest(uuid.uuid4().hex, ids, params, int(max_new), stops, mode, int(k))
+
+
+class Admission:
+    """Sequences in flight against a limit: more is RESOURCE_EXHAUSTED at once. Thread-safe."""
+
+    def __init__(self, limit: int, who: str) -> None:
+        self.limit = limit
+        self.who = who
+        self._lock = threading.Lock()
+        self._n = 0
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._n
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._n >= self.limit:
+                raise RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "",
+                    f"{self.who} is at its limit of {self.limit} sequences in flight",
+                )
+            self._n += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._n -= 1

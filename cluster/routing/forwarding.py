@@ -1,0 +1,170 @@
+"""The ingress side of the Serve cluster: stateless, it validates and forwards to a scheduler.
+
+Each target replica runs the step scheduler of its own batch (a `Router` with that one target,
+see cluster/serve/app.py), so exactly one scheduler drives a target and no target sees competing
+batches; the ingress replicas hold no sequence state. `ForwardingRouter` has the `Router`'s public
+face (`validate`, `generate_stream`, `generate`, `tokenizer`, `in_flight`) so every front end (the
+gRPC ingress, the OpenAI HTTP API) uses it alike:
+
+* validate and tokenize here (bad input is refused before any worker is touched; one validation
+  for every API), then hand the request, as token ids, to `submit` (Serve routes it to the least
+  loaded target replica);
+* stream the replica's chunks through; a replica's own refusal arrives as an error item and is
+  raised as that `RequestError`;
+* a replica that dies (or answers UNAVAILABLE) mid-stream: re-submit the committed tokens (the
+  prompt plus every token already streamed) with the remaining budget, so Serve places the
+  sequence on another replica, which re-prefills it and goes on (sampling randomness is keyed by
+  position, so a seeded request continues exactly); with none left after `max_failovers` tries,
+  UNAVAILABLE, never a hang (`target_timeout_s` bounds every wait).
+
+No ray here: `submit` is injected (a Serve handle call in the cluster, anything in tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from transformers import AutoConfig
+
+from cluster.api.responses import collect
+from cluster.api.validation import Admission, RequestError, ValidRequest, validate_request
+from cluster.routing.router import RouterConfig
+from protos import specdec_pb2
+from workers.model_runner import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+ERROR = "error"  # first element of an error item: (ERROR, grpc status name, details)
+
+# request bytes -> async iterator of (GenerateResponse bytes | error item)
+Submit = Callable[[bytes], AsyncIterator[Any]]
+
+
+def error_item(exc: RequestError) -> tuple[str, str, str]:
+    return (ERROR, exc.code.name, exc.details)
+
+
+def _raise_error_item(item: tuple) -> None:
+    _, code, details = item
+    raise RequestError(grpc.StatusCode[code], "", details)
+
+
+class ForwardingRouter:
+    def __init__(self, config: RouterConfig, submit: Submit, *, max_failovers: int = 3) -> None:
+        self.config = config
+        self.submit = submit
+        self.max_failovers = max_failovers
+        path = config.target_model_path
+        self.tokenizer = load_tokenizer(path)
+        model_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+        self.max_context = int(getattr(model_cfg, "max_position_embeddings", 2048))
+        self.vocab_size = int(model_cfg.vocab_size)
+        self._limits = config.limits()
+        self._admission = Admission(config.max_in_flight, "ingress")
+
+    @property
+    def in_flight(self) -> int:
+        return self._admission.in_flight
+
+    def validate(self, request: specdec_pb2.GenerateRequest) -> ValidRequest:
+        """Check a request and tokenize it; RequestError(INVALID_ARGUMENT, field, ...) if bad."""
+        return validate_request(
+            request,
+            tokenizer=self.tokenizer,
+            vocab_size=self.vocab_size,
+            max_context=self.max_context,
+            limits=self._limits,
+        )
+
+    async def generate(self, request: specdec_pb2.GenerateRequest) -> specdec_pb2.GenerateResponse:
+        return await collect(self.generate_stream(request))
+
+    async def generate_stream(
+        self, request: specdec_pb2.GenerateRequest
+    ) -> AsyncIterator[specdec_pb2.GenerateResponse]:
+        req = self.validate(request)
+        self._admission.enter()
+        try:
+            forward = specdec_pb2.GenerateRequest()
+            forward.CopyFrom(request)
+            forward.ClearField("prompt")
+            del forward.prompt_token_ids[:]
+            forward.prompt_token_ids.extend(req.prompt_ids)
+            forward.max_new_tokens = req.max_new_tokens
+            received: list[int] = []
+            failovers = 0
+            while True:
+                try:
+                    async for msg in self._attempt(forward):
+                        received.extend(msg.token_ids)
+                        if msg.finish_reason:
+                            msg.usage.prompt_tokens = len(req.prompt_ids)
+                            msg.usage.completion_tokens = len(received)
+                            msg.stats.target_failovers += failovers
+                        yield msg
+                    return
+                except _ReplicaLost as lost:
+                    failovers += 1
+                    if failovers > self.max_failovers:
+                        raise RequestError(
+                            grpc.StatusCode.UNAVAILABLE,
+                            "",
+                            f"no target replica could serve the request ({lost})",
+                        ) from None
+                    log.warning("target replica lost (%s): moving the sequence", lost)
+                    if len(received) >= req.max_new_tokens:  # lost just before its last message
+                        yield _length_finish(len(req.prompt_ids), len(received), failovers)
+                        return
+                    await asyncio.sleep(0.2 * failovers)  # let Serve see the replica gone
+                    # The committed tokens go along: the next replica re-prefills and goes on.
+                    del forward.prompt_token_ids[:]
+                    forward.prompt_token_ids.extend(req.prompt_ids + received)
+                    forward.max_new_tokens = req.max_new_tokens - len(received)
+        finally:
+            self._admission.leave()
+
+    async def _attempt(
+        self, forward: specdec_pb2.GenerateRequest
+    ) -> AsyncIterator[specdec_pb2.GenerateResponse]:
+        stream = self.submit(forward.SerializeToString())
+        timeout = self.config.target_timeout_s
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(anext(stream), timeout)
+                except StopAsyncIteration:
+                    return
+                except (asyncio.CancelledError, GeneratorExit):
+                    raise
+                except TimeoutError:
+                    raise _ReplicaLost(f"no answer within {timeout:g}s") from None
+                except Exception as exc:  # noqa: BLE001 - the replica (or its actor) is gone
+                    raise _ReplicaLost(f"{type(exc).__name__}: {exc}") from None
+                if isinstance(item, tuple) and item and item[0] == ERROR:
+                    if item[1] == grpc.StatusCode.UNAVAILABLE.name:
+                        raise _ReplicaLost(item[2])  # its target is gone: try another replica
+                    _raise_error_item(item)
+                yield specdec_pb2.GenerateResponse.FromString(item)
+        finally:
+            cancel = getattr(stream, "cancel", None)
+            if cancel is not None:
+                cancel()  # a consumer that left frees the sequence on the replica
+
+    def close(self) -> None:
+        pass
+
+
+class _ReplicaLost(Exception):
+    pass
+
+
+def _length_finish(prompt: int, completion: int, failovers: int) -> specdec_pb2.GenerateResponse:
+    msg = specdec_pb2.GenerateResponse(finish_reason=specdec_pb2.FINISH_REASON_LENGTH)
+    msg.usage.prompt_tokens = prompt
+    msg.usage.completion_tokens = completion
+    msg.stats.target_failovers = failovers
+    return msg

@@ -1,0 +1,410 @@
+"""The router: the public generation API over gRPC worker pools, one step scheduler per target.
+
+    router = Router(RouterConfig(target_model_path="/models/target"))
+    router.set_workers(drafts=["10.0.0.5:7001"], targets=["10.0.0.6:7002"])
+    async for msg in router.generate_stream(request):   # protos.specdec_pb2.GenerateRequest
+        ...
+
+Per request: validate and tokenize (cluster/api/validation.py: a bad field raises
+`RequestError(INVALID_ARGUMENT, field, ...)`), admit (more than `max_in_flight` sequences raises
+`RequestError(RESOURCE_EXHAUSTED, ...)` at once), hand the sequence to the step scheduler of the
+least-loaded target (cluster/scheduling/scheduler.py: continuous batching, one batched verify per
+step for all its rows, one batched propose per draft worker), detokenize incrementally, trim stop
+strings and stream each step's tokens. A consumer that goes away (task cancelled, client cancel or
+deadline) frees its admission slot at once; its row leaves the batch at the next step and is
+released on every worker. A target that fails hands its rows to the router, which re-prefills their
+committed tokens on another target's scheduler; with none left the request ends with
+`RequestError(UNAVAILABLE, ...)`, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+from transformers import AutoConfig, GenerationConfig
+
+from cluster.api.responses import collect, finish
+from cluster.api.text_stream import TextStream
+from cluster.api.validation import Admission, RequestError, ValidRequest, validate_request
+from cluster.routing.config import RouterConfig
+from cluster.routing.mailbox import END, LoopMailbox, LoopSink
+from cluster.scheduling.rounds import FinishReason, SequenceRounds, StopConditions
+from cluster.scheduling.rows import Row, RowRequest
+from cluster.scheduling.scheduler import StepScheduler
+from cluster.scheduling.worker_api import TargetUnavailable
+from cluster.transport.pools import Endpoint, EndpointState, WorkerPool
+from protos import specdec_pb2, worker_pb2
+from workers.errors import KVBudgetExceeded
+from workers.model_runner import load_tokenizer
+from workers.wire import tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RequestError", "Router", "RouterConfig", "WorkerMismatchError"]
+
+
+class WorkerMismatchError(ValueError):
+    """A worker serves something the router cannot use (other tokenizer, role or model)."""
+
+
+def _request_error(exc: BaseException) -> RequestError:
+    if isinstance(exc, RequestError):
+        return exc
+    if isinstance(exc, TargetUnavailable):
+        return RequestError(grpc.StatusCode.UNAVAILABLE, "", str(exc))
+    if isinstance(exc, KVBudgetExceeded):
+        return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "", f"target KV budget: {exc}")
+    if isinstance(exc, ValueError):  # a worker refused the input (its message names the field)
+        return RequestError(grpc.StatusCode.INVALID_ARGUMENT, "", str(exc))
+    return RequestError(grpc.StatusCode.INTERNAL, "", f"router: internal error: {exc!r}")
+
+
+class Router:
+    """Speculative decoding over gRPC worker pools, for the Ray Serve ingress and the standalone
+    gRPC ingress (cluster/api/grpc_service.py).
+
+      * `Router(config, drafts=[...], targets=[...])` — loads the target's tokenizer from
+        `config.target_model_path` (local files only); worker addresses are "host:port".
+      * `set_workers(drafts=[...], targets=[...])` — replace either pool at any time.
+      * `check_workers()` — probe every address now; raises `WorkerMismatchError` when a worker's
+        tokenizer / role / model does not match.
+      * `async for msg in router.generate_stream(request)` — `GenerateResponse` chunks; the last
+        one carries finish_reason, usage and stats. Leaving the loop releases the sequence.
+      * `await router.generate(request)` — the whole `GenerateResponse`.
+      * Both raise `RequestError` (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, INTERNAL).
+      * `close()` — end running streams (CANCELLED), stop the schedulers, close channels.
+    """
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        *,
+        drafts: Sequence[str] = (),
+        targets: Sequence[str] = (),
+        health_checks: bool = True,
+    ) -> None:
+        if not isinstance(config, RouterConfig):  # a ClusterConfig from the Serve application
+            config = RouterConfig.from_cluster_config(config)
+        self.config = config
+        path = config.target_model_path
+        self.tokenizer = load_tokenizer(path)
+        model_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+        self.max_context = int(getattr(model_cfg, "max_position_embeddings", 2048))
+        self.vocab_size = int(model_cfg.vocab_size)
+        self.eos_token_ids = frozenset(_eos_ids(path, model_cfg, self.tokenizer))
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self._policy = config.policy_config()
+        self._options = config.scheduler_options()
+        self._limits = config.limits()
+        self._drafts = WorkerPool(
+            "draft",
+            self._check_draft,
+            timeout_s=config.draft_timeout_s,
+            probe_timeout_s=config.probe_timeout_s,
+        )
+        self._targets = WorkerPool(
+            "target",
+            self._check_target,
+            timeout_s=config.target_timeout_s,
+            probe_timeout_s=config.probe_timeout_s,
+        )
+        self._schedulers: dict[str, StepScheduler] = {}  # target address -> its scheduler
+        self._lock = threading.Lock()
+        self._admission = Admission(config.max_in_flight, "router")
+        self._closing = threading.Event()
+        self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.set_workers(drafts=drafts, targets=targets)
+        self._health: threading.Thread | None = None
+        if health_checks:
+            self._health = threading.Thread(
+                target=self._health_loop, name="router-health", daemon=True
+            )
+            self._health.start()
+
+    # -- workers ------------------------------------------------------------------------------
+
+    def set_workers(
+        self, drafts: Sequence[str] | None = None, targets: Sequence[str] | None = None
+    ) -> None:
+        """Replace the draft and/or target addresses (None: leave that pool as it is). Sequences
+        running on a removed address finish there."""
+        if drafts is not None:
+            self._drafts.set(drafts)
+        if targets is not None:
+            self._targets.set(targets)
+
+    def check_workers(self) -> dict[str, list[dict[str, Any]]]:
+        """Probe every address now; returns `worker_status()`. Raises WorkerMismatchError when a
+        worker is rejected (wrong tokenizer, role or model)."""
+        for pool in (self._targets, self._drafts):
+            pool.recheck(list(EndpointState))
+        status = self.worker_status()
+        bad = [
+            f"{role[:-1]} {w['address']}: {w['error']}"
+            for role, ws in status.items()
+            for w in ws
+            if w["state"] == EndpointState.REJECTED.value
+        ]
+        if bad:
+            raise WorkerMismatchError("router refuses workers: " + "; ".join(bad))
+        return status
+
+    def worker_status(self) -> dict[str, list[dict[str, Any]]]:
+        return {"targets": self._targets.status(), "drafts": self._drafts.status()}
+
+    def batch_status(self) -> dict[str, dict[str, Any]]:
+        """Per target: rows running / waiting and steps taken by its scheduler."""
+        with self._lock:
+            scheds = dict(self._schedulers)
+        return {
+            a: {
+                "running": len(s.running),
+                "waiting": len(s.waiting),
+                "steps": s.steps,
+                "row_steps": s.row_steps,
+                "plain_row_steps": s.plain_row_steps,
+                "max_batch": s.max_batch,
+                "speculating": s.batch_policy.speculating,
+                "phase_seconds": dict(s.phase_seconds),
+            }
+            for a, s in scheds.items()
+        }
+
+    @property
+    def in_flight(self) -> int:
+        return self._admission.in_flight
+
+    def _check_common(self, info: worker_pb2.ModelInfo, role: int, name: str) -> str | None:
+        if info.role != role:
+            return f"it is a {worker_pb2.Role.Name(info.role)} worker, not a {name} worker"
+        if info.tokenizer_fingerprint != self.fingerprint:
+            return (
+                f"its tokenizer (model {info.model_path!r}) differs from the target's "
+                f"({self.config.target_model_path!r}): speculative decoding needs draft and "
+                f"target to share a tokenizer"
+            )
+        return None
+
+    def _check_draft(self, info: worker_pb2.ModelInfo) -> str | None:
+        return self._check_common(info, worker_pb2.ROLE_DRAFT, "draft")
+
+    def _check_target(self, info: worker_pb2.ModelInfo) -> str | None:
+        problem = self._check_common(info, worker_pb2.ROLE_TARGET, "target")
+        if problem:
+            return problem
+        theirs = (info.vocab_size, info.max_context, frozenset(info.eos_token_ids))
+        ours = (self.vocab_size, self.max_context, self.eos_token_ids)
+        if theirs != ours:
+            return (
+                f"its model {info.model_path!r} (vocab, context, EOS = {theirs[0]}, {theirs[1]}, "
+                f"{sorted(theirs[2])}) is not the router's target "
+                f"{self.config.target_model_path!r} ({ours[0]}, {ours[1]}, {sorted(ours[2])})"
+            )
+        return None
+
+    def _health_loop(self) -> None:
+        while not self._closing.wait(self.config.health_recheck_s):
+            for pool in (self._targets, self._drafts):
+                try:
+                    pool.recheck()
+                except Exception:  # noqa: BLE001 - keep checking
+                    log.exception("health recheck failed")
+
+    # -- placing rows on schedulers -----------------------------------------------------------
+
+    def _scheduler_for(self, ep: Endpoint) -> StepScheduler:
+        with self._lock:
+            sched = self._schedulers.get(ep.address)
+            if sched is not None and sched.alive and sched.target is not ep.side:
+                # The address left the pool (its channel closed) and came back: a new channel.
+                sched.close()
+                sched = None
+            if sched is None or not sched.alive:
+                sched = StepScheduler(
+                    ep.side,
+                    self._drafts,
+                    self._policy,
+                    self._options,
+                    name=f"scheduler-{ep.address}",
+                    on_target_lost=self._target_lost,
+                ).start()
+                self._schedulers[ep.address] = sched
+            return sched
+
+    def _place(self, row: Row, tried: set[str]) -> bool:
+        """Put the row on the least-loaded target's scheduler; False when there is none."""
+        while True:
+            ep = self._targets.acquire(exclude=tried)
+            if ep is None:
+                return False
+            row.home = ep
+            try:
+                self._scheduler_for(ep).submit(row)
+                return True
+            except RuntimeError:  # that scheduler just stopped: try another
+                tried.add(ep.address)
+                self._targets.release(ep)
+                row.home = None
+
+    def _mailbox(self) -> LoopMailbox:
+        """The running loop's mailbox (one wake-up a step for all its streams)."""
+        loop = asyncio.get_running_loop()
+        box = self._mailboxes.get(loop)
+        if box is None:
+            box = self._mailboxes[loop] = LoopMailbox(loop)
+        return box
+
+    def _row_done(self, row: Row | None) -> None:
+        if row is not None and row.home is not None:
+            ep, row.home = row.home, None
+            self._targets.release(ep)
+
+    def _target_lost(self, rows: list[Row], exc: BaseException) -> None:
+        """A scheduler's target is gone: move its rows (on that scheduler's thread)."""
+        dead = rows[0].home.address if rows and rows[0].home is not None else None
+        if dead is not None:
+            self._targets.mark_down(dead, f"target failed: {exc}")
+        for row in rows:
+            home, row.home = row.home, None
+            tried = set(row.tried)
+            if home is not None:
+                tried.add(home.address)
+                row.tried.add(home.address)
+                self._targets.release(home)
+            if row.cancelled or self._closing.is_set():
+                row.finish_cancelled()
+                row.sink.finished()
+                continue
+            if self._place(row, tried):
+                row.target_failovers += 1
+                continue
+            row.sink.failed(
+                TargetUnavailable(
+                    f"target worker failed ({exc}) and no other target worker is available"
+                    + self._why()
+                )
+            )
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def validate(self, request: specdec_pb2.GenerateRequest) -> ValidRequest:
+        """Check a request and tokenize it; RequestError(INVALID_ARGUMENT, field, ...) if bad."""
+        return validate_request(
+            request,
+            tokenizer=self.tokenizer,
+            vocab_size=self.vocab_size,
+            max_context=self.max_context,
+            limits=self._limits,
+        )
+
+    async def generate_stream(
+        self, request: specdec_pb2.GenerateRequest
+    ) -> AsyncIterator[specdec_pb2.GenerateResponse]:
+        """Stream the generation; see the class docstring. Raises RequestError."""
+        req = self.validate(request)
+        rounds = SequenceRounds(
+            req.prompt_ids,
+            StopConditions(req.max_new_tokens, self.eos_token_ids, frozenset(), self.max_context),
+        )
+        self._admit()
+        sink = LoopSink(self._mailbox(), self._row_done, _request_error)
+        row = Row(req.seq_id, rounds, req.params, sink, RowRequest(req.mode, req.k or None, None))
+        sink.row = row
+        try:
+            if not self._place(row, set()):
+                raise RequestError(
+                    grpc.StatusCode.UNAVAILABLE, "", "no target worker is available" + self._why()
+                )
+            text = TextStream(self.tokenizer, req.prompt_ids, req.stop)
+            sent = 0
+            while True:
+                item = await sink.queue.get()
+                if isinstance(item, RequestError):
+                    raise item
+                if item is END:
+                    reason = rounds.finish_reason or FinishReason.CANCELLED
+                    msg = specdec_pb2.GenerateResponse(text=text.take(True))
+                    yield finish(msg, row, reason, sent)
+                    return
+                tokens: list[int] = []
+                for tok in item:
+                    tokens.append(tok)
+                    if text.feed(tok):
+                        break
+                sent += len(tokens)
+                msg = specdec_pb2.GenerateResponse(text=text.take(text.stopped), token_ids=tokens)
+                if text.stopped:  # a stop string: the row leaves the batch at the next step
+                    row.cancel()
+                    yield finish(msg, row, FinishReason.STOP, sent)
+                    return
+                yield msg
+        finally:
+            if not row.released.is_set():
+                row.cancel()  # the consumer is gone (or done): the row leaves the batch
+                self._wake(row)
+            self._leave()
+
+    async def generate(self, request: specdec_pb2.GenerateRequest) -> specdec_pb2.GenerateResponse:
+        """The whole generation as one response. Raises RequestError."""
+        return await collect(self.generate_stream(request))
+
+    def _wake(self, row: Row) -> None:
+        home = row.home
+        if home is None:
+            return
+        with self._lock:
+            sched = self._schedulers.get(home.address)
+        if sched is not None:
+            sched.wake()
+
+    def _admit(self) -> None:
+        if self._closing.is_set():
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "", "router is shutting down")
+        self._admission.enter()
+
+    def _leave(self) -> None:
+        self._admission.leave()
+
+    def _why(self) -> str:
+        status = self._targets.status()
+        if not status:
+            return " (none configured)"
+        return (
+            " ("
+            + "; ".join(f"{w['address']}: {w['state']} {w['error']}".strip() for w in status)
+            + ")"
+        )
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """End running streams (CANCELLED), stop the schedulers and health checks, close the
+        channels."""
+        self._closing.set()
+        with self._lock:
+            scheds = list(self._schedulers.values())
+        for sched in scheds:
+            sched.close()
+        if self._health is not None:
+            self._health.join(timeout=5)
+        self._drafts.close()
+        self._targets.close()
+
+
+def _eos_ids(path: str, model_cfg: Any, tokenizer: Any) -> set[int]:
+    """The EOS ids the target worker stops on (as `ModelRunner.eos_token_ids` reads them)."""
+    try:
+        eos = GenerationConfig.from_pretrained(path, local_files_only=True).eos_token_id
+    except (OSError, ValueError):
+        eos = getattr(model_cfg, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return {int(e) for e in eos} if isinstance(eos, list | tuple) else {int(eos)}

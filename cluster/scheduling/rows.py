@@ -1,0 +1,111 @@
+"""One sequence as the step scheduler holds it: its committed state, its policy, its draft.
+
+A `Row` carries everything that survives a move to another target replica (the committed tokens
+in `rounds`, the policy's acceptance, the stats), so a failover re-prefills the committed tokens
+on another scheduler's target and goes on. The consumer side (router, engine) talks to it only
+through `RowSink` and `cancel()`. No ray, no grpc.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cluster.scheduling.policy import SpecMode, SpeculationPolicy
+from cluster.scheduling.rounds import FinishReason, SequenceRounds
+from cluster.scheduling.worker_api import DraftLease
+from workers.batch import Proposal
+from workers.sampling import SamplingParams
+
+
+class RowSink(Protocol):
+    """Where a row's output goes. Called on the scheduler thread: must not block."""
+
+    def tokens(self, tokens: list[int]) -> None: ...
+
+    def finished(self) -> None: ...  # rounds.finish_reason is set; the row is released
+
+    def failed(self, exc: BaseException) -> None: ...  # the row ended with an error
+
+
+@dataclass(frozen=True, slots=True)
+class RowRequest:
+    """What a caller asks for; the scheduler makes the row's policy from it on admission."""
+
+    mode: SpecMode = SpecMode.AUTO
+    k: int | None = None  # None: adaptive
+    pipelined: bool | str | None = None  # None: the scheduler's default
+
+
+class Row:
+    def __init__(
+        self,
+        seq_id: str,
+        rounds: SequenceRounds,
+        params: SamplingParams,
+        sink: RowSink,
+        request: RowRequest = RowRequest(),
+    ) -> None:
+        self.seq_id = seq_id
+        self.rounds = rounds
+        self.params = params
+        self.sink = sink
+        self.request = request
+        self.policy: SpeculationPolicy | None = None  # made on admission, on the scheduler thread
+        self.lease: DraftLease | None = None  # the draft worker holding this row's draft state
+        self.draft_len = 0  # committed tokens the draft holds (0: none)
+        self.draft_pending = False  # a background draft prefill is on its way
+        self.ready: Proposal | None = None  # drafted ahead and confirmed: the next block
+        self.on_target = False  # the current target holds the committed tokens
+        self.target_failovers = 0
+        self.home: Any = None  # the router's record of the target the row runs on
+        self.tried: set[str] = set()  # targets that failed this row
+        self._cancel = threading.Event()
+        self.released = threading.Event()  # set once the scheduler let go of the row
+
+    @property
+    def mode(self) -> SpecMode:
+        return self.request.mode
+
+    @property
+    def deterministic(self) -> bool:
+        """Seeded sampling: every decision must depend on this row alone (it repeats exactly)."""
+        return self.params.seed is not None and not self.params.greedy
+
+    def cancel(self) -> None:
+        """The consumer is gone (or matched a stop string): leave the batch at the next step."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def lag(self) -> list[int]:
+        """Committed tokens the draft has not been told yet (sent with its next call)."""
+        return self.rounds.tokens_from(self.draft_len)
+
+    def lose_draft(self) -> None:
+        """Plain mode at once; nothing committed is lost. A re-prefill is tried later."""
+        self.rounds.stats.draft_failures += 1
+        self.ready = None
+        self.draft_len = 0
+        if self.policy is not None:
+            self.policy.draft_failed()
+
+    def finish_cancelled(self) -> None:
+        self.rounds.cancel()
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self.rounds.finish_reason
+
+
+def group_by_lease(rows: Sequence[Row]) -> dict[str, list[Row]]:
+    """Rows of each draft worker (one batched call per worker per step)."""
+    out: dict[str, list[Row]] = {}
+    for r in rows:
+        if r.lease is not None:
+            out.setdefault(r.lease.key, []).append(r)
+    return out

@@ -1,0 +1,459 @@
+"""The step scheduler of one target replica: continuous batching with speculation.
+
+Exactly one scheduler drives a target replica's batch. Each step:
+
+1. admit waiting rows (one batched prefill on the target, one per draft worker, in parallel;
+   at most `prefill_tokens_per_step` prompt tokens a step, so a burst of long prompts does not
+   stall the running rows for long);
+2. choose each row's k (`BatchPolicy`: the batch's committed tokens per second, from measured
+   step times; k = 0 is a plain step, and plain and speculative rows share one target pass);
+3. one batched propose per draft worker for its speculating rows, in parallel;
+4. one batched verify on the target for every row (pipelined: while it runs, the drafts already
+   draft the next block for the rows expected to accept theirs whole);
+5. commit each row, stream its tokens out, release the rows that finished or were cancelled.
+
+Rows join and leave between steps. A failing row fails alone: a draft worker that is gone sends
+its rows to plain mode in the same step (nothing lost or recomputed, a re-prefill later brings them
+back); a target that is gone hands every row to `on_target_lost` (the router re-prefills them on
+another replica's scheduler). The transport is anything with the `BatchTarget` / `BatchDraft`
+calls (cluster/scheduling/worker_api.py): threads in process, gRPC in the cluster. No ray, no grpc.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from cluster.scheduling.admission import plan_admissions
+from cluster.scheduling.batch_policy import BatchPolicy, StepCosts, row_choices
+from cluster.scheduling.drafting import Drafting
+from cluster.scheduling.pipelining import PipeliningChoice
+from cluster.scheduling.policy import DeploymentEstimates, PolicyConfig, SpecMode, spec_policy
+from cluster.scheduling.rounds import FinishReason
+from cluster.scheduling.rows import Row
+from cluster.scheduling.worker_api import BatchTarget, DraftPool, is_worker_loss
+from workers.batch import PrefillRow, Proposal, VerifyRow
+from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOptions:
+    draft_timeout_s: float = 10.0  # a draft slower than this is treated as gone
+    target_timeout_s: float | None = 60.0  # a target slower than this is failed over
+    max_rows: int = 64  # rows in the running batch; more wait
+    prefill_tokens_per_step: int = 2048  # prompt tokens admitted per step (at least one row)
+    pipelined: bool | str = "auto"  # draft ahead while the target verifies; "auto": measure
+    ahead_min_whole: float = 0.3  # draft ahead for rows whose block is accepted whole this often
+    probe_rows: int = 4  # rows a probe of plain batch prefills drafts for (speculation: all)
+    # The target's KV budget in tokens (0 = none). A row is admitted only when the most it can
+    # ever hold (prompt + max_new_tokens + a block) fits beside the running rows' most, so an
+    # admitted row is never refused later and the worker never passes its budget.
+    kv_budget_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_rows < 1 or self.prefill_tokens_per_step < 1:
+            raise ValueError("max_rows and prefill_tokens_per_step must be >= 1")
+        if self.pipelined not in (True, False, "auto"):
+            raise ValueError(f'pipelined must be true, false or "auto", got {self.pipelined!r}')
+
+
+class _TargetLost(Exception):
+    pass
+
+
+# (rows to move, the error) -> None; called on the scheduler thread, once, when the target fails.
+TargetLostHandler = Callable[[list[Row], BaseException], None]
+
+
+class StepScheduler:
+    """The running batch of one target. `submit(row)` from any thread; the loop runs on its own
+    thread (`start()`), or step by step (`step()`) in tests."""
+
+    def __init__(
+        self,
+        target: BatchTarget,
+        drafts: DraftPool | None,
+        policy: PolicyConfig = PolicyConfig(),
+        options: SchedulerOptions = SchedulerOptions(),
+        *,
+        name: str = "scheduler",
+        clock: Callable[[], float] = time.perf_counter,
+        on_target_lost: TargetLostHandler | None = None,
+    ) -> None:
+        self.target = target
+        self.drafts = drafts
+        self.config = policy
+        self.options = options
+        self.name = name
+        self.clock = clock
+        self.on_target_lost = on_target_lost
+        # Costs and acceptance of this replica's workers, shared by its rows (one thread).
+        self.estimates = DeploymentEstimates(policy)
+        self.costs = StepCosts(policy)
+        self.batch_policy = BatchPolicy(policy, self.costs)
+        self.pipelining = PipeliningChoice(options.pipelined)
+        self.drafting = Drafting(
+            drafts,
+            timeout_s=options.draft_timeout_s,
+            max_draft_tokens=policy.max_draft_tokens,
+            ahead_min_whole=options.ahead_min_whole,
+            name=name,
+        )
+        self.running: list[Row] = []
+        self.waiting: collections.deque[Row] = collections.deque()
+        self._inbox: collections.deque[Row] = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self.alive = True
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.row_steps = 0  # sum over steps of the rows in the target pass (mean batch size)
+        self.plain_row_steps = 0  # of those, plain rows
+        self.max_batch = 0
+        # Where the loop's time goes (seconds by phase): the profile the benchmark prints.
+        self.phase_seconds: collections.Counter[str] = collections.Counter()
+
+    # -- outside API --------------------------------------------------------------------------
+
+    def submit(self, row: Row) -> None:
+        with self._wake:
+            if self._closing or not self.alive:
+                raise RuntimeError(f"{self.name} is not running")
+            self._inbox.append(row)
+            self._wake.notify()
+
+    @property
+    def load(self) -> int:
+        """Rows this scheduler holds (running, waiting, just submitted): for routing."""
+        return len(self.running) + len(self.waiting) + len(self._inbox)
+
+    def wake(self) -> None:
+        """A row was cancelled: let an idle loop notice."""
+        with self._wake:
+            self._wake.notify()
+
+    def start(self) -> StepScheduler:
+        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """End every row (CANCELLED), release them, stop the loop."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        else:
+            self._shutdown()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closing and not self._has_work():
+                    self._wake.wait(0.5)
+                if self._closing:
+                    break
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - a bug must not hang its streams
+                log.exception("%s: step failed; failing its rows", self.name)
+                self._fail_all(exc)
+            if not self.alive:
+                return
+        self._shutdown()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self._take_inbox()
+        self.drafting.poll(wait=True)
+        rows = [*self.running, *self.waiting]
+        self.running.clear()
+        self.waiting.clear()
+        for row in rows:
+            self._fail(row, exc)
+
+    def _has_work(self) -> bool:
+        return bool(self._inbox or self.waiting or self.running or self.drafting.pending)
+
+    def _shutdown(self) -> None:
+        self._take_inbox()
+        self.drafting.poll(wait=True)
+        for row in [*self.running, *self.waiting]:
+            row.finish_cancelled()
+            self._release(row)
+            row.sink.finished()
+        self.running.clear()
+        self.waiting.clear()
+        self.alive = False
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """One step of the batch; False when there was nothing to do."""
+        try:
+            self._take_inbox()
+            self._drop_cancelled()
+            t = self.clock()
+            self._admit()
+            self.phase_seconds["admit"] += self.clock() - t
+            if not self.running:
+                # Only background draft prefills of rows that left: let them answer, free them.
+                self.drafting.poll(wait=not self.waiting)
+                return bool(self.waiting)
+            self._retry_drafts()
+            self._run_batch()
+            return True
+        except _TargetLost as lost:
+            self._target_lost(lost.__cause__ or lost)
+            return False
+
+    def _take_inbox(self) -> None:
+        with self._wake:
+            while self._inbox:
+                self.waiting.append(self._inbox.popleft())
+
+    def _drop_cancelled(self) -> None:
+        for rows in (self.running, self.waiting):
+            gone = [r for r in rows if r.cancelled]
+            for row in gone:
+                rows.remove(row)
+                row.finish_cancelled()
+                self._release(row)
+                row.sink.finished()
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        opts = self.options
+        plan = plan_admissions(
+            self.waiting,
+            self.running,
+            max_rows=opts.max_rows,
+            prefill_tokens=opts.prefill_tokens_per_step,
+            kv_budget=opts.kv_budget_tokens,
+            max_draft_tokens=self.config.max_draft_tokens,
+        )
+        for row, exc in plan.refuse:
+            self._fail(row, exc)
+        batch = plan.admit
+        if not batch:
+            return
+        for row in batch:
+            if row.policy is None:
+                row.policy = spec_policy(
+                    self.config,
+                    row.mode,
+                    row.request.k,
+                    row.deterministic,
+                    self.estimates,
+                    row.request.pipelined,
+                )
+                if row.mode is SpecMode.OFF or self.drafts is None or not self.drafts.configured:
+                    row.policy.draft_failed()
+        fresh = [r for r in batch if r.mode is not SpecMode.OFF and r.lease is None]
+        # A seeded row's k must not depend on timing, and an ON row asked for speculation: their
+        # drafts prefill beside the target's, waited for. An AUTO row's does not hold the batch
+        # up: it prefills in the background, and only when the batch speculates (under load,
+        # when every step is plain, never).
+        now = [r for r in fresh if r.deterministic or r.mode is SpecMode.ON]
+        later = [r for r in fresh if r not in now]
+        if later and self.batch_policy.would_speculate(
+            row_choices([*self.running, *batch], self.config.max_draft_tokens, decide_own=False)
+        ):
+            self.drafting.start_prefill(later)
+        draft_calls = self.drafting.prefill(now)
+        target_f = self._target_call(
+            lambda t: t.prefill_batch(
+                [PrefillRow(r.seq_id, r.rounds.tokens, r.params) for r in batch]
+            )
+        )
+        results = self._target_wait(target_f)
+        self.drafting.settle_prefill(draft_calls)
+        self.drafting.poll()
+        refused: list[Row] = []
+        for row, res in zip(batch, results, strict=True):
+            if res is None:
+                row.on_target = True
+                self.running.append(row)
+            elif isinstance(res, KVBudgetExceeded) and (self.running or refused):
+                refused.append(row)  # waits for room: rows leave as they finish
+            else:
+                self._fail(row, res)
+        self.waiting.extendleft(reversed(refused))
+
+    def _retry_drafts(self) -> None:
+        self.drafting.poll()
+        due = [r for r in self.running if r.policy.draft_retry_due() and not r.draft_pending]
+        self.drafting.start_prefill(due)
+
+    # -- the batch ----------------------------------------------------------------------------
+
+    def _run_batch(self) -> None:
+        rows = list(self.running)
+        self.drafting.background = self.pipelining.overlap_pays
+        policy = self.batch_policy
+        ks = self._choose(rows)
+        ks = self.drafting.for_step(rows, ks, policy.probing, self.options.probe_rows)
+        if policy.probing and not any(ks):
+            policy.retry_probe()  # nothing to probe with yet: once drafts are there
+        t0 = self.clock()
+        drafted_now = self.drafting.propose(rows, ks)
+        proposals = drafted_now.proposals
+        draft_seconds = self.clock() - t0
+        phase = self.phase_seconds
+        phase["draft"] += draft_seconds
+        vrows = []
+        for row in rows:
+            p = proposals.get(row.seq_id)
+            committed = row.rounds.committed_len
+            if p is None:
+                vrows.append(VerifyRow(row.seq_id, committed))
+            else:
+                vrows.append(VerifyRow(row.seq_id, committed, p.tokens, p.q))
+        t1 = self.clock()
+        verify_f = self._target_call(lambda t: t.verify_batch(vrows))
+        ahead = self.drafting.ahead(rows, proposals, self.pipelining.now)
+        shared = bool(ahead or self.drafting.pending)  # draft work beside this target pass
+        t2 = self.clock()
+        phase["send"] += t2 - t1
+        try:
+            verdicts = self._target_wait(verify_f)
+        finally:
+            verify_seconds = self.clock() - t1
+            phase["verify"] += self.clock() - t2
+        width = max(len(v.draft_tokens) for v in vrows) + 1
+        # Counted before any row hears of this step (a reader may look right after its stream).
+        self.steps += 1
+        self.costs.steps = self.steps
+        self.row_steps += len(rows)
+        self.plain_row_steps += sum(1 for v in vrows if v.plain)
+        self.max_batch = max(self.max_batch, len(rows))
+        t3 = self.clock()
+        committed = self._commit(rows, vrows, verdicts, proposals)
+        t4 = self.clock()
+        phase["commit"] += t4 - t3
+        self.drafting.settle_ahead(ahead, proposals, verdicts, rows)
+        t5 = self.clock()
+        step_seconds = t5 - t0
+        phase["ahead"] += t5 - t4
+        # Prices: the target pass by its padded positions; the draft passes by rows drafting.
+        if not shared:  # draft work beside it may share the cores: that time is not typical
+            self.costs.observe_target(len(rows), width, verify_seconds)
+        if drafted_now.drafted and drafted_now.timed:
+            self.costs.observe_draft(drafted_now.drafted, drafted_now.passes, draft_seconds)
+        if width == 1:
+            self.costs.last_plain_step = self.steps
+        self.pipelining.observe(width > 1, committed, step_seconds)
+        if width == 1 or 2 * len(proposals) >= len(rows):  # plain, or most rows speculated
+            self.batch_policy.realized.observe(len(rows), width > 1, committed, step_seconds)
+
+    def _choose(self, rows: Sequence[Row]) -> list[int]:
+        return self.batch_policy.choose(row_choices(rows, self.config.max_draft_tokens))
+
+    def _commit(
+        self,
+        rows: Sequence[Row],
+        vrows: Sequence[VerifyRow],
+        verdicts,
+        proposals: dict[str, Proposal],
+    ) -> int:
+        committed = 0
+        for row, vrow, res in zip(rows, vrows, verdicts, strict=True):
+            if isinstance(res, BaseException):
+                self._row_target_error(row, res)
+                continue
+            if vrow.plain:
+                out = row.rounds.on_plain(res.token)
+                row.policy.observe_plain(0.0)
+            else:
+                out = row.rounds.on_round(list(vrow.draft_tokens), res.accepted, res.token)
+                row.policy.observe_round(
+                    len(vrow.draft_tokens),
+                    res.accepted,
+                    0.0,
+                    0.0,
+                    timed=False,
+                    unsure_last=proposals[row.seq_id].unsure_last,
+                )
+            committed += len(out)
+            if out:
+                row.sink.tokens(out)
+            if row.rounds.finished:
+                self.running.remove(row)
+                self._release(row)
+                row.sink.finished()
+        return committed
+
+    # -- failures -----------------------------------------------------------------------------
+
+    def _row_target_error(self, row: Row, exc: BaseException) -> None:
+        if isinstance(exc, UnknownSequenceError | StaleSequenceError):
+            # The target lost (or disagrees on) this row: recover by re-prefilling it.
+            log.warning("%s: re-prefilling %s on the target (%s)", self.name, row.seq_id, exc)
+            self.running.remove(row)
+            row.on_target = False
+            row.ready = None
+            self.waiting.appendleft(row)
+            return
+        self.running.remove(row)
+        self._fail(row, exc)
+
+    def _fail(self, row: Row, exc: BaseException) -> None:
+        self._release(row)
+        row.sink.failed(exc)
+
+    def _target_lost(self, exc: BaseException) -> None:
+        log.warning("%s: target lost (%s); moving %d rows", self.name, exc, self.load)
+        self._take_inbox()
+        self.drafting.poll(wait=True)  # the rows take their draft state along
+        rows = [*self.running, *self.waiting]
+        self.running.clear()
+        self.waiting.clear()
+        self.alive = False
+        for row in rows:
+            row.on_target = False
+            row.ready = None
+        if self.on_target_lost is not None:
+            self.on_target_lost(rows, exc)
+        else:
+            for row in rows:
+                self._release(row)
+                row.sink.failed(exc)
+
+    def _target_call(self, call: Callable[[BatchTarget], Future]) -> Future:
+        try:
+            return call(self.target)
+        except Exception as exc:
+            if is_worker_loss(exc):
+                raise _TargetLost() from exc
+            raise
+
+    def _target_wait(self, fut: Future) -> list:
+        try:
+            return fut.result(timeout=self.options.target_timeout_s)
+        except Exception as exc:
+            if is_worker_loss(exc):
+                raise _TargetLost() from exc
+            raise
+
+    def _release(self, row: Row) -> None:
+        """Free the row on every worker (also after errors and cancellation)."""
+        if row.on_target:
+            try:
+                self.target.release(row.seq_id)
+            except Exception:  # noqa: BLE001 - a dead target has nothing left to free
+                pass
+            row.on_target = False
+        self.drafting.drop_lease(row)
+        row.ready = None
+        row.released.set()
+
+
+__all__ = ["FinishReason", "SchedulerOptions", "StepScheduler"]

@@ -1,0 +1,352 @@
+"""Remote workers: the scheduler's BatchDraft / BatchTarget over gRPC.
+
+`GrpcDraft` / `GrpcTarget` turn each call into `stub.Method.future(request, timeout=...)` and hand
+the scheduler a `concurrent.futures.Future` of the same value the in-process worker returns
+(`Proposal`, `Verdict`, a token id). gRPC errors become the worker's own exceptions where the worker
+refused the call (FAILED_PRECONDITION -> StaleSequenceError, NOT_FOUND -> UnknownSequenceError,
+INVALID_ARGUMENT -> ValueError), and `RemoteUnavailable` (a `WorkerUnavailable`) where the worker is
+gone or too slow (UNAVAILABLE, DEADLINE_EXCEEDED, ...), which sends the rows to plain mode (draft)
+or to another target (target).
+
+The pools of worker addresses that the router uses are in cluster/transport/pools.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import grpc
+
+from cluster.scheduling.worker_api import WorkerUnavailable
+from protos import worker_pb2, worker_pb2_grpc
+from workers.batch import PrefillRow, ProposeRow, VerifyRow
+from workers.draft import Proposal
+from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
+from workers.sampling import SamplingParams
+from workers.verification import SparseQ, Verdict
+from workers.wire import pack_q, sampling_to_proto, unpack_q
+
+log = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS = [
+    ("grpc.enable_http_proxy", 0),  # workers are on the cluster network, never behind a proxy
+    ("grpc.initial_reconnect_backoff_ms", 100),  # a restarted worker is seen again quickly
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+]
+
+# Codes that mean "this worker is gone or too slow" rather than "this call was wrong".
+_UNAVAILABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+# Of those, the ones after which the address leaves the rotation until a recheck.
+_DOWN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+class RemoteUnavailable(WorkerUnavailable):
+    def __init__(self, address: str, code: grpc.StatusCode | None, details: str) -> None:
+        super().__init__(f"{address}: {code.name if code else 'no call'}: {details}")
+        self.address = address
+        self.code = code
+
+
+class RemoteWorkerError(RuntimeError):
+    """The worker failed the call in a way that is neither a refusal nor unavailability."""
+
+    def __init__(self, address: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{address}: {code.name}: {details}")
+        self.address = address
+        self.code = code
+
+
+def map_rpc_error(exc: grpc.RpcError, address: str) -> Exception:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    if code is grpc.StatusCode.FAILED_PRECONDITION:
+        return StaleSequenceError(f"{address}: {details}")
+    if code is grpc.StatusCode.NOT_FOUND:
+        return UnknownSequenceError(f"{address}: {details}")
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return ValueError(details)
+    if code is None or code in _UNAVAILABLE_CODES:
+        return RemoteUnavailable(address, code, details)
+    return RemoteWorkerError(address, code, details)
+
+
+# Row status codes of the batched RPCs -> the worker's own exceptions (one row, not the worker).
+_ROW_ERRORS: dict[grpc.StatusCode, Callable[[str], Exception]] = {
+    grpc.StatusCode.FAILED_PRECONDITION: StaleSequenceError,
+    grpc.StatusCode.NOT_FOUND: UnknownSequenceError,
+    grpc.StatusCode.INVALID_ARGUMENT: ValueError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: KVBudgetExceeded,
+}
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def row_result(status: worker_pb2.RowStatus, value: Callable[[], Any], address: str) -> object:
+    """One row of a batched answer: `value()` when OK, else the row's exception."""
+    if status.code == 0:
+        return value()
+    code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+    make = _ROW_ERRORS.get(code)
+    if make is None:
+        return RemoteWorkerError(address, code, status.message)
+    return make(f"{address}: {status.message}" if make is not ValueError else status.message)
+
+
+def prefill_request(seq_id: str, token_ids: Sequence[int], params: SamplingParams):
+    return worker_pb2.PrefillRequest(
+        seq_id=seq_id, token_ids=list(token_ids), sampling=sampling_to_proto(params)
+    )
+
+
+def propose_request(row: ProposeRow) -> worker_pb2.ProposeRequest:
+    req = worker_pb2.ProposeRequest(
+        seq_id=row.seq_id, committed_len=row.committed_len, k=row.k, commit=list(row.commit)
+    )
+    if row.start is not None:
+        req.start = row.start
+    return req
+
+
+def verify_request(row: VerifyRow) -> worker_pb2.VerifyRequest:
+    return worker_pb2.VerifyRequest(
+        seq_id=row.seq_id,
+        committed_len=row.committed_len,
+        draft_tokens=list(row.draft_tokens),
+        q=pack_q(row.q),
+    )
+
+
+def open_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+class _Remote:
+    """Shared by both sides: one channel, deadlines, and the future adaptor."""
+
+    def __init__(
+        self,
+        address: str,
+        stub: Any,
+        channel: grpc.Channel,
+        timeout_s: float,
+        on_unavailable: Callable[[str, Exception], None] | None,
+    ) -> None:
+        self.address = address
+        self.stub = stub
+        self.channel = channel
+        self.timeout_s = timeout_s
+        self.release_timeout_s = min(2.0, timeout_s)
+        self.on_unavailable = on_unavailable
+        self._calls = ThreadPoolExecutor(4, thread_name_prefix=f"grpc-{address}")
+
+    def _future(self, method: Any, request: Any, convert: Callable[[Any], Any]) -> Future:
+        """`method(request)` on this remote's call threads, as a Future of `convert(response)`.
+
+        Not `method.future()`: grpcio's sync channel starts a new polling thread for a future
+        call whenever none is in flight, which the scheduler's one-call-at-a-time steps hit on
+        every step (a thread start each, milliseconds on a busy box). A blocking call on a
+        long-lived thread polls in that thread."""
+
+        def call() -> Any:
+            try:
+                response = method(request, timeout=self.timeout_s)
+            except grpc.RpcError as exc:
+                raise self._failed(map_rpc_error(exc, self.address)) from None
+            except ValueError as exc:  # e.g. a closed channel
+                raise self._failed(RemoteUnavailable(self.address, None, repr(exc))) from None
+            return convert(response)
+
+        try:
+            return self._calls.submit(call)
+        except RuntimeError as exc:  # closed
+            out: Future = Future()
+            out.set_exception(self._failed(RemoteUnavailable(self.address, None, repr(exc))))
+            return out
+
+    def close(self) -> None:
+        """Close the channel (calls in flight fail) and let the call threads go."""
+        self.channel.close()
+        self._calls.shutdown(wait=False)
+
+    def _failed(self, err: Exception) -> Exception:
+        if (
+            isinstance(err, RemoteUnavailable)
+            and (err.code is None or err.code in _DOWN_CODES)
+            and self.on_unavailable is not None
+        ):
+            try:
+                self.on_unavailable(self.address, err)
+            except Exception:  # noqa: BLE001 - bookkeeping must not hide the error
+                log.exception("on_unavailable callback failed")
+        return err
+
+    def _rows(self, response: Any, n: int, value: Callable[[Any], Any]) -> list[object]:
+        """The per-row slots of a batched response (one per request row, in order)."""
+        if len(response.rows) != n:
+            raise RemoteWorkerError(
+                self.address,
+                grpc.StatusCode.INTERNAL,
+                f"{len(response.rows)} results for {n} rows",
+            )
+        return [
+            row_result(r.status, lambda r=r: value(r.result), self.address) for r in response.rows
+        ]
+
+    def _prefill_batch(self, rows: Sequence[PrefillRow]) -> Future:
+        req = worker_pb2.PrefillBatchRequest(
+            rows=[prefill_request(r.seq_id, r.token_ids, r.params) for r in rows]
+        )
+        return self._future(
+            self.stub.PrefillBatch, req, lambda resp: self._rows(resp, len(rows), lambda _: None)
+        )
+
+    def _release(self, seq_id: str) -> bool:
+        try:
+            resp = self.stub.Release(
+                worker_pb2.ReleaseRequest(seq_id=seq_id), timeout=self.release_timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, self.address) from None
+        return resp.released
+
+    def stats(self, timeout_s: float | None = None) -> worker_pb2.StatsResponse:
+        try:
+            return self.stub.Stats(worker_pb2.StatsRequest(), timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, self.address) from None
+
+
+class GrpcDraft(_Remote):
+    """`DraftSide` over a DraftWorker gRPC server."""
+
+    def __init__(
+        self,
+        address: str,
+        channel: grpc.Channel | None = None,
+        *,
+        timeout_s: float = 10.0,
+        on_unavailable: Callable[[str, Exception], None] | None = None,
+    ) -> None:
+        channel = channel or open_channel(address)
+        stub = worker_pb2_grpc.DraftWorkerStub(channel)
+        super().__init__(address, stub, channel, timeout_s, on_unavailable)
+
+    def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> Future:
+        req = worker_pb2.PrefillRequest(
+            seq_id=seq_id, token_ids=token_ids, sampling=sampling_to_proto(params)
+        )
+        return self._future(self.stub.Prefill, req, lambda r: None)
+
+    def propose(
+        self,
+        seq_id: str,
+        committed_len: int,
+        k: int,
+        commit: Sequence[int] = (),
+        start: int | None = None,
+    ) -> Future:
+        req = worker_pb2.ProposeRequest(
+            seq_id=seq_id, committed_len=committed_len, k=k, commit=list(commit)
+        )
+        if start is not None:
+            req.start = start
+        return self._future(
+            self.stub.Propose,
+            req,
+            lambda r: Proposal(r.start, list(r.tokens), unpack_q(r.q), r.unsure_last),
+        )
+
+    def commit(self, seq_id: str, committed_len: int, new_tokens: Sequence[int]) -> Future:
+        req = worker_pb2.CommitRequest(
+            seq_id=seq_id, committed_len=committed_len, new_tokens=list(new_tokens)
+        )
+        return self._future(self.stub.Commit, req, lambda r: r.committed_len)
+
+    def release(self, seq_id: str) -> None:
+        self._release(seq_id)
+
+    def prefill_batch(self, rows: Sequence[PrefillRow]) -> Future:
+        """Future of one slot per row: None, or the row's error (ValueError, KVBudgetExceeded);
+        the future itself raises RemoteUnavailable when the worker is gone."""
+        return self._prefill_batch(rows)
+
+    def propose_batch(self, rows: Sequence[ProposeRow]) -> Future:
+        """Future of one slot per row: a Proposal, or the row's error (StaleSequenceError,
+        UnknownSequenceError, ValueError)."""
+        req = worker_pb2.ProposeBatchRequest(rows=[propose_request(r) for r in rows])
+
+        def proposal(r) -> Proposal:
+            return Proposal(r.start, list(r.tokens), unpack_q(r.q), r.unsure_last)
+
+        return self._future(
+            self.stub.ProposeBatch, req, lambda resp: self._rows(resp, len(rows), proposal)
+        )
+
+
+class GrpcTarget(_Remote):
+    """`TargetSide` over a TargetWorker gRPC server."""
+
+    def __init__(
+        self,
+        address: str,
+        channel: grpc.Channel | None = None,
+        *,
+        timeout_s: float = 60.0,
+        on_unavailable: Callable[[str, Exception], None] | None = None,
+    ) -> None:
+        channel = channel or open_channel(address)
+        stub = worker_pb2_grpc.TargetWorkerStub(channel)
+        super().__init__(address, stub, channel, timeout_s, on_unavailable)
+
+    def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> Future:
+        req = worker_pb2.PrefillRequest(
+            seq_id=seq_id, token_ids=token_ids, sampling=sampling_to_proto(params)
+        )
+        return self._future(self.stub.Prefill, req, lambda r: None)
+
+    def verify(
+        self, seq_id: str, committed_len: int, draft_tokens: list[int], q: SparseQ | None
+    ) -> Future:
+        req = worker_pb2.VerifyRequest(
+            seq_id=seq_id, committed_len=committed_len, draft_tokens=draft_tokens, q=pack_q(q)
+        )
+        return self._future(
+            self.stub.Verify, req, lambda r: Verdict(r.accepted, r.token, bonus=r.bonus)
+        )
+
+    def plain_step(self, seq_id: str, committed_len: int) -> Future:
+        req = worker_pb2.PlainStepRequest(seq_id=seq_id, committed_len=committed_len)
+        return self._future(self.stub.PlainStep, req, lambda r: int(r.token))
+
+    def release(self, seq_id: str) -> None:
+        self._release(seq_id)
+
+    def prefill_batch(self, rows: Sequence[PrefillRow]) -> Future:
+        """Future of one slot per row: None, or the row's error (ValueError, KVBudgetExceeded);
+        the future itself raises RemoteUnavailable when the worker is gone."""
+        return self._prefill_batch(rows)
+
+    def verify_batch(self, rows: Sequence[VerifyRow]) -> Future:
+        """Future of one slot per row: a Verdict (a plain row: accepted 0, the next token), or
+        the row's error (StaleSequenceError, UnknownSequenceError, ValueError)."""
+        req = worker_pb2.VerifyBatchRequest(rows=[verify_request(r) for r in rows])
+
+        def verdict(r) -> Verdict:
+            return Verdict(r.accepted, r.token, bonus=r.bonus)
+
+        return self._future(
+            self.stub.VerifyBatch, req, lambda resp: self._rows(resp, len(rows), verdict)
+        )

@@ -1,0 +1,215 @@
+"""Worker pools: the addresses of one kind of worker, their health, and the least-loaded choice.
+
+`WorkerPool` checks each address with a Stats call before first use (role, tokenizer fingerprint,
+context), picks the least-loaded healthy one, drops an address that fails from rotation, and takes
+it back when a recheck sees it healthy or when it is set again. An `Endpoint` is also the draft
+lease of the rows bound to that worker (`key`).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from cluster.transport.grpc_workers import GrpcDraft, GrpcTarget, RemoteWorkerError
+from protos import worker_pb2
+
+log = logging.getLogger(__name__)
+
+
+class EndpointState(enum.Enum):
+    UNCHECKED = "unchecked"  # set, not yet probed: probed on first use
+    UP = "up"
+    DOWN = "down"  # failed: out of rotation until a recheck sees it healthy or it is set again
+    REJECTED = "rejected"  # answers, but serves the wrong thing (role, tokenizer): until set again
+
+
+@dataclass(eq=False)
+class Endpoint:
+    address: str
+    side: GrpcDraft | GrpcTarget
+    state: EndpointState = EndpointState.UNCHECKED
+    error: str = ""
+    in_flight: int = 0  # sequences bound to it
+    active: bool = True  # False once removed by set(); closed when its last sequence ends
+    info: worker_pb2.ModelInfo | None = None
+    order: int = field(default=0)
+
+    @property
+    def key(self) -> str:  # a DraftLease: rows of one worker share one batched call
+        return self.address
+
+
+class WorkerPool:
+    """The addresses of one kind of worker (role "draft" or "target"). Thread-safe.
+
+    `check(info)` returns None when a worker's ModelInfo is acceptable, else why not.
+    """
+
+    def __init__(
+        self,
+        role: str,
+        check: Callable[[worker_pb2.ModelInfo], str | None],
+        *,
+        timeout_s: float,
+        probe_timeout_s: float = 2.0,
+    ) -> None:
+        if role not in ("draft", "target"):
+            raise ValueError(f"role must be 'draft' or 'target', got {role!r}")
+        self.role = role
+        self._check = check
+        self.timeout_s = timeout_s
+        self.probe_timeout_s = probe_timeout_s
+        self._lock = threading.Lock()
+        self._endpoints: dict[str, Endpoint] = {}  # every address still referenced
+        self._order = itertools.count()
+        self._rr = itertools.count()
+
+    # -- membership -------------------------------------------------------------------------
+
+    def set(self, addresses: Iterable[str]) -> None:
+        """Replace the pool. Kept addresses keep their state, except that a down or rejected one
+        is checked again; removed ones serve their current sequences, then close."""
+        wanted = list(dict.fromkeys(str(a) for a in addresses))
+        to_close = []
+        with self._lock:
+            for addr in wanted:
+                ep = self._endpoints.get(addr)
+                if ep is None:
+                    self._endpoints[addr] = Endpoint(
+                        addr, self._new_side(addr), order=next(self._order)
+                    )
+                else:
+                    ep.active = True
+                    if ep.state in (EndpointState.DOWN, EndpointState.REJECTED):
+                        ep.state, ep.error = EndpointState.UNCHECKED, ""
+            for addr, ep in list(self._endpoints.items()):
+                if addr not in wanted and ep.active:
+                    ep.active = False
+                    if ep.in_flight == 0:
+                        to_close.append(self._endpoints.pop(addr))
+        for ep in to_close:
+            ep.side.close()
+
+    @property
+    def configured(self) -> bool:
+        with self._lock:
+            return any(ep.active for ep in self._endpoints.values())
+
+    def addresses(self) -> list[str]:
+        with self._lock:
+            return [a for a, ep in self._endpoints.items() if ep.active]
+
+    def _new_side(self, address: str) -> GrpcDraft | GrpcTarget:
+        cls = GrpcDraft if self.role == "draft" else GrpcTarget
+        return cls(address, timeout_s=self.timeout_s, on_unavailable=self.mark_down)
+
+    # -- use --------------------------------------------------------------------------------
+
+    def acquire(self, exclude: Iterable[str] = ()) -> Endpoint | None:
+        """The least-loaded healthy endpoint (round robin among equals), counted as in use until
+        `release`; None when there is none. Unchecked endpoints are probed first (blocking)."""
+        exclude = set(exclude)
+        with self._lock:
+            cands = [
+                ep
+                for ep in self._endpoints.values()
+                if ep.active
+                and ep.address not in exclude
+                and ep.state in (EndpointState.UP, EndpointState.UNCHECKED)
+            ]
+            n, rr = max(1, len(cands)), next(self._rr)
+            cands.sort(key=lambda ep: ep.order)
+            ranked = sorted(enumerate(cands), key=lambda p: (p[1].in_flight, (p[0] - rr) % n))
+            cands = [ep for _, ep in ranked]
+        for ep in cands:
+            if ep.state is EndpointState.UNCHECKED:
+                self.probe(ep)
+            with self._lock:
+                if ep.active and ep.state is EndpointState.UP:
+                    ep.in_flight += 1
+                    return ep
+        return None
+
+    def release(self, ep: Endpoint) -> None:
+        close = False
+        with self._lock:
+            ep.in_flight = max(0, ep.in_flight - 1)
+            if not ep.active and ep.in_flight == 0 and self._endpoints.get(ep.address) is ep:
+                del self._endpoints[ep.address]
+                close = True
+        if close:
+            ep.side.close()
+
+    def mark_down(self, address: str, reason: BaseException | str) -> None:
+        with self._lock:
+            ep = self._endpoints.get(address)
+            if ep is None or ep.state is EndpointState.REJECTED:
+                return
+            was = ep.state
+            ep.state, ep.error = EndpointState.DOWN, str(reason)
+        if was is not EndpointState.DOWN:
+            log.warning("%s worker %s out of rotation: %s", self.role, address, reason)
+
+    # -- health -----------------------------------------------------------------------------
+
+    def probe(self, ep: Endpoint) -> EndpointState:
+        """Stats call: up, down (no answer) or rejected (wrong role / tokenizer / model)."""
+        try:
+            stats = ep.side.stats(self.probe_timeout_s)
+        except RemoteWorkerError as exc:
+            info = None
+            if exc.code is grpc.StatusCode.UNIMPLEMENTED:  # another service answers there
+                state = EndpointState.REJECTED
+                error = f"it does not serve the {self.role} worker API ({exc})"
+                log.error("%s worker %s rejected: %s", self.role, ep.address, error)
+            else:
+                state, error = EndpointState.DOWN, str(exc)
+        except Exception as exc:  # noqa: BLE001 - any failure: not usable now
+            state, error, info = EndpointState.DOWN, str(exc), None
+        else:
+            info = stats.model
+            problem = self._check(info)
+            if problem:
+                state, error = EndpointState.REJECTED, problem
+                log.error("%s worker %s rejected: %s", self.role, ep.address, problem)
+            else:
+                state, error = EndpointState.UP, ""
+        with self._lock:
+            ep.state, ep.error = state, error
+            if info is not None:
+                ep.info = info
+        return state
+
+    def recheck(self, states: Sequence[EndpointState] = (EndpointState.DOWN,)) -> None:
+        with self._lock:
+            eps = [ep for ep in self._endpoints.values() if ep.active and ep.state in states]
+        for ep in eps:
+            self.probe(ep)
+
+    def status(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                {
+                    "address": ep.address,
+                    "state": ep.state.value,
+                    "error": ep.error,
+                    "in_flight": ep.in_flight,
+                    "active": ep.active,
+                }
+                for ep in self._endpoints.values()
+            ]
+
+    def close(self) -> None:
+        with self._lock:
+            eps = list(self._endpoints.values())
+            self._endpoints.clear()
+        for ep in eps:
+            ep.side.close()
