@@ -15,91 +15,17 @@ import itertools
 import os
 import queue
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-
-import torch
 
 from cluster.scheduling.policy import PolicyConfig, SpecMode
 from cluster.scheduling.rounds import FinishReason, GenerationStats, SequenceRounds, StopConditions
 from cluster.scheduling.rows import Row, RowRequest
 from cluster.scheduling.scheduler import SchedulerOptions, StepScheduler
-from workers.batch import PrefillRow, ProposeRow, VerifyRow
+from cluster.transport.in_process import LocalDraft, LocalDraftPool, LocalTarget
 from workers.draft import DraftWorker
 from workers.model_runner import check_same_tokenizer
-from workers.sampling import SamplingParams
 from workers.target import TargetWorker
-
-
-class _OnThread:
-    """Runs every call of one worker on one dedicated thread (workers are not thread-safe).
-
-    `torch_threads` caps torch's intra-op threads for that thread only: torch keeps an OpenMP
-    team per calling thread, and a multi-threaded draft team slows the target's passes even while
-    the draft is idle (measured here: a target verify 14 -> 21 ms). A small draft loses little
-    running on one thread.
-    """
-
-    def __init__(self, name: str, torch_threads: int | None = None) -> None:
-        init = (lambda: torch.set_num_threads(torch_threads)) if torch_threads else None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=init)
-
-    def submit(self, fn, *args) -> Future:
-        return self._pool.submit(fn, *args)
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-class LocalDraft:
-    """`BatchDraft` over an in-process `DraftWorker`, and the lease of every row (one draft)."""
-
-    key = "local"
-
-    def __init__(self, worker: DraftWorker) -> None:
-        self.worker = worker
-        self.side = self
-        self.thread = _OnThread("draft", torch_threads=1)
-
-    def prefill_batch(self, rows: Sequence[PrefillRow]) -> Future:
-        return self.thread.submit(self.worker.prefill_batch, list(rows))
-
-    def propose_batch(self, rows: Sequence[ProposeRow]) -> Future:
-        return self.thread.submit(self.worker.propose_batch, list(rows))
-
-    def release(self, seq_id: str) -> None:
-        self.thread.submit(self.worker.release, seq_id).result()
-
-
-class _LocalDraftPool:
-    """The `DraftPool` of one in-process draft."""
-
-    def __init__(self, draft: LocalDraft) -> None:
-        self.draft = draft
-        self.configured = True
-
-    def acquire(self) -> LocalDraft:
-        return self.draft
-
-    def release(self, lease: LocalDraft) -> None:
-        pass
-
-
-class LocalTarget:
-    """`BatchTarget` over an in-process `TargetWorker`."""
-
-    def __init__(self, worker: TargetWorker) -> None:
-        self.worker = worker
-        self.thread = _OnThread("target")
-
-    def prefill_batch(self, rows: Sequence[PrefillRow]) -> Future:
-        return self.thread.submit(self.worker.prefill_batch, list(rows))
-
-    def verify_batch(self, rows: Sequence[VerifyRow]) -> Future:
-        return self.thread.submit(self.worker.verify_batch, list(rows))
-
-    def release(self, seq_id: str) -> None:
-        self.thread.submit(self.worker.release, seq_id).result()
+from workers.types import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +102,7 @@ class SpecEngine:
         self.target = LocalTarget(target)
         self.draft = LocalDraft(draft) if draft is not None else None
         self.policy = policy
-        pool = _LocalDraftPool(self.draft) if self.draft is not None else None
+        pool = LocalDraftPool(self.draft) if self.draft is not None else None
         self.scheduler = StepScheduler(
             self.target, pool, policy, options, name="engine-scheduler"
         ).start()

@@ -1,4 +1,5 @@
-"""The algorithmic modules import neither ray nor grpc (DESIGN: they are tested alone, fast).
+"""The algorithmic modules import neither ray nor grpc (DESIGN: they are tested alone, fast), and
+the scheduling core loads no torch either (it holds tensors only as opaque values).
 
 One fresh interpreter imports them one after another and reports, after each, which of ray/grpc
 are in sys.modules, so a module that pulls one in is named (one interpreter: torch and
@@ -17,7 +18,7 @@ import pytest
 PURE = [
     "workers.sampling",
     "workers.verification",
-    "workers.kv_cache",
+    "workers.types",
     "workers.batch_kv",
     "workers.model_runner",
     "workers.draft",
@@ -35,6 +36,16 @@ PURE = [
     "cluster.api.openai",
 ]
 FORBIDDEN = ["ray", "grpc"]
+# Loaded first, in an interpreter of their own, so that nothing else has pulled torch in yet.
+TORCH_FREE = [
+    "workers.types",
+    "workers.batch",
+    "workers.errors",
+    "cluster.scheduling.scheduler",
+    "cluster.scheduling.drafting",
+    "cluster.scheduling.batch_policy",
+    "cluster.scheduling.admission",
+]
 
 PROBE = """
 import importlib, json, sys
@@ -47,9 +58,9 @@ print(json.dumps(report))
 """
 
 
-def probe(modules: list[str]) -> dict[str, list[str]]:
+def probe(modules: list[str], forbidden: list[str] = FORBIDDEN) -> dict[str, list[str]]:
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, json.dumps(FORBIDDEN), json.dumps(modules)],
+        [sys.executable, "-c", PROBE, json.dumps(forbidden), json.dumps(modules)],
         cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
         text=True,
@@ -62,6 +73,11 @@ def probe(modules: list[str]) -> dict[str, list[str]]:
 def test_pure_modules_load_neither_ray_nor_grpc():
     report = probe(PURE)
     assert list(report) == PURE
+    assert {name: found for name, found in report.items() if found} == {}
+
+
+def test_the_scheduling_core_loads_no_torch():
+    report = probe(TORCH_FREE, ["torch", "transformers", *FORBIDDEN])
     assert {name: found for name, found in report.items() if found} == {}
 
 

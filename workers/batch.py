@@ -22,8 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from workers.sampling import SamplingParams
-from workers.verification import SparseQ, Verdict
+from workers.types import SamplingParams, SparseQ, Verdict
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,8 @@ import torch
 from workers.batch import PrefillRow, Proposal, ProposeRow, raise_row, split_prefill
 from workers.errors import StaleSequenceError, UnknownSequenceError
 from workers.model_runner import ModelRunner
-from workers.sampling import PositionalRng, SamplingParams, warp_probs
-from workers.verification import SparseQ
+from workers.sampling import PositionalRng, warp_probs
+from workers.types import SamplingParams, SparseQ
 
 DRAFT_STREAM = 1  # the draft's random stream differs from the target's for the same seed
 

@@ -9,8 +9,7 @@ from typing import Any, Protocol
 
 from workers.batch import PrefillRow, ProposeRow, VerifyRow
 from workers.draft import Proposal
-from workers.sampling import SamplingParams
-from workers.verification import SparseQ, Verdict
+from workers.types import SamplingParams, SparseQ, Verdict
 
 
 class RunnerInfo(Protocol):

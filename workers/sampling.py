@@ -1,4 +1,4 @@
-"""Sampling parameters and the logits -> probabilities transform shared by every decoding path.
+"""The logits -> probabilities transform of every decoding path (workers.types.SamplingParams).
 
 Plain decoding and speculative verification must apply temperature, top-k and top-p in exactly the
 same way, otherwise speculation would not be lossless; this module is the single place that does it.
@@ -7,34 +7,9 @@ Pure torch: no ray, no grpc.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """How one request samples. temperature == 0 means greedy (argmax)."""
-
-    temperature: float = 0.0
-    top_k: int = 0  # 0 = no top-k filter
-    top_p: float = 1.0  # 1.0 = no nucleus filter
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.temperature, int | float) or not 0 <= self.temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not isinstance(self.top_p, int | float) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+from workers.types import SamplingParams
 
 
 class PositionalRng:

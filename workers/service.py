@@ -39,7 +39,7 @@ from workers.batch import PrefillRow, ProposeRow, VerifyRow
 from workers.draft import Proposal
 from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
 from workers.protocols import DraftModel, TargetModel
-from workers.verification import Verdict
+from workers.types import Verdict
 from workers.wire import pack_q, sampling_from_proto, tokenizer_fingerprint, unpack_q
 
 log = logging.getLogger(__name__)

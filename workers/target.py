@@ -18,8 +18,9 @@ import torch
 from workers.batch import PrefillRow, VerifyRow, plain_verdict, raise_row, run_row, split_prefill
 from workers.errors import StaleSequenceError, UnknownSequenceError
 from workers.model_runner import ModelRunner
-from workers.sampling import PositionalRng, SamplingParams, next_token, warp_probs
-from workers.verification import SparseQ, Verdict, verify_greedy, verify_sampled
+from workers.sampling import PositionalRng, next_token, warp_probs
+from workers.types import SamplingParams, SparseQ, Verdict
+from workers.verification import verify_greedy, verify_sampled
 
 TARGET_STREAM = 0
 

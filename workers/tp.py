@@ -42,8 +42,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from workers.batch import PrefillRow, VerifyRow
 from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
 from workers.model_runner import load_tokenizer
-from workers.sampling import SamplingParams
-from workers.verification import SparseQ, Verdict
+from workers.types import SamplingParams, SparseQ, Verdict
 
 
 class TensorParallelError(RuntimeError):

@@ -18,43 +18,10 @@ emit the target's argmax. Pure torch: no ray, no grpc.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from workers.sampling import PositionalRng
-
-
-@dataclass(frozen=True, slots=True)
-class SparseQ:
-    """The draft's distributions for k positions, as its top-m support: indices/probs are [k, m].
-
-    m == vocab size is the dense case. Rows sum to 1 over their support.
-    """
-
-    indices: torch.Tensor  # int64 [k, m]
-    probs: torch.Tensor  # float32 [k, m]
-
-    def dense_row(self, row: int, vocab: int) -> torch.Tensor:
-        out = torch.zeros(vocab, dtype=torch.float32)
-        return out.scatter_(0, self.indices[row].long(), self.probs[row].float())
-
-    def prob_of(self, tokens: torch.Tensor) -> torch.Tensor:
-        """q_i(tokens_i) for each row i (0 where the token is outside the support)."""
-        hit = self.indices == tokens.long().unsqueeze(1)
-        return (self.probs.float() * hit).sum(1)
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """Outcome of one block: `accepted` draft tokens kept, then one recovered or bonus `token`."""
-
-    accepted: int
-    token: int
-    bonus: bool = False  # True when all k were accepted and `token` came from p_{k+1}
-
-    def committed(self, draft_tokens: list[int]) -> list[int]:
-        return list(draft_tokens[: self.accepted]) + [self.token]
+from workers.types import SparseQ, Verdict
 
 
 def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor) -> Verdict:

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from protos import worker_pb2
-from workers.sampling import SamplingParams
-from workers.verification import SparseQ
+from workers.types import SamplingParams, SparseQ
 
 _Q_VERSION = 1
 

@@ -19,7 +19,7 @@ import grpc
 
 from cluster.scheduling.policy import SpecMode
 from protos import specdec_pb2
-from workers.sampling import SamplingParams
+from workers.types import SamplingParams
 
 MODES = {
     specdec_pb2.SPECULATION_MODE_UNSPECIFIED: SpecMode.AUTO,

@@ -1,5 +1,4 @@
-"""gRPC servers as local subprocesses (workers.server, cluster.api.grpc_service), for benchmarks and
-tests.
+"""Worker gRPC servers (workers.server) as local subprocesses, for benchmarks and tests.
 
 Each process prints its bound port on its first stdout line when it is ready to serve.
 """

@@ -19,7 +19,7 @@ from cluster.scheduling.pipelining import ahead_hit
 from cluster.scheduling.rows import Row, group_by_lease
 from cluster.scheduling.worker_api import DraftPool
 from workers.batch import PrefillRow, Proposal, ProposeRow
-from workers.verification import SparseQ
+from workers.types import SparseQ
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ pool); where draft and target share cores it slows the target, so "auto" measure
 from __future__ import annotations
 
 from workers.batch import Proposal
-from workers.verification import SparseQ, Verdict
+from workers.types import SparseQ, Verdict
 
 
 def ahead_hit(block: Proposal, verdict: Verdict, ahead: Proposal) -> Proposal | None:

@@ -17,7 +17,7 @@ from cluster.scheduling.policy import SpecMode, SpeculationPolicy
 from cluster.scheduling.rounds import FinishReason, SequenceRounds
 from cluster.scheduling.worker_api import DraftLease
 from workers.batch import Proposal
-from workers.sampling import SamplingParams
+from workers.types import SamplingParams
 
 
 class RowSink(Protocol):

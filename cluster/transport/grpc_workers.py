@@ -25,8 +25,7 @@ from protos import worker_pb2, worker_pb2_grpc
 from workers.batch import PrefillRow, ProposeRow, VerifyRow
 from workers.draft import Proposal
 from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
-from workers.sampling import SamplingParams
-from workers.verification import SparseQ, Verdict
+from workers.types import SamplingParams, SparseQ, Verdict
 from workers.wire import pack_q, sampling_to_proto, unpack_q
 
 log = logging.getLogger(__name__)

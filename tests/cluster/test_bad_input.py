@@ -12,8 +12,8 @@ from cluster.engine import SpecEngine
 from cluster.scheduling.policy import SpecMode
 from tests.tiny_models import VOCAB, make_model
 from workers.draft import DraftWorker
-from workers.sampling import SamplingParams
 from workers.target import TargetWorker
+from workers.types import SamplingParams
 
 PROMPT = "def f(x):"
 MAX_NEW = 12

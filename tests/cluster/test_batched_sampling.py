@@ -18,7 +18,8 @@ from cluster.scheduling.policy import SpecMode
 from tests.tiny_models import make_model
 from tests.workers.test_verification import tv, tv_threshold
 from workers.checkpoints import registry
-from workers.sampling import SamplingParams, warp_probs
+from workers.sampling import warp_probs
+from workers.types import SamplingParams
 
 PROMPTS = ["def f(x):", "class Stack:\n    pass"]  # interleaved: a mixed-up row would show
 PARAMS = SamplingParams(temperature=1.3, top_k=40, top_p=0.95)

@@ -17,7 +17,7 @@ from cluster.scheduling.policy import SpecMode
 from cluster.scheduling.rounds import FinishReason
 from tests.cluster.test_engine_greedy import hf_greedy
 from tests.tiny_models import make_model
-from workers.sampling import SamplingParams
+from workers.types import SamplingParams
 
 PROMPTS = [
     "a",

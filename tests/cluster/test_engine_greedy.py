@@ -17,7 +17,8 @@ from cluster.engine import SpecEngine
 from cluster.scheduling.policy import SpecMode
 from cluster.scheduling.rounds import FinishReason
 from tests.tiny_models import make_model
-from workers.sampling import SamplingParams, warp_probs
+from workers.sampling import warp_probs
+from workers.types import SamplingParams
 
 PROMPTS = ["def f(x):", "abc", "class Node:", "hello world"]
 MAX_NEW = 24

@@ -1,4 +1,4 @@
-"""The public SpecDecode API end to end: `python -m cluster.api.grpc_service` in front of real
+"""The public SpecDecode API end to end: `python -m cluster.routing.grpc_server` in front of real
 worker processes, called by a gRPC client. Bad requests, cancellation, deadlines, start-up
 checks."""
 
@@ -35,7 +35,7 @@ ON = pb.SPECULATION_MODE_ON
 
 
 def ingress(target: str, draft: str, model, *extra: str) -> Proc:
-    args = ["-m", "cluster.api.grpc_service", "--target", target, "--draft", draft]
+    args = ["-m", "cluster.routing.grpc_server", "--target", target, "--draft", draft]
     return Proc([*args, "--target-model", str(model), "--port", "0", *extra], "ingress")
 
 
@@ -163,7 +163,7 @@ def test_ingress_refuses_to_start_with_a_draft_of_another_tokenizer(cluster, ckp
     try:
         t0 = time.monotonic()
         done = subprocess.run(
-            [sys.executable, "-m", "cluster.api.grpc_service", "--target", cluster["target"]]
+            [sys.executable, "-m", "cluster.routing.grpc_server", "--target", cluster["target"]]
             + ["--draft", f"127.0.0.1:{port}", "--target-model", str(ckpts["target"])],
             cwd=ROOT,
             env=server_env(),

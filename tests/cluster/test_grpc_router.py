@@ -29,8 +29,8 @@ from tests.cluster.grpc_procs import (
 from tests.tiny_models import make_model, make_tokenizer
 from workers.draft import DraftWorker
 from workers.model_runner import load_tokenizer
-from workers.sampling import SamplingParams
 from workers.service import serve_draft
+from workers.types import SamplingParams
 
 PROMPTS = ["def add(a, b):", "import os\n", "x = [1, 2"]
 MAX_NEW = 48

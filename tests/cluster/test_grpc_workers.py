@@ -24,9 +24,8 @@ from workers.batch import PrefillRow, ProposeRow, VerifyRow
 from workers.draft import DraftWorker
 from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
 from workers.model_runner import load_tokenizer
-from workers.sampling import SamplingParams
 from workers.target import TargetWorker
-from workers.verification import SparseQ
+from workers.types import SamplingParams, SparseQ
 from workers.wire import (
     pack_q,
     sampling_from_proto,

@@ -159,7 +159,7 @@ def test_seeded_sampling_through_serve_repeats_the_in_process_engine(cluster):
     same tokens as the in-process engine (TP = 1, same draft, same k, same seed)."""
     from cluster.engine import SpecEngine
     from cluster.scheduling.policy import SpecMode
-    from workers.sampling import SamplingParams
+    from workers.types import SamplingParams
 
     engine = SpecEngine.from_paths(cluster.target, cluster.draft)
     try:

@@ -91,7 +91,7 @@ def test_chat_prompt_greedy_equals_hf_generate(cluster):
 def test_seeded_sampling_through_serve_repeats_the_in_process_engine(cluster):
     from cluster.engine import SpecEngine
     from cluster.scheduling.policy import SpecMode
-    from workers.sampling import SamplingParams
+    from workers.types import SamplingParams
 
     address, cfg = cluster
     req, _ = sample_request(cfg, CHAT, 24)

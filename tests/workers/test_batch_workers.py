@@ -19,8 +19,8 @@ from workers.batch import PrefillRow, ProposeRow, VerifyRow
 from workers.draft import DraftWorker, Proposal
 from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
 from workers.model_runner import ModelRunner
-from workers.sampling import SamplingParams
 from workers.target import TargetWorker
+from workers.types import SamplingParams
 
 GREEDY = SamplingParams()
 

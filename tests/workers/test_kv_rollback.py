@@ -1,5 +1,5 @@
-"""Per-sequence KV caches through ModelRunner: rollback is exact, release frees, the context is
-enforced."""
+"""Sequences in the runner's batched KV cache (workers/batch_kv.py), one at a time: rollback is
+exact, release frees, the context is enforced."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from tests.tiny_models import make_model
-from workers.kv_cache import KVStore, SequenceKV
 from workers.model_runner import ModelRunner
 
 CONTEXT = 48
@@ -140,16 +139,3 @@ def test_context_limit_on_a_new_sequence_leaves_nothing_behind(runner):
         runner.extend("big", TOKENS + TOKENS[:1])
     assert runner.live_sequences == before and "big" not in runner.kv
 
-
-def test_sequence_kv_bookkeeping():
-    kv = SequenceKV()
-    assert kv.length == 0
-    kv.rollback(0)  # an empty cache rolls back to 0
-    with pytest.raises(ValueError):
-        kv.rollback(1)
-    store = KVStore()
-    s = store.create("a")
-    assert "a" in store and len(store) == 1 and store.get("a") is s and store.ids() == ["a"]
-    with pytest.raises(KeyError, match="b"):
-        store.get("b")
-    assert store.release("a") and not store.release("a") and len(store) == 0

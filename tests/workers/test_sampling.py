@@ -12,7 +12,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from workers.sampling import PositionalRng, SamplingParams, next_token, warp_probs
+from workers.sampling import PositionalRng, next_token, warp_probs
+from workers.types import SamplingParams
 
 
 def hf_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

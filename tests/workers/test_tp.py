@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 from tests.deploy.helpers import init_ray, tiny_pair, tmpdir
 from workers.batch import PrefillRow, VerifyRow
 from workers.errors import StaleSequenceError
-from workers.sampling import SamplingParams
 from workers.target import TargetWorker
 from workers.tp import RankSpec, TensorParallelError, TensorParallelTarget
+from workers.types import SamplingParams
 
 pytestmark = pytest.mark.slow
 

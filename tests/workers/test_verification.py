@@ -22,8 +22,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from workers.sampling import PositionalRng, SamplingParams, next_token, warp_probs
-from workers.verification import SparseQ, Verdict, verify_greedy, verify_sampled
+from workers.sampling import PositionalRng, next_token, warp_probs
+from workers.types import SamplingParams, SparseQ, Verdict
+from workers.verification import verify_greedy, verify_sampled
 
 # -- the reference sampler ------------------------------------------------------------------------
 

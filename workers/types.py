@@ -1,0 +1,72 @@
+"""The values that cross a worker's boundary: how a request samples, the draft's sparse q, the
+target's verdict on a block. No torch at import time (the tensors inside `SparseQ` are opaque to
+the scheduler), so the pure scheduling core can hold them without loading torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How one request samples. temperature == 0 means greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1.0 = no nucleus filter
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, int | float) or not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not isinstance(self.top_p, int | float) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SparseQ:
+    """The draft's distributions for k positions, as its top-m support: indices/probs are [k, m].
+
+    m == vocab size is the dense case. Rows sum to 1 over their support.
+    """
+
+    indices: torch.Tensor  # int64 [k, m]
+    probs: torch.Tensor  # float32 [k, m]
+
+    def dense_row(self, row: int, vocab: int) -> torch.Tensor:
+        import torch
+
+        out = torch.zeros(vocab, dtype=torch.float32)
+        return out.scatter_(0, self.indices[row].long(), self.probs[row].float())
+
+    def prob_of(self, tokens: torch.Tensor) -> torch.Tensor:
+        """q_i(tokens_i) for each row i (0 where the token is outside the support)."""
+        hit = self.indices == tokens.long().unsqueeze(1)
+        return (self.probs.float() * hit).sum(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Outcome of one block: `accepted` draft tokens kept, then one recovered or bonus `token`."""
+
+    accepted: int
+    token: int
+    bonus: bool = False  # True when all k were accepted and `token` came from p_{k+1}
+
+    def committed(self, draft_tokens: list[int]) -> list[int]:
+        return list(draft_tokens[: self.accepted]) + [self.token]
+
