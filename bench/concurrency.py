@@ -180,8 +180,9 @@ def sweep(
     repeats: int = 1,
     confidence_stop: float = 0.0,
 ) -> list[Cell]:
-    from cluster.routing.processes import start_all, stop_all, worker_process
-    from cluster.routing.router import Router, RouterConfig
+    from cluster.routing.config import RouterConfig
+    from cluster.routing.router import Router
+    from cluster.routing.worker_processes import start_all, stop_all, worker_process
 
     stop = ["--confidence-stop", str(confidence_stop)]
     procs = start_all(

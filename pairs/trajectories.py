@@ -1,4 +1,4 @@
-"""The target's own greedy continuations of corpus prompts: the draft's distillation data."""
+"""The stdlib target's own greedy continuations of corpus prompts: its draft's distillation data."""
 
 from __future__ import annotations
 

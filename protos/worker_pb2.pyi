@@ -72,22 +72,6 @@ class ProposeResponse(_message.Message):
     unsure_last: bool
     def __init__(self, start: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., q: _Optional[bytes] = ..., committed_len: _Optional[int] = ..., unsure_last: _Optional[bool] = ...) -> None: ...
 
-class CommitRequest(_message.Message):
-    __slots__ = ("seq_id", "committed_len", "new_tokens")
-    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
-    COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
-    NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    seq_id: str
-    committed_len: int
-    new_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, seq_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., new_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
-
-class CommitResponse(_message.Message):
-    __slots__ = ("committed_len",)
-    COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
-    committed_len: int
-    def __init__(self, committed_len: _Optional[int] = ...) -> None: ...
-
 class VerifyRequest(_message.Message):
     __slots__ = ("seq_id", "committed_len", "draft_tokens", "q")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
@@ -111,22 +95,6 @@ class VerifyResponse(_message.Message):
     bonus: bool
     committed_len: int
     def __init__(self, accepted: _Optional[int] = ..., token: _Optional[int] = ..., bonus: _Optional[bool] = ..., committed_len: _Optional[int] = ...) -> None: ...
-
-class PlainStepRequest(_message.Message):
-    __slots__ = ("seq_id", "committed_len")
-    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
-    COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
-    seq_id: str
-    committed_len: int
-    def __init__(self, seq_id: _Optional[str] = ..., committed_len: _Optional[int] = ...) -> None: ...
-
-class PlainStepResponse(_message.Message):
-    __slots__ = ("token", "committed_len")
-    TOKEN_FIELD_NUMBER: _ClassVar[int]
-    COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
-    token: int
-    committed_len: int
-    def __init__(self, token: _Optional[int] = ..., committed_len: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("seq_id",)

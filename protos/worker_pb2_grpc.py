@@ -34,21 +34,6 @@ class DraftWorkerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Prefill = channel.unary_unary(
-                '/specdec.worker.v1.DraftWorker/Prefill',
-                request_serializer=protos_dot_worker__pb2.PrefillRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.PrefillResponse.FromString,
-                _registered_method=True)
-        self.Propose = channel.unary_unary(
-                '/specdec.worker.v1.DraftWorker/Propose',
-                request_serializer=protos_dot_worker__pb2.ProposeRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.ProposeResponse.FromString,
-                _registered_method=True)
-        self.Commit = channel.unary_unary(
-                '/specdec.worker.v1.DraftWorker/Commit',
-                request_serializer=protos_dot_worker__pb2.CommitRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.CommitResponse.FromString,
-                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/specdec.worker.v1.DraftWorker/Release',
                 request_serializer=protos_dot_worker__pb2.ReleaseRequest.SerializeToString,
@@ -74,25 +59,6 @@ class DraftWorkerStub:
 class DraftWorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Prefill(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Propose(self, request, context):
-        """Applies `commit` first, then drafts k tokens.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Commit(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Release(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -112,7 +78,8 @@ class DraftWorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ProposeBatch(self, request, context):
-        """The k-step drafting of all rows runs batched (ragged k).
+        """Each row applies its `commit` first, then drafts k tokens; the k-step drafting of all rows
+        runs batched (ragged k).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,21 +88,6 @@ class DraftWorkerServicer:
 
 def add_DraftWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Prefill': grpc.unary_unary_rpc_method_handler(
-                    servicer.Prefill,
-                    request_deserializer=protos_dot_worker__pb2.PrefillRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.PrefillResponse.SerializeToString,
-            ),
-            'Propose': grpc.unary_unary_rpc_method_handler(
-                    servicer.Propose,
-                    request_deserializer=protos_dot_worker__pb2.ProposeRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.ProposeResponse.SerializeToString,
-            ),
-            'Commit': grpc.unary_unary_rpc_method_handler(
-                    servicer.Commit,
-                    request_deserializer=protos_dot_worker__pb2.CommitRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.CommitResponse.SerializeToString,
-            ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
                     request_deserializer=protos_dot_worker__pb2.ReleaseRequest.FromString,
@@ -166,87 +118,6 @@ def add_DraftWorkerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class DraftWorker:
     """Missing associated documentation comment in .proto file."""
-
-    @staticmethod
-    def Prefill(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/specdec.worker.v1.DraftWorker/Prefill',
-            protos_dot_worker__pb2.PrefillRequest.SerializeToString,
-            protos_dot_worker__pb2.PrefillResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Propose(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/specdec.worker.v1.DraftWorker/Propose',
-            protos_dot_worker__pb2.ProposeRequest.SerializeToString,
-            protos_dot_worker__pb2.ProposeResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Commit(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/specdec.worker.v1.DraftWorker/Commit',
-            protos_dot_worker__pb2.CommitRequest.SerializeToString,
-            protos_dot_worker__pb2.CommitResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def Release(request,
@@ -366,21 +237,6 @@ class TargetWorkerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Prefill = channel.unary_unary(
-                '/specdec.worker.v1.TargetWorker/Prefill',
-                request_serializer=protos_dot_worker__pb2.PrefillRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.PrefillResponse.FromString,
-                _registered_method=True)
-        self.Verify = channel.unary_unary(
-                '/specdec.worker.v1.TargetWorker/Verify',
-                request_serializer=protos_dot_worker__pb2.VerifyRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.VerifyResponse.FromString,
-                _registered_method=True)
-        self.PlainStep = channel.unary_unary(
-                '/specdec.worker.v1.TargetWorker/PlainStep',
-                request_serializer=protos_dot_worker__pb2.PlainStepRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.PlainStepResponse.FromString,
-                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/specdec.worker.v1.TargetWorker/Release',
                 request_serializer=protos_dot_worker__pb2.ReleaseRequest.SerializeToString,
@@ -405,24 +261,6 @@ class TargetWorkerStub:
 
 class TargetWorkerServicer:
     """Missing associated documentation comment in .proto file."""
-
-    def Prefill(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Verify(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def PlainStep(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -452,21 +290,6 @@ class TargetWorkerServicer:
 
 def add_TargetWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Prefill': grpc.unary_unary_rpc_method_handler(
-                    servicer.Prefill,
-                    request_deserializer=protos_dot_worker__pb2.PrefillRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.PrefillResponse.SerializeToString,
-            ),
-            'Verify': grpc.unary_unary_rpc_method_handler(
-                    servicer.Verify,
-                    request_deserializer=protos_dot_worker__pb2.VerifyRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.VerifyResponse.SerializeToString,
-            ),
-            'PlainStep': grpc.unary_unary_rpc_method_handler(
-                    servicer.PlainStep,
-                    request_deserializer=protos_dot_worker__pb2.PlainStepRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.PlainStepResponse.SerializeToString,
-            ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
                     request_deserializer=protos_dot_worker__pb2.ReleaseRequest.FromString,
@@ -497,87 +320,6 @@ def add_TargetWorkerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class TargetWorker:
     """Missing associated documentation comment in .proto file."""
-
-    @staticmethod
-    def Prefill(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/specdec.worker.v1.TargetWorker/Prefill',
-            protos_dot_worker__pb2.PrefillRequest.SerializeToString,
-            protos_dot_worker__pb2.PrefillResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Verify(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/specdec.worker.v1.TargetWorker/Verify',
-            protos_dot_worker__pb2.VerifyRequest.SerializeToString,
-            protos_dot_worker__pb2.VerifyResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def PlainStep(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/specdec.worker.v1.TargetWorker/PlainStep',
-            protos_dot_worker__pb2.PlainStepRequest.SerializeToString,
-            protos_dot_worker__pb2.PlainStepResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def Release(request,

@@ -1,51 +1,70 @@
-"""The benchmark runs end to end (tiny models, a few tokens) and checks greedy outputs agree."""
+"""The benchmarks run end to end (tiny models, a few tokens) and report what they measured: the
+printed tok/s and ratios are the JSON rows', every row decoded the tokens asked for, and the greedy
+outputs of every system agree."""
 
 from __future__ import annotations
 
 import json
+import re
 
 from bench.run import main
 from tests.tiny_models import make_model
 
+PROMPTS, NEW_TOKENS = 2, 12
+
+
+def printed_row(printed: str, name: str) -> tuple[str, str]:
+    """(tok/s, ratio) as the table prints them for the system `name`."""
+    found = re.findall(rf"^{re.escape(name)} +([\d.]+) +([\d.]+)x", printed, flags=re.M)
+    assert len(found) == 1, (name, printed)
+    return found[0]
+
 
 def test_bench_runs_and_outputs_agree(tmp_path, capsys):
+    # No EOS: every system decodes exactly NEW_TOKENS for every prompt.
     target = make_model(tmp_path / "target", seed=0, eos_token_id=None)
     draft = make_model(tmp_path / "draft", seed=1, layers=1, eos_token_id=None)
     out = tmp_path / "bench.json"
     rc = main(
-        [
-            "--target",
-            str(target),
-            "--draft",
-            str(draft),
-            "--prompts",
-            "2",
-            "--max-new-tokens",
-            "12",
-            "--threads",
-            "1",
-            "--json",
-            str(out),
-        ]
+        ["--target", str(target), "--draft", str(draft), "--prompts", str(PROMPTS)]
+        + ["--max-new-tokens", str(NEW_TOKENS), "--threads", "1", "--json", str(out)]
     )
     printed = capsys.readouterr().out
-    assert rc == 0, printed
+    assert rc == 0, printed  # 1 when any system's greedy output differs from hf generate's
     assert "greedy outputs identical to hf generate: yes" in printed
+    assert f"{PROMPTS} prompts x {NEW_TOKENS} new tokens, greedy" in printed
     rows = json.loads(out.read_text())
-    names = {r["name"] for r in rows}
+    timed = [r for r in rows if "tokens" in r]
+    names = [r["name"] for r in timed]
+    assert names[0] == "hf generate (target only)"  # the baseline every ratio is against
     assert {
-        "hf generate (target only)",
         "hf assisted generation",
         "grpc plain (mode OFF)",
         "engine spec k=4, pipelined",
         # through a draft worker process started with --confidence-stop
         "grpc spec adaptive (AUTO), not pipelined, draft stops below p=0.4",
-    } <= names
-    timed = [r for r in rows if "tokens" in r]
-    assert all(r["tokens"] == 2 * 12 and r["tokens_per_s"] > 0 for r in timed)
+    } <= set(names)
+    assert len(names) == len(set(names))
+    base = timed[0]["tokens_per_s"]
+    for r in timed:
+        assert r["tokens"] == PROMPTS * NEW_TOKENS, r
+        assert r["seconds"] > 0 and abs(r["tokens_per_s"] - r["tokens"] / r["seconds"]) < 1e-6
+        tok_s, ratio = printed_row(printed, r["name"])
+        assert tok_s == f"{r['tokens_per_s']:.1f}"
+        assert ratio == f"{r['tokens_per_s'] / base:.2f}"
+        if "alpha" in r:  # the engine's and the gRPC router's own stats
+            if "plain (mode OFF)" in r["name"]:
+                assert r["alpha"] is None, r  # nothing drafted
+            elif " k=" in r["name"]:  # a fixed k always drafts (AUTO may fall back to plain)
+                assert 0 <= r["alpha"] <= 1, r
+            if "not pipelined" in r["name"]:
+                assert r["pipeline_hits"] == 0, r
+    assert printed_row(printed, names[0])[1] == "1.00"
     ttft = {r["name"]: r["ms"] for r in rows if "ms" in r}
     assert len(ttft) == 3 and all(ms > 0 for ms in ttft.values())
     assert "time to first token" in printed
+    for name, ms in ttft.items():
+        assert re.search(rf"^  {re.escape(name)} +{ms:.1f} ms$", printed, flags=re.M), name
 
 
 def test_concurrency_sweep_runs_and_agrees_with_plain(tmp_path, capsys):
@@ -58,11 +77,23 @@ def test_concurrency_sweep_runs_and_agrees_with_plain(tmp_path, capsys):
         + ["--requests-per-stream", "1", "--plot", str(png), "--json", str(out)]
     )
     printed = capsys.readouterr().out
-    assert rc == 0, printed
+    assert rc == 0, printed  # 1 when any cell's greedy output differs from plain decoding's
     assert "greedy outputs identical to plain decoding: yes" in printed
     rows = json.loads(out.read_text())
     assert {(r["mode"], r["streams"]) for r in rows} == {
         (m, n) for m in ("plain", "auto", "k=4") for n in (1, 3)
     }
-    assert all(r["tok/s"] > 0 and r["rows/pass"] >= 1 for r in rows)
+    for r in rows:
+        # The printed table is the JSON rows, column for column.
+        assert "| " + " | ".join(str(v) for v in r.values()) + " |" in printed.splitlines()
+        assert r["tok/s"] > 0 and 1 <= r["rows/pass"] <= r["streams"], r
+        assert r["tau"] >= 1 and 0 < r["ttft p50 ms"] <= r["ttft p95 ms"], r
+        assert r["itl p50 ms"] <= r["itl p95 ms"], r
+        # Plain decoding's rows are all plain; the others' share lies between none and all.
+        assert r["plain share"] == 1.0 if r["mode"] == "plain" else 0 <= r["plain share"] <= 1
+    tok_s = {(r["mode"], r["streams"]): r["tok/s"] for r in rows}
+    for n in (1, 3):
+        ratio = re.search(rf"{n} streams: AUTO/plain ([\d.]+)x", printed)
+        assert ratio, printed
+        assert abs(float(ratio.group(1)) - tok_s[("auto", n)] / tok_s[("plain", n)]) <= 0.011
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"

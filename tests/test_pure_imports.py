@@ -25,6 +25,11 @@ PURE = [
     "workers.target",
     "workers.batch",
     "cluster.scheduling.rounds",
+    "cluster.scheduling.acceptance",
+    "cluster.scheduling.row_policy",
+    "cluster.scheduling.switching",
+    "cluster.scheduling.step_costs",
+    "cluster.scheduling.step_loop",
     "cluster.scheduling.policy",
     "cluster.scheduling.batch_policy",
     "cluster.scheduling.pipelining",
@@ -33,7 +38,9 @@ PURE = [
     "cluster.scheduling.drafting",
     "cluster.scheduling.scheduler",
     "cluster.engine",
-    "cluster.api.openai",
+    "cluster.api.openai_requests",
+    "cluster.api.openai_responses",
+    "cluster.api.openai_models",
 ]
 FORBIDDEN = ["ray", "grpc"]
 # Loaded first, in an interpreter of their own, so that nothing else has pulled torch in yet.
@@ -45,6 +52,8 @@ TORCH_FREE = [
     "cluster.scheduling.drafting",
     "cluster.scheduling.batch_policy",
     "cluster.scheduling.admission",
+    "cluster.scheduling.row_policy",
+    "cluster.scheduling.step_loop",
 ]
 
 PROBE = """

@@ -14,7 +14,7 @@ for all its prompts, a propose_batch k_max forwards (rows with a smaller k drop 
 UnknownSequenceError, StaleSequenceError, ValueError (bad argument, context), KVBudgetExceeded
 (prefill only: the worker's max_kv_tokens would be passed; retry when rows have left). A seq_id
 named twice in one call is allowed: its later rows run after the batch, in order (an extra
-forward). The per-sequence methods are batches of one.
+forward). The workers check each row's token ids and lengths by workers/token_range.py.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class PrefillRow:
 @dataclass(frozen=True, slots=True)
 class ProposeRow:
     """Draft k tokens; `commit` (committed after committed_len) is applied first, `start` drafts
-    from that absolute position (see DraftWorker.propose)."""
+    from that absolute position (see DraftWorker.propose_batch)."""
 
     seq_id: str
     committed_len: int
@@ -118,10 +118,3 @@ def split_prefill(rows: Sequence[PrefillRow], runner, check) -> tuple[list, list
         pending += len(r.token_ids) - 1 - held
         now.append(i)
     return out, now, later
-
-
-def raise_row(result: object) -> object:
-    """A batch-of-one slot as the per-sequence API answers it: the value, or the row's error."""
-    if isinstance(result, BaseException):
-        raise result
-    return result

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.batch import PrefillRow, Proposal, ProposeRow, raise_row, split_prefill
+from workers.batch import PrefillRow, Proposal, ProposeRow, split_prefill
 from workers.errors import StaleSequenceError, UnknownSequenceError
 from workers.model_runner import ModelRunner
 from workers.sampling import PositionalRng, warp_probs
+from workers.token_range import check_length, check_token_ids
 from workers.types import SamplingParams, SparseQ
 
 DRAFT_STREAM = 1  # the draft's random stream differs from the target's for the same seed
@@ -65,54 +66,9 @@ class DraftWorker:
     def max_kv_tokens(self) -> int | None:
         return self.runner.max_kv_tokens
 
-    def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> None:
-        """(Re)start a sequence from its committed tokens; replaces any earlier state."""
-        raise_row(self.prefill_batch([PrefillRow(seq_id, token_ids, params)])[0])
-
     def committed_len(self, seq_id: str) -> int:
+        """The sequence's committed length (the speculative tail not counted), for checks."""
         return self._get(seq_id).committed_len
-
-    def propose(
-        self,
-        seq_id: str,
-        committed_len: int,
-        k: int,
-        commit: list[int] | tuple[int, ...] = (),
-        start: int | None = None,
-    ) -> Proposal:
-        """Draft up to k tokens after everything this sequence holds (committed + tail).
-
-        `commit` (tokens committed after committed_len) is applied first, so a router sends the
-        result of a round and asks for the next block in one call. `start` (an absolute position
-        between the committed length and the end of the tail) drafts from there instead, dropping
-        the tail after it. Fewer than k tokens come back only at the model's context limit, or
-        after a token the draft was unsure of (confidence_stop).
-        """
-        row = ProposeRow(seq_id, committed_len, k, tuple(commit), start)
-        return raise_row(self.propose_batch([row])[0])
-
-    def commit(self, seq_id: str, committed_len: int, new_tokens: list[int]) -> int:
-        """Make committed_len + new_tokens the committed sequence; returns the new committed length.
-
-        Keeps the longest prefix of the speculative tail that agrees (and its KV), drops the rest.
-        Applying the same commit twice is a no-op.
-        """
-        seq = self._get(seq_id)
-        new_len = committed_len + len(new_tokens)
-        if seq.committed_len == new_len and seq.tokens[committed_len:new_len] == list(new_tokens):
-            return new_len  # already applied (a retry)
-        self._check(seq_id, seq, committed_len)
-        tail = seq.tokens[committed_len:]
-        agree = 0
-        while agree < min(len(tail), len(new_tokens)) and tail[agree] == new_tokens[agree]:
-            agree += 1
-        # When the whole commit was drafted here already, the rest of the tail stays (pipelining).
-        if agree < len(new_tokens):
-            seq.tokens = seq.tokens[: committed_len + agree] + list(new_tokens[agree:])
-            cached = self.runner.length(seq_id)
-            self.runner.rollback(seq_id, min(cached, committed_len + agree))
-        seq.committed_len = new_len
-        return new_len
 
     def release(self, seq_id: str) -> bool:
         self.runner.release(seq_id)
@@ -144,21 +100,21 @@ class DraftWorker:
         return out
 
     def _check_prompt(self, r: PrefillRow) -> None:
-        if not r.token_ids:
-            raise ValueError("prompt: must contain at least one token")
-        if len(r.token_ids) - 1 > self.runner.max_context:
-            raise ValueError(
-                f"sequence {r.seq_id!r} would exceed the model context of "
-                f"{self.runner.max_context} tokens"
-            )
+        check_token_ids("token_ids", r.token_ids, self.runner.vocab_size)
+        check_length("prompt", len(r.token_ids), self.runner.max_context)
 
     def propose_batch(self, rows: list[ProposeRow]) -> list[object]:
-        """Per row: a Proposal, or the exception that refused that row.
+        """Per row: a Proposal of up to k tokens after everything the sequence holds (committed
+        + tail), or the exception that refused that row.
 
-        Each row's `commit` and `start` are applied first (as propose does; a row refused after
-        its commit keeps the commit), then the k_i drafting steps of all rows run batched: step j
-        is one forward over the rows that still draft (ragged k: the others drop out). Sampling
-        draws from each row's positional stream, so a row drafts what it would alone.
+        Each row's `commit` (tokens committed after its committed_len: a router sends the result
+        of a round and asks for the next block in one row) is applied first, then its `start`
+        (an absolute position between the committed length and the end of the tail: draft from
+        there, dropping the tail after it); a row refused after its commit keeps the commit.
+        Then the k_i drafting steps of all rows run batched: step j is one forward over the rows
+        that still draft (ragged k: the others drop out). Fewer than k tokens come back only at
+        the model's context limit, or after a token the draft was unsure of (confidence_stop).
+        Sampling draws from each row's positional stream, so a row drafts what it would alone.
         """
         out: list[object] = [None] * len(rows)
         todo: dict[int, tuple[_DraftSeq, int, int]] = {}  # row -> (seq, start, k)
@@ -209,9 +165,10 @@ class DraftWorker:
 
     def _begin(self, r: ProposeRow) -> tuple[_DraftSeq, int, int]:
         """Apply the row's commit and start; (seq, where drafting starts, k after clamping)."""
+        commit = check_token_ids("commit", r.commit, self.runner.vocab_size)
         committed_len = r.committed_len
-        if r.commit:
-            committed_len = self.commit(r.seq_id, committed_len, list(r.commit))
+        if commit:
+            committed_len = self._commit(r.seq_id, committed_len, commit)
         seq = self._get(r.seq_id)
         self._check(r.seq_id, seq, committed_len)
         if r.k < 1:
@@ -226,6 +183,29 @@ class DraftWorker:
             self.runner.rollback(r.seq_id, min(self.runner.length(r.seq_id), r.start - 1))
         start = len(seq.tokens)
         return seq, start, max(0, min(r.k, self.runner.max_context - start + 1))
+
+    def _commit(self, seq_id: str, committed_len: int, new_tokens: list[int]) -> int:
+        """Make committed_len + new_tokens the committed sequence; returns the new committed length.
+
+        Keeps the longest prefix of the speculative tail that agrees (and its KV), drops the rest.
+        Applying the same commit twice is a no-op.
+        """
+        seq = self._get(seq_id)
+        new_len = committed_len + len(new_tokens)
+        if seq.committed_len == new_len and seq.tokens[committed_len:new_len] == list(new_tokens):
+            return new_len  # already applied (a retry)
+        self._check(seq_id, seq, committed_len)
+        tail = seq.tokens[committed_len:]
+        agree = 0
+        while agree < min(len(tail), len(new_tokens)) and tail[agree] == new_tokens[agree]:
+            agree += 1
+        # When the whole commit was drafted here already, the rest of the tail stays (pipelining).
+        if agree < len(new_tokens):
+            seq.tokens = seq.tokens[: committed_len + agree] + list(new_tokens[agree:])
+            cached = self.runner.length(seq_id)
+            self.runner.rollback(seq_id, min(cached, committed_len + agree))
+        seq.committed_len = new_len
+        return new_len
 
     def _draw(self, seq: _DraftSeq, logits: torch.Tensor, idx: list, prob: list) -> int:
         """The next draft token from one row of logits (greedy: argmax; else from the top-m)."""

@@ -4,16 +4,13 @@ per row: the value, or the exception that refused that row alone (workers/batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 from workers.batch import PrefillRow, ProposeRow, VerifyRow
-from workers.draft import Proposal
-from workers.types import SamplingParams, SparseQ, Verdict
 
 
 class RunnerInfo(Protocol):
-    """Read from `worker.runner` for Stats and request checks."""
+    """Read from `worker.runner` for Stats."""
 
     path: str
     vocab_size: int
@@ -28,19 +25,6 @@ class DraftModel(Protocol):
     @property
     def live_sequences(self) -> int: ...
 
-    def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> None: ...
-
-    def propose(
-        self,
-        seq_id: str,
-        committed_len: int,
-        k: int,
-        commit: Sequence[int] = (),
-        start: int | None = None,
-    ) -> Proposal: ...
-
-    def commit(self, seq_id: str, committed_len: int, new_tokens: list[int]) -> int: ...
-
     def release(self, seq_id: str) -> bool: ...
 
     def prefill_batch(self, rows: list[PrefillRow]) -> list[object]: ...
@@ -53,14 +37,6 @@ class TargetModel(Protocol):
 
     @property
     def live_sequences(self) -> int: ...
-
-    def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> None: ...
-
-    def verify(
-        self, seq_id: str, committed_len: int, draft_tokens: list[int], q: SparseQ | None = None
-    ) -> Verdict: ...
-
-    def plain_step(self, seq_id: str, committed_len: int) -> int: ...
 
     def release(self, seq_id: str) -> bool: ...
 

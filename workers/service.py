@@ -1,22 +1,21 @@
 """gRPC services of the draft and target workers (protos/worker.proto).
 
 The servicers are thin: they decode a request, hand one `Call` to the worker's executor, and encode
-the result. The worker objects are duck-typed (`DraftModel`, `TargetModel` below): the in-process
-`DraftWorker` / `TargetWorker`, or a tensor-parallel target with the same methods.
+the result. The worker objects are duck-typed (`DraftModel`, `TargetModel`: workers/protocols.py):
+the in-process `DraftWorker` / `TargetWorker`, or a tensor-parallel target with the same methods.
 
-Concurrency: gRPC runs each call on a thread of its pool, so many sequences are served at once;
+Concurrency: gRPC runs each call on a thread of its pool, so many callers are served at once;
 the model itself runs one call at a time (`SerialExecutor`: one model thread per worker). Every
-model call goes through the executor's single `submit(call) -> Future` point, so a batcher that
-holds the verify / plain-step calls of several sequences for a moment and runs them as one forward
-can replace `SerialExecutor` without touching the servicers.
+model call goes through the executor's single `submit(call) -> Future` point. A batched call
+(PrefillBatch, ProposeBatch, VerifyBatch) is one `Call`: one executor job, one batched forward.
 
-Errors: StaleSequenceError -> FAILED_PRECONDITION (nothing changed), UnknownSequenceError ->
-NOT_FOUND, ValueError -> INVALID_ARGUMENT, KVBudgetExceeded -> RESOURCE_EXHAUSTED, the configured
-"worker is gone" errors (a dead tensor-parallel rank) -> UNAVAILABLE, anything else -> INTERNAL.
-Details carry the message. Batched RPCs (PrefillBatch, ProposeBatch, VerifyBatch) answer the same
-codes per row, in a RowStatus (a row that fails to decode fails alone too); only "worker is gone"
-fails the whole call. A batched call is one `Call` (seq_id None): one executor job, one batched
-forward.
+Errors, per row of a batched call (in its RowStatus; a row that fails to decode fails alone too):
+StaleSequenceError -> FAILED_PRECONDITION (nothing changed), UnknownSequenceError -> NOT_FOUND,
+ValueError -> INVALID_ARGUMENT, KVBudgetExceeded -> RESOURCE_EXHAUSTED, anything else -> INTERNAL;
+the message goes along. Only the configured "worker is gone" errors (a dead tensor-parallel rank)
+fail the whole call, UNAVAILABLE. Release answers with the same codes as its call status. A row's
+token ids and lengths are checked by the worker (workers/token_range.py), not here: the
+in-process engine calls the same workers without this service.
 
     server, port = serve_target(TargetWorker.from_path(path), "127.0.0.1", 0)
 """
@@ -56,14 +55,9 @@ SERVER_OPTIONS = [
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One worker method call: `getattr(worker, method)(seq_id, *args)`, or, for a batched
-    method (seq_id None: prefill_batch, propose_batch, verify_batch; args = (rows,)),
-    `getattr(worker, method)(*args)`.
-
-    Methods: prefill, propose, commit, release (draft); prefill, verify, plain_step, release
-    (target). A batcher looks at `method` and `args` (verify: committed_len, draft_tokens, q;
-    plain_step: committed_len) to group calls of different sequences into one forward.
-    """
+    """One worker method call: `getattr(worker, method)(seq_id, *args)` (release), or, for a
+    batched method (seq_id None: prefill_batch, propose_batch, verify_batch; args = (rows,)),
+    `getattr(worker, method)(*args)`."""
 
     method: str
     seq_id: str | None
@@ -108,20 +102,28 @@ def _unavailable_types(extra: tuple[type[BaseException], ...]) -> tuple[type[Bas
     return tuple(types)
 
 
+# The worker's refusals, as status codes (of a row, or of a Release / Stats call).
+_REFUSAL_CODES = (
+    (StaleSequenceError, grpc.StatusCode.FAILED_PRECONDITION),
+    (UnknownSequenceError, grpc.StatusCode.NOT_FOUND),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (KVBudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+)
+
+
+def _refusal_code(exc: BaseException) -> grpc.StatusCode | None:
+    return next((code for types, code in _REFUSAL_CODES if isinstance(exc, types)), None)
+
+
 def _rpc(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self: _ServicerBase, request, context: grpc.ServicerContext):
         try:
             return method(self, request, context)
-        except StaleSequenceError as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except UnknownSequenceError as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except KVBudgetExceeded as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except Exception as exc:
+            code = _refusal_code(exc)
+            if code is not None:
+                context.abort(code, str(exc))
             if isinstance(exc, _unavailable_types(self.unavailable_errors)):
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.role} worker: {exc}")
             log.exception("%s worker: %s failed", self.role, method.__name__)
@@ -147,31 +149,18 @@ class _ServicerBase:
         self.executor = executor or SerialExecutor(worker)
         self.unavailable_errors = tuple(unavailable_errors)
         runner = worker.runner
-        self.vocab_size = int(runner.vocab_size)
         self.info = worker_pb2.ModelInfo(
             role=self.role_enum,
             model_path=str(runner.path),
-            vocab_size=self.vocab_size,
+            vocab_size=int(runner.vocab_size),
             max_context=int(runner.max_context),
             eos_token_ids=sorted(int(t) for t in runner.eos_token_ids),
             tokenizer_fingerprint=tokenizer_fingerprint(runner.tokenizer),
         )
 
-    def _call(self, method: str, seq_id: str, *args) -> Any:
-        if not seq_id:
-            raise ValueError("seq_id: must not be empty")
-        return self.executor.submit(Call(method, seq_id, args)).result()
-
-    def _tokens(self, field: str, tokens: Sequence[int]) -> list[int]:
-        out = list(tokens)
-        bad = [t for t in out if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"{field}: token id {bad[0]} outside [0, {self.vocab_size})")
-        return out
-
-    def _prefill_row(self, req) -> PrefillRow:
-        tokens = self._tokens("token_ids", req.token_ids)
-        return PrefillRow(_seq_id(req), tokens, sampling_from_proto(req.sampling))
+    @staticmethod
+    def _prefill_row(req) -> PrefillRow:
+        return PrefillRow(_seq_id(req), list(req.token_ids), sampling_from_proto(req.sampling))
 
     def _batch(self, method: str, rows: Sequence, decode: Callable, encode: Callable, result):
         """One batched call: decode each row (a bad row fails alone), one executor job for the
@@ -199,18 +188,12 @@ class _ServicerBase:
         return out
 
     def _row_status(self, method: str, exc: BaseException) -> worker_pb2.RowStatus:
-        for types, code in _ROW_CODES:
-            if isinstance(exc, types):
-                return worker_pb2.RowStatus(code=code.value[0], message=str(exc))
+        code = _refusal_code(exc)
+        if code is not None:
+            return worker_pb2.RowStatus(code=code.value[0], message=str(exc))
         log.error("%s worker: a %s row failed: %r", self.role, method, exc)
         code = grpc.StatusCode.INTERNAL.value[0]
         return worker_pb2.RowStatus(code=code, message=f"{self.role} worker: {exc!r}")
-
-    @_rpc
-    def Prefill(self, request, context):
-        row = self._prefill_row(request)
-        self._call("prefill", row.seq_id, row.token_ids, row.params)
-        return worker_pb2.PrefillResponse(committed_len=len(row.token_ids))
 
     @_rpc
     def PrefillBatch(self, request, context):
@@ -225,7 +208,7 @@ class _ServicerBase:
 
     @_rpc
     def Release(self, request, context):
-        released = self._call("release", request.seq_id)
+        released = self.executor.submit(Call("release", _seq_id(request))).result()
         return worker_pb2.ReleaseResponse(released=bool(released))
 
     @_rpc
@@ -242,10 +225,10 @@ class DraftServicer(_ServicerBase, worker_pb2_grpc.DraftWorkerServicer):
     role = "draft"
     role_enum = worker_pb2.ROLE_DRAFT
 
-    def _propose_row(self, req) -> ProposeRow:
-        commit = self._tokens("commit", req.commit)
+    @staticmethod
+    def _propose_row(req) -> ProposeRow:
         start = req.start if req.HasField("start") else None
-        return ProposeRow(_seq_id(req), req.committed_len, req.k, tuple(commit), start)
+        return ProposeRow(_seq_id(req), req.committed_len, req.k, tuple(req.commit), start)
 
     @staticmethod
     def _proposal(req, proposal: Proposal) -> worker_pb2.ProposeResponse:
@@ -258,12 +241,6 @@ class DraftServicer(_ServicerBase, worker_pb2_grpc.DraftWorkerServicer):
         )
 
     @_rpc
-    def Propose(self, request, context):
-        r = self._propose_row(request)
-        proposal = self._call("propose", r.seq_id, r.committed_len, r.k, list(r.commit), r.start)
-        return self._proposal(request, proposal)
-
-    @_rpc
     def ProposeBatch(self, request, context):
         rows = self._batch(
             "propose_batch",
@@ -274,25 +251,14 @@ class DraftServicer(_ServicerBase, worker_pb2_grpc.DraftWorkerServicer):
         )
         return worker_pb2.ProposeBatchResponse(rows=rows)
 
-    @_rpc
-    def Commit(self, request, context):
-        tokens = self._tokens("new_tokens", request.new_tokens)
-        new_len = self._call("commit", request.seq_id, request.committed_len, tokens)
-        return worker_pb2.CommitResponse(committed_len=new_len)
-
 
 class TargetServicer(_ServicerBase, worker_pb2_grpc.TargetWorkerServicer):
     role = "target"
     role_enum = worker_pb2.ROLE_TARGET
 
-    def _verify_row(self, req) -> VerifyRow:
-        tokens = self._tokens("draft_tokens", req.draft_tokens)
-        q = unpack_q(req.q)
-        if q is not None and (
-            q.indices.shape[0] != len(tokens) or int(q.indices.max()) >= self.vocab_size
-        ):
-            raise ValueError("q: needs one row per draft token, with indices inside the vocabulary")
-        return VerifyRow(_seq_id(req), req.committed_len, tokens, q)
+    @staticmethod
+    def _verify_row(req) -> VerifyRow:
+        return VerifyRow(_seq_id(req), req.committed_len, list(req.draft_tokens), unpack_q(req.q))
 
     @staticmethod
     def _verdict(req, verdict: Verdict) -> worker_pb2.VerifyResponse:
@@ -304,37 +270,17 @@ class TargetServicer(_ServicerBase, worker_pb2_grpc.TargetWorkerServicer):
         )
 
     @_rpc
-    def Verify(self, request, context):
-        r = self._verify_row(request)
-        verdict = self._call("verify", r.seq_id, r.committed_len, list(r.draft_tokens), r.q)
-        return self._verdict(request, verdict)
-
-    @_rpc
     def VerifyBatch(self, request, context):
         rows = self._batch(
             "verify_batch", request.rows, self._verify_row, self._verdict, worker_pb2.VerifyResult
         )
         return worker_pb2.VerifyBatchResponse(rows=rows)
 
-    @_rpc
-    def PlainStep(self, request, context):
-        token = self._call("plain_step", request.seq_id, request.committed_len)
-        return worker_pb2.PlainStepResponse(token=token, committed_len=request.committed_len + 1)
-
 
 def _seq_id(req) -> str:
     if not req.seq_id:
         raise ValueError("seq_id: must not be empty")
     return req.seq_id
-
-
-# Row status codes of the batched calls (the unary calls abort with the same ones).
-_ROW_CODES = (
-    (StaleSequenceError, grpc.StatusCode.FAILED_PRECONDITION),
-    (UnknownSequenceError, grpc.StatusCode.NOT_FOUND),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
-    (KVBudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-)
 
 
 # -- servers ----------------------------------------------------------------------------------

@@ -4,8 +4,7 @@ Per sequence the worker keeps the committed tokens; its KV cache holds all of th
 which is fed together with the draft block, so verifying k tokens is one forward over k+1 positions
 and its logits are exactly p_1..p_{k+1}. After every call the cache is rolled back to the new
 committed length minus one: rejected draft positions never survive a round (they become holes of
-the batched cache). The batched calls run all their rows in one forward; the per-sequence methods
-are batches of one.
+the batched cache). A batched call runs all its rows in one forward.
 """
 
 from __future__ import annotations
@@ -15,11 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.batch import PrefillRow, VerifyRow, plain_verdict, raise_row, run_row, split_prefill
+from workers.batch import PrefillRow, VerifyRow, plain_verdict, run_row, split_prefill
 from workers.errors import StaleSequenceError, UnknownSequenceError
 from workers.model_runner import ModelRunner
 from workers.sampling import PositionalRng, next_token, warp_probs
-from workers.types import SamplingParams, SparseQ, Verdict
+from workers.token_range import check_id_bounds, check_length, check_token_ids
+from workers.types import SamplingParams, Verdict
 from workers.verification import verify_greedy, verify_sampled
 
 TARGET_STREAM = 0
@@ -61,29 +61,9 @@ class TargetWorker:
     def max_kv_tokens(self) -> int | None:
         return self.runner.max_kv_tokens
 
-    def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> None:
-        """(Re)start a sequence from its committed tokens; replaces any earlier state."""
-        raise_row(self.prefill_batch([PrefillRow(seq_id, token_ids, params)])[0])
-
-    def committed_len(self, seq_id: str) -> int:
-        return len(self._get(seq_id).tokens)
-
     def committed_tokens(self, seq_id: str) -> list[int]:
+        """The sequence's committed tokens, for checks (the batched calls answer with lengths)."""
         return list(self._get(seq_id).tokens)
-
-    def verify(
-        self, seq_id: str, committed_len: int, draft_tokens: list[int], q: SparseQ | None = None
-    ) -> Verdict:
-        """Accept a prefix of draft_tokens and add one recovered or bonus token; commits both."""
-        if not draft_tokens:
-            seq = self._get(seq_id)
-            self._check(seq_id, seq, committed_len)
-            raise ValueError("draft_tokens: must contain at least one token")
-        return raise_row(self.verify_batch([VerifyRow(seq_id, committed_len, draft_tokens, q)])[0])
-
-    def plain_step(self, seq_id: str, committed_len: int) -> int:
-        """One ordinary decoding step (the fallback path), with the same sampler as verify."""
-        return raise_row(self.verify_batch([VerifyRow(seq_id, committed_len)])[0]).token
 
     def release(self, seq_id: str) -> bool:
         self.runner.release(seq_id)
@@ -114,11 +94,8 @@ class TargetWorker:
         return out
 
     def _check_prompt(self, r: PrefillRow) -> None:
-        n = len(r.token_ids)
-        if not n:
-            raise ValueError("prompt: must contain at least one token")
-        if n > self.runner.max_context:
-            raise ValueError(f"prompt: {n} tokens exceed the target context of {self.max_context}")
+        check_token_ids("token_ids", r.token_ids, self.runner.vocab_size)
+        check_length("prompt", len(r.token_ids), self.runner.max_context)
 
     def verify_batch(self, rows: list[VerifyRow]) -> list[object]:
         """Per row: a Verdict (a plain row: accepted 0 and the next token), or the row's error.
@@ -158,7 +135,9 @@ class TargetWorker:
         return out
 
     def _begin(self, r: VerifyRow) -> tuple[_TargetSeq, tuple, object | None]:
-        """The row's checks; (seq, key, the cached answer of a retry or None)."""
+        """The row's checks; (seq, key, the cached answer of a retry or None). Its arguments
+        first: a malformed row is refused as such whatever the sequence's state."""
+        self._check_block(r)
         seq = self._get(r.seq_id)
         n = r.committed_len
         key = ("plain", n) if r.plain else ("verify", n, tuple(r.draft_tokens))
@@ -170,13 +149,22 @@ class TargetWorker:
             self.runner.check_extend(r.seq_id, 1)
         else:
             k = len(r.draft_tokens)
-            if n + k > self.runner.max_context:
-                raise ValueError(
-                    f"draft_tokens: block would pass the context of {self.max_context}"
-                )
-            if not seq.params.greedy and (r.q is None or r.q.indices.shape[0] != k):
+            check_length("draft_tokens", n, self.runner.max_context, new_tokens=k)
+            if not seq.params.greedy and r.q is None:
                 raise ValueError("q: sampling needs one draft distribution per draft token")
         return seq, key, None
+
+    def _check_block(self, r: VerifyRow) -> None:
+        """The draft block's token ids, and q when sent: one row per draft token, its indices
+        token ids too."""
+        vocab = self.runner.vocab_size
+        check_token_ids("draft_tokens", r.draft_tokens, vocab)
+        if r.q is None:
+            return
+        if r.q.indices.shape[0] != len(r.draft_tokens):
+            raise ValueError("q: needs one draft distribution per draft token")
+        if r.q.indices.numel():
+            check_id_bounds("q", int(r.q.indices.min()), int(r.q.indices.max()), vocab)
 
     def _finish(self, r: VerifyRow, seq: _TargetSeq, key: tuple, logits: torch.Tensor) -> Verdict:
         n = r.committed_len

@@ -6,15 +6,14 @@ actor in each bundle, joins them into one `torch.distributed` process group (glo
 GPU) and loads the target on every rank with transformers' own TP plan (`tp_plan="auto"`): nothing
 is sharded by hand here.
 
-Lock-step rule: every call (prefill, verify, plain_step, release, prefill_batch, verify_batch,
-...) goes to *all* ranks with the same arguments, in the same order, so each rank holds the same
-sequences, the same committed tokens and the same random streams; the collectives inside the
-forward pass then line up, and every rank computes the same full logits (a batched call is one
-batched forward on every rank, its per-row slots come from rank 0). The result of rank 0 is
-returned. Submission is serialized by a lock
-(Ray runs an actor's tasks in the order one caller submitted them), so concurrent callers can never
-interleave two ops differently on two ranks. A request without a seed gets one drawn here, before
-the fan-out, so that the ranks' samplers agree.
+Lock-step rule: every call (prefill_batch, verify_batch, release) goes to *all* ranks with the
+same arguments, in the same order, so each rank holds the same sequences, the same committed tokens
+and the same random streams; the collectives inside the forward pass then line up, and every rank
+computes the same full logits (a batched call is one batched forward on every rank). The result of
+rank 0 is returned: its per-row slots, a refused row's error among them. Submission is serialized
+by a lock (Ray runs an actor's tasks in the order one caller submitted them), so concurrent callers
+can never interleave two ops differently on two ranks. A request without a seed gets one drawn
+here, before the fan-out, so that the ranks' samplers agree.
 
 Only this adapter knows about Ray and torch.distributed; the worker it runs on each rank is the
 plain `workers.target.TargetWorker`.
@@ -40,17 +39,12 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from workers.batch import PrefillRow, VerifyRow
-from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
 from workers.model_runner import load_tokenizer
-from workers.types import SamplingParams, SparseQ, Verdict
+from workers.types import SamplingParams
 
 
 class TensorParallelError(RuntimeError):
     """A rank of the tensor-parallel group is gone or failed outside the worker's own checks."""
-
-
-# What a TargetWorker refuses a call with, identically on every rank (nothing was changed).
-_REFUSALS = (StaleSequenceError, UnknownSequenceError, ValueError, KVBudgetExceeded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,9 +282,6 @@ class TensorParallelTarget:
     def max_kv_tokens(self) -> int | None:
         return self._get([self.ranks[0].get.remote("max_kv_tokens")])[0]
 
-    def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> None:
-        return self._all("prefill", seq_id, list(token_ids), _seeded(params))
-
     def prefill_batch(self, rows: Sequence[PrefillRow]) -> list[object]:
         """Per row: None or the row's error (as TargetWorker.prefill_batch), from rank 0."""
         rows = [replace(r, token_ids=list(r.token_ids), params=_seeded(r.params)) for r in rows]
@@ -301,24 +292,6 @@ class TensorParallelTarget:
         return self._all(
             "verify_batch", [replace(r, draft_tokens=list(r.draft_tokens)) for r in rows]
         )
-
-    def committed_len(self, seq_id: str) -> int:
-        return self._all("committed_len", seq_id)
-
-    def committed_tokens(self, seq_id: str) -> list[int]:
-        return self._all("committed_tokens", seq_id)
-
-    def verify(
-        self,
-        seq_id: str,
-        committed_len: int,
-        draft_tokens: Sequence[int],
-        q: SparseQ | None = None,
-    ) -> Verdict:
-        return self._all("verify", seq_id, committed_len, list(draft_tokens), q)
-
-    def plain_step(self, seq_id: str, committed_len: int) -> int:
-        return self._all("plain_step", seq_id, committed_len)
 
     def release(self, seq_id: str) -> bool:
         return self._all("release", seq_id)
@@ -357,10 +330,10 @@ class TensorParallelTarget:
         """Every rank's result, or one error for the call.
 
         Each ref is fetched (after a failure, briefly) so that no rank's error is left
-        unretrieved. The worker's own refusals (stale or unknown sequence, bad input) are the same
-        on every rank and come back as themselves. Anything else (a dead rank, a failed
-        collective) breaks the group for good: this and every later call raise
-        TensorParallelError, health checks fail, and Serve replaces the replica.
+        unretrieved. The worker's own refusals (stale or unknown sequence, bad input, KV budget)
+        are slots of a batched call's result, the same on every rank, never failures. A failure
+        (a dead rank, a failed collective) breaks the group for good: this and every later call
+        raise TensorParallelError, health checks fail, and Serve replaces the replica.
         """
         if self._broken:
             raise TensorParallelError(self._broken)
@@ -377,10 +350,9 @@ class TensorParallelTarget:
         return results
 
     def _raise(self, failures: list[BaseException]):
-        causes = [f.cause if isinstance(f, ray.exceptions.RayTaskError) else None for f in failures]
-        if all(isinstance(c, _REFUSALS) for c in causes):
-            raise causes[0] from None
-        first = next((f for f, c in zip(failures, causes, strict=True) if c is None), failures[0])
+        # A rank that is gone (not an exception inside a task) says most about what broke.
+        tasks = ray.exceptions.RayTaskError
+        first = next((f for f in failures if not isinstance(f, tasks)), failures[0])
         self._broken = (
             f"target tensor-parallel group of {self.tp_size} ranks is broken: "
             f"{type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}"

@@ -9,6 +9,7 @@ Any grpc.aio server can register it
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import grpc
 
@@ -16,11 +17,24 @@ from cluster.api.validation import RequestError
 from protos import specdec_pb2, specdec_pb2_grpc
 
 
+class GenerateBackend(Protocol):
+    """The router's face, all the service calls: a `cluster.routing.router.Router` or the Serve
+    ingress's `cluster.routing.forwarding.ForwardingRouter` (this room may not import them)."""
+
+    async def generate(
+        self, request: specdec_pb2.GenerateRequest
+    ) -> specdec_pb2.GenerateResponse: ...
+
+    def generate_stream(
+        self, request: specdec_pb2.GenerateRequest
+    ) -> AsyncIterator[specdec_pb2.GenerateResponse]: ...
+
+
 class SpecDecodeServicer(specdec_pb2_grpc.SpecDecodeServicer):
     """Maps RequestError to its status code and details; a client that cancels or runs past its
     deadline cancels the handler task, which releases the sequence on the workers."""
 
-    def __init__(self, router) -> None:  # cluster.routing.router.Router
+    def __init__(self, router: GenerateBackend) -> None:
         self.router = router
 
     async def Generate(
@@ -44,11 +58,13 @@ class SpecDecodeServicer(specdec_pb2_grpc.SpecDecodeServicer):
             await stream.aclose()
 
 
-async def serve(router, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+async def serve(router: GenerateBackend, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Start a grpc.aio server with the service on host:port (0: any free port); returns it and
+    the bound port. Not Ray Serve: the standalone router process runs it."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     specdec_pb2_grpc.add_SpecDecodeServicer_to_server(SpecDecodeServicer(router), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
-        raise OSError(f"ingress: cannot bind {host}:{port}")
+        raise OSError(f"SpecDecode gRPC server: cannot bind {host}:{port}")
     await server.start()
     return server, bound

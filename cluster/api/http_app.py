@@ -8,7 +8,8 @@
 `build_http_app(ingress)` is called once per ingress replica (`__serve_build_asgi_app__` in
 cluster/serve/app.py) and closes over it: `ingress.router` (a `cluster.routing.router.Router`),
 `ingress.model_id`, `ingress.started` and `await ingress.status()`. The translation itself is
-in cluster/api/openai.py (pure); here is only HTTP: status codes, streaming, disconnects. No ray.
+pure, in cluster/api/openai_requests.py, openai_responses.py, openai_errors.py and
+openai_models.py; here is only HTTP: status codes, streaming, disconnects. No ray.
 """
 
 from __future__ import annotations
@@ -21,18 +22,22 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from cluster.api import openai as oa
+from cluster.api.openai_errors import APIError, error_from_router
+from cluster.api.openai_fields import parse_json
+from cluster.api.openai_models import models_list
+from cluster.api.openai_requests import Options, chat_request, completion_request
+from cluster.api.openai_responses import DONE, ChunkWriter, response_json
 
 log = logging.getLogger("ray.serve")
 
 
-def to_api_error(exc: BaseException, opts: oa.Options | None) -> oa.APIError:
+def to_api_error(exc: BaseException, opts: Options | None) -> APIError:
     """The OpenAI error for a failure of the router (RequestError) or anything else."""
-    if isinstance(exc, oa.APIError):
+    if isinstance(exc, APIError):
         return exc
     code, field = getattr(exc, "code", None), getattr(exc, "field", None)
     if code is not None and field is not None:  # the router's RequestError
-        return oa.error_from_router(
+        return error_from_router(
             code,
             field,
             getattr(exc, "message", str(exc)),
@@ -40,14 +45,14 @@ def to_api_error(exc: BaseException, opts: oa.Options | None) -> oa.APIError:
             max_tokens_param=opts.max_tokens_param if opts else "",
         )
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
-        return oa.APIError(408, f"deadline exceeded: {exc}", type="timeout_error", code="timeout")
+        return APIError(408, f"deadline exceeded: {exc}", type="timeout_error", code="timeout")
     log.error("specdec http: request failed", exc_info=exc)
-    return oa.APIError(
+    return APIError(
         500, f"internal error: {type(exc).__name__}: {exc}", type="internal_error", code="internal"
     )
 
 
-def error_response(err: oa.APIError) -> JSONResponse:
+def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
@@ -61,7 +66,7 @@ def build_http_app(ingress: Any) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return oa.models_list(ingress.model_id, int(ingress.started))
+        return models_list(ingress.model_id, int(ingress.started))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -73,14 +78,14 @@ def build_http_app(ingress: Any) -> FastAPI:
 
     async def _generate(request: Request, *, chat: bool) -> Response:
         try:
-            body = oa.parse_json(await request.body())
+            body = parse_json(await request.body())
             if chat:
-                req, opts = oa.chat_request(
+                req, opts = chat_request(
                     body, model_id=ingress.model_id, tokenizer=ingress.router.tokenizer
                 )
             else:
-                req, opts = oa.completion_request(body, model_id=ingress.model_id)
-        except oa.APIError as err:
+                req, opts = completion_request(body, model_id=ingress.model_id)
+        except APIError as err:
             return error_response(err)
         router = ingress.router
         if not opts.stream:
@@ -88,7 +93,7 @@ def build_http_app(ingress: Any) -> FastAPI:
                 resp = await router.generate(req)
             except Exception as exc:  # noqa: BLE001 - every failure gets OpenAI's error shape
                 return error_response(to_api_error(exc, opts))
-            return JSONResponse(oa.response_json(resp, opts))
+            return JSONResponse(response_json(resp, opts))
 
         stream = router.generate_stream(req)
         # Wait for the first message before answering: bad input, overload and "no target"
@@ -104,7 +109,7 @@ def build_http_app(ingress: Any) -> FastAPI:
             await stream.aclose()
             return error_response(to_api_error(exc, opts))
         return StreamingResponse(
-            _events(stream, first, oa.ChunkWriter(opts), opts),
+            _events(stream, first, ChunkWriter(opts), opts),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
@@ -113,7 +118,7 @@ def build_http_app(ingress: Any) -> FastAPI:
 
 
 async def _events(
-    stream: AsyncIterator[Any], first: Any, writer: oa.ChunkWriter, opts: oa.Options
+    stream: AsyncIterator[Any], first: Any, writer: ChunkWriter, opts: Options
 ) -> AsyncIterator[str]:
     """SSE lines; a client that disconnects cancels this task, and closing the router's stream
     (finally) releases the sequence on every worker."""
@@ -129,6 +134,6 @@ async def _events(
             raise
         except Exception as exc:  # noqa: BLE001 - mid-stream failure: an error event, as vLLM
             yield writer.error(to_api_error(exc, opts))
-        yield oa.DONE
+        yield DONE
     finally:
         await stream.aclose()  # type: ignore[attr-defined]

@@ -4,7 +4,9 @@
 limits, speculation control) or raises `RequestError(INVALID_ARGUMENT, field, ...)` whose details
 start with the offending field, e.g. "top_p: must be in (0, 1] (0 = unset = 1.0), got 1.5". Other
 front ends (the OpenAI-compatible HTTP API) build the same proto and map `field` back to their own
-parameter names, so the rules live here once.
+parameter names, so the rules live here once. The token-range rules (ids inside the vocabulary,
+the prompt inside the context) are the workers' own (workers/token_range.py), answered here
+before a request reaches one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import grpc
 
 from cluster.scheduling.policy import SpecMode
 from protos import specdec_pb2
+from workers.token_range import TokenRangeError, check_length, check_token_ids
 from workers.types import SamplingParams
 
 MODES = {
@@ -85,20 +88,16 @@ def validate_request(
     if not has_text and not has_ids:
         raise invalid("prompt", "must not be empty (set prompt or prompt_token_ids)")
     if has_text:
-        ids = list(tokenizer.encode(request.prompt, add_special_tokens=False))
+        field, ids = "prompt", tokenizer.encode(request.prompt, add_special_tokens=False)
         if not ids:
             raise invalid("prompt", "tokenizes to no tokens")
     else:
-        ids = [int(t) for t in request.prompt_token_ids]
-        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            raise invalid("prompt_token_ids", f"token id {bad} outside [0, {vocab_size})")
-    if len(ids) >= max_context:  # a prompt must leave room for at least one new token
-        raise invalid(
-            "prompt",
-            f"{len(ids)} tokens leave no room in the target's context of {max_context} "
-            "(prompt and new tokens must fit in it)",
-        )
+        field, ids = "prompt_token_ids", request.prompt_token_ids
+    try:  # the workers' token-range rules, answered before the request reaches one
+        ids = check_token_ids(field, ids, vocab_size)
+        check_length("prompt", len(ids), max_context, new_tokens=1)  # room for one new token
+    except TokenRangeError as exc:
+        raise invalid(exc.field, exc.message) from None
     max_new = (
         request.max_new_tokens
         if request.HasField("max_new_tokens")

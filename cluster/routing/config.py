@@ -7,7 +7,7 @@ from typing import Any
 
 from cluster.api.validation import Limits
 from cluster.config import LimitsConfig, SpeculationConfig, TargetConfig, WorkersNetConfig
-from cluster.scheduling.policy import PolicyConfig, with_pipelining
+from cluster.scheduling.policy import PolicyConfig
 from cluster.scheduling.scheduler import SchedulerOptions
 
 
@@ -71,9 +71,7 @@ class RouterConfig:
         )
 
     def policy_config(self) -> PolicyConfig:
-        return with_pipelining(
-            replace(self.policy, max_draft_tokens=self.max_draft_tokens), self.pipelined
-        )
+        return replace(self.policy, max_draft_tokens=self.max_draft_tokens)
 
     def scheduler_options(self) -> SchedulerOptions:
         return SchedulerOptions(

@@ -1,10 +1,10 @@
 """The ingress side of the Serve cluster: stateless, it validates and forwards to a scheduler.
 
 Each target replica runs the step scheduler of its own batch (a `Router` with that one target,
-see cluster/serve/app.py), so exactly one scheduler drives a target and no target sees competing
-batches; the ingress replicas hold no sequence state. `ForwardingRouter` has the `Router`'s public
-face (`validate`, `generate_stream`, `generate`, `tokenizer`, `in_flight`) so every front end (the
-gRPC ingress, the OpenAI HTTP API) uses it alike:
+see cluster/serve/worker_deployments.py), so exactly one scheduler drives a target and no target
+sees competing batches; the ingress replicas hold no sequence state. `ForwardingRouter` has the
+`Router`'s public face (`validate`, `generate_stream`, `generate`, `tokenizer`, `in_flight`), so
+every front end (the gRPC ingress, the OpenAI HTTP API) uses it alike:
 
 * validate and tokenize here (bad input is refused before any worker is touched; one validation
   for every API), then hand the request, as token ids, to `submit` (Serve routes it to the least
@@ -28,13 +28,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from transformers import AutoConfig
 
-from cluster.api.responses import collect
-from cluster.api.validation import Admission, RequestError, ValidRequest, validate_request
-from cluster.routing.router import RouterConfig
+from cluster.api.response_stream import collect
+from cluster.api.validation import Admission, RequestError, ValidRequest
+from cluster.routing.config import RouterConfig
+from cluster.routing.target_model import TargetModel
 from protos import specdec_pb2
-from workers.model_runner import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +53,13 @@ def _raise_error_item(item: tuple) -> None:
 
 
 class ForwardingRouter:
+    """Validates, then forwards each request to a target replica's scheduler via `submit`."""
+
     def __init__(self, config: RouterConfig, submit: Submit, *, max_failovers: int = 3) -> None:
         self.config = config
         self.submit = submit
         self.max_failovers = max_failovers
-        path = config.target_model_path
-        self.tokenizer = load_tokenizer(path)
-        model_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-        self.max_context = int(getattr(model_cfg, "max_position_embeddings", 2048))
-        self.vocab_size = int(model_cfg.vocab_size)
+        self.model = TargetModel.load(config.target_model_path)
         self._limits = config.limits()
         self._admission = Admission(config.max_in_flight, "ingress")
 
@@ -70,15 +67,13 @@ class ForwardingRouter:
     def in_flight(self) -> int:
         return self._admission.in_flight
 
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
     def validate(self, request: specdec_pb2.GenerateRequest) -> ValidRequest:
         """Check a request and tokenize it; RequestError(INVALID_ARGUMENT, field, ...) if bad."""
-        return validate_request(
-            request,
-            tokenizer=self.tokenizer,
-            vocab_size=self.vocab_size,
-            max_context=self.max_context,
-            limits=self._limits,
-        )
+        return self.model.validate(request, self._limits)
 
     async def generate(self, request: specdec_pb2.GenerateRequest) -> specdec_pb2.GenerateResponse:
         return await collect(self.generate_stream(request))

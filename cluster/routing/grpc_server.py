@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-model", required=True, help="target checkpoint (tokenizer)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 = any free port (printed)")
-    from cluster.routing.router import RouterConfig  # its defaults are the cluster config's
+    from cluster.routing.config import RouterConfig  # its defaults are the cluster config's
 
     d = {f: RouterConfig.__dataclass_fields__[f].default for f in RouterConfig.__slots__}
     parser.add_argument("--max-draft-tokens", type=int, default=d["max_draft_tokens"])

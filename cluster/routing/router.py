@@ -27,13 +27,13 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
-from transformers import AutoConfig, GenerationConfig
 
-from cluster.api.responses import collect, finish
+from cluster.api.response_stream import collect, finish
 from cluster.api.text_stream import TextStream
-from cluster.api.validation import Admission, RequestError, ValidRequest, validate_request
+from cluster.api.validation import Admission, RequestError, ValidRequest
 from cluster.routing.config import RouterConfig
 from cluster.routing.mailbox import END, LoopMailbox, LoopSink
+from cluster.routing.target_model import TargetModel
 from cluster.scheduling.rounds import FinishReason, SequenceRounds, StopConditions
 from cluster.scheduling.rows import Row, RowRequest
 from cluster.scheduling.scheduler import StepScheduler
@@ -41,12 +41,9 @@ from cluster.scheduling.worker_api import TargetUnavailable
 from cluster.transport.pools import Endpoint, EndpointState, WorkerPool
 from protos import specdec_pb2, worker_pb2
 from workers.errors import KVBudgetExceeded
-from workers.model_runner import load_tokenizer
 from workers.wire import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
-
-__all__ = ["RequestError", "Router", "RouterConfig", "WorkerMismatchError"]
 
 
 class WorkerMismatchError(ValueError):
@@ -69,8 +66,9 @@ class Router:
     """Speculative decoding over gRPC worker pools, for the Ray Serve ingress and the standalone
     gRPC ingress (cluster/api/grpc_service.py).
 
-      * `Router(config, drafts=[...], targets=[...])` — loads the target's tokenizer from
-        `config.target_model_path` (local files only); worker addresses are "host:port".
+      * `Router(config, drafts=[...], targets=[...])` — reads the target's tokenizer and model
+        config from `config.target_model_path` (`TargetModel`, local files only); worker
+        addresses are "host:port".
       * `set_workers(drafts=[...], targets=[...])` — replace either pool at any time.
       * `check_workers()` — probe every address now; raises `WorkerMismatchError` when a worker's
         tokenizer / role / model does not match.
@@ -92,13 +90,8 @@ class Router:
         if not isinstance(config, RouterConfig):  # a ClusterConfig from the Serve application
             config = RouterConfig.from_cluster_config(config)
         self.config = config
-        path = config.target_model_path
-        self.tokenizer = load_tokenizer(path)
-        model_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-        self.max_context = int(getattr(model_cfg, "max_position_embeddings", 2048))
-        self.vocab_size = int(model_cfg.vocab_size)
-        self.eos_token_ids = frozenset(_eos_ids(path, model_cfg, self.tokenizer))
-        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.model = TargetModel.load(config.target_model_path)
+        self.fingerprint = tokenizer_fingerprint(self.model.tokenizer)
         self._policy = config.policy_config()
         self._options = config.scheduler_options()
         self._limits = config.limits()
@@ -180,6 +173,10 @@ class Router:
     def in_flight(self) -> int:
         return self._admission.in_flight
 
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
     def _check_common(self, info: worker_pb2.ModelInfo, role: int, name: str) -> str | None:
         if info.role != role:
             return f"it is a {worker_pb2.Role.Name(info.role)} worker, not a {name} worker"
@@ -199,7 +196,7 @@ class Router:
         if problem:
             return problem
         theirs = (info.vocab_size, info.max_context, frozenset(info.eos_token_ids))
-        ours = (self.vocab_size, self.max_context, self.eos_token_ids)
+        ours = (self.model.vocab_size, self.model.max_context, self.model.eos_token_ids)
         if theirs != ours:
             return (
                 f"its model {info.model_path!r} (vocab, context, EOS = {theirs[0]}, {theirs[1]}, "
@@ -295,13 +292,7 @@ class Router:
 
     def validate(self, request: specdec_pb2.GenerateRequest) -> ValidRequest:
         """Check a request and tokenize it; RequestError(INVALID_ARGUMENT, field, ...) if bad."""
-        return validate_request(
-            request,
-            tokenizer=self.tokenizer,
-            vocab_size=self.vocab_size,
-            max_context=self.max_context,
-            limits=self._limits,
-        )
+        return self.model.validate(request, self._limits)
 
     async def generate_stream(
         self, request: specdec_pb2.GenerateRequest
@@ -310,7 +301,9 @@ class Router:
         req = self.validate(request)
         rounds = SequenceRounds(
             req.prompt_ids,
-            StopConditions(req.max_new_tokens, self.eos_token_ids, frozenset(), self.max_context),
+            StopConditions(
+                req.max_new_tokens, self.model.eos_token_ids, frozenset(), self.model.max_context
+            ),
         )
         self._admit()
         sink = LoopSink(self._mailbox(), self._row_done, _request_error)
@@ -395,16 +388,3 @@ class Router:
             self._health.join(timeout=5)
         self._drafts.close()
         self._targets.close()
-
-
-def _eos_ids(path: str, model_cfg: Any, tokenizer: Any) -> set[int]:
-    """The EOS ids the target worker stops on (as `ModelRunner.eos_token_ids` reads them)."""
-    try:
-        eos = GenerationConfig.from_pretrained(path, local_files_only=True).eos_token_id
-    except (OSError, ValueError):
-        eos = getattr(model_cfg, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return set()
-    return {int(e) for e in eos} if isinstance(eos, list | tuple) else {int(eos)}

@@ -13,6 +13,8 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from workers.token_range import check_length
+
 
 class FinishReason(enum.Enum):
     LENGTH = "length"
@@ -84,13 +86,8 @@ class SequenceRounds:
     """The committed state of one sequence and the rules that end it."""
 
     def __init__(self, prompt_ids: Sequence[int], stop: StopConditions) -> None:
-        if not prompt_ids:
-            raise ValueError("prompt: must contain at least one token")
-        if len(prompt_ids) >= stop.max_context:  # no room left for even one new token
-            raise ValueError(
-                f"prompt: {len(prompt_ids)} tokens exceed the model context of {stop.max_context} "
-                "(prompt and new tokens must fit in it)"
-            )
+        # Room for at least one new token: the worker's own rule (raises a ValueError).
+        check_length("prompt", len(prompt_ids), stop.max_context, new_tokens=1)
         self.prompt_ids = list(prompt_ids)
         self.stop = stop
         self.generated: list[int] = []

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cluster.scheduling.policy import SpecMode, SpeculationPolicy
+from cluster.scheduling.policy import SpecMode
 from cluster.scheduling.rounds import FinishReason, SequenceRounds
+from cluster.scheduling.row_policy import RowPolicy
 from cluster.scheduling.worker_api import DraftLease
 from workers.batch import Proposal
 from workers.types import SamplingParams
@@ -36,7 +37,7 @@ class RowRequest:
 
     mode: SpecMode = SpecMode.AUTO
     k: int | None = None  # None: adaptive
-    pipelined: bool | str | None = None  # None: the scheduler's default
+    pipelined: bool | str | None = None  # None: the scheduler's default (drafting reads it)
 
 
 class Row:
@@ -53,7 +54,7 @@ class Row:
         self.params = params
         self.sink = sink
         self.request = request
-        self.policy: SpeculationPolicy | None = None  # made on admission, on the scheduler thread
+        self.policy: RowPolicy | None = None  # made on admission, on the scheduler thread
         self.lease: DraftLease | None = None  # the draft worker holding this row's draft state
         self.draft_len = 0  # committed tokens the draft holds (0: none)
         self.draft_pending = False  # a background draft prefill is on its way

@@ -6,7 +6,8 @@ Exactly one scheduler drives a target replica's batch. Each step:
    at most `prefill_tokens_per_step` prompt tokens a step, so a burst of long prompts does not
    stall the running rows for long);
 2. choose each row's k (`BatchPolicy`: the batch's committed tokens per second, from measured
-   step times; k = 0 is a plain step, and plain and speculative rows share one target pass);
+   step times; a seeded row decides alone, `RowPolicy`; k = 0 is a plain step, and plain and
+   speculative rows share one target pass);
 3. one batched propose per draft worker for its speculating rows, in parallel;
 4. one batched verify on the target for every row (pipelined: while it runs, the drafts already
    draft the next block for the rows expected to accept theirs whole);
@@ -16,26 +17,28 @@ Rows join and leave between steps. A failing row fails alone: a draft worker tha
 its rows to plain mode in the same step (nothing lost or recomputed, a re-prefill later brings them
 back); a target that is gone hands every row to `on_target_lost` (the router re-prefills them on
 another replica's scheduler). The transport is anything with the `BatchTarget` / `BatchDraft`
-calls (cluster/scheduling/worker_api.py): threads in process, gRPC in the cluster. No ray, no grpc.
+calls (cluster/scheduling/worker_api.py): threads in process, gRPC in the cluster. The thread the
+steps run on and the inbox rows arrive through are step_loop's. No ray, no grpc.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 from cluster.scheduling.admission import plan_admissions
-from cluster.scheduling.batch_policy import BatchPolicy, StepCosts, row_choices
+from cluster.scheduling.batch_policy import BatchPolicy, row_choices
 from cluster.scheduling.drafting import Drafting
 from cluster.scheduling.pipelining import PipeliningChoice
-from cluster.scheduling.policy import DeploymentEstimates, PolicyConfig, SpecMode, spec_policy
-from cluster.scheduling.rounds import FinishReason
+from cluster.scheduling.policy import PolicyConfig, SpecMode
+from cluster.scheduling.row_policy import RowPolicy, deployment_acceptance
 from cluster.scheduling.rows import Row
+from cluster.scheduling.step_costs import StepCosts
+from cluster.scheduling.step_loop import StepLoop
 from cluster.scheduling.worker_api import BatchTarget, DraftPool, is_worker_loss
 from workers.batch import PrefillRow, Proposal, VerifyRow
 from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
@@ -72,7 +75,7 @@ class _TargetLost(Exception):
 TargetLostHandler = Callable[[list[Row], BaseException], None]
 
 
-class StepScheduler:
+class StepScheduler(StepLoop):
     """The running batch of one target. `submit(row)` from any thread; the loop runs on its own
     thread (`start()`), or step by step (`step()`) in tests."""
 
@@ -87,15 +90,16 @@ class StepScheduler:
         clock: Callable[[], float] = time.perf_counter,
         on_target_lost: TargetLostHandler | None = None,
     ) -> None:
+        super().__init__(name)
         self.target = target
         self.drafts = drafts
         self.config = policy
         self.options = options
-        self.name = name
         self.clock = clock
         self.on_target_lost = on_target_lost
-        # Costs and acceptance of this replica's workers, shared by its rows (one thread).
-        self.estimates = DeploymentEstimates(policy)
+        # The acceptance of this replica's draft, every new row's prior (one thread), and the
+        # measured costs of its steps.
+        self.acceptance = deployment_acceptance(policy)
         self.costs = StepCosts(policy)
         self.batch_policy = BatchPolicy(policy, self.costs)
         self.pipelining = PipeliningChoice(options.pipelined)
@@ -108,11 +112,6 @@ class StepScheduler:
         )
         self.running: list[Row] = []
         self.waiting: collections.deque[Row] = collections.deque()
-        self._inbox: collections.deque[Row] = collections.deque()
-        self._wake = threading.Condition()
-        self._closing = False
-        self.alive = True
-        self._thread: threading.Thread | None = None
         self.steps = 0
         self.row_steps = 0  # sum over steps of the rows in the target pass (mean batch size)
         self.plain_row_steps = 0  # of those, plain rows
@@ -120,55 +119,12 @@ class StepScheduler:
         # Where the loop's time goes (seconds by phase): the profile the benchmark prints.
         self.phase_seconds: collections.Counter[str] = collections.Counter()
 
-    # -- outside API --------------------------------------------------------------------------
-
-    def submit(self, row: Row) -> None:
-        with self._wake:
-            if self._closing or not self.alive:
-                raise RuntimeError(f"{self.name} is not running")
-            self._inbox.append(row)
-            self._wake.notify()
-
     @property
     def load(self) -> int:
         """Rows this scheduler holds (running, waiting, just submitted): for routing."""
         return len(self.running) + len(self.waiting) + len(self._inbox)
 
-    def wake(self) -> None:
-        """A row was cancelled: let an idle loop notice."""
-        with self._wake:
-            self._wake.notify()
-
-    def start(self) -> StepScheduler:
-        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-        self._thread.start()
-        return self
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        """End every row (CANCELLED), release them, stop the loop."""
-        with self._wake:
-            self._closing = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-        else:
-            self._shutdown()
-
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._closing and not self._has_work():
-                    self._wake.wait(0.5)
-                if self._closing:
-                    break
-            try:
-                self.step()
-            except Exception as exc:  # noqa: BLE001 - a bug must not hang its streams
-                log.exception("%s: step failed; failing its rows", self.name)
-                self._fail_all(exc)
-            if not self.alive:
-                return
-        self._shutdown()
+    # -- the loop's ends ----------------------------------------------------------------------
 
     def _fail_all(self, exc: BaseException) -> None:
         self._take_inbox()
@@ -215,9 +171,7 @@ class StepScheduler:
             return False
 
     def _take_inbox(self) -> None:
-        with self._wake:
-            while self._inbox:
-                self.waiting.append(self._inbox.popleft())
+        self.waiting.extend(self._submitted())
 
     def _drop_cancelled(self) -> None:
         for rows in (self.running, self.waiting):
@@ -247,13 +201,8 @@ class StepScheduler:
             return
         for row in batch:
             if row.policy is None:
-                row.policy = spec_policy(
-                    self.config,
-                    row.mode,
-                    row.request.k,
-                    row.deterministic,
-                    self.estimates,
-                    row.request.pipelined,
+                row.policy = RowPolicy.for_request(
+                    self.config, row.mode, row.request.k, row.deterministic, self.acceptance
                 )
                 if row.mode is SpecMode.OFF or self.drafts is None or not self.drafts.configured:
                     row.policy.draft_failed()
@@ -371,16 +320,11 @@ class StepScheduler:
                 continue
             if vrow.plain:
                 out = row.rounds.on_plain(res.token)
-                row.policy.observe_plain(0.0)
+                row.policy.observe_plain()
             else:
                 out = row.rounds.on_round(list(vrow.draft_tokens), res.accepted, res.token)
                 row.policy.observe_round(
-                    len(vrow.draft_tokens),
-                    res.accepted,
-                    0.0,
-                    0.0,
-                    timed=False,
-                    unsure_last=proposals[row.seq_id].unsure_last,
+                    len(vrow.draft_tokens), res.accepted, proposals[row.seq_id].unsure_last
                 )
             committed += len(out)
             if out:
@@ -454,6 +398,3 @@ class StepScheduler:
         self.drafting.drop_lease(row)
         row.ready = None
         row.released.set()
-
-
-__all__ = ["FinishReason", "SchedulerOptions", "StepScheduler"]

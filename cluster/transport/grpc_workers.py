@@ -1,12 +1,12 @@
 """Remote workers: the scheduler's BatchDraft / BatchTarget over gRPC.
 
-`GrpcDraft` / `GrpcTarget` turn each call into `stub.Method.future(request, timeout=...)` and hand
-the scheduler a `concurrent.futures.Future` of the same value the in-process worker returns
-(`Proposal`, `Verdict`, a token id). gRPC errors become the worker's own exceptions where the worker
-refused the call (FAILED_PRECONDITION -> StaleSequenceError, NOT_FOUND -> UnknownSequenceError,
-INVALID_ARGUMENT -> ValueError), and `RemoteUnavailable` (a `WorkerUnavailable`) where the worker is
-gone or too slow (UNAVAILABLE, DEADLINE_EXCEEDED, ...), which sends the rows to plain mode (draft)
-or to another target (target).
+`GrpcDraft` / `GrpcTarget` send each batched call as one RPC and hand the scheduler a
+`concurrent.futures.Future` of the same per-row slots the in-process worker returns (a `Proposal`,
+a `Verdict`, None for a prefill, or the row's error). A refused row's status becomes the worker's
+own exception (FAILED_PRECONDITION -> StaleSequenceError, NOT_FOUND -> UnknownSequenceError,
+INVALID_ARGUMENT -> ValueError, RESOURCE_EXHAUSTED -> KVBudgetExceeded); a failed call becomes
+`RemoteUnavailable` (a `WorkerUnavailable`) where the worker is gone or too slow (UNAVAILABLE,
+DEADLINE_EXCEEDED, ...), which sends the rows to plain mode (draft) or to another target (target).
 
 The pools of worker addresses that the router uses are in cluster/transport/pools.py.
 """
@@ -25,7 +25,7 @@ from protos import worker_pb2, worker_pb2_grpc
 from workers.batch import PrefillRow, ProposeRow, VerifyRow
 from workers.draft import Proposal
 from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
-from workers.types import SamplingParams, SparseQ, Verdict
+from workers.types import Verdict
 from workers.wire import pack_q, sampling_to_proto, unpack_q
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,9 @@ def row_result(status: worker_pb2.RowStatus, value: Callable[[], Any], address: 
     return make(f"{address}: {status.message}" if make is not ValueError else status.message)
 
 
-def prefill_request(seq_id: str, token_ids: Sequence[int], params: SamplingParams):
+def prefill_request(row: PrefillRow) -> worker_pb2.PrefillRequest:
     return worker_pb2.PrefillRequest(
-        seq_id=seq_id, token_ids=list(token_ids), sampling=sampling_to_proto(params)
+        seq_id=row.seq_id, token_ids=list(row.token_ids), sampling=sampling_to_proto(row.params)
     )
 
 
@@ -133,7 +133,7 @@ def open_channel(address: str) -> grpc.Channel:
 
 
 class _Remote:
-    """Shared by both sides: one channel, deadlines, and the future adaptor."""
+    """Shared by both sides: one channel, deadlines, the future adaptor, prefill and release."""
 
     def __init__(
         self,
@@ -204,22 +204,22 @@ class _Remote:
             row_result(r.status, lambda r=r: value(r.result), self.address) for r in response.rows
         ]
 
-    def _prefill_batch(self, rows: Sequence[PrefillRow]) -> Future:
-        req = worker_pb2.PrefillBatchRequest(
-            rows=[prefill_request(r.seq_id, r.token_ids, r.params) for r in rows]
-        )
+    def prefill_batch(self, rows: Sequence[PrefillRow]) -> Future:
+        """Future of one slot per row: None, or the row's error (ValueError, KVBudgetExceeded);
+        the future itself raises RemoteUnavailable when the worker is gone."""
+        req = worker_pb2.PrefillBatchRequest(rows=[prefill_request(r) for r in rows])
         return self._future(
             self.stub.PrefillBatch, req, lambda resp: self._rows(resp, len(rows), lambda _: None)
         )
 
-    def _release(self, seq_id: str) -> bool:
+    def release(self, seq_id: str) -> None:
+        """Drop the sequence on the worker (blocking, short deadline); unknown ids are fine."""
         try:
-            resp = self.stub.Release(
+            self.stub.Release(
                 worker_pb2.ReleaseRequest(seq_id=seq_id), timeout=self.release_timeout_s
             )
         except grpc.RpcError as exc:
             raise map_rpc_error(exc, self.address) from None
-        return resp.released
 
     def stats(self, timeout_s: float | None = None) -> worker_pb2.StatsResponse:
         try:
@@ -229,7 +229,7 @@ class _Remote:
 
 
 class GrpcDraft(_Remote):
-    """`DraftSide` over a DraftWorker gRPC server."""
+    """`BatchDraft` over a DraftWorker gRPC server."""
 
     def __init__(
         self,
@@ -242,45 +242,6 @@ class GrpcDraft(_Remote):
         channel = channel or open_channel(address)
         stub = worker_pb2_grpc.DraftWorkerStub(channel)
         super().__init__(address, stub, channel, timeout_s, on_unavailable)
-
-    def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> Future:
-        req = worker_pb2.PrefillRequest(
-            seq_id=seq_id, token_ids=token_ids, sampling=sampling_to_proto(params)
-        )
-        return self._future(self.stub.Prefill, req, lambda r: None)
-
-    def propose(
-        self,
-        seq_id: str,
-        committed_len: int,
-        k: int,
-        commit: Sequence[int] = (),
-        start: int | None = None,
-    ) -> Future:
-        req = worker_pb2.ProposeRequest(
-            seq_id=seq_id, committed_len=committed_len, k=k, commit=list(commit)
-        )
-        if start is not None:
-            req.start = start
-        return self._future(
-            self.stub.Propose,
-            req,
-            lambda r: Proposal(r.start, list(r.tokens), unpack_q(r.q), r.unsure_last),
-        )
-
-    def commit(self, seq_id: str, committed_len: int, new_tokens: Sequence[int]) -> Future:
-        req = worker_pb2.CommitRequest(
-            seq_id=seq_id, committed_len=committed_len, new_tokens=list(new_tokens)
-        )
-        return self._future(self.stub.Commit, req, lambda r: r.committed_len)
-
-    def release(self, seq_id: str) -> None:
-        self._release(seq_id)
-
-    def prefill_batch(self, rows: Sequence[PrefillRow]) -> Future:
-        """Future of one slot per row: None, or the row's error (ValueError, KVBudgetExceeded);
-        the future itself raises RemoteUnavailable when the worker is gone."""
-        return self._prefill_batch(rows)
 
     def propose_batch(self, rows: Sequence[ProposeRow]) -> Future:
         """Future of one slot per row: a Proposal, or the row's error (StaleSequenceError,
@@ -296,7 +257,7 @@ class GrpcDraft(_Remote):
 
 
 class GrpcTarget(_Remote):
-    """`TargetSide` over a TargetWorker gRPC server."""
+    """`BatchTarget` over a TargetWorker gRPC server."""
 
     def __init__(
         self,
@@ -309,34 +270,6 @@ class GrpcTarget(_Remote):
         channel = channel or open_channel(address)
         stub = worker_pb2_grpc.TargetWorkerStub(channel)
         super().__init__(address, stub, channel, timeout_s, on_unavailable)
-
-    def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> Future:
-        req = worker_pb2.PrefillRequest(
-            seq_id=seq_id, token_ids=token_ids, sampling=sampling_to_proto(params)
-        )
-        return self._future(self.stub.Prefill, req, lambda r: None)
-
-    def verify(
-        self, seq_id: str, committed_len: int, draft_tokens: list[int], q: SparseQ | None
-    ) -> Future:
-        req = worker_pb2.VerifyRequest(
-            seq_id=seq_id, committed_len=committed_len, draft_tokens=draft_tokens, q=pack_q(q)
-        )
-        return self._future(
-            self.stub.Verify, req, lambda r: Verdict(r.accepted, r.token, bonus=r.bonus)
-        )
-
-    def plain_step(self, seq_id: str, committed_len: int) -> Future:
-        req = worker_pb2.PlainStepRequest(seq_id=seq_id, committed_len=committed_len)
-        return self._future(self.stub.PlainStep, req, lambda r: int(r.token))
-
-    def release(self, seq_id: str) -> None:
-        self._release(seq_id)
-
-    def prefill_batch(self, rows: Sequence[PrefillRow]) -> Future:
-        """Future of one slot per row: None, or the row's error (ValueError, KVBudgetExceeded);
-        the future itself raises RemoteUnavailable when the worker is gone."""
-        return self._prefill_batch(rows)
 
     def verify_batch(self, rows: Sequence[VerifyRow]) -> Future:
         """Future of one slot per row: a Verdict (a plain row: accepted 0, the next token), or

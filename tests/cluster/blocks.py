@@ -1,4 +1,5 @@
-"""Blocks drawn as a draft with a confidence stop makes them: the oracle of the pricing tests."""
+"""Oracles of the pricing tests: blocks drawn as a draft with a confidence stop makes them, and
+the tokens a round commits under i.i.d. acceptance."""
 
 from __future__ import annotations
 
@@ -41,3 +42,8 @@ def feed(model, draft: StoppingDraft, cap: int, n: int, seed: int) -> tuple[floa
         committed += accepted + 1
         drafted += length
     return committed / n, drafted / n
+
+
+def geometric_tokens(alpha: float, k: int) -> float:
+    """E(k) = 1 + α + ... + α^k: committed tokens per round of k with i.i.d. acceptance α."""
+    return sum(alpha**i for i in range(k + 1))

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from cluster.routing.processes import (  # noqa: F401 - re-exported for the test modules
+from cluster.routing.worker_processes import (  # noqa: F401 - re-exported for the test modules
     ServerProcess,
     server_env,
     start_all,

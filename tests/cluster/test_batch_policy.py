@@ -9,15 +9,10 @@ import random
 
 import pytest
 
-from cluster.scheduling.batch_policy import (
-    BatchPolicy,
-    LineFit,
-    RealizedRates,
-    RowChoice,
-    StepCosts,
-    expected_passes,
-)
-from cluster.scheduling.policy import AcceptanceModel, PolicyConfig
+from cluster.scheduling.acceptance import AcceptanceModel
+from cluster.scheduling.batch_policy import BatchPolicy, RowChoice, expected_passes
+from cluster.scheduling.policy import PolicyConfig
+from cluster.scheduling.step_costs import LineFit, RealizedRates, StepCosts
 from tests.cluster.blocks import StoppingDraft, feed
 
 CFG = PolicyConfig(max_draft_tokens=8, probe_interval=4, max_probe_interval=16)
@@ -141,7 +136,7 @@ def test_hysteresis_band_a_predicted_gain_below_min_gain_does_not_start_speculat
 
     rows = rows_of(1, 0.9, cap=1)
     start_plain = BatchPolicy(cfg, StepCosts(cfg))
-    start_plain.speculating = False
+    start_plain.switch.speculating = False
     measured(start_plain)
     assert [max(start_plain.choose(rows)) for _ in range(3)] == [0, 0, 0]
     keep_going = BatchPolicy(cfg, StepCosts(cfg))

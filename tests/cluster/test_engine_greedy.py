@@ -434,5 +434,5 @@ def test_blocks_that_end_early_stay_exact_and_are_learned(stopping_engine, refer
         assert_no_live(stopping_engine)
     assert 1 in lengths and 4 in lengths  # both stops and full blocks happened
     # The deployment's estimate of how far a block reaches follows the stops it saw.
-    reach = stopping_engine.scheduler.estimates.acceptance.reach()
+    reach = stopping_engine.scheduler.acceptance.reach()
     assert reach[1] < 0.9 and reach[3] < reach[1]

@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from cluster.api.validation import RequestError
+from cluster.routing.config import RouterConfig
 from cluster.routing.forwarding import ForwardingRouter, error_item
-from cluster.routing.router import RouterConfig
 from protos import specdec_pb2 as pb
 from tests.tiny_models import make_model
 

@@ -12,7 +12,8 @@ import random
 import grpc
 import pytest
 
-from cluster.routing.router import Router, RouterConfig
+from cluster.routing.config import RouterConfig
+from cluster.routing.router import Router
 from protos import specdec_pb2 as pb
 from protos import worker_pb2, worker_pb2_grpc
 from tests.cluster.grpc_procs import hf_greedy, make_checkpoints, start_all, stop_all, worker

@@ -14,8 +14,10 @@ import time
 import grpc
 import pytest
 
+from cluster.api.validation import RequestError
 from cluster.engine import SpecEngine
-from cluster.routing.router import RequestError, Router, RouterConfig, WorkerMismatchError
+from cluster.routing.config import RouterConfig
+from cluster.routing.router import Router, WorkerMismatchError
 from cluster.scheduling.policy import PolicyConfig
 from protos import specdec_pb2 as pb
 from tests.cluster.grpc_procs import (
@@ -455,7 +457,9 @@ def test_router_config_checks_and_policy_thresholds(ckpts):
             str(ckpts["target"]), policy=PolicyConfig(num_draft_tokens=6), max_draft_tokens=4
         )
     cfg = RouterConfig(str(ckpts["target"]), max_draft_tokens=3, pipelined=False)
-    assert cfg.policy_config().max_draft_tokens == 3 and not cfg.policy_config().pipelined
+    assert cfg.policy_config().max_draft_tokens == 3 and cfg.scheduler_options().pipelined is False
+    with pytest.raises(ValueError, match="pipelined"):
+        RouterConfig(str(ckpts["target"]), pipelined="sometimes")
 
 
 def test_no_sequence_is_left_on_any_worker(procs):

@@ -13,13 +13,14 @@ import grpc
 import pytest
 import torch
 
-from cluster.routing.processes import worker_process
+from cluster.routing.worker_processes import worker_process
 from cluster.scheduling.worker_api import WorkerUnavailable
 from cluster.transport.grpc_workers import GrpcDraft, GrpcTarget, open_channel
 from cluster.transport.pools import EndpointState, WorkerPool
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc
 from tests.cluster.grpc_procs import make_checkpoints, start_all, stats, stop_all, worker
+from tests.workers.one_row import plain_step, prefill, propose, verify
 from workers.batch import PrefillRow, ProposeRow, VerifyRow
 from workers.draft import DraftWorker
 from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
@@ -69,6 +70,25 @@ def _code(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         call()
     return info.value.code(), info.value.details()
+
+
+def _row(result) -> tuple[grpc.StatusCode, str]:
+    """The status of the one row of a batched answer."""
+    (row,) = result.rows
+    code = next(c for c in grpc.StatusCode if c.value[0] == row.status.code)
+    return code, row.status.message
+
+
+def prefill_rows(stub, *rows: wpb.PrefillRequest):
+    return stub.PrefillBatch(wpb.PrefillBatchRequest(rows=rows))
+
+
+def propose_rows(stub, *rows: wpb.ProposeRequest):
+    return stub.ProposeBatch(wpb.ProposeBatchRequest(rows=rows))
+
+
+def verify_rows(stub, *rows: wpb.VerifyRequest):
+    return stub.VerifyBatch(wpb.VerifyBatchRequest(rows=rows))
 
 
 # -- wire --------------------------------------------------------------------------------------
@@ -122,14 +142,12 @@ def test_remote_target_and_draft_answer_like_in_process_workers(servers, local):
     try:
         for p in (SamplingParams(), params):
             sid = f"same-{p.greedy}"
-            target.prefill(sid, PROMPT, p)
-            draft.prefill(sid, PROMPT, p)
-            gt.prefill(sid, PROMPT, p).result(10)
-            gd.prefill(sid, PROMPT, p).result(10)
+            for w in (target, draft, gt, gd):
+                prefill(w, sid, PROMPT, p)
             n, commit = len(PROMPT), []
             for _ in range(6):
-                want = draft.propose(sid, n, 3, commit)
-                got = gd.propose(sid, n, 3, commit).result(10)
+                want = propose(draft, sid, n, 3, commit)
+                got = propose(gd, sid, n, 3, commit)
                 assert (got.start, got.tokens) == (want.start, want.tokens)
                 if p.greedy:
                     assert got.q is None
@@ -137,17 +155,14 @@ def test_remote_target_and_draft_answer_like_in_process_workers(servers, local):
                     assert torch.equal(got.q.indices, want.q.indices)
                     assert torch.equal(got.q.probs, want.q.probs)
                 n += len(commit)
-                v_want = target.verify(sid, n, want.tokens, want.q)
-                v_got = gt.verify(sid, n, got.tokens, got.q).result(10)
+                v_want = verify(target, sid, n, want.tokens, want.q)
+                v_got = verify(gt, sid, n, got.tokens, got.q)
                 assert v_got == v_want
                 commit = v_want.committed(want.tokens)
             n += len(commit)
-            draft.commit(sid, n - len(commit), commit)
-            assert gt.plain_step(sid, n).result(10) == target.plain_step(sid, n)
-            gt.release(sid)
-            gd.release(sid)
-            target.release(sid)
-            draft.release(sid)
+            assert plain_step(gt, sid, n) == plain_step(target, sid, n)
+            for w in (target, draft, gt, gd):
+                w.release(sid)
     finally:
         gt.close()
         gd.close()
@@ -160,28 +175,34 @@ def test_stale_committed_length_is_refused_and_changes_nothing(stubs):
     t, d = stubs
     n = len(PROMPT)
     for sid in ("stale", "fresh"):
-        t.Prefill(wpb.PrefillRequest(seq_id=sid, token_ids=PROMPT, sampling=GREEDY))
-        d.Prefill(wpb.PrefillRequest(seq_id=sid, token_ids=PROMPT, sampling=GREEDY))
-    # Refused calls: every one names the lengths and leaves the sequence alone.
-    refused = [
-        lambda: t.Verify(wpb.VerifyRequest(seq_id="stale", committed_len=n + 1, draft_tokens=[5])),
-        lambda: t.Verify(wpb.VerifyRequest(seq_id="stale", committed_len=n - 1, draft_tokens=[5])),
-        lambda: t.PlainStep(wpb.PlainStepRequest(seq_id="stale", committed_len=n + 2)),
-        lambda: d.Propose(wpb.ProposeRequest(seq_id="stale", committed_len=n + 1, k=3)),
-        lambda: d.Propose(
-            wpb.ProposeRequest(seq_id="stale", committed_len=n - 1, k=3, commit=[7, 8])
+        for stub in (t, d):
+            prefill_rows(stub, wpb.PrefillRequest(seq_id=sid, token_ids=PROMPT, sampling=GREEDY))
+    # Refused rows: every one names the lengths and leaves the sequence alone.
+    answers = [
+        verify_rows(t, wpb.VerifyRequest(seq_id="stale", committed_len=n + 1, draft_tokens=[5])),
+        verify_rows(t, wpb.VerifyRequest(seq_id="stale", committed_len=n - 1, draft_tokens=[5])),
+        verify_rows(t, wpb.VerifyRequest(seq_id="stale", committed_len=n + 2)),
+        propose_rows(d, wpb.ProposeRequest(seq_id="stale", committed_len=n + 1, k=3)),
+        propose_rows(
+            d, wpb.ProposeRequest(seq_id="stale", committed_len=n - 1, k=3, commit=[7, 8])
         ),
-        lambda: d.Commit(wpb.CommitRequest(seq_id="stale", committed_len=n + 3, new_tokens=[9])),
+        propose_rows(d, wpb.ProposeRequest(seq_id="stale", committed_len=n + 3, k=1, commit=[9])),
     ]
-    for call in refused:
-        code, details = _code(call)
+    for answer in answers:
+        code, details = _row(answer)
         assert code == grpc.StatusCode.FAILED_PRECONDITION
         assert "committed length" in details
     # The refused sequence answers exactly like the untouched one.
     sids = ("stale", "fresh")
-    got = [d.Propose(wpb.ProposeRequest(seq_id=s, committed_len=n, k=4)).tokens for s in sids]
-    assert list(got[0]) == list(got[1])
-    steps = [t.PlainStep(wpb.PlainStepRequest(seq_id=s, committed_len=n)).token for s in sids]
+    got = [
+        propose_rows(d, wpb.ProposeRequest(seq_id=s, committed_len=n, k=4)).rows[0].result.tokens
+        for s in sids
+    ]
+    assert list(got[0]) == list(got[1]) and len(got[0]) == 4
+    steps = [
+        verify_rows(t, wpb.VerifyRequest(seq_id=s, committed_len=n)).rows[0].result.token
+        for s in sids
+    ]
     assert steps[0] == steps[1]
     for sid in ("stale", "fresh"):
         assert t.Release(wpb.ReleaseRequest(seq_id=sid)).released
@@ -190,49 +211,62 @@ def test_stale_committed_length_is_refused_and_changes_nothing(stubs):
 
 def test_unknown_sequence_is_not_found(stubs):
     t, d = stubs
-    for call in (
-        lambda: t.Verify(wpb.VerifyRequest(seq_id="nope", committed_len=3, draft_tokens=[5])),
-        lambda: t.PlainStep(wpb.PlainStepRequest(seq_id="nope", committed_len=3)),
-        lambda: d.Propose(wpb.ProposeRequest(seq_id="nope", committed_len=3, k=2)),
-        lambda: d.Commit(wpb.CommitRequest(seq_id="nope", committed_len=3, new_tokens=[1])),
+    for answer in (
+        verify_rows(t, wpb.VerifyRequest(seq_id="nope", committed_len=3, draft_tokens=[5])),
+        verify_rows(t, wpb.VerifyRequest(seq_id="nope", committed_len=3)),
+        propose_rows(d, wpb.ProposeRequest(seq_id="nope", committed_len=3, k=2)),
+        propose_rows(d, wpb.ProposeRequest(seq_id="nope", committed_len=3, k=2, commit=[1])),
     ):
-        code, details = _code(call)
+        code, details = _row(answer)
         assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
     assert not t.Release(wpb.ReleaseRequest(seq_id="nope")).released  # release is always OK
+    code, details = _code(lambda: t.Release(wpb.ReleaseRequest(seq_id="")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "seq_id" in details
 
 
 def test_bad_arguments_are_invalid_argument_naming_the_field(stubs):
+    """A buggy client's rows (ids outside the vocabulary among them) are refused one by one,
+    naming the field; the worker changes nothing and goes on serving."""
     t, d = stubs
     n = len(PROMPT)
     sampled = wpb.SamplingParams(temperature=1.0, seed=1)
-    t.Prefill(wpb.PrefillRequest(seq_id="bad", token_ids=PROMPT, sampling=sampled))
-    d.Prefill(wpb.PrefillRequest(seq_id="bad", token_ids=PROMPT, sampling=sampled))
-    cases = {
-        "token_ids": lambda: t.Prefill(wpb.PrefillRequest(seq_id="x", token_ids=[1, 96])),
-        "prompt": lambda: t.Prefill(wpb.PrefillRequest(seq_id="x", token_ids=[])),
-        "seq_id": lambda: t.Prefill(wpb.PrefillRequest(seq_id="", token_ids=[1])),
-        "temperature": lambda: d.Prefill(
+    for stub in (t, d):
+        prefill_rows(stub, wpb.PrefillRequest(seq_id="bad", token_ids=PROMPT, sampling=sampled))
+    answers = {
+        "token_ids": prefill_rows(t, wpb.PrefillRequest(seq_id="x", token_ids=[1, 96])),
+        "token_ids ": prefill_rows(d, wpb.PrefillRequest(seq_id="x", token_ids=[-1, 2])),
+        "prompt": prefill_rows(t, wpb.PrefillRequest(seq_id="x", token_ids=[])),
+        "prompt ": prefill_rows(t, wpb.PrefillRequest(seq_id="x", token_ids=[1] * 257)),
+        "seq_id": prefill_rows(t, wpb.PrefillRequest(seq_id="", token_ids=[1])),
+        "temperature": prefill_rows(
+            d,
             wpb.PrefillRequest(
                 seq_id="x", token_ids=[1], sampling=wpb.SamplingParams(temperature=-1)
-            )
+            ),
         ),
-        "q": lambda: t.Verify(
-            wpb.VerifyRequest(seq_id="bad", committed_len=n, draft_tokens=[5], q=b"junk")
+        "q": verify_rows(
+            t, wpb.VerifyRequest(seq_id="bad", committed_len=n, draft_tokens=[5], q=b"junk")
         ),
-        "q:": lambda: t.Verify(wpb.VerifyRequest(seq_id="bad", committed_len=n, draft_tokens=[5])),
-        "draft_tokens": lambda: t.Verify(
-            wpb.VerifyRequest(seq_id="bad", committed_len=n, draft_tokens=[-1])
+        "q:": verify_rows(t, wpb.VerifyRequest(seq_id="bad", committed_len=n, draft_tokens=[5])),
+        "draft_tokens": verify_rows(
+            t, wpb.VerifyRequest(seq_id="bad", committed_len=n, draft_tokens=[-1])
         ),
-        "k ": lambda: d.Propose(wpb.ProposeRequest(seq_id="bad", committed_len=n, k=0)),
-        "start": lambda: d.Propose(
-            wpb.ProposeRequest(seq_id="bad", committed_len=n, k=1, start=n + 5)
+        "commit": propose_rows(
+            d, wpb.ProposeRequest(seq_id="bad", committed_len=n, k=1, commit=[96])
+        ),
+        "k ": propose_rows(d, wpb.ProposeRequest(seq_id="bad", committed_len=n, k=0)),
+        "start": propose_rows(
+            d, wpb.ProposeRequest(seq_id="bad", committed_len=n, k=1, start=n + 5)
         ),
     }
-    for field, call in cases.items():
-        code, details = _code(call)
+    for field, answer in answers.items():
+        code, details = _row(answer)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (field, details)
         assert field.strip().rstrip(":") in details, (field, details)
     assert stats_live(t) == 1 and stats_live(d) == 1  # nothing half-made by the refusals
+    # The refused sequence goes on: a plain step still answers.
+    step = verify_rows(t, wpb.VerifyRequest(seq_id="bad", committed_len=n)).rows[0]
+    assert step.status.code == 0 and step.result.committed_len == n + 1
     t.Release(wpb.ReleaseRequest(seq_id="bad"))
     d.Release(wpb.ReleaseRequest(seq_id="bad"))
 
@@ -242,19 +276,23 @@ def stats_live(stub) -> int:
 
 
 def test_retries_are_safe(stubs):
+    """A verify row or a propose row's commit sent twice is applied once."""
     t, d = stubs
     n = len(PROMPT)
-    t.Prefill(wpb.PrefillRequest(seq_id="retry", token_ids=PROMPT, sampling=GREEDY))
-    d.Prefill(wpb.PrefillRequest(seq_id="retry", token_ids=PROMPT, sampling=GREEDY))
-    block = list(d.Propose(wpb.ProposeRequest(seq_id="retry", committed_len=n, k=3)).tokens)
-    req = wpb.VerifyRequest(seq_id="retry", committed_len=n, draft_tokens=block)
-    first, again = t.Verify(req), t.Verify(req)
-    assert first == again
-    commit = wpb.CommitRequest(
-        seq_id="retry", committed_len=n, new_tokens=block[: first.accepted] + [first.token]
+    for stub in (t, d):
+        prefill_rows(stub, wpb.PrefillRequest(seq_id="retry", token_ids=PROMPT, sampling=GREEDY))
+    block = propose_rows(d, wpb.ProposeRequest(seq_id="retry", committed_len=n, k=3)).rows[0]
+    req = wpb.VerifyRequest(seq_id="retry", committed_len=n, draft_tokens=block.result.tokens)
+    first, again = verify_rows(t, req).rows[0], verify_rows(t, req).rows[0]
+    assert first == again and first.status.code == 0
+    commit = list(block.result.tokens[: first.result.accepted]) + [first.result.token]
+    # The commit row, sent twice, asks for the next block from the committed end each time.
+    req = wpb.ProposeRequest(
+        seq_id="retry", committed_len=n, k=1, commit=commit, start=n + len(commit)
     )
-    assert d.Commit(commit).committed_len == first.committed_len
-    assert d.Commit(commit).committed_len == first.committed_len  # applied once
+    first_p, again_p = propose_rows(d, req).rows[0], propose_rows(d, req).rows[0]
+    assert first_p == again_p and first_p.status.code == 0
+    assert first_p.result.committed_len == first.result.committed_len
     t.Release(wpb.ReleaseRequest(seq_id="retry"))
     d.Release(wpb.ReleaseRequest(seq_id="retry"))
 
@@ -265,20 +303,20 @@ def test_retries_are_safe(stubs):
 def test_grpc_sides_map_errors_to_worker_exceptions(servers):
     gt = GrpcTarget(servers["target"], timeout_s=10)
     try:
-        gt.prefill("m", PROMPT, SamplingParams()).result(10)
+        prefill(gt, "m", PROMPT)
         with pytest.raises(StaleSequenceError):
-            gt.plain_step("m", 3).result(10)
+            plain_step(gt, "m", 3)
         with pytest.raises(UnknownSequenceError):
-            gt.plain_step("other", 3).result(10)
+            plain_step(gt, "other", 3)
         with pytest.raises(ValueError, match="draft_tokens"):
-            gt.verify("m", len(PROMPT), [999], None).result(10)
+            verify(gt, "m", len(PROMPT), [999])
         gt.release("m")
     finally:
         gt.close()
     down: list[str] = []
     dead = GrpcTarget("127.0.0.1:1", timeout_s=5, on_unavailable=lambda a, e: down.append(a))
     with pytest.raises(WorkerUnavailable):
-        dead.plain_step("m", 3).result(10)
+        plain_step(dead, "m", 3)
     assert down == ["127.0.0.1:1"]
     dead.close()
 
@@ -289,15 +327,15 @@ def test_many_sequences_at_once(servers, local):
     prompts = [PROMPT[i:] + [i + 3] for i in range(8)]
     want = []
     for i, p in enumerate(prompts):
-        target.prefill(f"ref{i}", p, SamplingParams())
-        want.append([target.plain_step(f"ref{i}", len(p) + j) for j in range(6)])
+        prefill(target, f"ref{i}", p)
+        want.append([plain_step(target, f"ref{i}", len(p) + j) for j in range(6)])
         target.release(f"ref{i}")
     got: dict[int, list[int]] = {}
 
     def run(i: int) -> None:
         gt = GrpcTarget(servers["target"])
-        gt.prefill(f"c{i}", prompts[i], SamplingParams()).result(30)
-        got[i] = [gt.plain_step(f"c{i}", len(prompts[i]) + j).result(30) for j in range(6)]
+        prefill(gt, f"c{i}", prompts[i])
+        got[i] = [plain_step(gt, f"c{i}", len(prompts[i]) + j) for j in range(6)]
         gt.release(f"c{i}")
         gt.close()
 
@@ -377,8 +415,8 @@ def test_batched_rpcs_answer_per_row_like_in_process_workers(servers, local):
         assert isinstance(got[0], ValueError) and "token_ids" in str(got[0])
         assert got[1:] == [None] * 3
         for s, (p, sp) in prompts.items():
-            target.prefill(s, p, sp)
-            draft.prefill(s, p, sp)
+            prefill(target, s, p, sp)
+            prefill(draft, s, p, sp)
         n = {s: len(p) for s, (p, _) in prompts.items()}
         prows = [
             ProposeRow("ba", n["ba"], 3),
@@ -388,7 +426,7 @@ def test_batched_rpcs_answer_per_row_like_in_process_workers(servers, local):
         ]
         got = gd.propose_batch(prows).result(10)
         assert isinstance(got[1], UnknownSequenceError) and isinstance(got[2], StaleSequenceError)
-        want = {s: draft.propose(s, n[s], k) for s, k in (("ba", 3), ("bc", 2))}
+        want = {s: propose(draft, s, n[s], k) for s, k in (("ba", 3), ("bc", 2))}
         for g, s in ((got[0], "ba"), (got[3], "bc")):
             assert (g.start, g.tokens) == (want[s].start, want[s].tokens)
         assert got[0].q is None and torch.equal(got[3].q.indices, want["bc"].q.indices)
@@ -397,13 +435,13 @@ def test_batched_rpcs_answer_per_row_like_in_process_workers(servers, local):
             VerifyRow("bb", n["bb"]),  # a plain step
             VerifyRow("bc", n["bc"], got[3].tokens, got[3].q),
             VerifyRow("bc", n["bc"] + 5),  # the same sequence again, stale
-            VerifyRow("ba", n["ba"], [999]),  # malformed: fails alone, before the worker
+            VerifyRow("ba", n["ba"], [999]),  # malformed: fails alone, whatever the state
             VerifyRow("zz", 4),
         ]
         out = gt.verify_batch(vrows).result(10)
-        assert out[0] == target.verify("ba", n["ba"], want["ba"].tokens)
-        assert (out[1].accepted, out[1].token) == (0, target.plain_step("bb", n["bb"]))
-        assert out[2] == target.verify("bc", n["bc"], want["bc"].tokens, want["bc"].q)
+        assert out[0] == verify(target, "ba", n["ba"], want["ba"].tokens)
+        assert (out[1].accepted, out[1].token) == (0, plain_step(target, "bb", n["bb"]))
+        assert out[2] == verify(target, "bc", n["bc"], want["bc"].tokens, want["bc"].q)
         assert isinstance(out[3], StaleSequenceError)
         assert isinstance(out[4], ValueError) and "draft_tokens" in str(out[4])
         assert isinstance(out[5], UnknownSequenceError)
@@ -462,11 +500,8 @@ def test_kv_budget_over_grpc_is_resource_exhausted_per_row(ckpts):
         assert got[0] is None and isinstance(got[1], KVBudgetExceeded)
         s = gt.stats()
         assert (s.live_sequences, s.kv_tokens, s.max_kv_tokens) == (1, len(PROMPT) - 1, 20)
-        code, _ = _code(
-            lambda: gt.stub.Prefill(
-                wpb.PrefillRequest(seq_id="k3", token_ids=PROMPT, sampling=GREEDY)
-            )
-        )
+        row = wpb.PrefillRequest(seq_id="k3", token_ids=PROMPT, sampling=GREEDY)
+        code, _ = _row(prefill_rows(gt.stub, row))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         gt.release("k1")
         assert gt.stats().kv_tokens == 0

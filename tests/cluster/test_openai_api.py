@@ -1,4 +1,5 @@
-"""cluster/api/openai.py alone: JSON -> proto, router errors -> OpenAI errors, responses and SSE.
+"""The OpenAI translation alone (cluster/api/openai_*.py): JSON -> proto, router errors -> OpenAI
+errors, responses and SSE, the model list.
 
 No Ray, no server: the rules the HTTP API adds on top of the router's validation, in milliseconds.
 The end-to-end behaviour (the real openai client against Serve): tests/cluster/test_openai_http.py.
@@ -11,8 +12,12 @@ import json
 import grpc
 import pytest
 
-from cluster.api import openai as oa
-from cluster.routing.router import RequestError
+from cluster.api.openai_errors import APIError, error_from_router
+from cluster.api.openai_fields import parse_json
+from cluster.api.openai_models import default_model_id, models_list
+from cluster.api.openai_requests import Options, chat_request, completion_request
+from cluster.api.openai_responses import DONE, ChunkWriter, response_json
+from cluster.api.validation import RequestError
 from cluster.scheduling.rounds import GenerationStats, RoundRecord
 from protos import specdec_pb2 as pb
 from tests.tiny_models import make_tokenizer
@@ -21,7 +26,7 @@ M = "m"
 
 
 def comp(**body):
-    return oa.completion_request({"model": M, "prompt": "x", **body}, model_id=M)
+    return completion_request({"model": M, "prompt": "x", **body}, model_id=M)
 
 
 def test_completion_request_maps_every_parameter():
@@ -48,7 +53,7 @@ def test_completion_request_maps_every_parameter():
     assert req.top_p == pytest.approx(0.9) and req.seed == 3 and list(req.stop) == ["##"]
     assert req.speculation.mode == pb.SPECULATION_MODE_OFF
     assert req.speculation.num_draft_tokens == 2
-    assert opts == oa.Options(M, True, True)
+    assert opts == Options(M, True, True)
 
 
 def test_defaults_follow_openai_and_unset_stays_unset():
@@ -101,8 +106,8 @@ def test_defaults_follow_openai_and_unset_stays_unset():
     ],
 )
 def test_json_shapes_and_refused_parameters_are_400s_naming_them(body, param, code):
-    with pytest.raises(oa.APIError) as info:
-        oa.completion_request({"model": M, "prompt": "x", **body}, model_id=M)
+    with pytest.raises(APIError) as info:
+        completion_request({"model": M, "prompt": "x", **body}, model_id=M)
     err = info.value
     assert (err.status, err.param, err.code) == (400, param, code)
     assert err.message.startswith(f"{param}: ")
@@ -112,8 +117,8 @@ def test_json_shapes_and_refused_parameters_are_400s_naming_them(body, param, co
 
 @pytest.mark.parametrize("raw", [b"{", b"[]", b"3", b"\xff", b""])
 def test_a_body_that_is_not_a_json_object_is_a_400(raw):
-    with pytest.raises(oa.APIError) as info:
-        oa.parse_json(raw)
+    with pytest.raises(APIError) as info:
+        parse_json(raw)
     assert info.value.status == 400 and info.value.param is None
 
 
@@ -134,7 +139,7 @@ def test_a_body_that_is_not_a_json_object_is_a_400(raw):
 )  # fmt: skip
 def test_router_errors_map_to_http_status_and_param(code, field, status, param):
     exc = RequestError(code, field, "why")
-    err = oa.error_from_router(exc.code, exc.field, exc.message)
+    err = error_from_router(exc.code, exc.field, exc.message)
     assert (err.status, err.param) == (status, param)
     assert err.message == (f"{param}: why" if param else "why")
 
@@ -142,18 +147,18 @@ def test_router_errors_map_to_http_status_and_param(code, field, status, param):
 def test_a_field_named_only_in_the_message_is_the_param():
     """The router's RequestError from a later refusal (a worker's ValueError) has no field, but
     its message starts with it."""
-    err = oa.error_from_router(
+    err = error_from_router(
         grpc.StatusCode.INVALID_ARGUMENT, "", "prompt: 512 tokens exceed the model context of 512"
     )
     assert err.param == "prompt" and err.message.startswith("prompt: 512 tokens")
-    err = oa.error_from_router(grpc.StatusCode.INVALID_ARGUMENT, "", "worker: something: odd")
+    err = error_from_router(grpc.StatusCode.INVALID_ARGUMENT, "", "worker: something: odd")
     assert err.param is None and err.message == "worker: something: odd"
 
 
 def test_chat_names_prompt_errors_messages_and_max_tokens_as_sent():
-    err = oa.error_from_router(grpc.StatusCode.INVALID_ARGUMENT, "prompt", "too long", chat=True)
+    err = error_from_router(grpc.StatusCode.INVALID_ARGUMENT, "prompt", "too long", chat=True)
     assert err.param == "messages"
-    err = oa.error_from_router(
+    err = error_from_router(
         grpc.StatusCode.INVALID_ARGUMENT,
         "max_new_tokens",
         "bad",
@@ -169,12 +174,12 @@ TEMPLATE = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor 
 def test_chat_request_renders_the_template_and_refuses_without_one():
     tok = make_tokenizer()
     body = {"model": M, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
-    with pytest.raises(oa.APIError) as info:
-        oa.chat_request(body, model_id=M, tokenizer=tok)
+    with pytest.raises(APIError) as info:
+        chat_request(body, model_id=M, tokenizer=tok)
     assert info.value.status == 400 and info.value.code == "chat_template_missing"
     assert "no chat template" in info.value.message
     tok.chat_template = TEMPLATE
-    req, opts = oa.chat_request({**body, "max_completion_tokens": 5}, model_id=M, tokenizer=tok)
+    req, opts = chat_request({**body, "max_completion_tokens": 5}, model_id=M, tokenizer=tok)
     assert req.prompt == "[user]hi[assistant]" and req.max_new_tokens == 5
     assert opts.chat and opts.max_tokens_param == "max_completion_tokens"
     for bad, param in [
@@ -188,8 +193,8 @@ def test_chat_request_renders_the_template_and_refuses_without_one():
         ({"max_tokens": 3, "max_completion_tokens": 3}, "max_tokens"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
     ]:  # fmt: skip
-        with pytest.raises(oa.APIError) as info:
-            oa.chat_request({**body, **bad}, model_id=M, tokenizer=tok)
+        with pytest.raises(APIError) as info:
+            chat_request({**body, **bad}, model_id=M, tokenizer=tok)
         assert info.value.param == param, bad
 
 
@@ -203,8 +208,8 @@ def final_message(text: str = "b") -> pb.GenerateResponse:
 
 
 def test_unary_response_and_the_vllm_metrics_shape():
-    opts = oa.Options(M, False, False)
-    out = oa.response_json(final_message("ab"), opts, rid="cmpl-1", created=7)
+    opts = Options(M, False, False)
+    out = response_json(final_message("ab"), opts, rid="cmpl-1", created=7)
     assert out["id"] == "cmpl-1" and out["object"] == "text_completion" and out["created"] == 7
     assert out["choices"] == [{"index": 0, "text": "ab", "logprobs": None, "finish_reason": "stop"}]
     assert out["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
@@ -212,12 +217,12 @@ def test_unary_response_and_the_vllm_metrics_shape():
     assert m["mean_acceptance_length"] == 2.5 and m["draft_acceptance_rate"] == 0.5
     assert m["acceptance_histogram"] == [0, 1, 1, 0] and m["num_spec_tokens"] == 3
     assert (m["num_spec_steps"], m["num_draft_tokens"], m["num_accepted_draft_tokens"]) == (2, 6, 3)
-    chat = oa.response_json(final_message(), oa.Options(M, False, False, chat=True))
+    chat = response_json(final_message(), Options(M, False, False, chat=True))
     assert chat["object"] == "chat.completion"
     assert chat["choices"][0]["message"] == {"role": "assistant", "content": "b"}
 
 
-def events(writer: oa.ChunkWriter, *msgs: pb.GenerateResponse) -> list[dict]:
+def events(writer: ChunkWriter, *msgs: pb.GenerateResponse) -> list[dict]:
     out = []
     for msg in msgs:
         for line in writer.events(msg):
@@ -227,7 +232,7 @@ def events(writer: oa.ChunkWriter, *msgs: pb.GenerateResponse) -> list[dict]:
 
 
 def test_stream_chunks_in_openai_order():
-    w = oa.ChunkWriter(oa.Options(M, True, True), rid="cmpl-2")
+    w = ChunkWriter(Options(M, True, True), rid="cmpl-2")
     got = events(w, pb.GenerateResponse(text="a"), pb.GenerateResponse(), final_message())
     assert [c["choices"][0]["text"] if c["choices"] else None for c in got] == ["a", "b", None]
     assert [c["choices"][0]["finish_reason"] if c["choices"] else None for c in got] == [
@@ -238,13 +243,13 @@ def test_stream_chunks_in_openai_order():
     assert got[0]["usage"] is None and got[-1]["usage"]["total_tokens"] == 5
     assert "metrics" in got[1] and "metrics" in got[2]
     assert {c["id"] for c in got} == {"cmpl-2"}
-    chat = oa.ChunkWriter(oa.Options(M, True, False, chat=True))
+    chat = ChunkWriter(Options(M, True, False, chat=True))
     got = events(chat, pb.GenerateResponse(text="a"), final_message(""))
     assert got[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert got[1]["choices"][0]["delta"] == {"content": "a"}
     assert got[2]["choices"][0]["delta"] == {} and got[2]["choices"][0]["finish_reason"] == "stop"
     assert all(c["object"] == "chat.completion.chunk" and "usage" not in c for c in got)
-    assert oa.DONE == "data: [DONE]\n\n"
+    assert DONE == "data: [DONE]\n\n"
 
 
 def test_acceptance_histogram_of_the_round_records():
@@ -255,8 +260,8 @@ def test_acceptance_histogram_of_the_round_records():
 
 
 def test_default_model_id_is_the_target_directory_name(tmp_path):
-    assert oa.default_model_id(tmp_path / "SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
-    assert oa.models_list("x", 5)["data"][0] == {
+    assert default_model_id(tmp_path / "SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
+    assert models_list("x", 5)["data"][0] == {
         "id": "x",
         "object": "model",
         "created": 5,

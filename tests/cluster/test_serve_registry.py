@@ -5,14 +5,15 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from cluster.routing.router import RequestError
-from cluster.serve import app
-from cluster.serve.app import Registry, _fail, grpc_status_for
+from cluster.api.validation import RequestError
+from cluster.serve import registry
+from cluster.serve.grpc_errors import grpc_status_for, handler_failure
+from cluster.serve.registry import Registry
 
 
 def test_registry_registers_renews_and_expires(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr(app.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(registry.time, "monotonic", lambda: now[0])
     reg = Registry(ttl_s=5.0)
     assert reg.snapshot() == {"drafts": [], "targets": [], "version": 0, "warm": False}
     reg.register("draft", "d1", "10.0.0.1:7001")
@@ -64,11 +65,11 @@ class FakeContext:
 def test_failures_map_to_a_code_and_one_clean_line(exc, code, details):
     assert grpc_status_for(exc) == (code, details)
     ctx = FakeContext()
-    raised = _fail(ctx, exc)
+    raised = handler_failure(ctx, exc)
     assert (ctx.code, ctx.details) == (code, details) and str(raised) == details
 
 
 def test_multiline_messages_become_one_line():
     ctx = FakeContext()
-    _fail(ctx, RuntimeError("first\n  Traceback (most recent call last):\n  x"))
+    handler_failure(ctx, RuntimeError("first\n  Traceback (most recent call last):\n  x"))
     assert "\n" not in ctx.details and ctx.code == grpc.StatusCode.INTERNAL

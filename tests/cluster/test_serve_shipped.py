@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cluster.cli import build_request, call_generate, stream_generate
+from cluster.cli.client import build_request, call_generate, stream_generate
 from cluster.serve.app import APP_NAME, GRPC_SERVICER, build_app
 from protos import specdec_pb2 as pb
 from tests.deploy.helpers import free_port, hf_greedy, init_ray

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import build_parser, main, up_config
+from cluster.cli import build_parser, main
+from cluster.cli.up_options import up_config
 from tests.deploy.helpers import free_port, noisy_copy, tmpdir
 from tests.tiny_models import make_model, make_tokenizer
 from workers.checkpoints import shipped_draft_path, shipped_target_path
@@ -75,19 +76,19 @@ def test_up_reads_a_serve_config_and_applies_overrides():
 
 
 def test_busy_default_ports_move_but_explicit_ones_are_errors(monkeypatch, capsys):
-    from cluster import cli
+    from cluster.cli import up_options
 
-    monkeypatch.setattr(cli, "port_free", lambda port: port not in (9000, 8000, 9100))
+    monkeypatch.setattr(up_options, "port_free", lambda port: port not in (9000, 8000, 9100))
     parse = build_parser().parse_args
-    cfg, http = cli.choose_ports(parse(["up"]), up_config(parse(["up"])))
+    cfg, http = up_options.choose_ports(parse(["up"]), up_config(parse(["up"])))
     assert cfg.ingress.grpc_port not in (9000, 0) and http not in (8000, 0)
     assert "port 9000 is in use" in capsys.readouterr().out
     args = parse(["up", "--port", "9100"])
     with pytest.raises(ValueError, match="port 9100 is in use"):
-        cli.choose_ports(args, up_config(args))
+        up_options.choose_ports(args, up_config(args))
     args = parse(["up", "--http-port", "8000"])
     with pytest.raises(ValueError, match="HTTP port 8000"):
-        cli.choose_ports(args, up_config(args))
+        up_options.choose_ports(args, up_config(args))
 
 
 def test_parser_has_every_subcommand():
@@ -119,7 +120,7 @@ def test_deploy_and_status_follow_ray_starts_token_rule(tmp_path):
     """`ray start` turns token auth on when RAY_AUTH_MODE is unset and a token exists; `specdec
     deploy` / `specdec status` run the serve CLI the same way (tested end to end in
     tests/deploy/test_serve_deploy.py)."""
-    from cluster.cli import serve_cli_env
+    from cluster.cli.serve_cli import serve_cli_env
 
     home = tmp_path / "home"
     home.mkdir()

@@ -19,13 +19,11 @@ def test_defaults_are_valid_and_round_trip():
 
 
 def test_pipelined_is_true_false_or_auto():
-    for value, fixed_on, adaptive in (
-        (True, True, False),
-        (False, False, False),
-        ("auto", True, True),
-    ):
-        policy = ClusterConfig.load({"speculation": {"pipelined": value}}).speculation.policy()
-        assert (policy.pipelined, policy.adaptive_pipelining) == (fixed_on, adaptive)
+    for value in (True, False, "auto"):
+        spec = ClusterConfig.load({"speculation": {"pipelined": value}}).speculation
+        assert spec.pipelined == value
+    with pytest.raises(ConfigError, match="speculation.pipelined"):
+        ClusterConfig.load({"speculation": {"pipelined": "sometimes"}})
 
 
 @pytest.mark.parametrize(

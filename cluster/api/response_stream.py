@@ -1,4 +1,8 @@
-"""The public API's messages for a finished sequence: finish reason, usage, speculation stats."""
+"""The `GenerateResponse` stream of one sequence, as the router sends it: its last message (finish
+reason, usage, speculation stats) and a whole stream collected into one response (unary Generate).
+
+Proto messages only; their OpenAI JSON is cluster/api/openai_responses.py.
+"""
 
 from __future__ import annotations
 

@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 START_TIMEOUT_S = 120.0
+REPO_ROOT = Path(__file__).resolve().parents[2]  # cluster/routing/ -> the checkout
 
 
 def server_env(threads: int = 1) -> dict[str, str]:
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
     env.update(
-        PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""),
+        PYTHONPATH=str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
@@ -38,7 +38,7 @@ class ServerProcess:
         self.name = name
         self.popen = subprocess.Popen(
             [sys.executable, *args],
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=REPO_ROOT,
             env=server_env(threads),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

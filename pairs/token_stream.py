@@ -1,4 +1,5 @@
-"""Token streams and batch sampling for training."""
+"""The stdlib recipe's training data as one token stream: encoding documents, and the random
+(training) or fixed (evaluation) windows sampled from it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The target's own greedy answers, with its top-K next-token distributions, for distillation.
+"""The instruct target's own greedy answers, with its top-K next-token distributions, for
+distilling its draft (the SmolLM2 recipe).
 
 Batched, left-padded HF `generate` (greedy) over chat and code prompts; a logits processor
 records the target's top-K log-probabilities at every generated position, so the draft's KL

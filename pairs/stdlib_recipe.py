@@ -1,6 +1,6 @@
 """The seeded recipe that trains the shipped draft/target pair on the stdlib's Python sources.
 
-    python -m pairs.recipe --out DIR [--smoke]
+    specdec train-pair --out DIR [--smoke]        (python -m pairs.stdlib_recipe)
 
 Phases (each stops by wall clock): tokenizer -> target LM -> target greedy trajectories ->
 draft distillation. Checkpoints are written periodically, so a run cut short leaves a pair.
@@ -26,8 +26,8 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
 from pairs import corpus  # noqa: E402
-from pairs.data import StreamSampler, encode_docs, fixed_windows  # noqa: E402
-from pairs.models import (
+from pairs.run_log import Log  # noqa: E402
+from pairs.stdlib_models import (  # noqa: E402
     DRAFT_SHAPE,
     SMOKE_DRAFT_SHAPE,
     SMOKE_TARGET_SHAPE,
@@ -38,6 +38,7 @@ from pairs.models import (
     new_model,
     save_half,
 )
+from pairs.token_stream import StreamSampler, encode_docs, fixed_windows  # noqa: E402
 from pairs.tokenizer import train_tokenizer  # noqa: E402
 from pairs.train import distill, eval_loss, train_lm  # noqa: E402
 from pairs.trajectories import generate_trajectories  # noqa: E402
@@ -94,19 +95,6 @@ def smoke_config(seed: int = 0) -> RecipeConfig:
         smoke=True,
         max_files=12,
     )
-
-
-class Log:
-    """Prints JSON lines (for the nohup log) and keeps them for train_log.json."""
-
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
-        self.events: list[dict] = []
-
-    def __call__(self, event: dict) -> None:
-        event = {"t_min": round((time.monotonic() - self.t0) / 60, 2), **event}
-        self.events.append(event)
-        print(json.dumps(event), flush=True)
 
 
 def _pick_files(cfg: RecipeConfig, root: Path) -> list[str]:

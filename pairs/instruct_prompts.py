@@ -109,3 +109,17 @@ def encode(tok, prompt: Prompt, max_tokens: int) -> list[int]:
             ids = ids["input_ids"]
         return list(ids)[-max_tokens:]
     return tok(prompt.text, add_special_tokens=False)["input_ids"][-max_tokens:]
+
+
+def encoded_prompts(
+    tok, files: list[str], seed: int, max_tokens: int
+) -> list[tuple[str, list[int]]]:
+    """(kind, ids) of the files' prompts in build_prompts' order. A chat request longer than
+    max_tokens is left out, never cut (its template's head must stay); code is left-cut."""
+    rows = []
+    for p in build_prompts(files, seed):
+        ids = encode(tok, p, 10**9)
+        if p.kind == "chat" and len(ids) > max_tokens:
+            continue
+        rows.append((p.kind, ids[-max_tokens:]))
+    return rows

@@ -9,9 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pairs import corpus
-from pairs.evaluate import heldout_prompts, heldout_texts, load_pair, measure_acceptance
-from pairs.recipe import train_pair
-from pairs.speculative import plain_greedy
+from pairs.acceptance import load_pair, measure_acceptance
+from pairs.heldout import heldout_code_prompts, heldout_texts
+from pairs.stdlib_recipe import train_pair
+from pairs.target_greedy import plain_greedy
 from workers.checkpoints import SHIPPED_PAIR_DIR, shipped_draft_path, shipped_target_path
 
 # The pair ships with the package: a missing asset is a failure, never a skip.
@@ -40,12 +41,13 @@ ALPHA_FLOOR = 0.3
 
 @pytest.fixture(scope="module")
 def pair():
-    return load_pair(SHIPPED_PAIR_DIR)
+    with load_pair(shipped_target_path(), shipped_draft_path()) as loaded:
+        yield loaded
 
 
 @needs_assets
 def test_shipped_pair_loads_and_shares_tokenizer(pair):
-    target, draft, tok = pair
+    target, draft, tok = pair.target, pair.draft, pair.tokenizer
     assert tok.eos_token_id is not None
     draft_tok = AutoTokenizer.from_pretrained(shipped_draft_path())
     assert draft_tok.get_vocab() == tok.get_vocab()
@@ -68,7 +70,7 @@ def test_split_is_by_file_and_recorded():
 
 @needs_assets
 def test_target_greedy_continuation_is_pinned(pair):
-    target, _, tok = pair
+    target, tok = pair.target, pair.tokenizer
     prompt = tok(PINNED_PROMPT, add_special_tokens=False)["input_ids"]
     out = plain_greedy(target, prompt, 16)
     # The oracle: transformers' own greedy generate agrees with our loop.
@@ -84,18 +86,22 @@ def test_target_greedy_continuation_is_pinned(pair):
 
 
 @needs_assets
-def test_acceptance_above_floor_and_random_draft_below(pair):
-    target, draft, tok = pair
-    prompts = heldout_prompts(tok, heldout_texts(SHIPPED_PAIR_DIR), 10, seed=0)
+def test_acceptance_above_floor_and_random_draft_below(pair, tmp_path):
+    prompts = heldout_code_prompts(pair.tokenizer, heldout_texts(SHIPPED_PAIR_DIR), 10, seed=0)
     assert len(prompts) == 10
-    stats, mismatches, _ = measure_acceptance(target, draft, prompts, 32, 4, verify=2)
-    assert mismatches == 0  # speculation reproduces the target's greedy output exactly
-    assert stats.alpha >= ALPHA_FLOOR, stats.alpha
+    # Measured through the engine (the serving scheduler), checked against plain greedy.
+    shipped = measure_acceptance(pair, prompts, 32, 4, verify=2)
+    assert shipped.mismatches == 0  # speculation reproduces the target's greedy output exactly
+    alpha = shipped.stats.acceptance_rate
+    assert alpha >= ALPHA_FLOOR, alpha
     torch.manual_seed(0)
-    rand = AutoModelForCausalLM.from_config(draft.config).eval()
-    rstats, rmis, _ = measure_acceptance(target, rand, prompts[:4], 32, 4, verify=1)
-    assert rmis == 0
-    assert rstats.alpha < ALPHA_FLOOR, rstats.alpha
+    rand = AutoModelForCausalLM.from_config(pair.draft.config)
+    rand.save_pretrained(tmp_path)  # the engine loads checkpoints by path
+    pair.tokenizer.save_pretrained(tmp_path)
+    with load_pair(shipped_target_path(), tmp_path) as random_pair:
+        rand_measured = measure_acceptance(random_pair, prompts[:4], 32, 4, verify=1)
+    assert rand_measured.mismatches == 0
+    assert rand_measured.stats.acceptance_rate < ALPHA_FLOOR, rand_measured.stats.acceptance_rate
 
 
 def test_split_by_file_is_seeded_and_disjoint():

@@ -1,0 +1,155 @@
+"""A router `GenerateResponse` -> OpenAI's JSON: the unary completion / chat completion, and the
+server-sent events of a stream (text chunks, the finish chunk, usage, `data: [DONE]`).
+
+Besides OpenAI's fields every response carries `metrics.speculative_decoding`: vLLM's per-request
+speculation shape plus this server's own figures (`speculation_metrics`). Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from cluster.api.openai_errors import APIError
+from cluster.api.openai_requests import Options
+from protos import specdec_pb2 as pb
+
+_FINISH = {
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_EOS: "stop",
+    pb.FINISH_REASON_CANCELLED: "abort",  # vLLM's word for a request the server gave up on
+}
+
+
+def finish_reason(resp: pb.GenerateResponse) -> str | None:
+    return _FINISH.get(resp.finish_reason)
+
+
+def usage(resp: pb.GenerateResponse) -> dict[str, int]:
+    p, c = int(resp.usage.prompt_tokens), int(resp.usage.completion_tokens)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def speculation_metrics(stats: pb.SpeculationStats) -> dict[str, Any]:
+    """`metrics.speculative_decoding` of a response: vLLM's per-request shape (mean acceptance
+    length = 1 + accepted / steps, draft acceptance rate, acceptance_histogram[j] = steps that
+    accepted exactly j draft tokens, ...) plus ours (plain steps, pipeline hits, ...)."""
+    hist = [int(h) for h in stats.acceptance_histogram]
+    steps = int(stats.rounds)
+    return {
+        # vLLM's fields
+        "mean_acceptance_length": (1 + stats.accepted_tokens / steps) if steps else 0.0,
+        "draft_acceptance_rate": float(stats.acceptance_rate),
+        "acceptance_histogram": hist,
+        "num_spec_steps": steps,
+        "num_accepted_draft_tokens": int(stats.accepted_tokens),
+        "num_draft_tokens": int(stats.draft_tokens),
+        "num_spec_tokens": max(0, len(hist) - 1),  # the longest block proposed (k varies)
+        # ours
+        "plain_steps": int(stats.plain_steps),
+        "pipeline_hits": int(stats.pipeline_hits),
+        "pipeline_misses": int(stats.pipeline_misses),
+        "tokens_per_target_pass": float(stats.tokens_per_target_pass),
+        "draft_failures": int(stats.draft_failures),
+        "target_failovers": int(stats.target_failovers),
+        "mode_switches": int(stats.mode_switches),
+    }
+
+
+def new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+
+
+def _head(opts: Options, rid: str, created: int, chunk: bool) -> dict[str, Any]:
+    obj = "chat.completion" if opts.chat else "text_completion"
+    if chunk and opts.chat:
+        obj = "chat.completion.chunk"
+    return {"id": rid, "object": obj, "created": created, "model": opts.model}
+
+
+def response_json(
+    resp: pb.GenerateResponse, opts: Options, *, rid: str | None = None, created: int | None = None
+) -> dict[str, Any]:
+    """The whole (unary) response."""
+    rid = rid or new_id(opts.chat)
+    out = _head(opts, rid, int(time.time()) if created is None else created, chunk=False)
+    choice: dict[str, Any] = {"index": 0}
+    if opts.chat:
+        choice["message"] = {"role": "assistant", "content": resp.text}
+        choice["logprobs"] = None
+    else:
+        choice["text"] = resp.text
+        choice["logprobs"] = None
+    choice["finish_reason"] = finish_reason(resp)
+    out["choices"] = [choice]
+    out["usage"] = usage(resp)
+    out["metrics"] = {"speculative_decoding": speculation_metrics(resp.stats)}
+    return out
+
+
+class ChunkWriter:
+    """Turns the router's stream messages into server-sent events, in OpenAI's order: (chat: a
+    first chunk with the role), text chunks, a chunk with finish_reason (and our metrics), with
+    include_usage a last chunk with `choices: []` and usage, then `data: [DONE]`."""
+
+    def __init__(
+        self, opts: Options, *, rid: str | None = None, now: Callable[[], float] = time.time
+    ):
+        self.opts = opts
+        self.rid = rid or new_id(opts.chat)
+        self.created = int(now())
+        self.started = False
+
+    def _chunk(self, text: str | None, finish: str | None) -> dict[str, Any]:
+        out = _head(self.opts, self.rid, self.created, chunk=True)
+        choice: dict[str, Any] = {"index": 0}
+        if self.opts.chat:
+            delta: dict[str, Any] = {}
+            if not self.started:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice["delta"] = delta
+        else:
+            choice["text"] = text or ""
+        choice["logprobs"] = None
+        choice["finish_reason"] = finish
+        self.started = True
+        out["choices"] = [choice]
+        if self.opts.include_usage:
+            out["usage"] = None  # OpenAI: null on every chunk but the last
+        return out
+
+    def events(self, msg: pb.GenerateResponse) -> list[str]:
+        """The SSE lines for one router message (none for an empty, non-final one)."""
+        out = []
+        finish = finish_reason(msg)
+        if self.opts.chat and not self.started:
+            out.append(sse(self._chunk("", None)))
+        if msg.text and finish is None:
+            out.append(sse(self._chunk(msg.text, None)))
+        if finish is not None:
+            last = self._chunk(msg.text if msg.text else None if self.opts.chat else "", finish)
+            metrics = {"speculative_decoding": speculation_metrics(msg.stats)}
+            last["metrics"] = metrics
+            out.append(sse(last))
+            if self.opts.include_usage:
+                tail = _head(self.opts, self.rid, self.created, chunk=True)
+                tail.update(choices=[], usage=usage(msg), metrics=metrics)
+                out.append(sse(tail))
+        return out
+
+    def error(self, err: APIError) -> str:
+        """An error after the stream started (vLLM's way: an error event, then [DONE])."""
+        return sse(err.body())
+
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(obj: Mapping[str, Any]) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'), allow_nan=False)}\n\n"

@@ -1,0 +1,46 @@
+"""`specdec models`: the named draft/target pairs and their local paths (workers.checkpoints)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEFAULT_NOT_AVAILABLE = 2  # exit code: the default pair cannot be had on this machine
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    models = sub.add_parser("models", help="list the named pairs and their local paths")
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+    models.set_defaults(func=cmd_models)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """The pairs, once the default one is ready to serve (converted first if needed); when it
+    cannot be had here, says which and why on stderr and exits DEFAULT_NOT_AVAILABLE."""
+    from workers.checkpoints import registry
+
+    default = registry.default_pair_name()
+    try:
+        registry.get_pair(default).target(convert=True)  # converts the default if needed
+    except FileNotFoundError as exc:
+        print(
+            f"specdec models: the default pair {default!r} is not available here: {exc} "
+            f"(another pair: SPECDEC_PAIR=NAME, one of {', '.join(registry.PAIRS)})",
+            file=sys.stderr,
+        )
+        return DEFAULT_NOT_AVAILABLE
+    pairs = {
+        name: {"target": str(p.target(convert=False)), "draft": str(p.draft())}
+        for name, p in registry.PAIRS.items()
+    }
+    if args.json:
+        print(json.dumps({"default": default, "pairs": pairs}))
+        return 0
+    for name, p in registry.PAIRS.items():
+        mark = " (default)" if name == default else ""
+        state = "" if p.available() else "   [not available here]"
+        print(f"{name}{mark}: {p.description}{state}")
+        print(f"    target: {pairs[name]['target']}")
+        print(f"    draft:  {pairs[name]['draft']}")
+    return 0

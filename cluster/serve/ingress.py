@@ -1,0 +1,137 @@
+"""The ingress deployment: the public API of the application, stateless.
+
+`SpecDecodeIngress` serves the public `specdec.v1.SpecDecode` API through Serve's gRPC proxy
+(`grpc_options.grpc_servicer_functions:
+[protos.specdec_pb2_grpc.add_SpecDecodeServicer_to_server]`), and an OpenAI-compatible HTTP API
+(/v1/completions, /v1/chat/completions, /v1/models) plus GET /specdec (status JSON) through Serve's
+HTTP proxy (cluster/api/http_app.py; the application's route_prefix is "/"). It validates and
+tokenizes, then streams the request from a target replica (Serve picks the least loaded one), and
+moves it to another replica when its replica dies (cluster/routing/forwarding.py). Every failure
+reaches the client as a gRPC code and one line (cluster/serve/grpc_errors.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from cluster.api.openai_models import default_model_id
+from cluster.config import ClusterConfig
+from cluster.serve.grpc_errors import handler_failure
+from cluster.serve.registry import DRAFT, poll_period, poll_registry
+
+
+@serve.deployment(name="SpecDecodeIngress")
+@serve.ingress()  # the HTTP app is built per replica: __serve_build_asgi_app__
+class IngressDeployment:
+    """The router behind Serve's gRPC proxy (`specdec.v1.SpecDecode` Generate / GenerateStream)
+    and behind Serve's HTTP proxy (the OpenAI-compatible /v1 API and GET /specdec, see
+    cluster/api/http_app.py): one router, one validation, for both."""
+
+    async def __init__(
+        self,
+        config: dict[str, Any],
+        registry: DeploymentHandle,
+        drafts: DeploymentHandle | None = None,
+        targets: DeploymentHandle | None = None,
+    ) -> None:
+        self.cfg = ClusterConfig.load(config)
+        self.registry = registry
+        self.drafts = drafts  # held so that `status` can ask the worker replicas where they run
+        self.targets = targets
+        self.router = make_router(self.cfg, targets)
+        # A pair's target dir is named "target": its pair's name says which model it is.
+        self.model_id = (
+            self.cfg.models.served_model_name
+            or self.cfg.models.pair_name("target")
+            or default_model_id(self.cfg.models.target_path())
+        )
+        self.started = time.time()
+        self._workers: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+        self._poll = asyncio.get_running_loop().create_task(
+            poll_registry(registry, poll_period(self.cfg), self._set_workers, "specdec ingress")
+        )
+
+    # -- worker discovery (for status: the schedulers in the target replicas use it) ----------
+
+    def _set_workers(self, drafts: tuple[str, ...], targets: tuple[str, ...]) -> None:
+        self._workers = (drafts, targets)
+
+    # -- public API -------------------------------------------------------------------------
+
+    async def Generate(self, request, grpc_context=None):  # noqa: N802 - the gRPC method name
+        try:
+            return await self.router.generate(request)
+        except Exception as exc:  # noqa: BLE001 - every failure gets a code and a clean message
+            raise handler_failure(grpc_context, exc) from None
+
+    async def GenerateStream(self, request, grpc_context=None):  # noqa: N802
+        stream = self.router.generate_stream(request)
+        try:
+            async for msg in stream:
+                yield msg
+        except Exception as exc:  # noqa: BLE001
+            raise handler_failure(grpc_context, exc) from None
+        finally:
+            await stream.aclose()  # a cancelled client frees the sequence on the workers
+
+    def __serve_build_asgi_app__(self):  # noqa: N807 - Serve's hook for a late-bound ASGI app
+        from cluster.api.http_app import build_http_app
+
+        return build_http_app(self)
+
+    # -- operations -------------------------------------------------------------------------
+
+    async def check_health(self) -> None:
+        if self._poll.done():
+            raise RuntimeError("specdec ingress: registry poll loop ended")
+
+    async def status(self) -> dict[str, Any]:
+        """Known worker addresses (as handed to the router) and the configured counts."""
+        drafts, targets = self._workers
+        return {
+            "drafts": list(drafts),
+            "targets": list(targets),
+            "in_flight": self.router.in_flight,
+            "resources": ray.get_runtime_context().get_assigned_resources(),
+            "model": self.model_id,  # the OpenAI API's model id
+            "want_drafts": self.cfg.draft.replicas,
+            "want_targets": self.cfg.target.replicas,
+            "ready": len(targets) >= self.cfg.target.replicas
+            and len(drafts) >= self.cfg.draft.replicas,
+        }
+
+    def __del__(self) -> None:
+        try:
+            self._poll.cancel()
+            self.router.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    async def worker_info(self, kind: str) -> dict[str, Any]:
+        """`info()` of one replica of a worker deployment (Serve picks which)."""
+        handle = self.drafts if kind == DRAFT else self.targets
+        if handle is None:
+            raise ValueError(f"no {kind} deployment in this application")
+        return await handle.info.remote()
+
+
+def make_router(cfg: ClusterConfig, targets: DeploymentHandle | None):
+    """The ingress side of one ingress replica: it forwards requests to the target replicas'
+    schedulers through the target deployment's handle (Serve routes by load)."""
+    from cluster.routing.config import RouterConfig
+    from cluster.routing.forwarding import ForwardingRouter
+
+    if targets is None:
+        raise ValueError("the ingress needs the target deployment's handle")
+    handle = targets.options(stream=True)
+
+    def submit(request: bytes):
+        return handle.generate.remote(request)
+
+    return ForwardingRouter(RouterConfig.from_cluster_config(cfg), submit)

@@ -1,0 +1,253 @@
+"""The worker deployments: each replica loads one worker and serves the internal worker gRPC API
+(protos/worker.proto) on a free port, registers its address (cluster/serve/registry.py) and is
+health-checked by Serve.
+
+* `SpecDecodeDraft`: N replicas, each on the draft pool (`ray_actor_options.resources`), loads a
+  `DraftWorker`.
+* `SpecDecodeTarget`: each replica is one tensor-parallel group of R ranks. R = 1: the replica loads
+  a plain `TargetWorker` on the target pool. R > 1: Serve gives the replica a placement group of R
+  bundles (`placement_group_bundles`, STRICT_PACK by default) and the replica starts one rank actor
+  per bundle (`workers.tp.TensorParallelTarget`: torch.distributed, gloo on CPU / NCCL on GPU,
+  transformers' `tp_plan="auto"`), then serves the worker API for the group.
+
+Continuous batching: every target replica also runs the step scheduler of its own batch (a
+`cluster.routing.router.Router` whose only target is the replica's own worker server, driven over
+gRPC, with the draft pool from the registry), so exactly one scheduler drives a target replica and
+no target ever sees competing batches, however many ingress replicas forward to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import grpc
+import ray
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from cluster.config import ClusterConfig
+from cluster.serve.grpc_errors import grpc_status_for
+from cluster.serve.registry import DRAFT, TARGET, poll_period, poll_registry
+
+log = logging.getLogger("ray.serve")
+
+
+class _WorkerReplica:
+    """Shared by the draft and target replicas: serve the worker API, register, health-check."""
+
+    kind = ""
+
+    def _start_serving(self, cfg: ClusterConfig, worker: Any, registry: DeploymentHandle) -> None:
+        self.cfg = cfg
+        self.worker = worker
+        self.registry = registry
+        host = cfg.workers.host or ray.util.get_node_ip_address()
+        self.server, port = self._serve(worker, host)
+        self.address = f"{host}:{port}"
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside Serve (never in production)
+            self.replica_id = f"{self.kind}-{os.getpid()}"
+        self._channel: grpc.aio.Channel | None = None
+        self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+        log.info("%s worker %s serving on %s", self.kind, self.replica_id, self.address)
+
+    def _serve(self, worker: Any, host: str):
+        raise NotImplementedError
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await self.registry.register.remote(self.kind, self.replica_id, self.address)
+            except Exception as exc:  # noqa: BLE001 - the registry may be restarting; retry
+                log.warning("%s worker: registry heartbeat failed: %s", self.kind, exc)
+            await asyncio.sleep(self.cfg.workers.heartbeat_s)
+
+    async def check_health(self) -> None:
+        """The worker API answers on its own port (and, for a TP group, every rank is alive)."""
+        from protos import worker_pb2, worker_pb2_grpc
+
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.address)
+        stub_cls = (
+            worker_pb2_grpc.DraftWorkerStub
+            if self.kind == DRAFT
+            else worker_pb2_grpc.TargetWorkerStub
+        )
+        await stub_cls(self._channel).Stats(worker_pb2.StatsRequest(), timeout=10)
+        if self._heartbeat.done():  # never expected: the loop swallows its errors
+            raise RuntimeError(f"{self.kind} worker: heartbeat loop ended")
+
+    def info(self) -> dict[str, Any]:
+        """Where this replica runs and what it holds (for tests, the CLI and operators)."""
+        ctx = ray.get_runtime_context()
+        return {
+            "kind": self.kind,
+            "replica_id": self.replica_id,
+            "address": self.address,
+            "pid": os.getpid(),
+            "node_id": ctx.get_node_id(),
+            "resources": ctx.get_assigned_resources(),
+            "live_sequences": int(self.worker.live_sequences),
+        }
+
+    def __del__(self) -> None:
+        # Serve calls this on a graceful stop; a killed replica simply expires from the registry.
+        try:
+            self._heartbeat.cancel()
+            self.registry.unregister.remote(self.replica_id)
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            self.server.stop(grace=1.0)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+@serve.deployment(name="SpecDecodeDraft")
+class DraftDeployment(_WorkerReplica):
+    kind = DRAFT
+
+    async def __init__(self, config: dict[str, Any], registry: DeploymentHandle) -> None:
+        import torch
+
+        from workers.draft import DraftWorker
+
+        cfg = ClusterConfig.load(config)
+        torch.set_num_threads(cfg.draft.pool.threads)
+        device = "cuda" if cfg.draft.pool.num_gpus > 0 else "cpu"
+        worker = DraftWorker.from_path(
+            cfg.models.draft_path(),
+            top_m=cfg.draft.top_m,
+            confidence_stop=cfg.confidence_stop(),
+            dtype=getattr(torch, cfg.models.dtype),
+            device=device,
+            max_kv_tokens=cfg.draft.max_kv_tokens or None,
+        )
+        self._start_serving(cfg, worker, registry)
+
+    def _serve(self, worker: Any, host: str):
+        from workers.service import serve_draft
+
+        return serve_draft(worker, host, 0)
+
+
+@serve.deployment(name="SpecDecodeTarget")
+class TargetDeployment(_WorkerReplica):
+    kind = TARGET
+
+    async def __init__(self, config: dict[str, Any], registry: DeploymentHandle) -> None:
+        import torch
+
+        cfg = ClusterConfig.load(config)
+        t = cfg.target
+        torch.set_num_threads(t.pool.threads)
+        if t.tp_size == 1:
+            from workers.target import TargetWorker
+
+            device = "cuda" if t.pool.num_gpus > 0 else "cpu"
+            worker = TargetWorker.from_path(
+                cfg.models.target_path(),
+                dtype=getattr(torch, cfg.models.dtype),
+                device=device,
+                max_kv_tokens=t.max_kv_tokens or None,
+            )
+        else:
+            from workers.tp import RankSpec, TensorParallelTarget
+
+            rank = RankSpec(t.pool.num_cpus, t.pool.num_gpus, ((t.pool.resource, t.pool.amount),))
+            # Serve created this replica's placement group (one bundle per rank); the ranks go
+            # into it. Loading is blocking work: keep the replica's event loop free meanwhile.
+            worker = await asyncio.to_thread(
+                TensorParallelTarget,
+                cfg.models.target_path(),
+                t.tp_size,
+                rank=rank,
+                dtype=cfg.models.dtype,
+                backend=t.resolved_backend(),
+                strategy=t.placement_strategy,
+                timeout_s=t.tp_timeout_s,
+                threads=t.pool.threads,
+                max_kv_tokens=t.max_kv_tokens or None,
+            )
+        self._start_serving(cfg, worker, registry)
+        self._start_scheduling(cfg, registry)
+
+    def _serve(self, worker: Any, host: str):
+        from workers.service import serve_target
+
+        return serve_target(worker, host, 0)
+
+    def _start_scheduling(self, cfg: ClusterConfig, registry: DeploymentHandle) -> None:
+        """The step scheduler of this replica's batch: a router whose one target is this
+        replica's own worker server (over gRPC), with the draft pool from the registry."""
+        from cluster.routing.config import RouterConfig
+        from cluster.routing.router import Router
+
+        self.router = Router(RouterConfig.from_cluster_config(cfg), targets=[self.address])
+        self._drafts_poll = asyncio.get_running_loop().create_task(
+            poll_registry(
+                registry,
+                poll_period(cfg),
+                lambda drafts, _targets: self.router.set_workers(drafts=list(drafts)),
+                f"target {self.replica_id} scheduler",
+            )
+        )
+
+    async def generate(self, request: bytes):
+        """Stream one request through this replica's batch: GenerateResponse bytes, or one
+        error item `("error", grpc code name, details)` (cluster/routing/forwarding.py). A caller
+        that goes away (Serve cancels the call) frees the sequence at the next step."""
+        from cluster.api.validation import RequestError
+        from cluster.routing.forwarding import error_item
+        from protos import specdec_pb2
+
+        stream = self.router.generate_stream(specdec_pb2.GenerateRequest.FromString(request))
+        try:
+            async for msg in stream:
+                yield msg.SerializeToString()
+        except RequestError as exc:
+            yield error_item(exc)
+        except Exception as exc:  # noqa: BLE001 - a clean one-line INTERNAL, never a traceback
+            log.exception("target %s: request failed", self.replica_id)
+            code, details = grpc_status_for(exc)
+            yield error_item(RequestError(code, "", details))
+        finally:
+            await stream.aclose()
+
+    def batch_status(self) -> dict[str, Any]:
+        return {"in_flight": self.router.in_flight, "batch": self.router.batch_status()}
+
+    async def check_health(self) -> None:
+        await super().check_health()
+        if hasattr(self.worker, "check_health"):  # a TP group: every rank must answer
+            await asyncio.to_thread(self.worker.check_health, 10.0)
+
+    def info(self) -> dict[str, Any]:
+        out = super().info()
+        out["tp_size"] = self.cfg.target.tp_size
+        if hasattr(self.worker, "rank_info"):
+            out["ranks"] = [
+                {k: r[k] for k in ("rank", "pid", "node_id", "resources", "device")}
+                for r in self.worker.rank_info
+            ]
+            pg = ray.util.get_current_placement_group()
+            out["placement_group"] = pg.id.hex() if pg is not None else None
+        return out
+
+    def __del__(self) -> None:
+        try:
+            self._drafts_poll.cancel()
+            self.router.close()
+        except Exception:  # noqa: BLE001
+            pass
+        super().__del__()
+        close = getattr(getattr(self, "worker", None), "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:  # noqa: BLE001
+                pass
