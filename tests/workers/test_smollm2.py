@@ -133,8 +133,8 @@ def test_speculative_greedy_with_the_pair_is_the_targets_greedy(converted, engin
     assert stats.accepted_tokens > 0
 
 
-# Measured by `specdec eval-pair` on the shipped draft (docs/pairs.md); the floor sits well below it so
-# that a shipped draft which stopped paying fails here, not a box's load.
+# Measured by `specdec eval-pair` on the shipped draft (docs/pairs.md); the floor sits well
+# below it so that a shipped draft which stopped paying fails here, not a box's load.
 ACCEPTANCE_FLOOR = 0.35
 
 
