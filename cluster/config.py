@@ -84,8 +84,11 @@ class ModelsConfig(_Strict):
         description="draft checkpoint directory or pair name (must share the target's tokenizer);"
         " empty = the target pair's draft",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="weights' dtype on the workers (GPU: bfloat16)"
+    # The names of workers/dtypes.py (no torch here); each worker resolves "auto" on its device.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="weights' dtype on the workers; auto = bfloat16 where the worker's device"
+        " does it natively (CUDA with bf16, CPUs with avx512_bf16 or AMX), else float32",
     )
     served_model_name: str | None = Field(
         None, description="model id of the HTTP API; empty = the target directory's name"

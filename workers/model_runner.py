@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 import workers.checkpoints.subset_draft  # noqa: F401 - registers the reduced-vocabulary draft type
 from workers.batch_kv import BatchedKV
+from workers.dtypes import resolve_dtype
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
@@ -51,12 +52,14 @@ class ModelRunner:
         self,
         path: str | os.PathLike,
         *,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         device: str = "cpu",
         tp_plan: str | None = None,
         max_kv_tokens: int | None = None,
     ) -> None:
-        kwargs: dict = {"dtype": dtype, "local_files_only": True}
+        # A name (`models.dtype`, "auto" included) resolves here, on the device that runs it;
+        # the default stays float32, where greedy decoding equals HF `generate` token for token.
+        kwargs: dict = {"dtype": resolve_dtype(dtype, device), "local_files_only": True}
         if tp_plan is not None:
             # transformers shards the model over the process group the caller initialized.
             from torch import distributed as dist
@@ -70,6 +73,7 @@ class ModelRunner:
         if tp_plan is None:
             self.model.to(device)
         self.device = self.model.device
+        self.dtype: torch.dtype = self.model.dtype
         self.tokenizer = load_tokenizer(path)
         self.vocab_size = int(self.model.config.vocab_size)
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
@@ -125,10 +129,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def extend_batch(
-        self, items: Sequence[tuple[str, Sequence[int]]], logits: bool = True
+        self, items: Sequence[tuple[str, Sequence[int]]], logits: bool = True, last: bool = False
     ) -> list[torch.Tensor]:
         """Append tokens_i to each sequence (created if new) in one forward; returns logits [n_i, V]
-        per item (with `logits=False`, a prefill that needs none: empty tensors). Checked first,
+        per item (with `logits=False`, a prefill that needs none: empty tensors; with `last=True`,
+        only the last token's, [1, V]: a prefill that decodes the first token). Checked first,
         for all items (a refusal changes nothing): distinct ids, the context, and the KV budget
         for new sequences (KVBudgetExceeded)."""
         seen: set[str] = set()
@@ -154,6 +159,11 @@ class ModelRunner:
             ids = torch.zeros(len(step.rows), width, dtype=torch.long)
             for sid, toks in work:
                 ids[rows[sid], : len(toks)] = torch.tensor(toks)
+            keep = self._keep_kw
+            if logits and last and self._keep_kw:
+                # The head at each row's last column only: the columns every row needs, shared.
+                ends = sorted({len(toks) - 1 for _, toks in work})
+                keep = {"logits_to_keep": torch.tensor(ends)}
             try:
                 res = self.model(
                     input_ids=ids.to(self.device),
@@ -161,7 +171,7 @@ class ModelRunner:
                     position_ids=step.position_ids,
                     use_cache=True,
                     **{self._cache_kw: self.kv.cache},
-                    **({} if logits else self._keep_kw),
+                    **(keep if not logits or last else {}),
                 )
             except BaseException:
                 self.kv.abort()
@@ -171,7 +181,13 @@ class ModelRunner:
                 lg = res.logits.float()
                 if lg.device.type != "cpu":
                     lg = lg.cpu()
-                out = {sid: lg[rows[sid], : len(toks)] for sid, toks in work}
+                if last and self._keep_kw:
+                    col = {end: i for i, end in enumerate(ends)}
+                    out = {sid: lg[rows[sid], col[len(t) - 1]][None] for sid, t in work}
+                elif last:
+                    out = {sid: lg[rows[sid], len(t) - 1][None] for sid, t in work}
+                else:
+                    out = {sid: lg[rows[sid], : len(toks)] for sid, toks in work}
         empty = torch.empty(0, self.vocab_size)
         return [out.get(sid, empty) for sid, _ in items]
 

@@ -16,6 +16,8 @@ import sys
 import threading
 from typing import NoReturn
 
+from workers.dtypes import DTYPE_NAMES, dtype_name
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -35,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-workers", type=int, default=16, help="gRPC handler threads")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        default="float32",
+        help="weights' dtype (auto: bfloat16 where the device does it natively); float32 by"
+        " default, where greedy decoding equals HF generate token for token",
+    )
     parser.add_argument(
         "--max-kv-tokens", type=int, default=0, help="KV budget in held tokens (0 = none)"
     )
@@ -62,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model,
             top_m=args.top_m,
             confidence_stop=args.confidence_stop,
+            dtype=args.dtype,
             device=args.device,
             max_kv_tokens=budget,
         )
@@ -69,14 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from workers.target import TargetWorker
 
-        worker = TargetWorker.from_path(args.model, device=args.device, max_kv_tokens=budget)
+        worker = TargetWorker.from_path(
+            args.model, dtype=args.dtype, device=args.device, max_kv_tokens=budget
+        )
         server, port = serve_target(worker, args.host, args.port, max_workers=args.max_workers)
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     print(port, flush=True)
-    logging.info("serving %s on %s:%d", args.model, args.host, port)
+    logging.info(
+        "serving %s on %s:%d in %s", args.model, args.host, port, dtype_name(worker.runner.dtype)
+    )
     stop.wait()
     logging.info("stopping")
     server.stop(grace=2.0).wait()

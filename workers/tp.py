@@ -111,6 +111,7 @@ class TargetRank:
         import torch.distributed as dist
         from torch.distributed import TCPStore
 
+        from workers.dtypes import dtype_name, resolve_dtype
         from workers.model_runner import ModelRunner
         from workers.target import TargetWorker
 
@@ -132,8 +133,13 @@ class TargetRank:
             timeout=timedelta(seconds=timeout_s),
             **kw,
         )
+        # `auto` resolves here, on the rank's own device (GPU ranks: bf16 where it is native).
+        device = "cuda" if backend == "nccl" else "cpu"
         runner = ModelRunner(
-            path, dtype=getattr(torch, dtype), tp_plan="auto", max_kv_tokens=max_kv_tokens
+            path,
+            dtype=resolve_dtype(dtype, device),
+            tp_plan="auto",
+            max_kv_tokens=max_kv_tokens,
         )
         self.worker = TargetWorker(runner)
         return {
@@ -142,6 +148,7 @@ class TargetRank:
             "vocab_size": runner.vocab_size,
             "eos_token_ids": sorted(runner.eos_token_ids),
             "device": str(runner.device),
+            "dtype": dtype_name(runner.dtype),
             "resources": ray.get_runtime_context().get_assigned_resources(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
@@ -283,7 +290,8 @@ class TensorParallelTarget:
         return self._get([self.ranks[0].get.remote("max_kv_tokens")])[0]
 
     def prefill_batch(self, rows: Sequence[PrefillRow]) -> list[object]:
-        """Per row: None or the row's error (as TargetWorker.prefill_batch), from rank 0."""
+        """Per row: the next token or the row's error (as TargetWorker.prefill_batch), from rank
+        0 (every rank samples it alike: the params are seeded)."""
         rows = [replace(r, token_ids=list(r.token_ids), params=_seeded(r.params)) for r in rows]
         return self._all("prefill_batch", rows)
 

@@ -1,4 +1,5 @@
-"""`specdec models`: the named draft/target pairs and their local paths (workers.checkpoints)."""
+"""`specdec models`: the named draft/target pairs and their local paths (workers.checkpoints),
+and the dtype `models.dtype: auto` gives on this machine."""
 
 from __future__ import annotations
 
@@ -34,8 +35,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         name: {"target": str(p.target(convert=False)), "draft": str(p.draft())}
         for name, p in registry.PAIRS.items()
     }
+    device, dtype = auto_dtype()
     if args.json:
-        print(json.dumps({"default": default, "pairs": pairs}))
+        auto = {"device": device, "dtype": dtype}
+        print(json.dumps({"default": default, "pairs": pairs, "auto_dtype": auto}))
         return 0
     for name, p in registry.PAIRS.items():
         mark = " (default)" if name == default else ""
@@ -43,4 +46,16 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{name}{mark}: {p.description}{state}")
         print(f"    target: {pairs[name]['target']}")
         print(f"    draft:  {pairs[name]['draft']}")
+    print(f"models.dtype auto on this machine: {dtype} ({device})")
     return 0
+
+
+def auto_dtype() -> tuple[str, str]:
+    """(device, dtype) that `models.dtype: auto` gives a worker on this machine: its GPU where
+    it has one, else its CPU (a worker on another machine resolves it there)."""
+    import torch
+
+    from workers.dtypes import dtype_name, resolve_dtype
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device, dtype_name(resolve_dtype("auto", device))

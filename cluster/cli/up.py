@@ -131,6 +131,17 @@ def _wait_workers(name: str, timeout_s: float) -> dict[str, Any]:
         time.sleep(0.5)
 
 
+def _worker_dtypes(name: str, cfg) -> str:
+    """The dtype each kind of worker loaded (`auto` is resolved on the worker's device)."""
+    from ray import serve
+
+    from cluster.serve.registry import DRAFT, TARGET
+
+    handle = serve.get_app_handle(name)
+    kinds = [TARGET] + ([DRAFT] if cfg.draft.replicas else [])
+    return ", ".join(f"{k} {handle.worker_info.remote(k).result()['dtype']}" for k in kinds)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from cluster.config import ConfigError
     from cluster.serve.app import APP_NAME, GRPC_SERVICER, build_app
@@ -191,6 +202,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"    up in {time.monotonic() - t_start:.1f}s: targets {status['targets']}, "
             f"drafts {status['drafts']}"
         )
+        _say(f"    dtype: {_worker_dtypes(APP_NAME, cfg)} (models.dtype: {cfg.models.dtype})")
         address = f"127.0.0.1:{port}"
         _say(f"[4/4] sample generation over gRPC {address}")
         request, chat = sample_request(cfg, args.prompt, args.max_new_tokens)

@@ -40,9 +40,12 @@ class _WorkerReplica:
 
     kind = ""
 
-    def _start_serving(self, cfg: ClusterConfig, worker: Any, registry: DeploymentHandle) -> None:
+    def _start_serving(
+        self, cfg: ClusterConfig, worker: Any, registry: DeploymentHandle, dtype: str
+    ) -> None:
         self.cfg = cfg
         self.worker = worker
+        self.dtype = dtype  # models.dtype as resolved on this worker's device ("auto" never)
         self.registry = registry
         host = cfg.workers.host or ray.util.get_node_ip_address()
         self.server, port = self._serve(worker, host)
@@ -53,7 +56,14 @@ class _WorkerReplica:
             self.replica_id = f"{self.kind}-{os.getpid()}"
         self._channel: grpc.aio.Channel | None = None
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
-        log.info("%s worker %s serving on %s", self.kind, self.replica_id, self.address)
+        log.info(
+            "%s worker %s serving on %s (%s; models.dtype %s)",
+            self.kind,
+            self.replica_id,
+            self.address,
+            dtype,
+            cfg.models.dtype,
+        )
 
     def _serve(self, worker: Any, host: str):
         raise NotImplementedError
@@ -92,6 +102,7 @@ class _WorkerReplica:
             "node_id": ctx.get_node_id(),
             "resources": ctx.get_assigned_resources(),
             "live_sequences": int(self.worker.live_sequences),
+            "dtype": self.dtype,
         }
 
     def __del__(self) -> None:
@@ -115,6 +126,7 @@ class DraftDeployment(_WorkerReplica):
         import torch
 
         from workers.draft import DraftWorker
+        from workers.dtypes import dtype_name
 
         cfg = ClusterConfig.load(config)
         torch.set_num_threads(cfg.draft.pool.threads)
@@ -123,11 +135,11 @@ class DraftDeployment(_WorkerReplica):
             cfg.models.draft_path(),
             top_m=cfg.draft.top_m,
             confidence_stop=cfg.confidence_stop(),
-            dtype=getattr(torch, cfg.models.dtype),
+            dtype=cfg.models.dtype,  # "auto" resolves in the runner, on its device
             device=device,
             max_kv_tokens=cfg.draft.max_kv_tokens or None,
         )
-        self._start_serving(cfg, worker, registry)
+        self._start_serving(cfg, worker, registry, dtype_name(worker.runner.dtype))
 
     def _serve(self, worker: Any, host: str):
         from workers.service import serve_draft
@@ -142,6 +154,8 @@ class TargetDeployment(_WorkerReplica):
     async def __init__(self, config: dict[str, Any], registry: DeploymentHandle) -> None:
         import torch
 
+        from workers.dtypes import dtype_name
+
         cfg = ClusterConfig.load(config)
         t = cfg.target
         torch.set_num_threads(t.pool.threads)
@@ -151,10 +165,11 @@ class TargetDeployment(_WorkerReplica):
             device = "cuda" if t.pool.num_gpus > 0 else "cpu"
             worker = TargetWorker.from_path(
                 cfg.models.target_path(),
-                dtype=getattr(torch, cfg.models.dtype),
+                dtype=cfg.models.dtype,  # "auto" resolves in the runner, on its device
                 device=device,
                 max_kv_tokens=t.max_kv_tokens or None,
             )
+            dtype = dtype_name(worker.runner.dtype)
         else:
             from workers.tp import RankSpec, TensorParallelTarget
 
@@ -166,14 +181,15 @@ class TargetDeployment(_WorkerReplica):
                 cfg.models.target_path(),
                 t.tp_size,
                 rank=rank,
-                dtype=cfg.models.dtype,
+                dtype=cfg.models.dtype,  # "auto" resolves on each rank, on its device
                 backend=t.resolved_backend(),
                 strategy=t.placement_strategy,
                 timeout_s=t.tp_timeout_s,
                 threads=t.pool.threads,
                 max_kv_tokens=t.max_kv_tokens or None,
             )
-        self._start_serving(cfg, worker, registry)
+            dtype = worker.rank_info[0]["dtype"]
+        self._start_serving(cfg, worker, registry, dtype)
         self._start_scheduling(cfg, registry)
 
     def _serve(self, worker: Any, host: str):

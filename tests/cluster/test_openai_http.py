@@ -141,14 +141,20 @@ def cluster():
             grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
         )
         common = {"ingress": {"num_cpus": 0}, "workers": {"host": "127.0.0.1"}}
+        # float32: greedy equals HF generate token for token (the default auto may be bf16)
         args = {
-            "models": {"target": str(target), "draft": str(draft), "served_model_name": MODEL},
+            "models": {
+                "target": str(target),
+                "draft": str(draft),
+                "served_model_name": MODEL,
+                "dtype": "float32",
+            },
             "limits": {"max_new_tokens": LONG},
             **common,
         }
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
         other = {
-            "models": {"target": str(plain)},
+            "models": {"target": str(plain), "dtype": "float32"},
             "draft": {"replicas": 0},
             "limits": {"max_in_flight": 1, "max_queued": 1, "max_new_tokens": 1000},  # overload
             **common,

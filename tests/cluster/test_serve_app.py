@@ -79,7 +79,8 @@ def cluster():
             grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
         )
         args = {
-            "models": {"target": str(target), "draft": str(draft)},
+            # float32: greedy equals HF generate token for token (the default auto may be bf16)
+            "models": {"target": str(target), "draft": str(draft), "dtype": "float32"},
             "draft": {"replicas": 1},
             "target": {"tp_size": 2},
             "limits": {"max_new_tokens": 1000},
@@ -185,6 +186,7 @@ def test_replicas_sit_on_their_own_pools(cluster):
     assert "target_pool" not in draft["resources"]
     target = cluster.handle.worker_info.remote("target").result()
     assert target["tp_size"] == 2 and target["placement_group"]
+    assert draft["dtype"] == target["dtype"] == "float32"  # models.dtype as the fixture pins it
     ranks = target["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert len({r["pid"] for r in ranks}) == 2 and draft["pid"] not in {r["pid"] for r in ranks}

@@ -34,12 +34,14 @@ def cluster():
             http_options={"host": "127.0.0.1", "port": http_port},
             grpc_options={"port": port, "grpc_servicer_functions": [GRPC_SERVICER]},
         )
-        # The shipped config's defaults: the shipped pair, TP = 1, one draft replica.
-        serve.run(
-            build_app({"workers": {"host": "127.0.0.1"}, "ingress": {"num_cpus": 0}}),
-            name=APP_NAME,
-            route_prefix="/",
-        )
+        # The shipped config's defaults: the shipped pair, TP = 1, one draft replica; but float32,
+        # where greedy equals HF generate token for token (the default auto may be bf16).
+        args = {
+            "models": {"dtype": "float32"},
+            "workers": {"host": "127.0.0.1"},
+            "ingress": {"num_cpus": 0},
+        }
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
         handle = serve.get_app_handle(APP_NAME)
         while not handle.status.remote().result()["ready"]:
             assert time.monotonic() - t0 < 300
@@ -69,6 +71,14 @@ def test_shipped_pair_greedy_equals_hf_greedy(address, prompt):
     msgs = list(stream_generate(address, req))
     assert [t for m in msgs for t in m.token_ids] == want
     assert msgs[-1].stats.rounds > 0 and msgs[-1].stats.accepted_tokens > 0
+
+
+def test_workers_report_the_dtype_they_loaded(cluster):
+    from ray import serve
+
+    handle = serve.get_app_handle(APP_NAME)
+    for kind in ("target", "draft"):
+        assert handle.worker_info.remote(kind).result()["dtype"] == "float32"  # as pinned above
 
 
 def test_shipped_pair_chat_over_the_openai_api(cluster):

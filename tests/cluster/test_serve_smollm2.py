@@ -37,7 +37,8 @@ def cluster():
 
     smollm2.ensure_target()  # convert once here, not in three replicas at a time
     args = {
-        "models": {"target": PAIR.name},
+        # float32: greedy equals HF generate token for token (the default auto may be bf16)
+        "models": {"target": PAIR.name, "dtype": "float32"},
         "workers": {"host": "127.0.0.1"},
         "ingress": {"num_cpus": 0},
     }

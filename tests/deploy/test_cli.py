@@ -41,7 +41,8 @@ def test_specdec_up_once_brings_the_cluster_up_and_answers(tmp_path):
             shutil.rmtree(root, ignore_errors=True)
     print(f"\nspecdec up --once: {time.monotonic() - t0:.1f}s (shipped pair: {SHIPPED})")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "replicas running", "output:", "endpoints:"):
+    steps = ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "replicas running", "output:", "endpoints:")
+    for step in (*steps, "dtype: target "):  # the dtype each worker resolved models.dtype to
         assert step in out.stdout, out.stdout
     assert re.search(r"up in [\d.]+s", out.stdout)
     assert re.search(r"gRPC 127\.0\.0\.1:\d+ +HTTP http://127\.0\.0\.1:\d+/v1", out.stdout)

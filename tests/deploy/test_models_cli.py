@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,9 @@ def _assert_lists_every_pair(out: str, default: str) -> None:
         i = next(i for i, line in enumerate(lines) if line.startswith(head))
         assert lines[i + 1] == f"    target: {pair.target(convert=False)}"
         assert lines[i + 2] == f"    draft:  {pair.draft()}"
-    assert len(lines) == 3 * len(registry.PAIRS)
+    assert len(lines) == 3 * len(registry.PAIRS) + 1
+    auto = r"models\.dtype auto on this machine: (bfloat16|float32) \((cpu|cuda)\)"
+    assert re.fullmatch(auto, lines[-1])
 
 
 def _assert_says_default_is_missing(rc: int, out: str, err: str, default: str) -> None:
@@ -38,10 +41,14 @@ def _assert_says_default_is_missing(rc: int, out: str, err: str, default: str) -
 
 
 @pytest.mark.skipif(not _default_available(), reason="the default pair is not available here")
-def test_models_json_is_exactly_default_and_pairs(capsys):
+def test_models_json_is_exactly_default_pairs_and_auto_dtype(capsys):
     assert main(["models", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert set(data) == {"default", "pairs"}
+    assert set(data) == {"default", "pairs", "auto_dtype"}
+    # What `models.dtype: auto` gives a worker here (workers/dtypes.py).
+    auto = data["auto_dtype"]
+    assert set(auto) == {"device", "dtype"}
+    assert auto["device"] in ("cpu", "cuda") and auto["dtype"] in ("bfloat16", "float32")
     assert data["default"] == registry.default_pair_name() and data["default"] in data["pairs"]
     assert set(data["pairs"]) >= {registry.STDLIB, registry.SMOLLM2}
     for paths in data["pairs"].values():

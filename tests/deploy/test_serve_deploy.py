@@ -8,9 +8,10 @@ authentication), and after `specdec up` (whose local `ray.init()` wrote ~/.ray/a
 commands must work as written. Each run has its own HOME, so ~/.ray is the test's own.
 
 Differences from the README, for a shared CI box: every port is a free one, the Serve config is a
-temporary copy of deploy/cluster.yaml with tiny models, loopback worker addresses and those ports
-(the shipped file itself is checked in test_manifests.py), and the cluster is stopped by ending
-*its own* `ray start --block` process (`ray stop` would stop every Ray cluster on the machine).
+temporary copy of deploy/cluster.yaml with tiny models, loopback worker addresses, those ports and
+`models.dtype: float32` (where greedy output equals HF `generate` token for token; the shipped
+file itself is checked in test_manifests.py), and the cluster is stopped by ending *its own*
+`ray start --block` process (`ray stop` would stop every Ray cluster on the machine).
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ def test_ray_start_serve_deploy_grpc_request_stop(ray_cluster):
     args = config["applications"][0]["args"]
     if not shipped:
         args["models"].update(target=str(target), draft=str(draft))
+    args["models"]["dtype"] = "float32"  # greedy equals HF generate (auto may give bf16)
     args["workers"]["host"] = "127.0.0.1"
     args["ingress"]["grpc_port"] = grpc_port
     config_file = root / "cluster.yaml"
