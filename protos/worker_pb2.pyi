@@ -39,10 +39,12 @@ class PrefillRequest(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("committed_len",)
+    __slots__ = ("committed_len", "token")
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     committed_len: int
-    def __init__(self, committed_len: _Optional[int] = ...) -> None: ...
+    token: int
+    def __init__(self, committed_len: _Optional[int] = ..., token: _Optional[int] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
     __slots__ = ("seq_id", "committed_len", "k", "commit", "start")

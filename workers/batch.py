@@ -39,7 +39,8 @@ class Proposal:
 
 @dataclass(frozen=True, slots=True)
 class PrefillRow:
-    """(Re)start a sequence from its committed tokens."""
+    """(Re)start a sequence from its committed tokens. The target answers with the next token
+    (its prefill pass decodes it, as a plain step would); the draft with None."""
 
     seq_id: str
     token_ids: Sequence[int]
@@ -89,11 +90,14 @@ def run_row(fn, *args) -> object:
         return exc
 
 
-def split_prefill(rows: Sequence[PrefillRow], runner, check) -> tuple[list, list[int], list[int]]:
+def split_prefill(
+    rows: Sequence[PrefillRow], runner, check, *, holds_last: bool = False
+) -> tuple[list, list[int], list[int]]:
     """The row checks of a batched prefill: (slots, rows to prefill now, rows to redo after).
 
-    `check(row)` raises for a bad row. Each admitted row is charged its cache length
-    (len - 1: the last token is fed with the next call) against the runner's KV budget, with the
+    `check(row)` raises for a bad row. Each admitted row is charged its cache length (len - 1:
+    the last token is fed with the next call; len when `holds_last`: the target's prefill feeds
+    every token, to decode the next one) against the runner's KV budget, with the
     rows admitted before it in the same call, less what its own earlier state frees (a refused row
     gets KVBudgetExceeded; nothing of it changes). A seq_id named again is redone after the
     batch, in order, as a row-by-row loop would.
@@ -111,10 +115,11 @@ def split_prefill(rows: Sequence[PrefillRow], runner, check) -> tuple[list, list
         try:
             check(r)
             held = runner.held(r.seq_id)
-            runner.kv.check_admit(len(r.token_ids) - 1, held, pending)
+            cached = len(r.token_ids) - (0 if holds_last else 1)
+            runner.kv.check_admit(cached, held, pending)
         except Exception as exc:  # noqa: BLE001 - a refused row fails alone
             out[i] = exc
             continue
-        pending += len(r.token_ids) - 1 - held
+        pending += cached - held
         now.append(i)
     return out, now, later

@@ -201,7 +201,7 @@ class _ServicerBase:
             "prefill_batch",
             request.rows,
             self._prefill_row,
-            lambda req, _: worker_pb2.PrefillResponse(committed_len=len(req.token_ids)),
+            _prefilled,
             worker_pb2.PrefillResult,
         )
         return worker_pb2.PrefillBatchResponse(rows=rows)
@@ -275,6 +275,13 @@ class TargetServicer(_ServicerBase, worker_pb2_grpc.TargetWorkerServicer):
             "verify_batch", request.rows, self._verify_row, self._verdict, worker_pb2.VerifyResult
         )
         return worker_pb2.VerifyBatchResponse(rows=rows)
+
+
+def _prefilled(req, token: int | None) -> worker_pb2.PrefillResponse:
+    """A prefilled row: the target's answer carries its next token, the draft's none."""
+    if token is None:
+        return worker_pb2.PrefillResponse(committed_len=len(req.token_ids))
+    return worker_pb2.PrefillResponse(committed_len=len(req.token_ids) + 1, token=int(token))
 
 
 def _seq_id(req) -> str:

@@ -72,30 +72,33 @@ class TargetWorker:
     # -- batched (one call, many rows; each row answered on its own) --------------------------
 
     def prefill_batch(self, rows: list[PrefillRow]) -> list[object]:
-        """Per row: None, or the exception that refused that row (KVBudgetExceeded when the
-        budget is full). All admitted prompts are prefilled in one forward."""
-        out, work, later = split_prefill(rows, self.runner, self._check_prompt)
+        """Per row: the next token, or the exception that refused that row (KVBudgetExceeded
+        when the budget is full). All admitted prompts are prefilled in one forward, which also
+        decodes each row's next token from its last position (the head runs there only): the
+        first token costs no pass of its own. The token is committed, as a plain step's is."""
+        out, work, later = split_prefill(rows, self.runner, self._check_prompt, holds_last=True)
         for i in work:
             self.release(rows[i].seq_id)
-        # The cache holds all committed tokens but the last (fed with the next draft block).
-        res = self._forward(
-            [(rows[i].seq_id, list(rows[i].token_ids[:-1])) for i in work], logits=False
-        )
-        for i in work:
+        res = self._forward([(rows[i].seq_id, list(rows[i].token_ids)) for i in work], last=True)
+        for j, i in enumerate(work):
             r = rows[i]
             if isinstance(res, BaseException):
                 self.runner.release(r.seq_id)
                 out[i] = res
-            else:
-                rng = PositionalRng(r.params.seed, TARGET_STREAM)
-                self._seqs[r.seq_id] = _TargetSeq(list(r.token_ids), r.params, rng)
+                continue
+            rng = PositionalRng(r.params.seed, TARGET_STREAM)
+            n = len(r.token_ids)
+            token = next_token(res[j][-1], r.params, rng.at(n))
+            # The cache now holds all committed tokens but the new last one, as after a step.
+            self._seqs[r.seq_id] = _TargetSeq([*r.token_ids, token], r.params, rng)
+            out[i] = token
         for i in later:
             out[i] = self.prefill_batch([rows[i]])[0]
         return out
 
     def _check_prompt(self, r: PrefillRow) -> None:
         check_token_ids("token_ids", r.token_ids, self.runner.vocab_size)
-        check_length("prompt", len(r.token_ids), self.runner.max_context)
+        check_length("prompt", len(r.token_ids), self.runner.max_context, new_tokens=1)
 
     def verify_batch(self, rows: list[VerifyRow]) -> list[object]:
         """Per row: a Verdict (a plain row: accepted 0 and the next token), or the row's error.
@@ -185,13 +188,13 @@ class TargetWorker:
         return verdict
 
     def _forward(
-        self, items: list[tuple[str, list[int]]], logits: bool = True
+        self, items: list[tuple[str, list[int]]], last: bool = False
     ) -> list[torch.Tensor] | BaseException:
         """One batched forward, or the exception that failed it (then every row it carried)."""
         if not items:
             return []
         try:
-            return self.runner.extend_batch(items, logits=logits)
+            return self.runner.extend_batch(items, last=last)
         except Exception as exc:  # noqa: BLE001 - answered per row by the caller
             return exc
 

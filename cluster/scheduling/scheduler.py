@@ -228,13 +228,14 @@ class StepScheduler(StepLoop):
         self.drafting.poll()
         refused: list[Row] = []
         for row, res in zip(batch, results, strict=True):
-            if res is None:
+            if isinstance(res, int):  # the prefill pass decoded the next token: a plain step
                 row.on_target = True
                 self.running.append(row)
+                self._commit_token(row, res)
             elif isinstance(res, KVBudgetExceeded) and (self.running or refused):
                 refused.append(row)  # waits for room: rows leave as they finish
             else:
-                self._fail(row, res)
+                self._fail(row, res if isinstance(res, BaseException) else TypeError(res))
         self.waiting.extendleft(reversed(refused))
 
     def _retry_drafts(self) -> None:
@@ -319,21 +320,29 @@ class StepScheduler(StepLoop):
                 self._row_target_error(row, res)
                 continue
             if vrow.plain:
-                out = row.rounds.on_plain(res.token)
-                row.policy.observe_plain()
-            else:
-                out = row.rounds.on_round(list(vrow.draft_tokens), res.accepted, res.token)
-                row.policy.observe_round(
-                    len(vrow.draft_tokens), res.accepted, proposals[row.seq_id].unsure_last
-                )
-            committed += len(out)
-            if out:
-                row.sink.tokens(out)
-            if row.rounds.finished:
-                self.running.remove(row)
-                self._release(row)
-                row.sink.finished()
+                committed += self._commit_token(row, res.token)
+                continue
+            out = row.rounds.on_round(list(vrow.draft_tokens), res.accepted, res.token)
+            row.policy.observe_round(
+                len(vrow.draft_tokens), res.accepted, proposals[row.seq_id].unsure_last
+            )
+            committed += self._emit(row, out)
         return committed
+
+    def _commit_token(self, row: Row, token: int) -> int:
+        """A plain step's token (or the one a prefill pass decoded)."""
+        out = row.rounds.on_plain(token)
+        row.policy.observe_plain()
+        return self._emit(row, out)
+
+    def _emit(self, row: Row, out: list[int]) -> int:
+        if out:
+            row.sink.tokens(out)
+        if row.rounds.finished:
+            self.running.remove(row)
+            self._release(row)
+            row.sink.finished()
+        return len(out)
 
     # -- failures -----------------------------------------------------------------------------
 

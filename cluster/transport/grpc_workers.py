@@ -128,6 +128,10 @@ def verify_request(row: VerifyRow) -> worker_pb2.VerifyRequest:
     )
 
 
+def _next_token(resp: worker_pb2.PrefillResponse) -> int | None:
+    return int(resp.token) if resp.HasField("token") else None
+
+
 def open_channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
@@ -205,11 +209,12 @@ class _Remote:
         ]
 
     def prefill_batch(self, rows: Sequence[PrefillRow]) -> Future:
-        """Future of one slot per row: None, or the row's error (ValueError, KVBudgetExceeded);
-        the future itself raises RemoteUnavailable when the worker is gone."""
+        """Future of one slot per row: the target's next token (None from a draft), or the row's
+        error (ValueError, KVBudgetExceeded); the future itself raises RemoteUnavailable when
+        the worker is gone."""
         req = worker_pb2.PrefillBatchRequest(rows=[prefill_request(r) for r in rows])
         return self._future(
-            self.stub.PrefillBatch, req, lambda resp: self._rows(resp, len(rows), lambda _: None)
+            self.stub.PrefillBatch, req, lambda resp: self._rows(resp, len(rows), _next_token)
         )
 
     def release(self, seq_id: str) -> None:

@@ -134,9 +134,10 @@ def test_target_as_draft_accepts_everything(self_engine, reference, k, pipelined
 @pytest.mark.parametrize("pipelined", [False, True], ids=["serial", "pipelined"])
 @pytest.mark.parametrize("k", KS)
 def test_tokens_per_target_pass_is_k_plus_1(self_engine, reference, hf_target, k, pipelined):
-    # No EOS within the window, max_new_tokens a multiple of k+1: every pass commits k+1 tokens.
+    # No EOS within the window: the prefill pass commits the first token, then every round
+    # commits k+1 (max_new_tokens = 1 + a multiple of k+1).
     rounds = 3
-    n = rounds * (k + 1)
+    n = 1 + rounds * (k + 1)
     checked = 0
     for prompt in PROMPTS:
         ref = hf_greedy(hf_target, self_engine.encode(prompt), n)
@@ -149,8 +150,8 @@ def test_tokens_per_target_pass_is_k_plus_1(self_engine, reference, hf_target, k
         assert res.finish_reason is FinishReason.LENGTH
         st = res.stats
         assert st.acceptance_rate == 1.0
-        assert st.rounds == rounds and st.plain_steps == 0
-        assert st.tokens_per_target_pass == k + 1
+        assert st.rounds == rounds and st.plain_steps == 1  # the prefill's token
+        assert st.tokens_per_target_pass == n / (rounds + 1)
         assert st.mean_accepted_length == k + 1
         if pipelined:
             # Every block but the last is drafted while the one before it is verified.
@@ -436,3 +437,28 @@ def test_blocks_that_end_early_stay_exact_and_are_learned(stopping_engine, refer
     # The deployment's estimate of how far a block reaches follows the stops it saw.
     reach = stopping_engine.scheduler.acceptance.reach()
     assert reach[1] < 0.9 and reach[3] < reach[1]
+
+
+@pytest.mark.parametrize("mode", [SpecMode.OFF, SpecMode.ON, SpecMode.AUTO])
+def test_the_first_token_comes_from_the_prefill_pass(bad_engine, reference, mode):
+    # max_new_tokens 1 costs the target exactly one forward pass (the prefill's), whatever the
+    # mode: no separate step after the prompt for the first token.
+    runner = bad_engine.target.worker.runner
+    calls: list[list[int]] = []
+    extend = runner.extend_batch
+
+    def counted(items, *args, **kwargs):
+        calls.append([len(toks) for _, toks in items])
+        return extend(items, *args, **kwargs)
+
+    runner.extend_batch = counted
+    try:
+        for prompt in PROMPTS:
+            calls.clear()
+            res = bad_engine.generate(prompt, max_new_tokens=1, mode=mode, k=4)
+            assert res.token_ids == reference[prompt][:1]
+            assert calls == [[len(bad_engine.encode(prompt))]]  # one pass over the whole prompt
+            assert res.stats.plain_steps == 1 and res.stats.rounds == 0
+    finally:
+        del runner.extend_batch
+    assert_no_live(bad_engine)

@@ -2,7 +2,9 @@
 
 One target and one draft process per module. Oracles: the in-process TargetWorker / DraftWorker on
 the same checkpoint (same verdicts, same drafts, same sampled tokens: q travels exactly), and fresh
-sequences (a refused stale call leaves the sequence as if it never came).
+sequences (a refused stale call leaves the sequence as if it never came). A target's prefill
+answers the first token (committed length n + 1), which must equal what a plain step at the
+prompt's length gives (tests/workers/plain_oracle.py); a draft's answers none (committed length n).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc
 from tests.cluster.grpc_procs import make_checkpoints, start_all, stats, stop_all, worker
 from tests.workers.one_row import plain_step, prefill, propose, verify
+from tests.workers.plain_oracle import plain_step_token
 from workers.batch import PrefillRow, ProposeRow, VerifyRow
 from workers.draft import DraftWorker
 from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
@@ -70,6 +73,23 @@ def _code(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         call()
     return info.value.code(), info.value.details()
+
+
+def first_token(local, token_ids, params: SamplingParams = SamplingParams()) -> int:
+    """The oracle of a target's prefill token: a plain step at the prompt's length."""
+    return plain_step_token(local[0].runner.model, token_ids, params)
+
+
+def prefilled(result, n: int, token: int | None) -> None:
+    """A PrefillBatch's one row: OK, with the target's first token (committed n + 1) or, from a
+    draft (token None), none (committed n)."""
+    (row,) = result.rows
+    assert row.status.code == 0, row.status.message
+    if token is None:
+        assert not row.result.HasField("token") and row.result.committed_len == n
+    else:
+        assert row.result.HasField("token") and row.result.token == token
+        assert row.result.committed_len == n + 1
 
 
 def _row(result) -> tuple[grpc.StatusCode, str]:
@@ -142,9 +162,12 @@ def test_remote_target_and_draft_answer_like_in_process_workers(servers, local):
     try:
         for p in (SamplingParams(), params):
             sid = f"same-{p.greedy}"
-            for w in (target, draft, gt, gd):
-                prefill(w, sid, PROMPT, p)
-            n, commit = len(PROMPT), []
+            first = prefill(target, sid, PROMPT, p)
+            assert first == first_token(local, PROMPT, p)
+            assert prefill(gt, sid, PROMPT, p) == first
+            assert prefill(draft, sid, PROMPT, p) is None and prefill(gd, sid, PROMPT, p) is None
+            # n: the draft's committed length; it hears of the first token as its first commit.
+            n, commit = len(PROMPT), [first]
             for _ in range(6):
                 want = propose(draft, sid, n, 3, commit)
                 got = propose(gd, sid, n, 3, commit)
@@ -171,17 +194,19 @@ def test_remote_target_and_draft_answer_like_in_process_workers(servers, local):
 # -- status codes --------------------------------------------------------------------------------
 
 
-def test_stale_committed_length_is_refused_and_changes_nothing(stubs):
+def test_stale_committed_length_is_refused_and_changes_nothing(stubs, local):
     t, d = stubs
-    n = len(PROMPT)
+    n = len(PROMPT)  # the draft's committed length; the target's is n + 1 (its first token)
+    first = first_token(local, PROMPT)
     for sid in ("stale", "fresh"):
-        for stub in (t, d):
-            prefill_rows(stub, wpb.PrefillRequest(seq_id=sid, token_ids=PROMPT, sampling=GREEDY))
+        req = wpb.PrefillRequest(seq_id=sid, token_ids=PROMPT, sampling=GREEDY)
+        prefilled(prefill_rows(t, req), n, first)
+        prefilled(prefill_rows(d, req), n, None)
     # Refused rows: every one names the lengths and leaves the sequence alone.
     answers = [
-        verify_rows(t, wpb.VerifyRequest(seq_id="stale", committed_len=n + 1, draft_tokens=[5])),
-        verify_rows(t, wpb.VerifyRequest(seq_id="stale", committed_len=n - 1, draft_tokens=[5])),
-        verify_rows(t, wpb.VerifyRequest(seq_id="stale", committed_len=n + 2)),
+        verify_rows(t, wpb.VerifyRequest(seq_id="stale", committed_len=n + 2, draft_tokens=[5])),
+        verify_rows(t, wpb.VerifyRequest(seq_id="stale", committed_len=n, draft_tokens=[5])),
+        verify_rows(t, wpb.VerifyRequest(seq_id="stale", committed_len=n + 3)),
         propose_rows(d, wpb.ProposeRequest(seq_id="stale", committed_len=n + 1, k=3)),
         propose_rows(
             d, wpb.ProposeRequest(seq_id="stale", committed_len=n - 1, k=3, commit=[7, 8])
@@ -195,12 +220,14 @@ def test_stale_committed_length_is_refused_and_changes_nothing(stubs):
     # The refused sequence answers exactly like the untouched one.
     sids = ("stale", "fresh")
     got = [
-        propose_rows(d, wpb.ProposeRequest(seq_id=s, committed_len=n, k=4)).rows[0].result.tokens
+        propose_rows(d, wpb.ProposeRequest(seq_id=s, committed_len=n, k=4, commit=[first]))
+        .rows[0]
+        .result.tokens
         for s in sids
     ]
     assert list(got[0]) == list(got[1]) and len(got[0]) == 4
     steps = [
-        verify_rows(t, wpb.VerifyRequest(seq_id=s, committed_len=n)).rows[0].result.token
+        verify_rows(t, wpb.VerifyRequest(seq_id=s, committed_len=n + 1)).rows[0].result.token
         for s in sids
     ]
     assert steps[0] == steps[1]
@@ -224,19 +251,23 @@ def test_unknown_sequence_is_not_found(stubs):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "seq_id" in details
 
 
-def test_bad_arguments_are_invalid_argument_naming_the_field(stubs):
+def test_bad_arguments_are_invalid_argument_naming_the_field(stubs, local):
     """A buggy client's rows (ids outside the vocabulary among them) are refused one by one,
     naming the field; the worker changes nothing and goes on serving."""
     t, d = stubs
-    n = len(PROMPT)
+    n = len(PROMPT) + 1  # the target's committed length: the prompt and its first token
     sampled = wpb.SamplingParams(temperature=1.0, seed=1)
-    for stub in (t, d):
-        prefill_rows(stub, wpb.PrefillRequest(seq_id="bad", token_ids=PROMPT, sampling=sampled))
+    req = wpb.PrefillRequest(seq_id="bad", token_ids=PROMPT, sampling=sampled)
+    first = first_token(local, PROMPT, sampling_from_proto(sampled))
+    prefilled(prefill_rows(t, req), n - 1, first)
+    prefilled(prefill_rows(d, req), n - 1, None)
     answers = {
         "token_ids": prefill_rows(t, wpb.PrefillRequest(seq_id="x", token_ids=[1, 96])),
         "token_ids ": prefill_rows(d, wpb.PrefillRequest(seq_id="x", token_ids=[-1, 2])),
         "prompt": prefill_rows(t, wpb.PrefillRequest(seq_id="x", token_ids=[])),
         "prompt ": prefill_rows(t, wpb.PrefillRequest(seq_id="x", token_ids=[1] * 257)),
+        # A full context leaves no room for the token a target's prefill decodes.
+        "prompt  ": prefill_rows(t, wpb.PrefillRequest(seq_id="x", token_ids=[1] * 256)),
         "seq_id": prefill_rows(t, wpb.PrefillRequest(seq_id="", token_ids=[1])),
         "temperature": prefill_rows(
             d,
@@ -252,11 +283,11 @@ def test_bad_arguments_are_invalid_argument_naming_the_field(stubs):
             t, wpb.VerifyRequest(seq_id="bad", committed_len=n, draft_tokens=[-1])
         ),
         "commit": propose_rows(
-            d, wpb.ProposeRequest(seq_id="bad", committed_len=n, k=1, commit=[96])
+            d, wpb.ProposeRequest(seq_id="bad", committed_len=n - 1, k=1, commit=[96])
         ),
-        "k ": propose_rows(d, wpb.ProposeRequest(seq_id="bad", committed_len=n, k=0)),
+        "k ": propose_rows(d, wpb.ProposeRequest(seq_id="bad", committed_len=n - 1, k=0)),
         "start": propose_rows(
-            d, wpb.ProposeRequest(seq_id="bad", committed_len=n, k=1, start=n + 5)
+            d, wpb.ProposeRequest(seq_id="bad", committed_len=n - 1, k=1, start=n + 4)
         ),
     }
     for field, answer in answers.items():
@@ -275,13 +306,21 @@ def stats_live(stub) -> int:
     return stub.Stats(wpb.StatsRequest()).live_sequences
 
 
-def test_retries_are_safe(stubs):
+def test_retries_are_safe(stubs, local):
     """A verify row or a propose row's commit sent twice is applied once."""
     t, d = stubs
     n = len(PROMPT)
-    for stub in (t, d):
-        prefill_rows(stub, wpb.PrefillRequest(seq_id="retry", token_ids=PROMPT, sampling=GREEDY))
-    block = propose_rows(d, wpb.ProposeRequest(seq_id="retry", committed_len=n, k=3)).rows[0]
+    first = first_token(local, PROMPT)
+    req = wpb.PrefillRequest(seq_id="retry", token_ids=PROMPT, sampling=GREEDY)
+    prefilled(prefill_rows(t, req), n, first)
+    prefilled(prefill_rows(d, req), n, None)
+    # The draft's first proposal commits the target's first token and drafts from the committed
+    # end: sent twice, the commit is applied once and the block drafted again alike.
+    req = wpb.ProposeRequest(seq_id="retry", committed_len=n, k=3, commit=[first], start=n + 1)
+    block, again_b = propose_rows(d, req).rows[0], propose_rows(d, req).rows[0]
+    assert block == again_b and block.status.code == 0
+    n += 1
+    assert block.result.committed_len == n
     req = wpb.VerifyRequest(seq_id="retry", committed_len=n, draft_tokens=block.result.tokens)
     first, again = verify_rows(t, req).rows[0], verify_rows(t, req).rows[0]
     assert first == again and first.status.code == 0
@@ -309,7 +348,7 @@ def test_grpc_sides_map_errors_to_worker_exceptions(servers):
         with pytest.raises(UnknownSequenceError):
             plain_step(gt, "other", 3)
         with pytest.raises(ValueError, match="draft_tokens"):
-            verify(gt, "m", len(PROMPT), [999])
+            verify(gt, "m", len(PROMPT) + 1, [999])
         gt.release("m")
     finally:
         gt.close()
@@ -327,15 +366,17 @@ def test_many_sequences_at_once(servers, local):
     prompts = [PROMPT[i:] + [i + 3] for i in range(8)]
     want = []
     for i, p in enumerate(prompts):
-        prefill(target, f"ref{i}", p)
-        want.append([plain_step(target, f"ref{i}", len(p) + j) for j in range(6)])
+        first = prefill(target, f"ref{i}", p)
+        assert first == first_token(local, p)
+        want.append([first, *(plain_step(target, f"ref{i}", len(p) + j) for j in range(1, 6))])
         target.release(f"ref{i}")
     got: dict[int, list[int]] = {}
 
     def run(i: int) -> None:
         gt = GrpcTarget(servers["target"])
-        prefill(gt, f"c{i}", prompts[i])
-        got[i] = [plain_step(gt, f"c{i}", len(prompts[i]) + j) for j in range(6)]
+        first = prefill(gt, f"c{i}", prompts[i])
+        steps = [plain_step(gt, f"c{i}", len(prompts[i]) + j) for j in range(1, 6)]
+        got[i] = [first, *steps]
         gt.release(f"c{i}")
         gt.close()
 
@@ -410,38 +451,44 @@ def test_batched_rpcs_answer_per_row_like_in_process_workers(servers, local):
     try:
         rows = [PrefillRow(s, p, sp) for s, (p, sp) in prompts.items()]
         bad = PrefillRow("bx", [1, 999], SamplingParams())
-        assert gt.prefill_batch([*rows, bad]).result(10)[:3] == [None] * 3
+        first = {s: prefill(target, s, p, sp) for s, (p, sp) in prompts.items()}
+        for s, (p, sp) in prompts.items():
+            assert first[s] == first_token(local, p, sp)
+            assert prefill(draft, s, p, sp) is None
+        got = gt.prefill_batch([*rows, bad]).result(10)
+        assert got[:3] == [first[s] for s in prompts]
+        assert isinstance(got[3], ValueError) and "token_ids" in str(got[3])
         got = gd.prefill_batch([bad, *rows]).result(10)
         assert isinstance(got[0], ValueError) and "token_ids" in str(got[0])
         assert got[1:] == [None] * 3
-        for s, (p, sp) in prompts.items():
-            prefill(target, s, p, sp)
-            prefill(draft, s, p, sp)
+        # n: the drafts' committed lengths; the target's are n + 1 (the first token), which
+        # each draft hears of as the commit of its first proposal.
         n = {s: len(p) for s, (p, _) in prompts.items()}
         prows = [
-            ProposeRow("ba", n["ba"], 3),
+            ProposeRow("ba", n["ba"], 3, (first["ba"],)),
             ProposeRow("nope", 3, 2),
-            ProposeRow("bb", n["bb"] + 1, 2),  # stale
-            ProposeRow("bc", n["bc"], 2),
+            ProposeRow("bb", n["bb"] + 1, 2, (first["bb"],)),  # stale
+            ProposeRow("bc", n["bc"], 2, (first["bc"],)),
         ]
         got = gd.propose_batch(prows).result(10)
         assert isinstance(got[1], UnknownSequenceError) and isinstance(got[2], StaleSequenceError)
-        want = {s: propose(draft, s, n[s], k) for s, k in (("ba", 3), ("bc", 2))}
+        want = {s: propose(draft, s, n[s], k, (first[s],)) for s, k in (("ba", 3), ("bc", 2))}
         for g, s in ((got[0], "ba"), (got[3], "bc")):
             assert (g.start, g.tokens) == (want[s].start, want[s].tokens)
         assert got[0].q is None and torch.equal(got[3].q.indices, want["bc"].q.indices)
+        nt = {s: m + 1 for s, m in n.items()}
         vrows = [
-            VerifyRow("ba", n["ba"], got[0].tokens),
-            VerifyRow("bb", n["bb"]),  # a plain step
-            VerifyRow("bc", n["bc"], got[3].tokens, got[3].q),
-            VerifyRow("bc", n["bc"] + 5),  # the same sequence again, stale
-            VerifyRow("ba", n["ba"], [999]),  # malformed: fails alone, whatever the state
+            VerifyRow("ba", nt["ba"], got[0].tokens),
+            VerifyRow("bb", nt["bb"]),  # a plain step
+            VerifyRow("bc", nt["bc"], got[3].tokens, got[3].q),
+            VerifyRow("bc", nt["bc"] + 5),  # the same sequence again, stale
+            VerifyRow("ba", nt["ba"], [999]),  # malformed: fails alone, whatever the state
             VerifyRow("zz", 4),
         ]
         out = gt.verify_batch(vrows).result(10)
-        assert out[0] == verify(target, "ba", n["ba"], want["ba"].tokens)
-        assert (out[1].accepted, out[1].token) == (0, plain_step(target, "bb", n["bb"]))
-        assert out[2] == verify(target, "bc", n["bc"], want["bc"].tokens, want["bc"].q)
+        assert out[0] == verify(target, "ba", nt["ba"], want["ba"].tokens)
+        assert (out[1].accepted, out[1].token) == (0, plain_step(target, "bb", nt["bb"]))
+        assert out[2] == verify(target, "bc", nt["bc"], want["bc"].tokens, want["bc"].q)
         assert isinstance(out[3], StaleSequenceError)
         assert isinstance(out[4], ValueError) and "draft_tokens" in str(out[4])
         assert isinstance(out[5], UnknownSequenceError)
@@ -497,9 +544,11 @@ def test_kv_budget_over_grpc_is_resource_exhausted_per_row(ckpts):
             PrefillRow("k2", PROMPT, SamplingParams()),
         ]
         got = gt.prefill_batch(rows).result(10)
-        assert got[0] is None and isinstance(got[1], KVBudgetExceeded)
+        want = plain_step_token(worker.runner.model, PROMPT, SamplingParams())
+        assert got[0] == want and isinstance(got[1], KVBudgetExceeded)
         s = gt.stats()
-        assert (s.live_sequences, s.kv_tokens, s.max_kv_tokens) == (1, len(PROMPT) - 1, 20)
+        # A target's prefill holds all the prompt's tokens (its pass decodes the first token).
+        assert (s.live_sequences, s.kv_tokens, s.max_kv_tokens) == (1, len(PROMPT), 20)
         row = wpb.PrefillRequest(seq_id="k3", token_ids=PROMPT, sampling=GREEDY)
         code, _ = _row(prefill_rows(gt.stub, row))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED

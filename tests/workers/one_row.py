@@ -27,8 +27,12 @@ def alone(call: Callable[[list], Any], row: object, timeout_s: float = 30.0) -> 
     return slot
 
 
-def prefill(worker: Any, seq_id: str, token_ids: Sequence[int], params=SamplingParams()) -> None:
-    alone(worker.prefill_batch, PrefillRow(seq_id, list(token_ids), params))
+def prefill(
+    worker: Any, seq_id: str, token_ids: Sequence[int], params=SamplingParams()
+) -> int | None:
+    """The target's next token (its prefill decodes it and commits it: committed length n + 1),
+    or None from a draft (committed length n)."""
+    return alone(worker.prefill_batch, PrefillRow(seq_id, list(token_ids), params))
 
 
 def propose(

@@ -3,7 +3,9 @@
 Oracle: a second draft and target worker pair on the same checkpoints, called one row at a time
 (tests/workers/one_row.py) with the same arguments. The batched pair must answer every row
 exactly as the oracle does (same drafts, same q to fp32 tolerance, same verdicts), through ragged
-k, plain rows, pipelined commits, joins, leaves, refusals, retries and the KV budget.
+k, plain rows, pipelined commits, joins, leaves, refusals, retries and the KV budget. The target's
+prefill decodes the first token: it must equal what a plain step at the prompt's length gives
+(tests/workers/plain_oracle.py); the draft hears of it as the commit of its first proposal.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.tiny_models import make_model
 from tests.workers.one_row import plain_step, prefill, propose, verify
+from tests.workers.plain_oracle import plain_step_token
 from workers.batch import PrefillRow, ProposeRow, VerifyRow
 from workers.draft import DraftWorker, Proposal
 from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
@@ -79,10 +82,12 @@ def test_batched_rounds_equal_each_row_alone(ckpts):
             params = GREEDY if rng.random() < 0.5 else SamplingParams(0.9, 20, seed=next_id)
             prompt = [rng.randrange(2, 96) for _ in range(rng.randint(1, 12))]
             rows.append(PrefillRow(sid, prompt, params))
-            live[sid] = {"n": len(prompt), "commit": []}
-            prefill(ot, sid, prompt, params)
-            prefill(od, sid, prompt, params)
-        assert bt.prefill_batch(rows) == [None] * count
+            first = prefill(ot, sid, prompt, params)
+            assert first == plain_step_token(ot.runner.model, prompt, params)
+            assert prefill(od, sid, prompt, params) is None
+            # The draft hears of the target's first token with the row's first proposal.
+            live[sid] = {"n": len(prompt), "commit": [first]}
+        assert bt.prefill_batch(rows) == [live[r.seq_id]["commit"][0] for r in rows]
         assert bd.prefill_batch(rows) == [None] * count
 
     join(5)
@@ -143,11 +148,12 @@ def test_failing_rows_fail_alone_and_retries_answer_again(ckpts):
     t, d = pair(ckpts)
     ot, _ = pair(ckpts)
     prompt = [5, 6, 7, 8, 9]
+    first = plain_step_token(ot.runner.model, prompt, GREEDY)
     for sid in ("a", "b"):
-        for w in (t, ot, d):
-            prefill(w, sid, prompt, GREEDY)
-    n = len(prompt)
-    block = propose(d, "a", n, 3).tokens
+        assert prefill(t, sid, prompt, GREEDY) == prefill(ot, sid, prompt, GREEDY) == first
+        assert prefill(d, sid, prompt, GREEDY) is None
+    n = len(prompt) + 1  # the target's committed length: the prompt and its first token
+    block = propose(d, "a", n - 1, 3, [first]).tokens
     rows = [
         VerifyRow("a", n, block),
         VerifyRow("nope", n),
@@ -170,14 +176,15 @@ def test_failing_rows_fail_alone_and_retries_answer_again(ckpts):
         ProposeRow("a", n, 0),
         ProposeRow("a", n, 2, start=n + 10),
         ProposeRow("zz", n, 2),
-        ProposeRow("b", n, 2),
+        ProposeRow("b", n - 1, 2, (first,)),
     ]
     got = d.propose_batch(prows)
     assert isinstance(got[0], ValueError) and isinstance(got[2], UnknownSequenceError)
     assert isinstance(got[1], ValueError)  # "a" named twice: after the batch, in order
     assert isinstance(got[3], Proposal) and len(got[3].tokens) == 2
     pre = t.prefill_batch([PrefillRow("x", [], GREEDY), PrefillRow("y", [3, 4], GREEDY)])
-    assert isinstance(pre[0], ValueError) and pre[1] is None
+    assert isinstance(pre[0], ValueError)
+    assert pre[1] == plain_step_token(ot.runner.model, [3, 4], GREEDY)
     for w in (t, d):
         for sid in ("a", "b", "x", "y"):
             w.release(sid)
@@ -193,8 +200,9 @@ def test_token_ranges_are_refused_by_the_worker_row_by_row(ckpts):
     ot, _ = pair(ckpts)
     vocab, ctx = t.runner.vocab_size, t.runner.max_context
     prompt = [5, 6, 7, 8, 9]
-    n = len(prompt)
-    for w in (t, d):
+    n = len(prompt)  # the draft's committed length; the target's is n + 1 (its first token)
+    first = plain_step_token(ot.runner.model, prompt, GREEDY)
+    for w, want in ((t, first), (d, None)):
         got = w.prefill_batch(
             [
                 PrefillRow("over", [1, vocab], GREEDY),
@@ -203,47 +211,58 @@ def test_token_ranges_are_refused_by_the_worker_row_by_row(ckpts):
                 PrefillRow("long", [3] * (ctx + 1), GREEDY),
             ]
         )
-        assert got[1] is None
+        assert got[1] == want
         assert all(str(g).startswith("token_ids: token id") for g in (got[0], got[2]))
         assert str(got[3]).startswith("prompt:") and "context" in str(got[3])
         assert all(isinstance(g, ValueError) for g in (got[0], got[2], got[3]))
         assert w.live_sequences == 1
-    prefill(t, "s", prompt, SamplingParams(temperature=1.0, seed=2))
+    # A target's prompt needs room for the token its prefill decodes.
+    (full,) = t.prefill_batch([PrefillRow("full", [3] * ctx, GREEDY)])
+    assert isinstance(full, ValueError)
+    assert str(full).startswith("prompt:") and "context" in str(full)
+    assert t.live_sequences == 1
+    sampled = SamplingParams(temperature=1.0, seed=2)
+    first_s = prefill(t, "s", prompt, sampled)
+    assert first_s == plain_step_token(ot.runner.model, prompt, sampled)
     q_outside = SparseQ(torch.tensor([[4, vocab]]), torch.tensor([[0.5, 0.5]]))
     got = t.verify_batch(
         [
-            VerifyRow("a", n, [vocab]),
-            VerifyRow("s", n, [4], q_outside),
-            VerifyRow("a", n, [1] * (ctx - n + 1)),  # the block would pass the context
+            VerifyRow("a", n + 1, [vocab]),
+            VerifyRow("s", n + 1, [4], q_outside),
+            VerifyRow("a", n + 1, [1] * (ctx - n)),  # the block would pass the context
         ]
     )
     assert all(isinstance(g, ValueError) for g in got)
     assert str(got[0]).startswith("draft_tokens: token id")
     assert str(got[1]).startswith("q: token id")
     assert str(got[2]).startswith("draft_tokens:") and "context" in str(got[2])
-    assert t.committed_tokens("a") == prompt and t.committed_tokens("s") == prompt
+    assert t.committed_tokens("a") == [*prompt, first]
+    assert t.committed_tokens("s") == [*prompt, first_s]
     got = d.propose_batch([ProposeRow("a", n, 2, (-3,)), ProposeRow("a", n, 2, (vocab,))])
     assert all(isinstance(g, ValueError) and str(g).startswith("commit: token id") for g in got)
     assert d.committed_len("a") == n
-    block = propose(d, "a", n, 2).tokens
-    prefill(ot, "a", prompt, GREEDY)
-    assert verify(t, "a", n, block) == verify(ot, "a", n, block)
+    block = propose(d, "a", n, 2, [first]).tokens
+    assert prefill(ot, "a", prompt, GREEDY) == first
+    assert verify(t, "a", n + 1, block) == verify(ot, "a", n + 1, block)
 
 
 def test_kv_budget_refuses_prefill_rows_alone(ckpts):
     t = TargetWorker(ModelRunner(ckpts["target"], max_kv_tokens=20))
+    # A target's prefill row holds all n prompt tokens (its pass decodes the first token).
     rows = [
-        PrefillRow("a", list(range(2, 12)), GREEDY),  # holds 9
-        PrefillRow("b", list(range(2, 14)), GREEDY),  # 11 more -> 20: fits exactly
-        PrefillRow("c", [3, 4], GREEDY),  # 1 more -> 21: refused
+        PrefillRow("a", list(range(2, 11)), GREEDY),  # holds 9
+        PrefillRow("b", list(range(2, 13)), GREEDY),  # 11 more -> 20: fits exactly
+        PrefillRow("c", [3, 4], GREEDY),  # 2 more -> 22: refused
     ]
     got = t.prefill_batch(rows)
-    assert got[:2] == [None, None] and isinstance(got[2], KVBudgetExceeded)
+    oracle = [plain_step_token(t.runner.model, r.token_ids, GREEDY) for r in rows[:2]]
+    assert got[:2] == oracle and isinstance(got[2], KVBudgetExceeded)
     assert t.live_sequences == 2 and t.kv_tokens == 20
     with pytest.raises(KVBudgetExceeded):
         prefill(t, "c", [3, 4], GREEDY)
-    prefill(t, "a", [3, 4], GREEDY)  # a re-prefill frees its old tokens first: fits
-    assert t.kv_tokens == 12
+    # A re-prefill frees its old tokens first: fits.
+    assert prefill(t, "a", [3, 4], GREEDY) == plain_step_token(t.runner.model, [3, 4], GREEDY)
+    assert t.kv_tokens == 13
     for sid in ("a", "b"):
         t.release(sid)
     assert t.kv_tokens == 0 and t.live_sequences == 0

@@ -1,4 +1,8 @@
-"""Tensor-parallel target over gloo: two rank actors in one placement group behave as TP = 1."""
+"""Tensor-parallel target over gloo: two rank actors in one placement group behave as TP = 1.
+
+Its prefill answers the first token, as TP = 1's does: what a plain step at the prompt's length
+gives (tests/workers/plain_oracle.py); the sequence's committed length is then n + 1.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.deploy.helpers import init_ray, tiny_pair, tmpdir
 from tests.workers.one_row import plain_step, prefill, verify
+from tests.workers.plain_oracle import plain_step_token
 from workers.batch import PrefillRow, VerifyRow
 from workers.errors import StaleSequenceError
 from workers.target import TargetWorker
@@ -55,8 +60,9 @@ def hf_greedy(path, prompt, n):
 
 
 def plain(worker, seq, n, params=SamplingParams()):
-    prefill(worker, seq, PROMPT, params)
-    return [plain_step(worker, seq, len(PROMPT) + i) for i in range(n)]
+    """n tokens after PROMPT: the prefill's first token, then n - 1 plain steps."""
+    first = prefill(worker, seq, PROMPT, params)
+    return [first, *(plain_step(worker, seq, len(PROMPT) + i) for i in range(1, n))]
 
 
 def per_rank_tokens(tp, seq_id: str) -> list[list[int]]:
@@ -76,17 +82,18 @@ def test_greedy_plain_steps_equal_tp1_and_hf(tp2, models):
     want = plain(ref, "a", 24)
     assert plain(tp2, "a", 24) == want
     assert want == hf_greedy(models[0], PROMPT, 24)
+    assert want[0] == plain_step_token(ref.runner.model, PROMPT, SamplingParams())
     assert tp2.release("a") and tp2.live_sequences == 0
 
 
 def test_verify_blocks_equal_tp1(tp2, models):
     ref = TargetWorker.from_path(models[0])
-    cont = plain(ref, "r", 12)
+    cont = plain(ref, "r", 13)
     for w in (ref, tp2):
-        prefill(w, "v", PROMPT)
-    committed = len(PROMPT)
+        assert prefill(w, "v", PROMPT) == cont[0]
+    committed = len(PROMPT) + 1  # the prompt and the prefill's token
     # A right block, a block wrong at its 3rd token, then a single token.
-    blocks = [cont[:4], [*cont[4:6], (cont[6] + 1) % 90, 7], [3]]
+    blocks = [cont[1:5], [*cont[5:7], (cont[7] + 1) % 90, 7], [3]]
     for block in blocks:
         v_ref = verify(ref, "v", committed, block)
         v_tp = verify(tp2, "v", committed, block)
@@ -125,12 +132,17 @@ def test_batched_calls_equal_tp1_and_keep_ranks_in_lock_step(tp2, models):
         PrefillRow("bb", PROMPT[2:], SamplingParams(temperature=1.0)),  # unseeded
         PrefillRow("bc", PROMPT[:3], SamplingParams()),
     ]
-    assert tp2.prefill_batch(rows) == [None] * 3
-    ref.prefill_batch([rows[0], rows[2]])
-    cont = plain(ref, "r", 4)
-    n = {r.seq_id: len(r.token_ids) for r in rows}
+    firsts = tp2.prefill_batch(rows)
+    assert [firsts[0], firsts[2]] == ref.prefill_batch([rows[0], rows[2]])
+    assert [firsts[0], firsts[2]] == [
+        plain_step_token(ref.runner.model, r.token_ids, r.params) for r in (rows[0], rows[2])
+    ]
+    assert isinstance(firsts[1], int) and 0 <= firsts[1] < ref.runner.vocab_size
+    cont = plain(ref, "r", 5)
+    assert cont[0] == firsts[0]
+    n = {r.seq_id: len(r.token_ids) + 1 for r in rows}  # the prompt and the prefill's token
     vrows = [
-        VerifyRow("ba", n["ba"], [*cont[:2], (cont[2] + 1) % 90]),
+        VerifyRow("ba", n["ba"], [*cont[1:3], (cont[3] + 1) % 90]),
         VerifyRow("bb", n["bb"]),
         VerifyRow("bc", n["bc"]),
         VerifyRow("bc", n["bc"] + 3),  # stale: fails alone
