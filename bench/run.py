@@ -2,6 +2,7 @@
 
     specdec bench [--prompts 20] [--max-new-tokens 64] [--no-grpc]   (or: python -m bench.run)
     specdec bench --concurrency 1,4,16,64 --plot sweep.png           (bench/concurrency.py)
+    specdec bench --profile [--prompts 5] [--max-new-tokens 32]      (bench/profile.py)
 
 Every system decodes the same held-out prompts greedily with the shipped pair (or --target/--draft),
 so the outputs must be identical token for token; the benchmark checks that before it reports, and
@@ -239,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", help="a checkpoint directory (with --draft)")
     ap.add_argument("--draft")
     ap.add_argument("--only", help="regex: run only the systems whose name matches")
-    ap.add_argument("--prompts", type=int, default=20)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, help="default 20 (--profile: 5)")
+    ap.add_argument("--max-new-tokens", type=int, help="default 64 (--profile: 32)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--no-grpc", action="store_true", help="skip the gRPC worker processes")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -254,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--plot", type=Path, help="sweep: write the PNG plot here")
     ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead: where one greedy stream's decode step goes, layer by layer",
+    )
+    ap.add_argument(
         "--confidence-stop",
         type=float,
         help="sweep: the draft's confidence stop (default: the pair's, 0 for checkpoint paths)",
@@ -261,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if bool(args.target) != bool(args.draft):
         ap.error("--target and --draft go together (or name a --pair)")
+    from bench import profile
+
+    args.prompts = args.prompts or (profile.PROMPTS if args.profile else 20)
+    args.max_new_tokens = args.max_new_tokens or (profile.NEW_TOKENS if args.profile else 64)
     torch.set_num_threads(args.threads)
     ONLY = re.compile(args.only) if args.only else None
 
@@ -285,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     else:  # a pair trained elsewhere: fixed prompts
         texts = [f"def {name}(" for name in FALLBACK_PROMPTS]
         prompts = [tok.encode(t, add_special_tokens=False) for t in texts][: args.prompts]
+    if args.profile:
+        return profile.run_profile(args, prompts)
     if args.concurrency:
         return run_sweep(args, prompts)
     results = bench_hf(args.target, args.draft, prompts, args.max_new_tokens)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from decimal import Decimal
 
 from bench.run import main
 from tests.tiny_models import make_model
@@ -97,3 +98,49 @@ def test_concurrency_sweep_runs_and_agrees_with_plain(tmp_path, capsys):
         assert ratio, printed
         assert abs(float(ratio.group(1)) - tok_s[("auto", n)] / tok_s[("plain", n)]) <= 0.011
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def chain_rows(printed: str, title: str) -> list[tuple[str, Decimal, str, Decimal]]:
+    """(layer, ms/step, share, adds ms) of the profile's chain headed `title`, as printed."""
+    lines = printed.splitlines()
+    start = lines.index(title) + 2  # the title, then the column heads
+    rows = []
+    for line in lines[start:]:
+        m = re.fullmatch(r"  (\S.*?) +(\d+\.\d\d) +(\d+\.\d%) +([+-]\d+\.\d\d)", line)
+        if not m:
+            break
+        rows.append((m[1], Decimal(m[2]), m[3], Decimal(m[4])))
+    return rows
+
+
+def test_profile_prints_each_layer_and_what_it_adds(tmp_path, capsys):
+    target = make_model(tmp_path / "target", seed=0, eos_token_id=None)
+    draft = make_model(tmp_path / "draft", seed=1, layers=1, eos_token_id=None)
+    rc = main(
+        ["--profile", "--target", str(target), "--draft", str(draft), "--prompts", "2"]
+        + ["--max-new-tokens", "6", "--threads", "1"]
+    )
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "# torch threads: target 1, draft 1" in printed
+    assert "[2/2] router AUTO" in printed  # progress, prompt by prompt
+    layers = ("forward: ", "worker in-process: ", "worker over gRPC: ", "router, mode ")
+    for title in ("plain step (one token):", "speculative step (k=4, not pipelined):"):
+        rows = chain_rows(printed, title)
+        assert [r[0][: len(p)] for r, p in zip(rows, layers, strict=True)] == list(layers), rows
+        prev = Decimal(0)
+        for _, ms, _, adds in rows:
+            assert ms > 0, rows
+            assert adds == ms - prev, rows  # what a layer adds: the printed figures' difference
+            prev = ms
+        assert rows[-1][2] == "100.0%"  # shares are of the full path's step
+    for mode in ("OFF", "ON k=4", "AUTO"):
+        phases = re.search(rf"^  {re.escape(mode)} +((?:-?[\d.]+ +){{8}}[\d.]+)$", printed, re.M)
+        assert phases, (mode, printed)
+        *parts, other, step, tokens_per_step, _ = (float(x) for x in phases[1].split())
+        assert step > 0 and tokens_per_step >= 1
+        assert abs(sum(parts) + other - step) <= 0.04  # the phases and the rest make the step
+    assert re.search(r"^draft, 4 tokens a block: forward alone 4 x [\d.]+ = ", printed, re.M)
+    assert re.search(r"^verify of k=4 \(5 tokens\) vs a one-token step: forward ", printed, re.M)
+    assert re.search(r"^reference: HF generate [\d.]+ ms per token", printed, re.M)
+    assert "top operators by self CPU time" in printed
