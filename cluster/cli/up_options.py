@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,24 @@ def up_config(args: argparse.Namespace):
         overrides["ingress.grpc_port"] = port
     if cfg.workers.host is None:
         overrides["workers.host"] = "127.0.0.1"  # a local cluster: workers on loopback only
+    if not _sets(base, "target", "pool", "num_cpus"):
+        # One machine: draft and target take turns on the same cores (drafting ahead is only kept
+        # where it measures faster), so the target's ranks get the cores for their torch threads.
+        # One stream on 2 cores, SmolLM2, plain: 17.6 -> 20.5 tok/s against 1 thread.
+        ranks = overrides.get("target.tp_size", cfg.target.tp_size) * overrides.get(
+            "target.replicas", cfg.target.replicas
+        )
+        overrides["target.pool.num_cpus"] = max(1, (os.cpu_count() or 1) // ranks)
     return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def _sets(config: dict[str, Any], *keys: str) -> bool:
+    """Whether the (args of the) config file sets the dotted key."""
+    for key in keys:
+        if not isinstance(config, dict) or key not in config:
+            return False
+        config = config[key]
+    return True
 
 
 def _model_arg(value: str) -> str:

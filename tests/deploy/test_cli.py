@@ -74,6 +74,21 @@ def test_up_reads_a_serve_config_and_applies_overrides():
     assert cfg.ingress.grpc_port == 9000  # grpc_options.port of the file
     assert cfg.workers.host == "127.0.0.1"  # a local cluster keeps its workers on loopback
     assert up_config(build_parser().parse_args(["up", "--port", "9100"])).ingress.grpc_port == 9100
+    assert cfg.target.pool.num_cpus == 1  # the file's
+
+
+def test_up_gives_the_target_the_machines_cores_unless_the_file_says(monkeypatch, tmp_path):
+    # One machine: draft and target take turns on its cores, so each target rank gets its share
+    # of all of them as torch threads (the file's num_cpus wins).
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    parse = build_parser().parse_args
+    assert up_config(parse(["up"])).target.pool.num_cpus == 8
+    assert up_config(parse(["up", "--tp", "2"])).target.pool.num_cpus == 4
+    assert up_config(parse(["up", "--target-replicas", "3"])).target.pool.num_cpus == 2
+    assert up_config(parse(["up"])).target.pool.threads == 8
+    file = tmp_path / "args.yaml"
+    file.write_text("target: {pool: {resource: target_pool, num_cpus: 3}}\n")
+    assert up_config(parse(["up", "--config", str(file)])).target.pool.num_cpus == 3
 
 
 def test_busy_default_ports_move_but_explicit_ones_are_errors(monkeypatch, capsys):
