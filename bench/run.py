@@ -260,6 +260,14 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: where one greedy stream's decode step goes, layer by layer",
     )
     ap.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="instead: one stream against a running cluster's gRPC API, beside HF generate",
+    )
+    ap.add_argument(
+        "--repeats-cluster", type=int, default=3, help="--cluster: interleaved repeats (median)"
+    )
+    ap.add_argument(
         "--confidence-stop",
         type=float,
         help="sweep: the draft's confidence stop (default: the pair's, 0 for checkpoint paths)",
@@ -297,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [tok.encode(t, add_special_tokens=False) for t in texts][: args.prompts]
     if args.profile:
         return profile.run_profile(args, prompts)
+    if args.cluster:
+        from bench.cluster_stream import run_cluster_stream
+
+        return run_cluster_stream(args, prompts)
     if args.concurrency:
         return run_sweep(args, prompts)
     results = bench_hf(args.target, args.draft, prompts, args.max_new_tokens)

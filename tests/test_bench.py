@@ -144,3 +144,49 @@ def test_profile_prints_each_layer_and_what_it_adds(tmp_path, capsys):
     assert re.search(r"^verify of k=4 \(5 tokens\) vs a one-token step: forward ", printed, re.M)
     assert re.search(r"^reference: HF generate [\d.]+ ms per token", printed, re.M)
     assert "top operators by self CPU time" in printed
+
+
+def test_cluster_stream_against_a_running_router(tmp_path, capsys):
+    # A running cluster's public API (here the standalone router over worker processes, float32):
+    # every system decodes the prompts, the cluster's greedy output is HF's in float32, and each
+    # printed ratio is that row's tok/s over the faster HF row's.
+    from cluster.routing.worker_processes import ServerProcess, start_all, stop_all, worker_process
+
+    target = make_model(tmp_path / "target", seed=0, eos_token_id=None)
+    draft = make_model(tmp_path / "draft", seed=1, layers=1, eos_token_id=None)
+    workers = start_all(worker_process("target", target), worker_process("draft", draft))
+    router = ServerProcess(
+        ["-m", "cluster.routing.grpc_server", "--target", workers[0].address]
+        + ["--draft", workers[1].address, "--target-model", str(target), "--port", "0"],
+        "router",
+    )
+    try:
+        router.wait_ready()
+        rc = main(
+            ["--target", str(target), "--draft", str(draft), "--cluster", router.address]
+            + ["--prompts", "2", "--max-new-tokens", "6", "--repeats-cluster", "2"]
+            + ["--threads", "1"]
+        )
+    finally:
+        stop_all([router, *workers])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert printed.count("repeat ") == 2 * 4
+    rows = {}
+    for line in printed.splitlines():
+        m = re.match(r"(hf generate \w+|cluster .+?)\s+([\d.]+)\s+([\d.]+)x\s+(\d*)\s+(.*)$", line)
+        if m:
+            rows[m[1]] = (float(m[2]), float(m[3]), m[4], m[5])
+    assert set(rows) == {
+        "hf generate bfloat16",
+        "hf generate float32",
+        "cluster plain (mode OFF)",
+        "cluster AUTO",
+    }
+    best = max(rate for name, (rate, *_) in rows.items() if name.startswith("hf"))
+    for _name, (rate, ratio, _ttft, _same) in rows.items():
+        # ratio printed to 2 decimals, both rates to 1: the rounding bounds the difference
+        assert abs(ratio - rate / best) <= 0.005 + 0.05 * (1 + rate / best) / best
+    assert all(int(ttft) > 0 for _, _, ttft, _ in rows.values())  # time to first token, ms
+    for name in ("cluster plain (mode OFF)", "cluster AUTO"):
+        assert "float32" in rows[name][3]  # greedy through the cluster = HF in float32

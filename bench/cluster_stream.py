@@ -1,0 +1,137 @@
+"""One stream against a running cluster's public gRPC API, beside HF `generate` in one process.
+
+    specdec up                                   # or serve deploy deploy/cluster.yaml
+    specdec bench --cluster 127.0.0.1:9000       # the default pair's held-out chat prompts
+
+What a user of one stream sees: greedy, the same prompt token ids for every system, new tokens
+per second of wall time (the first token included) and the median time to the first token
+(streamed; for HF, which does not stream, a one-token generation timed apart). The systems run
+in turn, prompt set by prompt set, `--repeats-cluster` times (a shared machine drifts), and the
+medians are printed with each system's ratio to HF `generate` in its faster dtype on this
+machine (what a one-process user would pick). HF runs in this process with the bench's torch
+threads; the cluster runs as deployed (its dtype and threads are its own).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+HF_DTYPES = (torch.bfloat16, torch.float32)
+
+
+@dataclass
+class _System:
+    name: str
+    # (prompt ids, new tokens) -> (tokens, seconds of the generation, seconds to the first token)
+    run: Callable[[list[int], int], tuple[list[int], float, float]]
+    rates: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+    outputs: list[list[int]] = field(default_factory=list)
+
+
+def _hf_system(target: str, dtype: torch.dtype) -> _System:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).eval()
+
+    def generate(ids: list[int], n: int) -> list[int]:
+        with torch.inference_mode():
+            out = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        return out[0, len(ids) :].tolist()
+
+    def run(ids: list[int], n: int) -> tuple[list[int], float, float]:
+        # HF does not stream: its time to first token is a one-token generation, timed apart.
+        t0 = time.perf_counter()
+        generate(ids, 1)
+        t1 = time.perf_counter()
+        out = generate(ids, n)
+        return out, time.perf_counter() - t1, t1 - t0
+
+    return _System(f"hf generate {str(dtype).removeprefix('torch.')}", run)
+
+
+def _cluster_system(address: str, mode_name: str, mode: int) -> _System:
+    import grpc
+
+    from protos import specdec_pb2 as pb
+    from protos import specdec_pb2_grpc
+
+    stub = specdec_pb2_grpc.SpecDecodeStub(grpc.insecure_channel(address))
+
+    def run(ids: list[int], n: int) -> tuple[list[int], float, float]:
+        req = pb.GenerateRequest(
+            prompt_token_ids=ids,
+            max_new_tokens=n,
+            temperature=0.0,
+            speculation=pb.SpeculationOptions(mode=mode),
+        )
+        tokens: list[int] = []
+        first = None
+        t0 = time.perf_counter()
+        for msg in stub.GenerateStream(req, timeout=600):
+            if first is None and msg.token_ids:
+                first = time.perf_counter() - t0
+            tokens.extend(msg.token_ids)
+        seconds = time.perf_counter() - t0
+        return tokens, seconds, seconds if first is None else first
+
+    return _System(f"cluster {mode_name}", run)
+
+
+def bench_cluster_stream(
+    address: str, target: str, prompts: list[list[int]], new_tokens: int, repeats: int
+) -> list[_System]:
+    """Every system's tok/s per repeat, median TTFTs and last outputs (progress lines)."""
+    from protos import specdec_pb2 as pb
+
+    systems = [_hf_system(target, d) for d in HF_DTYPES] + [
+        _cluster_system(address, "plain (mode OFF)", pb.SPECULATION_MODE_OFF),
+        _cluster_system(address, "AUTO", pb.SPECULATION_MODE_AUTO),
+    ]
+    for s in systems:
+        s.run(prompts[0], 4)  # warm-up: connections, first allocations
+    for r in range(repeats):
+        for s in systems:
+            outputs, seconds, firsts = [], 0.0, []
+            for ids in prompts:
+                out, spent, first = s.run(ids, new_tokens)
+                outputs.append(out)
+                seconds += spent
+                firsts.append(first)
+            s.rates.append(sum(map(len, outputs)) / seconds)
+            s.outputs = outputs
+            s.ttfts.append(statistics.median(firsts))
+            print(f"  repeat {r + 1}/{repeats} {s.name}: {s.rates[-1]:.1f} tok/s", flush=True)
+    return systems
+
+
+def run_cluster_stream(args, prompts: list[list[int]]) -> int:
+    systems = bench_cluster_stream(
+        args.cluster, args.target, prompts, args.max_new_tokens, args.repeats_cluster
+    )
+    hf = systems[: len(HF_DTYPES)]
+    best = max(hf, key=lambda s: statistics.median(s.rates))
+    ref = statistics.median(best.rates)
+    print(
+        f"# specdec bench --cluster {args.cluster} — {time.strftime('%Y-%m-%d')}, one stream, "
+        f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, greedy, median of "
+        f"{args.repeats_cluster}; hf: {args.threads} torch threads"
+    )
+    print(f"{'system':28s} {'tok/s':>7s} {'vs ' + best.name:>24s} {'ttft ms':>8s}  same as")
+    for s in systems:
+        rate = statistics.median(s.rates)
+        ttft = f"{1e3 * statistics.median(s.ttfts):8.0f}"
+        same = [h.name.split()[-1] for h in hf if h.outputs == s.outputs and h is not s]
+        print(f"{s.name:28s} {rate:7.1f} {rate / ref:23.2f}x {ttft}  {', '.join(same) or '-'}")
+    return 0
