@@ -34,10 +34,10 @@ class Options:
     max_tokens_param: str = "max_tokens"  # the name to report for max_new_tokens errors
 
 
-COMPLETION_PARAMS = frozenset(
+# The parameters both endpoints take (some only to refuse them with a clear message).
+_SHARED_PARAMS = frozenset(
     {
         "model",
-        "prompt",
         "max_tokens",
         "temperature",
         "top_p",
@@ -48,9 +48,6 @@ COMPLETION_PARAMS = frozenset(
         "stream_options",
         "n",
         "logprobs",
-        "echo",
-        "best_of",
-        "suffix",
         "user",
         "presence_penalty",
         "frequency_penalty",
@@ -58,36 +55,19 @@ COMPLETION_PARAMS = frozenset(
         "speculation",
     }
 )
-CHAT_PARAMS = frozenset(
-    {
-        "model",
-        "messages",
-        "max_tokens",
-        "max_completion_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "seed",
-        "stop",
-        "stream",
-        "stream_options",
-        "n",
-        "logprobs",
-        "top_logprobs",
-        "user",
-        "presence_penalty",
-        "frequency_penalty",
-        "logit_bias",
-        "speculation",
-        "tools",
-        "tool_choice",
-        "parallel_tool_calls",
-        "response_format",
-        "functions",
-        "function_call",
-        "chat_template_kwargs",
-    }
-)
+COMPLETION_PARAMS = _SHARED_PARAMS | {"prompt", "echo", "best_of", "suffix"}
+CHAT_PARAMS = _SHARED_PARAMS | {
+    "messages",
+    "max_completion_tokens",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "functions",
+    "function_call",
+    "chat_template_kwargs",
+}
 
 _SPEC_MODES = {
     "auto": pb.SPECULATION_MODE_AUTO,
