@@ -235,7 +235,8 @@ class StepScheduler(StepLoop):
             elif isinstance(res, KVBudgetExceeded) and (self.running or refused):
                 refused.append(row)  # waits for room: rows leave as they finish
             else:
-                self._fail(row, res if isinstance(res, BaseException) else TypeError(res))
+                wrong = TypeError(f"the target's prefill answered {res!r}, not the next token")
+                self._fail(row, res if isinstance(res, BaseException) else wrong)
         self.waiting.extendleft(reversed(refused))
 
     def _retry_drafts(self) -> None:
