@@ -61,7 +61,13 @@ def up_config(args: argparse.Namespace):
         ranks = overrides.get("target.tp_size", cfg.target.tp_size) * overrides.get(
             "target.replicas", cfg.target.replicas
         )
-        overrides["target.pool.num_cpus"] = max(1, (os.cpu_count() or 1) // ranks)
+        cores = os.cpu_count() or 1
+        if getattr(args, "num_cpus", None):  # Ray gets this many: the rest must fit beside
+            drafts = overrides.get("draft.replicas", cfg.draft.replicas)
+            others = drafts * cfg.draft.pool.num_cpus
+            others += cfg.ingress.replicas * cfg.ingress.num_cpus
+            cores = min(cores, int(args.num_cpus - others))
+        overrides["target.pool.num_cpus"] = max(1, cores // ranks)
     return cfg.with_overrides(overrides) if overrides else cfg
 
 

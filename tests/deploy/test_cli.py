@@ -86,6 +86,9 @@ def test_up_gives_the_target_the_machines_cores_unless_the_file_says(monkeypatch
     assert up_config(parse(["up", "--tp", "2"])).target.pool.num_cpus == 4
     assert up_config(parse(["up", "--target-replicas", "3"])).target.pool.num_cpus == 2
     assert up_config(parse(["up"])).target.pool.threads == 8
+    # With Ray's CPUs given, the target's share fits beside the draft (1) and the ingress (0.5).
+    assert up_config(parse(["up", "--num-cpus", "3"])).target.pool.num_cpus == 1
+    assert up_config(parse(["up", "--num-cpus", "6"])).target.pool.num_cpus == 4
     file = tmp_path / "args.yaml"
     file.write_text("target: {pool: {resource: target_pool, num_cpus: 3}}\n")
     assert up_config(parse(["up", "--config", str(file)])).target.pool.num_cpus == 3
