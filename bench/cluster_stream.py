@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench.hf import hf_greedy
+
 HF_DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -39,23 +41,12 @@ def _hf_system(target: str, dtype: torch.dtype) -> _System:
 
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).eval()
 
-    def generate(ids: list[int], n: int) -> list[int]:
-        with torch.inference_mode():
-            out = model.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=n,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        return out[0, len(ids) :].tolist()
-
     def run(ids: list[int], n: int) -> tuple[list[int], float, float]:
         # HF does not stream: its time to first token is a one-token generation, timed apart.
         t0 = time.perf_counter()
-        generate(ids, 1)
+        hf_greedy(model, ids, 1)
         t1 = time.perf_counter()
-        out = generate(ids, n)
+        out = hf_greedy(model, ids, n)
         return out, time.perf_counter() - t1, t1 - t0
 
     return _System(f"hf generate {str(dtype).removeprefix('torch.')}", run)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench.hf import hf_greedy
 from workers.batch import PrefillRow, Proposal, ProposeRow, VerifyRow
 from workers.types import SamplingParams
 
@@ -236,15 +237,8 @@ def hf_steps(model, ids: list[int], max_new: int, threads: int, tally: Tally) ->
 
     def gen(n: int) -> tuple[float, int]:
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=n,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        return time.perf_counter() - t0, out.shape[1] - len(ids)
+        made = len(hf_greedy(model, ids, n))
+        return time.perf_counter() - t0, made
 
     with torch_threads(threads):
         first, _ = gen(1)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from bench.hf import hf_greedy
+
 # A draft that stops a block after a token it gave less than this (HF assisted generation's
 # default assistant_confidence_threshold).
 CONFIDENCE_STOP = 0.4
@@ -81,17 +83,8 @@ def bench_hf(
         eos = load_tokenizer(target_path).eos_token_id
 
     def gen(ids: list[int], **kw) -> list[int]:
-        with torch.inference_mode():
-            out = target.generate(
-                torch.tensor([ids]),
-                max_new_tokens=max_new,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=eos if isinstance(eos, int) else None,
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                **kw,
-            )
-        return out[0, len(ids) :].tolist()
+        pad = eos if isinstance(eos, int) else None
+        return hf_greedy(target, ids, max_new, eos_token_id=eos, pad_token_id=pad, **kw)
 
     return [
         _timed("hf generate (target only)", prompts, gen),

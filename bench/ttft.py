@@ -1,8 +1,9 @@
-"""Time to first token: HF `generate` against the in-process engine, with and without the
-prefill's logits (the engine's prefill computes none: the cache is all it needs).
+"""Time to first token: HF `generate` against the in-process engine, whose target prefill runs
+the head at each row's last position only, and against the same engine with the head over every
+prompt position.
 
-A first token is a prefill plus one target step, so each system is timed on a generation of one
-token. Systems alternate prompt by prompt (a shared, noisy machine drifts); medians are printed.
+Each system is timed on a generation of one token (the engine's prefill pass decodes it). Systems
+alternate prompt by prompt (a shared, noisy machine drifts); medians are printed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from bench.hf import hf_greedy
 
 
 class _Timed:
@@ -40,14 +43,7 @@ def bench_ttft(target_path: str, draft_path: str, prompts: list[list[int]]) -> d
     keep = [r._keep_kw for r in runners]
 
     def hf_first(ids: list[int]) -> None:
-        with torch.inference_mode():
-            hf.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=1,
-                do_sample=False,
-                pad_token_id=0,
-            )
+        hf_greedy(hf, ids, 1)
 
     def engine_first(all_logits: bool) -> Callable[[list[int]], None]:
         def run(ids: list[int]) -> None:
@@ -59,8 +55,8 @@ def bench_ttft(target_path: str, draft_path: str, prompts: list[list[int]]) -> d
 
     systems = {
         "ttft hf generate": _Timed(hf_first),
-        "ttft engine (prefill without logits)": _Timed(engine_first(False)),
-        "ttft engine, prefill with every position's logits": _Timed(engine_first(True)),
+        "ttft engine (head at the last position)": _Timed(engine_first(False)),
+        "ttft engine, head over every prompt position": _Timed(engine_first(True)),
     }
     try:
         for fn in systems.values():

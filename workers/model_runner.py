@@ -159,9 +159,11 @@ class ModelRunner:
             ids = torch.zeros(len(step.rows), width, dtype=torch.long)
             for sid, toks in work:
                 ids[rows[sid], : len(toks)] = torch.tensor(toks)
-            keep = self._keep_kw
+            # Where the head runs: nowhere useful (a prefill that needs no logits: one column),
+            # at each row's last column (`last`: the columns the rows need, shared), or everywhere.
+            keep: dict = self._keep_kw if not logits else {}
+            ends: list[int] = []
             if logits and last and self._keep_kw:
-                # The head at each row's last column only: the columns every row needs, shared.
                 ends = sorted({len(toks) - 1 for _, toks in work})
                 keep = {"logits_to_keep": torch.tensor(ends)}
             try:
@@ -171,7 +173,7 @@ class ModelRunner:
                     position_ids=step.position_ids,
                     use_cache=True,
                     **{self._cache_kw: self.kv.cache},
-                    **(keep if not logits or last else {}),
+                    **keep,
                 )
             except BaseException:
                 self.kv.abort()
@@ -181,7 +183,7 @@ class ModelRunner:
                 lg = res.logits.float()
                 if lg.device.type != "cpu":
                     lg = lg.cpu()
-                if last and self._keep_kw:
+                if ends:
                     col = {end: i for i, end in enumerate(ends)}
                     out = {sid: lg[rows[sid], col[len(t) - 1]][None] for sid, t in work}
                 elif last:

@@ -4,7 +4,8 @@ Exactly one scheduler drives a target replica's batch. Each step:
 
 1. admit waiting rows (one batched prefill on the target, one per draft worker, in parallel;
    at most `prefill_tokens_per_step` prompt tokens a step, so a burst of long prompts does not
-   stall the running rows for long);
+   stall the running rows for long; the target's prefill pass decodes each row's first token,
+   committed and streamed at once as a plain step);
 2. choose each row's k (`BatchPolicy`: the batch's committed tokens per second, from measured
    step times; a seeded row decides alone, `RowPolicy`; k = 0 is a plain step, and plain and
    speculative rows share one target pass);
