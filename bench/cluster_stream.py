@@ -14,6 +14,7 @@ threads; the cluster runs as deployed (its dtype and threads are its own).
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -36,23 +37,30 @@ class _System:
     outputs: list[list[int]] = field(default_factory=list)
 
 
-def _hf_system(target: str, dtype: torch.dtype) -> _System:
+# HF's prompt lookup (`generate(prompt_lookup_num_tokens=...)`), the one-process anchor for
+# drafting without a model; 10 is the value HF's documentation uses.
+PROMPT_LOOKUP_TOKENS = 10
+
+
+def _hf_system(target: str, dtype: torch.dtype, lookup: bool = False) -> _System:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).eval()
+    kw = {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS} if lookup else {}
 
     def run(ids: list[int], n: int) -> tuple[list[int], float, float]:
         # HF does not stream: its time to first token is a one-token generation, timed apart.
         t0 = time.perf_counter()
         hf_greedy(model, ids, 1)
         t1 = time.perf_counter()
-        out = hf_greedy(model, ids, n)
+        out = hf_greedy(model, ids, n, **kw)
         return out, time.perf_counter() - t1, t1 - t0
 
-    return _System(f"hf generate {str(dtype).removeprefix('torch.')}", run)
+    kind = "prompt lookup" if lookup else "generate"
+    return _System(f"hf {kind} {str(dtype).removeprefix('torch.')}", run)
 
 
-def _cluster_system(address: str, mode_name: str, mode: int) -> _System:
+def _cluster_system(address: str, mode_name: str, mode: int, drafter: int = 0) -> _System:
     import grpc
 
     from protos import specdec_pb2 as pb
@@ -65,7 +73,7 @@ def _cluster_system(address: str, mode_name: str, mode: int) -> _System:
             prompt_token_ids=ids,
             max_new_tokens=n,
             temperature=0.0,
-            speculation=pb.SpeculationOptions(mode=mode),
+            speculation=pb.SpeculationOptions(mode=mode, drafter=drafter),
         )
         tokens: list[int] = []
         first = None
@@ -81,15 +89,28 @@ def _cluster_system(address: str, mode_name: str, mode: int) -> _System:
 
 
 def bench_cluster_stream(
-    address: str, target: str, prompts: list[list[int]], new_tokens: int, repeats: int
+    address: str,
+    target: str,
+    prompts: list[list[int]],
+    new_tokens: int,
+    repeats: int,
+    only: re.Pattern | None = None,
 ) -> list[_System]:
-    """Every system's tok/s per repeat, median TTFTs and last outputs (progress lines)."""
+    """Every system's tok/s per repeat, median TTFTs and last outputs (progress lines). The
+    cluster's AUTO runs with the deployment's drafter and with each drafter alone."""
     from protos import specdec_pb2 as pb
 
-    systems = [_hf_system(target, d) for d in HF_DTYPES] + [
+    auto = pb.SPECULATION_MODE_AUTO
+    systems = [_hf_system(target, d) for d in HF_DTYPES]
+    systems += [_hf_system(target, d, lookup=True) for d in HF_DTYPES]
+    systems += [
         _cluster_system(address, "plain (mode OFF)", pb.SPECULATION_MODE_OFF),
-        _cluster_system(address, "AUTO", pb.SPECULATION_MODE_AUTO),
+        _cluster_system(address, "AUTO", auto),
+        _cluster_system(address, "AUTO, draft model only", auto, pb.DRAFTER_MODEL),
+        _cluster_system(address, "AUTO, lookup only", auto, pb.DRAFTER_LOOKUP),
     ]
+    if only is not None:  # HF generate stays: the ratios are to it
+        systems = [s for s in systems if s.name.startswith("hf generate") or only.search(s.name)]
     for s in systems:
         s.run(prompts[0], 4)  # warm-up: connections, first allocations
     for r in range(repeats):
@@ -108,14 +129,16 @@ def bench_cluster_stream(
 
 
 def run_cluster_stream(args, prompts: list[list[int]]) -> int:
+    only = re.compile(args.only) if args.only else None
     systems = bench_cluster_stream(
-        args.cluster, args.target, prompts, args.max_new_tokens, args.repeats_cluster
+        args.cluster, args.target, prompts, args.max_new_tokens, args.repeats_cluster, only
     )
     hf = systems[: len(HF_DTYPES)]
     best = max(hf, key=lambda s: statistics.median(s.rates))
     ref = statistics.median(best.rates)
     print(
         f"# specdec bench --cluster {args.cluster} — {time.strftime('%Y-%m-%d')}, one stream, "
+        f"workload {getattr(args, 'workload', 'default')}, "
         f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, greedy, median of "
         f"{args.repeats_cluster}; hf: {args.threads} torch threads"
     )

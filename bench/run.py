@@ -261,6 +261,13 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats-cluster", type=int, default=3, help="--cluster: interleaved repeats (median)"
     )
     ap.add_argument(
+        "--workload",
+        choices=("default", "grounded"),
+        default="default",
+        help="the prompts: the pair's held-out ones (chat and code for a chat pair), or grounded "
+        "requests whose answer repeats the prompt (edit a given function, quote a passage)",
+    )
+    ap.add_argument(
         "--confidence-stop",
         type=float,
         help="sweep: the draft's confidence stop (default: the pair's, 0 for checkpoint paths)",
@@ -296,6 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     else:  # a pair trained elsewhere: fixed prompts
         texts = [f"def {name}(" for name in FALLBACK_PROMPTS]
         prompts = [tok.encode(t, add_special_tokens=False) for t in texts][: args.prompts]
+    if args.workload == "grounded":
+        from pairs.grounded import grounded_prompts
+
+        split = Path(args.draft) / "split.json"
+        if not split.is_file():
+            split = pair_dir / "split.json"
+        chat = pair is not None and pair.chat
+        prompts = grounded_prompts(tok, split, args.prompts, chat)
     if args.profile:
         return profile.run_profile(args, prompts)
     if args.cluster:

@@ -21,7 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cluster.scheduling.policy import PolicyConfig
+from cluster.scheduling.lookup import LookupConfig
+from cluster.scheduling.policy import Drafter, PolicyConfig
 
 
 class ConfigError(ValueError):
@@ -181,6 +182,29 @@ class TargetConfig(_Strict):
         return self
 
 
+class LookupSettings(_Strict):
+    """Drafting without a model (`cluster.scheduling.lookup`): continuations of text seen before."""
+
+    max_tokens: int = Field(
+        16, ge=1, description="longest lookup block (may exceed max_draft_tokens where it pays)"
+    )
+    min_match: int = Field(
+        2, ge=2, description="tokens of a row's end that must match earlier text to propose"
+    )
+    recent_tokens: int = Field(
+        65536,
+        ge=0,
+        description="tokens of finished rows' outputs each scheduler indexes for lookup (0: none)",
+    )
+
+    def config(self) -> LookupConfig:
+        return LookupConfig(
+            max_tokens=self.max_tokens,
+            min_match=self.min_match,
+            recent_tokens=self.recent_tokens,
+        )
+
+
 class SpeculationConfig(_Strict):
     """The draft-length and fallback policy (`scheduling.policy.PolicyConfig`) plus draft timing."""
 
@@ -205,6 +229,12 @@ class SpeculationConfig(_Strict):
         "auto", description='draft ahead while verifying; "auto": measure both ways, run the faster'
     )
     draft_timeout_s: float = Field(10.0, gt=0, description="a slower draft counts as gone")
+    drafter: Literal["auto", "model", "lookup"] = Field(
+        "auto",
+        description="who drafts a request that does not choose: lookup where a match promises "
+        "more, the draft model otherwise (auto); the model only; lookup only",
+    )
+    lookup: LookupSettings = Field(default_factory=LookupSettings)
 
     def policy(self) -> PolicyConfig:
         return PolicyConfig(
@@ -215,6 +245,8 @@ class SpeculationConfig(_Strict):
             probe_interval=self.probe_interval,
             max_probe_interval=self.max_probe_interval,
             prior_acceptance=self.prior_acceptance,
+            drafter=Drafter(self.drafter),
+            lookup=self.lookup.config(),
         )
 
     @model_validator(mode="after")

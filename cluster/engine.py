@@ -17,7 +17,7 @@ import queue
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from cluster.scheduling.policy import PolicyConfig, SpecMode
+from cluster.scheduling.policy import Drafter, PolicyConfig, SpecMode
 from cluster.scheduling.rounds import FinishReason, GenerationStats, SequenceRounds, StopConditions
 from cluster.scheduling.rows import Row, RowRequest
 from cluster.scheduling.scheduler import SchedulerOptions, StepScheduler
@@ -146,6 +146,7 @@ class SpecEngine:
         mode: SpecMode = SpecMode.AUTO,
         k: int | None = None,
         pipelined: bool | str | None = None,
+        drafter: Drafter | None = None,
     ) -> Generation:
         """Validate a request and set up its sequence; iterate the result to run it."""
         ids = self.encode(prompt)
@@ -163,12 +164,11 @@ class SpecEngine:
             runner.max_context,
         )
         rounds = SequenceRounds(ids, stop)
-        if self.draft is None:
+        if self.draft is None and (drafter or self.policy.drafter) is Drafter.MODEL:
             mode = SpecMode.OFF
         sink = _QueueSink()
-        row = Row(
-            f"local-{next(self._ids)}", rounds, sampling, sink, RowRequest(mode, k, pipelined)
-        )
+        request = RowRequest(mode, k, pipelined, drafter)
+        row = Row(f"local-{next(self._ids)}", rounds, sampling, sink, request)
         return Generation(self.scheduler, row, sink)
 
     def stream(self, prompt: str | Sequence[int], **kw) -> Iterator[list[int]]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cluster.engine import SpecEngine
-from cluster.scheduling.policy import SpecMode
+from cluster.scheduling.policy import Drafter, SpecMode
 from cluster.scheduling.rounds import GenerationStats
 from pairs.target_greedy import plain_greedy
 from workers.draft import DraftWorker
@@ -75,7 +75,12 @@ def measure_acceptance(
     per_prompt, outputs, mismatches = [], [], 0
     for i, ids in enumerate(prompts):
         res = pair.engine.generate(
-            ids, max_new_tokens=new_tokens, mode=SpecMode.ON, k=k, pipelined=False
+            ids,
+            max_new_tokens=new_tokens,
+            mode=SpecMode.ON,
+            k=k,
+            pipelined=False,
+            drafter=Drafter.MODEL,  # the draft model's acceptance, not lookup's
         )
         per_prompt.append(res.stats)
         outputs.append(res.token_ids)
@@ -89,6 +94,11 @@ def pooled(stats: Iterable[GenerationStats]) -> GenerationStats:
     total = GenerationStats()
     for s in stats:
         for f in fields(GenerationStats):  # ints add, record lists concatenate
+            if f.name == "by_drafter":
+                for name, counts in s.by_drafter.items():
+                    mine = total.by_drafter.setdefault(name, [0] * len(counts))
+                    total.by_drafter[name] = [a + b for a, b in zip(mine, counts, strict=True)]
+                continue
             setattr(total, f.name, getattr(total, f.name) + getattr(s, f.name))
     return total
 

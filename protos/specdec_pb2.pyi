@@ -14,6 +14,13 @@ class SpeculationMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SPECULATION_MODE_ON: _ClassVar[SpeculationMode]
     SPECULATION_MODE_OFF: _ClassVar[SpeculationMode]
 
+class Drafter(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DRAFTER_UNSPECIFIED: _ClassVar[Drafter]
+    DRAFTER_AUTO: _ClassVar[Drafter]
+    DRAFTER_MODEL: _ClassVar[Drafter]
+    DRAFTER_LOOKUP: _ClassVar[Drafter]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
@@ -25,6 +32,10 @@ SPECULATION_MODE_UNSPECIFIED: SpeculationMode
 SPECULATION_MODE_AUTO: SpeculationMode
 SPECULATION_MODE_ON: SpeculationMode
 SPECULATION_MODE_OFF: SpeculationMode
+DRAFTER_UNSPECIFIED: Drafter
+DRAFTER_AUTO: Drafter
+DRAFTER_MODEL: Drafter
+DRAFTER_LOOKUP: Drafter
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
@@ -32,12 +43,14 @@ FINISH_REASON_EOS: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
 
 class SpeculationOptions(_message.Message):
-    __slots__ = ("mode", "num_draft_tokens")
+    __slots__ = ("mode", "num_draft_tokens", "drafter")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_FIELD_NUMBER: _ClassVar[int]
     mode: SpeculationMode
     num_draft_tokens: int
-    def __init__(self, mode: _Optional[_Union[SpeculationMode, str]] = ..., num_draft_tokens: _Optional[int] = ...) -> None: ...
+    drafter: Drafter
+    def __init__(self, mode: _Optional[_Union[SpeculationMode, str]] = ..., num_draft_tokens: _Optional[int] = ..., drafter: _Optional[_Union[Drafter, str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "prompt_token_ids", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "speculation")
@@ -70,7 +83,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class SpeculationStats(_message.Message):
-    __slots__ = ("rounds", "draft_tokens", "accepted_tokens", "mean_accepted_length", "plain_steps", "pipeline_hits", "pipeline_misses", "acceptance_rate", "tokens_per_target_pass", "draft_failures", "target_failovers", "mode_switches", "acceptance_histogram")
+    __slots__ = ("rounds", "draft_tokens", "accepted_tokens", "mean_accepted_length", "plain_steps", "pipeline_hits", "pipeline_misses", "acceptance_rate", "tokens_per_target_pass", "draft_failures", "target_failovers", "mode_switches", "acceptance_histogram", "drafters")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +97,7 @@ class SpeculationStats(_message.Message):
     TARGET_FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     MODE_SWITCHES_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    DRAFTERS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     draft_tokens: int
     accepted_tokens: int
@@ -97,7 +111,20 @@ class SpeculationStats(_message.Message):
     target_failovers: int
     mode_switches: int
     acceptance_histogram: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, rounds: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., plain_steps: _Optional[int] = ..., pipeline_hits: _Optional[int] = ..., pipeline_misses: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., tokens_per_target_pass: _Optional[float] = ..., draft_failures: _Optional[int] = ..., target_failovers: _Optional[int] = ..., mode_switches: _Optional[int] = ..., acceptance_histogram: _Optional[_Iterable[int]] = ...) -> None: ...
+    drafters: _containers.RepeatedCompositeFieldContainer[DrafterStats]
+    def __init__(self, rounds: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., plain_steps: _Optional[int] = ..., pipeline_hits: _Optional[int] = ..., pipeline_misses: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., tokens_per_target_pass: _Optional[float] = ..., draft_failures: _Optional[int] = ..., target_failovers: _Optional[int] = ..., mode_switches: _Optional[int] = ..., acceptance_histogram: _Optional[_Iterable[int]] = ..., drafters: _Optional[_Iterable[_Union[DrafterStats, _Mapping]]] = ...) -> None: ...
+
+class DrafterStats(_message.Message):
+    __slots__ = ("drafter", "rounds", "draft_tokens", "accepted_tokens")
+    DRAFTER_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    drafter: str
+    rounds: int
+    draft_tokens: int
+    accepted_tokens: int
+    def __init__(self, drafter: _Optional[str] = ..., rounds: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "usage", "stats")

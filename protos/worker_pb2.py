@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x11specdec.worker.v1\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"h\n\x0ePrefillRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x33\n\x08sampling\x18\x03 \x01(\x0b\x32!.specdec.worker.v1.SamplingParams\"F\n\x0fPrefillResponse\x12\x15\n\rcommitted_len\x18\x01 \x01(\r\x12\x12\n\x05token\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_token\"p\n\x0eProposeRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x15\n\rcommitted_len\x18\x02 \x01(\r\x12\t\n\x01k\x18\x03 \x01(\r\x12\x0e\n\x06\x63ommit\x18\x04 \x03(\x05\x12\x12\n\x05start\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_start\"g\n\x0fProposeResponse\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\t\n\x01q\x18\x03 \x01(\x0c\x12\x15\n\rcommitted_len\x18\x04 \x01(\r\x12\x13\n\x0bunsure_last\x18\x05 \x01(\x08\"W\n\rVerifyRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x15\n\rcommitted_len\x18\x02 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x03 \x03(\x05\x12\t\n\x01q\x18\x04 \x01(\x0c\"W\n\x0eVerifyResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x05\x12\r\n\x05\x62onus\x18\x03 \x01(\x08\x12\x15\n\rcommitted_len\x18\x04 \x01(\r\" \n\x0eReleaseRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xa5\x01\n\tModelInfo\x12%\n\x04role\x18\x01 \x01(\x0e\x32\x17.specdec.worker.v1.Role\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x06 \x01(\t\"~\n\rStatsResponse\x12\x16\n\x0elive_sequences\x18\x01 \x01(\r\x12+\n\x05model\x18\x02 \x01(\x0b\x32\x1c.specdec.worker.v1.ModelInfo\x12\x11\n\tkv_tokens\x18\x03 \x01(\x04\x12\x15\n\rmax_kv_tokens\x18\x04 \x01(\x04\"*\n\tRowStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"F\n\x13PrefillBatchRequest\x12/\n\x04rows\x18\x01 \x03(\x0b\x32!.specdec.worker.v1.PrefillRequest\"q\n\rPrefillResult\x12,\n\x06status\x18\x01 \x01(\x0b\x32\x1c.specdec.worker.v1.RowStatus\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32\".specdec.worker.v1.PrefillResponse\"F\n\x14PrefillBatchResponse\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .specdec.worker.v1.PrefillResult\"F\n\x13ProposeBatchRequest\x12/\n\x04rows\x18\x01 \x03(\x0b\x32!.specdec.worker.v1.ProposeRequest\"q\n\rProposeResult\x12,\n\x06status\x18\x01 \x01(\x0b\x32\x1c.specdec.worker.v1.RowStatus\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32\".specdec.worker.v1.ProposeResponse\"F\n\x14ProposeBatchResponse\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .specdec.worker.v1.ProposeResult\"D\n\x12VerifyBatchRequest\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .specdec.worker.v1.VerifyRequest\"o\n\x0cVerifyResult\x12,\n\x06status\x18\x01 \x01(\x0b\x32\x1c.specdec.worker.v1.RowStatus\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32!.specdec.worker.v1.VerifyResponse\"D\n\x13VerifyBatchResponse\x12-\n\x04rows\x18\x01 \x03(\x0b\x32\x1f.specdec.worker.v1.VerifyResult*=\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_DRAFT\x10\x01\x12\x0f\n\x0bROLE_TARGET\x10\x02\x32\xed\x02\n\x0b\x44raftWorker\x12P\n\x07Release\x12!.specdec.worker.v1.ReleaseRequest\x1a\".specdec.worker.v1.ReleaseResponse\x12J\n\x05Stats\x12\x1f.specdec.worker.v1.StatsRequest\x1a .specdec.worker.v1.StatsResponse\x12_\n\x0cPrefillBatch\x12&.specdec.worker.v1.PrefillBatchRequest\x1a\'.specdec.worker.v1.PrefillBatchResponse\x12_\n\x0cProposeBatch\x12&.specdec.worker.v1.ProposeBatchRequest\x1a\'.specdec.worker.v1.ProposeBatchResponse2\xeb\x02\n\x0cTargetWorker\x12P\n\x07Release\x12!.specdec.worker.v1.ReleaseRequest\x1a\".specdec.worker.v1.ReleaseResponse\x12J\n\x05Stats\x12\x1f.specdec.worker.v1.StatsRequest\x1a .specdec.worker.v1.StatsResponse\x12_\n\x0cPrefillBatch\x12&.specdec.worker.v1.PrefillBatchRequest\x1a\'.specdec.worker.v1.PrefillBatchResponse\x12\\\n\x0bVerifyBatch\x12%.specdec.worker.v1.VerifyBatchRequest\x1a&.specdec.worker.v1.VerifyBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x11specdec.worker.v1\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"h\n\x0ePrefillRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x33\n\x08sampling\x18\x03 \x01(\x0b\x32!.specdec.worker.v1.SamplingParams\"F\n\x0fPrefillResponse\x12\x15\n\rcommitted_len\x18\x01 \x01(\r\x12\x12\n\x05token\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_token\"p\n\x0eProposeRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x15\n\rcommitted_len\x18\x02 \x01(\r\x12\t\n\x01k\x18\x03 \x01(\r\x12\x0e\n\x06\x63ommit\x18\x04 \x03(\x05\x12\x12\n\x05start\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_start\"g\n\x0fProposeResponse\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\t\n\x01q\x18\x03 \x01(\x0c\x12\x15\n\rcommitted_len\x18\x04 \x01(\r\x12\x13\n\x0bunsure_last\x18\x05 \x01(\x08\"h\n\rVerifyRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x15\n\rcommitted_len\x18\x02 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x03 \x03(\x05\x12\t\n\x01q\x18\x04 \x01(\x0c\x12\x0f\n\x07one_hot\x18\x05 \x01(\x08\"W\n\x0eVerifyResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x05\x12\r\n\x05\x62onus\x18\x03 \x01(\x08\x12\x15\n\rcommitted_len\x18\x04 \x01(\r\" \n\x0eReleaseRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xa5\x01\n\tModelInfo\x12%\n\x04role\x18\x01 \x01(\x0e\x32\x17.specdec.worker.v1.Role\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x06 \x01(\t\"~\n\rStatsResponse\x12\x16\n\x0elive_sequences\x18\x01 \x01(\r\x12+\n\x05model\x18\x02 \x01(\x0b\x32\x1c.specdec.worker.v1.ModelInfo\x12\x11\n\tkv_tokens\x18\x03 \x01(\x04\x12\x15\n\rmax_kv_tokens\x18\x04 \x01(\x04\"*\n\tRowStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"F\n\x13PrefillBatchRequest\x12/\n\x04rows\x18\x01 \x03(\x0b\x32!.specdec.worker.v1.PrefillRequest\"q\n\rPrefillResult\x12,\n\x06status\x18\x01 \x01(\x0b\x32\x1c.specdec.worker.v1.RowStatus\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32\".specdec.worker.v1.PrefillResponse\"F\n\x14PrefillBatchResponse\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .specdec.worker.v1.PrefillResult\"F\n\x13ProposeBatchRequest\x12/\n\x04rows\x18\x01 \x03(\x0b\x32!.specdec.worker.v1.ProposeRequest\"q\n\rProposeResult\x12,\n\x06status\x18\x01 \x01(\x0b\x32\x1c.specdec.worker.v1.RowStatus\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32\".specdec.worker.v1.ProposeResponse\"F\n\x14ProposeBatchResponse\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .specdec.worker.v1.ProposeResult\"D\n\x12VerifyBatchRequest\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .specdec.worker.v1.VerifyRequest\"o\n\x0cVerifyResult\x12,\n\x06status\x18\x01 \x01(\x0b\x32\x1c.specdec.worker.v1.RowStatus\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32!.specdec.worker.v1.VerifyResponse\"D\n\x13VerifyBatchResponse\x12-\n\x04rows\x18\x01 \x03(\x0b\x32\x1f.specdec.worker.v1.VerifyResult*=\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_DRAFT\x10\x01\x12\x0f\n\x0bROLE_TARGET\x10\x02\x32\xed\x02\n\x0b\x44raftWorker\x12P\n\x07Release\x12!.specdec.worker.v1.ReleaseRequest\x1a\".specdec.worker.v1.ReleaseResponse\x12J\n\x05Stats\x12\x1f.specdec.worker.v1.StatsRequest\x1a .specdec.worker.v1.StatsResponse\x12_\n\x0cPrefillBatch\x12&.specdec.worker.v1.PrefillBatchRequest\x1a\'.specdec.worker.v1.PrefillBatchResponse\x12_\n\x0cProposeBatch\x12&.specdec.worker.v1.ProposeBatchRequest\x1a\'.specdec.worker.v1.ProposeBatchResponse2\xeb\x02\n\x0cTargetWorker\x12P\n\x07Release\x12!.specdec.worker.v1.ReleaseRequest\x1a\".specdec.worker.v1.ReleaseResponse\x12J\n\x05Stats\x12\x1f.specdec.worker.v1.StatsRequest\x1a .specdec.worker.v1.StatsResponse\x12_\n\x0cPrefillBatch\x12&.specdec.worker.v1.PrefillBatchRequest\x1a\'.specdec.worker.v1.PrefillBatchResponse\x12\\\n\x0bVerifyBatch\x12%.specdec.worker.v1.VerifyBatchRequest\x1a&.specdec.worker.v1.VerifyBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1912
-  _globals['_ROLE']._serialized_end=1973
+  _globals['_ROLE']._serialized_start=1929
+  _globals['_ROLE']._serialized_end=1990
   _globals['_SAMPLINGPARAMS']._serialized_start=42
   _globals['_SAMPLINGPARAMS']._serialized_end=137
   _globals['_PREFILLREQUEST']._serialized_start=139
@@ -44,41 +44,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROPOSERESPONSE']._serialized_start=431
   _globals['_PROPOSERESPONSE']._serialized_end=534
   _globals['_VERIFYREQUEST']._serialized_start=536
-  _globals['_VERIFYREQUEST']._serialized_end=623
-  _globals['_VERIFYRESPONSE']._serialized_start=625
-  _globals['_VERIFYRESPONSE']._serialized_end=712
-  _globals['_RELEASEREQUEST']._serialized_start=714
-  _globals['_RELEASEREQUEST']._serialized_end=746
-  _globals['_RELEASERESPONSE']._serialized_start=748
-  _globals['_RELEASERESPONSE']._serialized_end=783
-  _globals['_STATSREQUEST']._serialized_start=785
-  _globals['_STATSREQUEST']._serialized_end=799
-  _globals['_MODELINFO']._serialized_start=802
-  _globals['_MODELINFO']._serialized_end=967
-  _globals['_STATSRESPONSE']._serialized_start=969
-  _globals['_STATSRESPONSE']._serialized_end=1095
-  _globals['_ROWSTATUS']._serialized_start=1097
-  _globals['_ROWSTATUS']._serialized_end=1139
-  _globals['_PREFILLBATCHREQUEST']._serialized_start=1141
-  _globals['_PREFILLBATCHREQUEST']._serialized_end=1211
-  _globals['_PREFILLRESULT']._serialized_start=1213
-  _globals['_PREFILLRESULT']._serialized_end=1326
-  _globals['_PREFILLBATCHRESPONSE']._serialized_start=1328
-  _globals['_PREFILLBATCHRESPONSE']._serialized_end=1398
-  _globals['_PROPOSEBATCHREQUEST']._serialized_start=1400
-  _globals['_PROPOSEBATCHREQUEST']._serialized_end=1470
-  _globals['_PROPOSERESULT']._serialized_start=1472
-  _globals['_PROPOSERESULT']._serialized_end=1585
-  _globals['_PROPOSEBATCHRESPONSE']._serialized_start=1587
-  _globals['_PROPOSEBATCHRESPONSE']._serialized_end=1657
-  _globals['_VERIFYBATCHREQUEST']._serialized_start=1659
-  _globals['_VERIFYBATCHREQUEST']._serialized_end=1727
-  _globals['_VERIFYRESULT']._serialized_start=1729
-  _globals['_VERIFYRESULT']._serialized_end=1840
-  _globals['_VERIFYBATCHRESPONSE']._serialized_start=1842
-  _globals['_VERIFYBATCHRESPONSE']._serialized_end=1910
-  _globals['_DRAFTWORKER']._serialized_start=1976
-  _globals['_DRAFTWORKER']._serialized_end=2341
-  _globals['_TARGETWORKER']._serialized_start=2344
-  _globals['_TARGETWORKER']._serialized_end=2707
+  _globals['_VERIFYREQUEST']._serialized_end=640
+  _globals['_VERIFYRESPONSE']._serialized_start=642
+  _globals['_VERIFYRESPONSE']._serialized_end=729
+  _globals['_RELEASEREQUEST']._serialized_start=731
+  _globals['_RELEASEREQUEST']._serialized_end=763
+  _globals['_RELEASERESPONSE']._serialized_start=765
+  _globals['_RELEASERESPONSE']._serialized_end=800
+  _globals['_STATSREQUEST']._serialized_start=802
+  _globals['_STATSREQUEST']._serialized_end=816
+  _globals['_MODELINFO']._serialized_start=819
+  _globals['_MODELINFO']._serialized_end=984
+  _globals['_STATSRESPONSE']._serialized_start=986
+  _globals['_STATSRESPONSE']._serialized_end=1112
+  _globals['_ROWSTATUS']._serialized_start=1114
+  _globals['_ROWSTATUS']._serialized_end=1156
+  _globals['_PREFILLBATCHREQUEST']._serialized_start=1158
+  _globals['_PREFILLBATCHREQUEST']._serialized_end=1228
+  _globals['_PREFILLRESULT']._serialized_start=1230
+  _globals['_PREFILLRESULT']._serialized_end=1343
+  _globals['_PREFILLBATCHRESPONSE']._serialized_start=1345
+  _globals['_PREFILLBATCHRESPONSE']._serialized_end=1415
+  _globals['_PROPOSEBATCHREQUEST']._serialized_start=1417
+  _globals['_PROPOSEBATCHREQUEST']._serialized_end=1487
+  _globals['_PROPOSERESULT']._serialized_start=1489
+  _globals['_PROPOSERESULT']._serialized_end=1602
+  _globals['_PROPOSEBATCHRESPONSE']._serialized_start=1604
+  _globals['_PROPOSEBATCHRESPONSE']._serialized_end=1674
+  _globals['_VERIFYBATCHREQUEST']._serialized_start=1676
+  _globals['_VERIFYBATCHREQUEST']._serialized_end=1744
+  _globals['_VERIFYRESULT']._serialized_start=1746
+  _globals['_VERIFYRESULT']._serialized_end=1857
+  _globals['_VERIFYBATCHRESPONSE']._serialized_start=1859
+  _globals['_VERIFYBATCHRESPONSE']._serialized_end=1927
+  _globals['_DRAFTWORKER']._serialized_start=1993
+  _globals['_DRAFTWORKER']._serialized_end=2358
+  _globals['_TARGETWORKER']._serialized_start=2361
+  _globals['_TARGETWORKER']._serialized_end=2724
 # @@protoc_insertion_point(module_scope)

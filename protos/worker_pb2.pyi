@@ -75,16 +75,18 @@ class ProposeResponse(_message.Message):
     def __init__(self, start: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., q: _Optional[bytes] = ..., committed_len: _Optional[int] = ..., unsure_last: _Optional[bool] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("seq_id", "committed_len", "draft_tokens", "q")
+    __slots__ = ("seq_id", "committed_len", "draft_tokens", "q", "one_hot")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
+    ONE_HOT_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     committed_len: int
     draft_tokens: _containers.RepeatedScalarFieldContainer[int]
     q: bytes
-    def __init__(self, seq_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., q: _Optional[bytes] = ...) -> None: ...
+    one_hot: bool
+    def __init__(self, seq_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., q: _Optional[bytes] = ..., one_hot: _Optional[bool] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("accepted", "token", "bonus", "committed_len")

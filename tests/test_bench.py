@@ -171,22 +171,28 @@ def test_cluster_stream_against_a_running_router(tmp_path, capsys):
         stop_all([router, *workers])
     printed = capsys.readouterr().out
     assert rc == 0, printed
-    assert printed.count("repeat ") == 2 * 4
+    assert printed.count("repeat ") == 2 * 8
     rows = {}
     for line in printed.splitlines():
-        m = re.match(r"(hf generate \w+|cluster .+?)\s+([\d.]+)\s+([\d.]+)x\s+(\d*)\s+(.*)$", line)
+        name = r"(hf (?:generate|prompt lookup) \w+|cluster .+?)"
+        m = re.match(name + r"\s+([\d.]+)\s+([\d.]+)x\s+(\d*)\s+(.*)$", line)
         if m:
             rows[m[1]] = (float(m[2]), float(m[3]), m[4], m[5])
     assert set(rows) == {
         "hf generate bfloat16",
         "hf generate float32",
+        "hf prompt lookup bfloat16",
+        "hf prompt lookup float32",
         "cluster plain (mode OFF)",
         "cluster AUTO",
+        "cluster AUTO, draft model only",
+        "cluster AUTO, lookup only",
     }
-    best = max(rate for name, (rate, *_) in rows.items() if name.startswith("hf"))
+    best = max(rate for name, (rate, *_) in rows.items() if name.startswith("hf generate"))
     for _name, (rate, ratio, _ttft, _same) in rows.items():
         # ratio printed to 2 decimals, both rates to 1: the rounding bounds the difference
         assert abs(ratio - rate / best) <= 0.005 + 0.05 * (1 + rate / best) / best
     assert all(int(ttft) > 0 for _, _, ttft, _ in rows.values())  # time to first token, ms
-    for name in ("cluster plain (mode OFF)", "cluster AUTO"):
-        assert "float32" in rows[name][3]  # greedy through the cluster = HF in float32
+    for name in rows:  # greedy through the cluster (every drafter), HF prompt lookup: exact
+        if not name.startswith("hf generate"):
+            assert "float32" in rows[name][3], name

@@ -35,6 +35,9 @@ class Proposal:
     # The draft was unsure of the last token (below its confidence stop): the block would have
     # ended there whatever k. What the policy learns how far blocks reach from.
     unsure_last: bool = False
+    # Who proposed it: "model" (a draft worker) or "lookup" (text already seen: the tokens are
+    # certain, a one-hot q, and no q travels).
+    drafter: str = "model"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,12 +65,15 @@ class ProposeRow:
 @dataclass(frozen=True, slots=True)
 class VerifyRow:
     """Verify `draft_tokens` (q: the draft's distributions, None for greedy). No draft tokens is a
-    plain step: the answer is Verdict(accepted=0, token=the next token, bonus=False)."""
+    plain step: the answer is Verdict(accepted=0, token=the next token, bonus=False).
+    `one_hot`: the tokens were proposed with certainty (a lookup drafter), so q is one-hot on
+    each of them and is not sent; a sampled row then needs no q."""
 
     seq_id: str
     committed_len: int
     draft_tokens: Sequence[int] = ()
     q: SparseQ | None = None
+    one_hot: bool = False
 
     @property
     def plain(self) -> bool:

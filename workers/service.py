@@ -258,7 +258,13 @@ class TargetServicer(_ServicerBase, worker_pb2_grpc.TargetWorkerServicer):
 
     @staticmethod
     def _verify_row(req) -> VerifyRow:
-        return VerifyRow(_seq_id(req), req.committed_len, list(req.draft_tokens), unpack_q(req.q))
+        return VerifyRow(
+            _seq_id(req),
+            req.committed_len,
+            list(req.draft_tokens),
+            unpack_q(req.q),
+            one_hot=req.one_hot,
+        )
 
     @staticmethod
     def _verdict(req, verdict: Verdict) -> worker_pb2.VerifyResponse:

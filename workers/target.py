@@ -20,7 +20,7 @@ from workers.model_runner import ModelRunner
 from workers.sampling import PositionalRng, next_token, warp_probs
 from workers.token_range import check_id_bounds, check_length, check_token_ids
 from workers.types import SamplingParams, Verdict
-from workers.verification import verify_greedy, verify_sampled
+from workers.verification import one_hot_q, verify_greedy, verify_sampled
 
 TARGET_STREAM = 0
 
@@ -153,7 +153,7 @@ class TargetWorker:
         else:
             k = len(r.draft_tokens)
             check_length("draft_tokens", n, self.runner.max_context, new_tokens=k)
-            if not seq.params.greedy and r.q is None:
+            if not seq.params.greedy and r.q is None and not r.one_hot:
                 raise ValueError("q: sampling needs one draft distribution per draft token")
         return seq, key, None
 
@@ -164,6 +164,8 @@ class TargetWorker:
         check_token_ids("draft_tokens", r.draft_tokens, vocab)
         if r.q is None:
             return
+        if r.one_hot:
+            raise ValueError("q: must be empty when one_hot (the tokens are certain)")
         if r.q.indices.shape[0] != len(r.draft_tokens):
             raise ValueError("q: needs one draft distribution per draft token")
         if r.q.indices.numel():
@@ -181,7 +183,8 @@ class TargetWorker:
         if seq.params.greedy:
             verdict = verify_greedy(logits, drafted)
         else:
-            verdict = verify_sampled(warp_probs(logits, seq.params), drafted, r.q, seq.rng, n)
+            q = one_hot_q(drafted) if r.q is None else r.q  # r.one_hot (checked in _begin)
+            verdict = verify_sampled(warp_probs(logits, seq.params), drafted, q, seq.rng, n)
         seq.tokens.extend(verdict.committed(draft))
         self.runner.rollback(r.seq_id, len(seq.tokens) - 1)  # rejected positions become holes
         seq.last_call = (key, verdict)

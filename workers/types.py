@@ -69,4 +69,3 @@ class Verdict:
 
     def committed(self, draft_tokens: list[int]) -> list[int]:
         return list(draft_tokens[: self.accepted]) + [self.token]
-

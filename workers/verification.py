@@ -24,6 +24,13 @@ from workers.sampling import PositionalRng
 from workers.types import SparseQ, Verdict
 
 
+def one_hot_q(draft_tokens: torch.Tensor) -> SparseQ:
+    """q of a block proposed with certainty (a lookup drafter): all mass on each draft token. The
+    rule above then accepts d_i with probability p_i(d_i) and recovers from p_i without d_i."""
+    k = draft_tokens.shape[0]
+    return SparseQ(draft_tokens.long().view(k, 1), torch.ones(k, 1, dtype=torch.float32))
+
+
 def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor) -> Verdict:
     """target_logits: [k+1, V]; draft_tokens: [k]. Accept while argmax matches."""
     k = draft_tokens.shape[0]

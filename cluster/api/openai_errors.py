@@ -67,6 +67,7 @@ _STATUS = {
 _REQUEST_FIELDS = frozenset(pb.GenerateRequest.DESCRIPTOR.fields_by_name) | {
     "speculation.mode",
     "speculation.num_draft_tokens",
+    "speculation.drafter",
 }
 
 # Proto field names (RequestError.field) -> OpenAI parameter names.

@@ -74,6 +74,7 @@ _SPEC_MODES = {
     "on": pb.SPECULATION_MODE_ON,
     "off": pb.SPECULATION_MODE_OFF,
 }
+_DRAFTERS = {"auto": pb.DRAFTER_AUTO, "model": pb.DRAFTER_MODEL, "lookup": pb.DRAFTER_LOOKUP}
 
 
 def _shared_params(
@@ -160,16 +161,24 @@ def _shared_params(
 
 
 def _speculation(spec: Any, req: pb.GenerateRequest) -> None:
-    """The extension field {"mode": "auto"|"on"|"off", "num_draft_tokens": k}, as the proto's."""
+    """The extension field {"mode": "auto"|"on"|"off", "num_draft_tokens": k,
+    "drafter": "auto"|"model"|"lookup"}, as the proto's."""
     if not isinstance(spec, dict):
         raise invalid("speculation", f"must be an object, got {json_type(spec)}", "invalid_type")
-    extra = sorted(set(spec) - {"mode", "num_draft_tokens"})
+    extra = sorted(set(spec) - {"mode", "num_draft_tokens", "drafter"})
     if extra:
         raise invalid(
             f"speculation.{extra[0]}",
-            "unrecognized (use mode, num_draft_tokens)",
+            "unrecognized (use mode, num_draft_tokens, drafter)",
             "unknown_parameter",
         )
+    drafter = spec.get("drafter")
+    if drafter is not None:
+        if not isinstance(drafter, str) or drafter.lower() not in _DRAFTERS:
+            raise invalid(
+                "speculation.drafter", f"must be one of auto, model, lookup; got {drafter!r}"
+            )
+        req.speculation.drafter = _DRAFTERS[drafter.lower()]
     mode = spec.get("mode")
     if mode is not None:
         if not isinstance(mode, str) or mode.lower() not in _SPEC_MODES:

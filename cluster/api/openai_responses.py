@@ -57,6 +57,14 @@ def speculation_metrics(stats: pb.SpeculationStats) -> dict[str, Any]:
         "draft_failures": int(stats.draft_failures),
         "target_failovers": int(stats.target_failovers),
         "mode_switches": int(stats.mode_switches),
+        "drafters": {
+            d.drafter: {
+                "num_spec_steps": int(d.rounds),
+                "num_draft_tokens": int(d.draft_tokens),
+                "num_accepted_draft_tokens": int(d.accepted_tokens),
+            }
+            for d in stats.drafters
+        },
     }
 
 

@@ -52,6 +52,12 @@ def finish(
             target_failovers=row.target_failovers,
             mode_switches=mode_switches(s),
             acceptance_histogram=s.acceptance_histogram,  # for the HTTP API's metrics
+            drafters=[
+                specdec_pb2.DrafterStats(
+                    drafter=name, rounds=n[0], draft_tokens=n[1], accepted_tokens=n[2]
+                )
+                for name, n in sorted(s.by_drafter.items())
+            ],
         )
     )
     return msg

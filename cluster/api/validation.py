@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from cluster.scheduling.policy import SpecMode
+from cluster.scheduling.policy import Drafter, SpecMode
 from protos import specdec_pb2
 from workers.token_range import TokenRangeError, check_length, check_token_ids
 from workers.types import SamplingParams
@@ -29,6 +29,12 @@ MODES = {
     specdec_pb2.SPECULATION_MODE_AUTO: SpecMode.AUTO,
     specdec_pb2.SPECULATION_MODE_ON: SpecMode.ON,
     specdec_pb2.SPECULATION_MODE_OFF: SpecMode.OFF,
+}
+DRAFTERS = {
+    specdec_pb2.DRAFTER_UNSPECIFIED: None,  # the deployment's default
+    specdec_pb2.DRAFTER_AUTO: Drafter.AUTO,
+    specdec_pb2.DRAFTER_MODEL: Drafter.MODEL,
+    specdec_pb2.DRAFTER_LOOKUP: Drafter.LOOKUP,
 }
 
 
@@ -71,6 +77,7 @@ class ValidRequest:
     stop: tuple[str, ...]
     mode: SpecMode
     k: int  # 0 = the policy's default (adaptive unless configured)
+    drafter: Drafter | None = None  # None: the deployment's default
 
 
 def validate_request(
@@ -133,10 +140,16 @@ def validate_request(
             "speculation.num_draft_tokens",
             f"must be in [0, {limits.max_draft_tokens}] (0 = adaptive), got {k}",
         )
+    if spec.drafter not in DRAFTERS:
+        raise invalid(
+            "speculation.drafter", f"unknown value {spec.drafter} (use AUTO, MODEL or LOOKUP)"
+        )
     params = SamplingParams(
         temperature=float(temperature), top_k=int(request.top_k), top_p=top_p, seed=seed
     )
-    return ValidRequest(uuid.uuid4().hex, ids, params, int(max_new), stops, mode, int(k))
+    return ValidRequest(
+        uuid.uuid4().hex, ids, params, int(max_new), stops, mode, int(k), DRAFTERS[spec.drafter]
+    )
 
 
 class Admission:

@@ -22,6 +22,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--k", type=int, default=0, help="draft tokens per round (0 = adaptive)")
     gen.add_argument("--no-spec", action="store_true", help="plain decoding on the target only")
+    gen.add_argument(
+        "--drafter",
+        choices=("auto", "model", "lookup"),
+        help="who drafts (default: the deployment's speculation.drafter)",
+    )
     gen.add_argument("--stream", action="store_true", help="print tokens as they are committed")
     gen.add_argument("--json", action="store_true", help="print the whole response as JSON")
     gen.add_argument("--app", default=None, help="Serve application name (several apps only)")
@@ -41,6 +46,7 @@ def build_request(
     spec: bool = True,
     k: int = 0,
     prompt_token_ids: list[int] | None = None,
+    drafter: str | None = None,
 ):
     """A `specdec.v1.GenerateRequest`; token ids, when given, are sent instead of the text."""
     from protos import specdec_pb2 as pb
@@ -55,6 +61,7 @@ def build_request(
         speculation=pb.SpeculationOptions(
             mode=pb.SPECULATION_MODE_AUTO if spec else pb.SPECULATION_MODE_OFF,
             num_draft_tokens=k,
+            drafter=pb.Drafter.Value(f"DRAFTER_{drafter.upper()}") if drafter else 0,
         ),
     )
     if max_new_tokens is not None:
@@ -134,6 +141,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stop=args.stop or (),
         spec=not args.no_spec,
         k=args.k,
+        drafter=args.drafter,
     )
     try:
         if args.stream:

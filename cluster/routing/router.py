@@ -307,7 +307,8 @@ class Router:
         )
         self._admit()
         sink = LoopSink(self._mailbox(), self._row_done, _request_error)
-        row = Row(req.seq_id, rounds, req.params, sink, RowRequest(req.mode, req.k or None, None))
+        request = RowRequest(req.mode, req.k or None, None, req.drafter)
+        row = Row(req.seq_id, rounds, req.params, sink, request)
         sink.row = row
         try:
             if not self._place(row, set()):

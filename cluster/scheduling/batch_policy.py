@@ -184,7 +184,7 @@ def row_choices(
         expected = [acc.expected_tokens(k) for k in range(max_draft_tokens + 1)]
         reach = acc.reach()
         reach = reach if reach[-1] < 1.0 else ()  # no block has ended early: all as asked
-        if row.deterministic or not pol.draft_available or row.mode is SpecMode.OFF:
+        if row.deterministic or not pol.draft_available or pol.mode is SpecMode.OFF:
             # Decided by the row alone: a seeded row's choices must not depend on its
             # neighbours (it repeats exactly, whatever shares its batch).
             own = pol.next_k() if decide_own else 0

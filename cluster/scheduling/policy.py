@@ -9,13 +9,31 @@ priors), `switching` (the hysteresis and probes both use).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from cluster.scheduling.lookup import LookupConfig
 
 
 class SpecMode(enum.Enum):
     AUTO = "auto"  # adaptive: speculate while it pays, plain otherwise
     ON = "on"  # always speculate (unless the draft is unavailable)
     OFF = "off"  # plain decoding on the target only
+
+
+class Drafter(enum.Enum):
+    """What proposes a row's blocks. Rows with different drafters share one target pass."""
+
+    AUTO = "auto"  # each step, lookup where a match promises more, the draft model otherwise
+    MODEL = "model"  # the draft pool's model only
+    LOOKUP = "lookup"  # continuations found in text already seen only (no draft model)
+
+    @property
+    def uses_model(self) -> bool:
+        return self is not Drafter.LOOKUP
+
+    @property
+    def uses_lookup(self) -> bool:
+        return self is not Drafter.MODEL
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +55,8 @@ class PolicyConfig:
     # step-cost fit's prior while a single pass width has been measured.
     draft_cost_prior: float = 0.25  # one draft step
     verify_cost_per_token_prior: float = 0.1  # a verify of k costs 1 + k * this
+    drafter: Drafter = Drafter.AUTO  # a request that does not choose gets this one
+    lookup: LookupConfig = field(default_factory=LookupConfig)
 
     def __post_init__(self) -> None:
         if self.max_draft_tokens < 1:

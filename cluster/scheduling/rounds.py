@@ -55,6 +55,8 @@ class GenerationStats:
     pipeline_misses: int = 0
     draft_failures: int = 0
     records: list[RoundRecord] = field(default_factory=list)
+    # rounds, draft tokens, accepted tokens by who proposed the block ("model", "lookup")
+    by_drafter: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def acceptance_rate(self) -> float:
@@ -121,12 +123,18 @@ class SequenceRounds:
         room = self.stop.max_context - self.committed_len
         return max(0, min(k, remaining - 1, room - 1))
 
-    def on_round(self, draft_tokens: Sequence[int], accepted: int, token: int) -> list[int]:
+    def on_round(
+        self, draft_tokens: Sequence[int], accepted: int, token: int, drafter: str = "model"
+    ) -> list[int]:
         """Record a verified block; returns the tokens that go out to the client."""
         self._check_open()
         self.stats.rounds += 1
         self.stats.draft_tokens += len(draft_tokens)
         self.stats.accepted_tokens += accepted
+        mine = self.stats.by_drafter.setdefault(drafter, [0, 0, 0])
+        mine[0] += 1
+        mine[1] += len(draft_tokens)
+        mine[2] += accepted
         out = self._emit([*draft_tokens[:accepted], token])
         self.stats.records.append(RoundRecord(len(draft_tokens), accepted, len(out)))
         return out

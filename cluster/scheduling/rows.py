@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cluster.scheduling.policy import SpecMode
+from cluster.scheduling.lookup import RowLookup
+from cluster.scheduling.policy import Drafter, SpecMode
 from cluster.scheduling.rounds import FinishReason, SequenceRounds
 from cluster.scheduling.row_policy import RowPolicy
 from cluster.scheduling.worker_api import DraftLease
@@ -38,6 +39,7 @@ class RowRequest:
     mode: SpecMode = SpecMode.AUTO
     k: int | None = None  # None: adaptive
     pipelined: bool | str | None = None  # None: the scheduler's default (drafting reads it)
+    drafter: Drafter | None = None  # None: the scheduler's default
 
 
 class Row:
@@ -55,6 +57,8 @@ class Row:
         self.sink = sink
         self.request = request
         self.policy: RowPolicy | None = None  # made on admission, on the scheduler thread
+        self.drafter: Drafter = request.drafter or Drafter.AUTO  # the scheduler's, on admission
+        self.lookup: RowLookup | None = None  # its own text indexed, when it drafts by lookup
         self.lease: DraftLease | None = None  # the draft worker holding this row's draft state
         self.draft_len = 0  # committed tokens the draft holds (0: none)
         self.draft_pending = False  # a background draft prefill is on its way

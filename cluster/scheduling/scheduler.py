@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from cluster.scheduling.admission import plan_admissions
 from cluster.scheduling.batch_policy import BatchPolicy, row_choices
 from cluster.scheduling.drafting import Drafting
+from cluster.scheduling.lookup_drafting import LOOKUP, LookupBlock, LookupDrafting
 from cluster.scheduling.pipelining import PipeliningChoice
 from cluster.scheduling.policy import PolicyConfig, SpecMode
 from cluster.scheduling.row_policy import RowPolicy, deployment_acceptance
@@ -111,6 +112,7 @@ class StepScheduler(StepLoop):
             ahead_min_whole=options.ahead_min_whole,
             name=name,
         )
+        self.lookups = LookupDrafting(policy, self.costs)
         self.running: list[Row] = []
         self.waiting: collections.deque[Row] = collections.deque()
         self.steps = 0
@@ -193,7 +195,7 @@ class StepScheduler(StepLoop):
             max_rows=opts.max_rows,
             prefill_tokens=opts.prefill_tokens_per_step,
             kv_budget=opts.kv_budget_tokens,
-            max_draft_tokens=self.config.max_draft_tokens,
+            max_draft_tokens=self.lookups.cap,
         )
         for row, exc in plan.refuse:
             self._fail(row, exc)
@@ -202,12 +204,16 @@ class StepScheduler(StepLoop):
             return
         for row in batch:
             if row.policy is None:
+                row.drafter = row.request.drafter or self.config.drafter
+                # A row that drafts by lookup only is plain as far as the draft model goes.
+                mode = row.mode if row.drafter.uses_model else SpecMode.OFF
                 row.policy = RowPolicy.for_request(
-                    self.config, row.mode, row.request.k, row.deterministic, self.acceptance
+                    self.config, mode, row.request.k, row.deterministic, self.acceptance
                 )
-                if row.mode is SpecMode.OFF or self.drafts is None or not self.drafts.configured:
+                if mode is SpecMode.OFF or self.drafts is None or not self.drafts.configured:
                     row.policy.draft_failed()
-        fresh = [r for r in batch if r.mode is not SpecMode.OFF and r.lease is None]
+            self.lookups.admit(row)
+        fresh = [r for r in batch if r.policy.mode is not SpecMode.OFF and r.lease is None]
         # A seeded row's k must not depend on timing, and an ON row asked for speculation: their
         # drafts prefill beside the target's, waited for. An AUTO row's does not hold the batch
         # up: it prefills in the background, and only when the batch speculates (under load,
@@ -252,12 +258,18 @@ class StepScheduler(StepLoop):
         self.drafting.background = self.pipelining.overlap_pays
         policy = self.batch_policy
         ks = self._choose(rows)
+        expected = [
+            r.policy.acceptance.expected_tokens(k) if k > 0 else 1.0
+            for r, k in zip(rows, ks, strict=True)
+        ]
+        lookups = self.lookups.plan(rows, ks, expected)  # rows taking one draft nothing else
         ks = self.drafting.for_step(rows, ks, policy.probing, self.options.probe_rows)
         if policy.probing and not any(ks):
             policy.retry_probe()  # nothing to probe with yet: once drafts are there
         t0 = self.clock()
         drafted_now = self.drafting.propose(rows, ks)
-        proposals = drafted_now.proposals
+        model_proposals = dict(drafted_now.proposals)
+        proposals = {**model_proposals, **{s: b.proposal for s, b in lookups.items()}}
         draft_seconds = self.clock() - t0
         phase = self.phase_seconds
         phase["draft"] += draft_seconds
@@ -268,10 +280,11 @@ class StepScheduler(StepLoop):
             if p is None:
                 vrows.append(VerifyRow(row.seq_id, committed))
             else:
-                vrows.append(VerifyRow(row.seq_id, committed, p.tokens, p.q))
+                one_hot = p.drafter == LOOKUP
+                vrows.append(VerifyRow(row.seq_id, committed, p.tokens, p.q, one_hot=one_hot))
         t1 = self.clock()
         verify_f = self._target_call(lambda t: t.verify_batch(vrows))
-        ahead = self.drafting.ahead(rows, proposals, self.pipelining.now)
+        ahead = self.drafting.ahead(rows, model_proposals, self.pipelining.now)
         shared = bool(ahead or self.drafting.pending)  # draft work beside this target pass
         t2 = self.clock()
         phase["send"] += t2 - t1
@@ -288,10 +301,10 @@ class StepScheduler(StepLoop):
         self.plain_row_steps += sum(1 for v in vrows if v.plain)
         self.max_batch = max(self.max_batch, len(rows))
         t3 = self.clock()
-        committed = self._commit(rows, vrows, verdicts, proposals)
+        committed = self._commit(rows, vrows, verdicts, proposals, lookups)
         t4 = self.clock()
         phase["commit"] += t4 - t3
-        self.drafting.settle_ahead(ahead, proposals, verdicts, rows)
+        self.drafting.settle_ahead(ahead, model_proposals, verdicts, rows)
         t5 = self.clock()
         step_seconds = t5 - t0
         phase["ahead"] += t5 - t4
@@ -302,6 +315,8 @@ class StepScheduler(StepLoop):
             self.costs.observe_draft(drafted_now.drafted, drafted_now.passes, draft_seconds)
         if width == 1:
             self.costs.last_plain_step = self.steps
+        if lookups:  # the model's checks compare model speculation with plain steps
+            return
         self.pipelining.observe(width > 1, committed, step_seconds)
         if width == 1 or 2 * len(proposals) >= len(rows):  # plain, or most rows speculated
             self.batch_policy.realized.observe(len(rows), width > 1, committed, step_seconds)
@@ -315,6 +330,7 @@ class StepScheduler(StepLoop):
         vrows: Sequence[VerifyRow],
         verdicts,
         proposals: dict[str, Proposal],
+        lookups: dict[str, LookupBlock],
     ) -> int:
         committed = 0
         for row, vrow, res in zip(rows, vrows, verdicts, strict=True):
@@ -324,10 +340,13 @@ class StepScheduler(StepLoop):
             if vrow.plain:
                 committed += self._commit_token(row, res.token)
                 continue
-            out = row.rounds.on_round(list(vrow.draft_tokens), res.accepted, res.token)
-            row.policy.observe_round(
-                len(vrow.draft_tokens), res.accepted, proposals[row.seq_id].unsure_last
-            )
+            p = proposals[row.seq_id]
+            out = row.rounds.on_round(list(vrow.draft_tokens), res.accepted, res.token, p.drafter)
+            block = lookups.get(row.seq_id)
+            if block is not None:
+                self.lookups.observe(row, block, res.accepted)
+            else:
+                row.policy.observe_round(len(vrow.draft_tokens), res.accepted, p.unsure_last)
             committed += self._emit(row, out)
         return committed
 
@@ -339,8 +358,10 @@ class StepScheduler(StepLoop):
 
     def _emit(self, row: Row, out: list[int]) -> int:
         if out:
+            self.lookups.committed(row, out)
             row.sink.tokens(out)
         if row.rounds.finished:
+            self.lookups.finished(row)
             self.running.remove(row)
             self._release(row)
             row.sink.finished()

@@ -125,6 +125,7 @@ def verify_request(row: VerifyRow) -> worker_pb2.VerifyRequest:
         committed_len=row.committed_len,
         draft_tokens=list(row.draft_tokens),
         q=pack_q(row.q),
+        one_hot=row.one_hot,
     )
 
 

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cluster.engine import SpecEngine
-from cluster.scheduling.policy import SpecMode
+from cluster.scheduling.policy import Drafter, PolicyConfig, SpecMode
 from cluster.scheduling.rounds import FinishReason
 from tests.tiny_models import make_model
 from workers.sampling import warp_probs
@@ -50,16 +50,21 @@ def hf_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
+# These engines draft with the model only: the tests below pin what the model draft's blocks do
+# (their k, their acceptance). Drafting by lookup has its own tests at the end.
+MODEL_ONLY = PolicyConfig(drafter=Drafter.MODEL)
+
+
 @pytest.fixture(scope="module")
 def bad_engine(model_dir):
-    engine = SpecEngine.from_paths(model_dir / "target", model_dir / "draft")
+    engine = SpecEngine.from_paths(model_dir / "target", model_dir / "draft", policy=MODEL_ONLY)
     yield engine
     engine.close()
 
 
 @pytest.fixture(scope="module")
 def self_engine(model_dir):
-    engine = SpecEngine.from_paths(model_dir / "target", model_dir / "target")
+    engine = SpecEngine.from_paths(model_dir / "target", model_dir / "target", policy=MODEL_ONLY)
     yield engine
     engine.close()
 
@@ -462,3 +467,50 @@ def test_the_first_token_comes_from_the_prefill_pass(bad_engine, reference, mode
     finally:
         del runner.extend_batch
     assert_no_live(bad_engine)
+
+
+# -- drafting by lookup -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lookup_engine(model_dir):
+    # The draft model is the one that disagrees: whatever lookup does not cover, it gets wrong.
+    # The model's blocks are capped at 3 tokens; lookup blocks at lookup.max_tokens (16).
+    policy = PolicyConfig(max_draft_tokens=3)
+    engine = SpecEngine.from_paths(model_dir / "target", model_dir / "draft", policy=policy)
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("drafter", [Drafter.LOOKUP, Drafter.AUTO])
+def test_lookup_drafting_is_exact(lookup_engine, reference, drafter):
+    """Lookup blocks (alone, or chosen per step beside the model) commit exactly the target's
+    greedy tokens; this random target's greedy output repeats itself, so lookup gets used, with
+    blocks past the model draft's cap (lookup.max_tokens 16 > max_draft_tokens 3)."""
+    longest = 0
+    lookup_rounds = 0
+    for prompt in PROMPTS:
+        res = lookup_engine.generate(prompt, max_new_tokens=MAX_NEW, drafter=drafter)
+        assert res.token_ids == reference[prompt], prompt
+        used = res.stats.by_drafter
+        lookup_rounds += used.get("lookup", [0])[0]
+        if drafter is Drafter.LOOKUP:
+            assert "model" not in used
+        longest = max([longest, *(r.proposed for r in res.stats.records)])
+    assert lookup_rounds > 0
+    assert longest > 3
+    assert_no_live(lookup_engine)
+
+
+def test_lookup_drafting_without_a_draft_model_is_exact(model_dir, reference):
+    engine = SpecEngine.from_paths(model_dir / "target", None)
+    try:
+        for prompt in PROMPTS[:3]:
+            res = engine.generate(prompt, max_new_tokens=MAX_NEW)
+            assert res.token_ids == reference[prompt], prompt
+        assert (
+            engine.generate(PROMPTS[0], max_new_tokens=MAX_NEW, drafter=Drafter.MODEL).stats.rounds
+            == 0
+        )
+    finally:
+        engine.close()

@@ -55,20 +55,36 @@ def tok(ckpts):
     return load_tokenizer(ckpts["target"])
 
 
-def request(ids: list[int], mode=AUTO, k: int = 0, max_new: int = 32) -> pb.GenerateRequest:
+def request(
+    ids: list[int], mode=AUTO, k: int = 0, max_new: int = 32, drafter: int = 0
+) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         prompt_token_ids=ids,
         max_new_tokens=max_new,
-        speculation=pb.SpeculationOptions(mode=mode, num_draft_tokens=k),
+        speculation=pb.SpeculationOptions(mode=mode, num_draft_tokens=k, drafter=drafter),
     )
 
 
 async def collect(router: Router, req: pb.GenerateRequest, delay: float = 0.0) -> list[int]:
+    return (await collect_all(router, req, delay))[0]
+
+
+async def collect_all(
+    router: Router, req: pb.GenerateRequest, delay: float = 0.0
+) -> tuple[list[int], pb.SpeculationStats]:
+    """The tokens of a stream and its final message's stats."""
     await asyncio.sleep(delay)
     out: list[int] = []
+    stats = pb.SpeculationStats()
     async for msg in router.generate_stream(req):
         out.extend(msg.token_ids)
-    return out
+        if msg.finish_reason:
+            stats = msg.stats
+    return out, stats
+
+
+def by_drafter(stats: pb.SpeculationStats) -> dict[str, pb.DrafterStats]:
+    return {d.drafter: d for d in stats.drafters}
 
 
 def live(addresses: dict[str, str]) -> dict[str, int]:
@@ -155,7 +171,7 @@ def test_killing_the_draft_under_eight_streams(ckpts, procs, tok):
     )
 
     async def run():
-        tasks = [asyncio.create_task(collect(router, request(x, ON, 3, 150))) for x in ids]
+        tasks = [asyncio.create_task(collect_all(router, request(x, ON, 3, 150))) for x in ids]
         while True:  # every row speculating in one batch, then the draft dies
             await asyncio.sleep(0.02)
             sched = next(iter(router._schedulers.values()), None)
@@ -165,9 +181,48 @@ def test_killing_the_draft_under_eight_streams(ckpts, procs, tok):
         return await asyncio.gather(*tasks)
 
     try:
-        got = asyncio.run(run())
-        assert got == want  # all 8 finish, no token lost or changed
+        results = asyncio.run(run())
+        assert [got for got, _ in results] == want  # all 8 finish, no token lost or changed
         assert wait_no_live({target: "target"}) == {target: 0}
+        # The fallback chain: the rows lost their draft model and went on drafting by lookup
+        # where their text repeats (this target's greedy output does), plain elsewhere.
+        stats = [st for _, st in results]
+        assert all(st.draft_failures >= 1 for st in stats)
+        lookup = [by_drafter(st).get("lookup") for st in stats]
+        assert sum(d.accepted_tokens for d in lookup if d is not None) > 0, stats
+    finally:
+        router.close()
+
+
+@pytest.mark.parametrize("drafter", [pb.DRAFTER_LOOKUP, pb.DRAFTER_AUTO])
+def test_lookup_drafting_equals_hf_generate_with_blocks_past_the_models_cap(
+    ckpts, procs, tok, drafter
+):
+    """Drafting by lookup (alone, or chosen per step beside the model) commits exactly the
+    target's greedy tokens, with blocks longer than the model draft's cap (max_draft_tokens 3,
+    lookup blocks up to 16) where the text repeats."""
+    target, draft = procs["target"].address, procs["near"].address
+    router = Router(
+        RouterConfig(str(ckpts["target"]), max_draft_tokens=3), drafts=[draft], targets=[target]
+    )
+    ids = [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
+    want = [hf_greedy(ckpts["target"], x, 80) for x in ids]
+
+    async def run():
+        return await asyncio.gather(
+            *(collect_all(router, request(x, AUTO, 0, 80, drafter)) for x in ids)
+        )
+
+    try:
+        results = asyncio.run(run())
+        assert [got for got, _ in results] == want
+        stats = [st for _, st in results]
+        lookup = [by_drafter(st).get("lookup") for st in stats]
+        assert sum(d.rounds for d in lookup if d is not None) > 0
+        assert max(len(st.acceptance_histogram) for st in stats) > 3 + 1  # a block longer than 3
+        if drafter == pb.DRAFTER_LOOKUP:  # the draft model was never asked
+            assert all("model" not in by_drafter(st) for st in stats)
+        assert wait_no_live({target: "target", draft: "draft"}) == {target: 0, draft: 0}
     finally:
         router.close()
 

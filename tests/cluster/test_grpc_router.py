@@ -87,11 +87,15 @@ def make_router(ckpts, drafts, targets, **kw) -> Router:
     return Router(RouterConfig(str(ckpts["target"]), **kw), drafts=drafts, targets=targets)
 
 
-def request(prompt: str, mode=AUTO, k: int = 0, max_new: int = MAX_NEW, **kw) -> pb.GenerateRequest:
+def request(
+    prompt: str, mode=AUTO, k: int = 0, max_new: int = MAX_NEW, drafter=pb.DRAFTER_MODEL, **kw
+) -> pb.GenerateRequest:
+    """The draft model's blocks only, by default: these tests pin what they do (drafting by
+    lookup: test_grpc_batching, test_engine_greedy)."""
     return pb.GenerateRequest(
         prompt=prompt,
         max_new_tokens=max_new,
-        speculation=pb.SpeculationOptions(mode=mode, num_draft_tokens=k),
+        speculation=pb.SpeculationOptions(mode=mode, num_draft_tokens=k, drafter=drafter),
         **kw,
     )
 

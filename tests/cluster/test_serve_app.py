@@ -106,7 +106,9 @@ def test_greedy_over_the_grpc_proxy_equals_hf_greedy(cluster):
     assert resp.usage.prompt_tokens == len(PROMPT) and resp.usage.completion_tokens == len(want)
     print(f"\nunary Generate of {len(want)} tokens: {seconds * 1000:.0f} ms")
     # Streaming, speculation forced on with k = 3: the same tokens, in rounds.
-    msgs = list(stream_generate(cluster.address, request(60, pb.SPECULATION_MODE_ON, k=3)))
+    msgs = list(
+        stream_generate(cluster.address, request(60, pb.SPECULATION_MODE_ON, k=3, drafter="model"))
+    )
     assert [t for m in msgs for t in m.token_ids] == want
     final = msgs[-1].stats
     assert final.rounds > 0
@@ -115,6 +117,21 @@ def test_greedy_over_the_grpc_proxy_equals_hf_greedy(cluster):
     # Plain decoding only: still the same tokens.
     resp, _ = call_generate(cluster.address, request(60, pb.SPECULATION_MODE_OFF))
     assert list(resp.token_ids) == want and resp.stats.rounds == 0
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "auto", "model"])
+def test_greedy_with_each_drafter_equals_hf_greedy(cluster, drafter):
+    """Through Serve, whoever drafts (lookup, chosen per step, the model only) the output is
+    HF's greedy continuation; lookup blocks run past the model's cap where the text repeats."""
+    want = cluster.oracle(120)
+    resp, _ = call_generate(cluster.address, request(120, drafter=drafter))
+    assert list(resp.token_ids) == want
+    used = {d.drafter: d for d in resp.stats.drafters}
+    assert set(used) <= {"model", "lookup"}
+    if drafter == "lookup":
+        assert "model" not in used
+    if drafter == "model":
+        assert "lookup" not in used
 
 
 def test_sixteen_concurrent_mixed_requests_share_the_target_batch(cluster):
@@ -250,7 +267,9 @@ def test_killing_the_draft_mid_stream_keeps_the_output_and_spec_mode_comes_back(
     old_replica = cluster.handle.worker_info.remote("draft").result()["replica_id"]
     victim = _draft_actor()
     got: list[int] = []
-    msgs = stream_generate(cluster.address, request(n, pb.SPECULATION_MODE_ON, k=3))
+    msgs = stream_generate(
+        cluster.address, request(n, pb.SPECULATION_MODE_ON, k=3, drafter="model")
+    )
     first = next(msgs)
     got.extend(first.token_ids)
     ray.kill(victim, no_restart=True)
@@ -268,7 +287,9 @@ def test_killing_the_draft_mid_stream_keeps_the_output_and_spec_mode_comes_back(
     assert cluster.handle.worker_info.remote("draft").result()["replica_id"] != old_replica
     deadline = time.monotonic() + 60
     while True:
-        resp, _ = call_generate(cluster.address, request(60, pb.SPECULATION_MODE_ON, k=3))
+        resp, _ = call_generate(
+            cluster.address, request(60, pb.SPECULATION_MODE_ON, k=3, drafter="model")
+        )
         assert list(resp.token_ids) == cluster.oracle(60)
         if resp.stats.rounds > 0 and resp.stats.draft_failures == 0:
             break

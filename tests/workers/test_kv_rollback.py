@@ -138,4 +138,3 @@ def test_context_limit_on_a_new_sequence_leaves_nothing_behind(runner):
     with pytest.raises(ValueError, match="context"):
         runner.extend("big", TOKENS + TOKENS[:1])
     assert runner.live_sequences == before and "big" not in runner.kv
-

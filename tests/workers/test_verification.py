@@ -24,7 +24,7 @@ import torch
 
 from workers.sampling import PositionalRng, next_token, warp_probs
 from workers.types import SamplingParams, SparseQ, Verdict
-from workers.verification import verify_greedy, verify_sampled
+from workers.verification import one_hot_q, verify_greedy, verify_sampled
 
 # -- the reference sampler ------------------------------------------------------------------------
 
@@ -455,3 +455,41 @@ def test_unseeded_requests_differ():
     # p == q: always accepted; the bonus is uniform over 50 tokens.
     bonuses = {verify_sampled(p, drafted, q, PositionalRng(None, 0), 0).token for _ in range(40)}
     assert len(bonuses) > 10
+
+
+# -- one-hot q: blocks proposed with certainty (lookup drafting) ----------------------------------
+
+
+def one_hot_rows(tokens: list[int]) -> list[SparseQ]:
+    return [one_hot_q(torch.tensor([t])) for t in tokens]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_one_hot_blocks_keep_the_target_distribution(dists, k):
+    # A lookup drafter's block is certain: q is one-hot on each proposed token. The rule then
+    # accepts d with probability p(d) and recovers from p without d; the emitted tokens must
+    # still be distributed as p, whichever tokens were proposed (a likely one, an unlikely one).
+    p, _ = dists
+    likely = p.argmax(-1).tolist()
+    tokens = [int(p[0].argmin())] + likely[1:]  # the first proposal is the least likely token
+    rows = one_hot_rows(tokens)
+    n = 10_000
+    first_block, first_two = simulate(verify_sampled, p, rows, k, n, seed=4000)
+    for what, (dist, threshold) in check_distributions(
+        first_block, first_two, p, rows, k, n
+    ).items():
+        assert dist < threshold, (what, dist, threshold)
+
+
+def test_one_hot_q_matches_the_reference_sampler(dists):
+    p, _ = dists
+    tokens = p.argmax(-1).tolist()
+    rows = one_hot_rows(tokens)
+    q = one_hot_q(torch.tensor(tokens[:3]))
+    assert q.indices.shape == (3, 1) and torch.equal(q.probs, torch.ones(3, 1))
+    for s in range(300):
+        rng = PositionalRng(s, 0)
+        got = verify_sampled(p[:4], torch.tensor(tokens[:3]), q, rng, 0)
+        want = reference_verify(p[:4], torch.tensor(tokens[:3]), q, PositionalRng(s, 0), 0)
+        assert got == want
+    assert len(rows) == len(tokens)

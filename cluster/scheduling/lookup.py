@@ -1,0 +1,283 @@
+"""Drafting without a model: continuations found in text already seen. Pure: no I/O, no torch.
+
+Much of what a served model writes repeats what it was given or wrote before: an edit of code in
+the prompt, quotes from a passage, JSON and tool calls that recur. There the best draft costs
+nothing: find where the text's current end occurred before and propose what followed it.
+
+* `NgramIndex` holds token texts ("documents") and, for every `key_len`-gram in them, where it
+  ended. `match(context)` takes the context's last `key_len` tokens, looks at their earlier
+  occurrences (the most recent `max_candidates`), extends each match backwards, and returns the
+  longest match's continuation (ties: the most recent; that is prompt lookup with the longest
+  match, as HF's `prompt_lookup_num_tokens` and vLLM's n-gram proposer do, over any text held).
+* Each row keeps its own index over its prompt and output (`RowLookup`), fed as tokens commit.
+  A scheduler keeps one bounded index of the recent outputs of its finished rows
+  (`RecentOutputs`, capped in tokens, oldest dropped first): what other requests wrote is often
+  what the next one writes (agent loops, templated answers). A seeded row reads only its own
+  index: its drafts, and so its exact output, must not depend on other requests.
+* `LookupAcceptance` learns how far a row's lookup blocks get, per match length (a 2-token
+  match is a guess, a 16-token one is a copy), and `best_length` prices a block of each length
+  by its expected committed tokens against the verify's cost, so a proposal may run longer than
+  the model draft's cap where the match supports it and the verify stays cheap.
+
+A proposal is a block of tokens with certainty (a one-hot q): the acceptance rule stays exact for
+sampling (accept d with probability p(d); on rejection sample from p with d removed).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class LookupConfig:
+    max_tokens: int = 16  # longest lookup block (may exceed the model draft's max_draft_tokens)
+    min_match: int = 2  # context tokens that must match before anything is proposed
+    key_len: int = 2  # n-gram length the indexes are keyed by (<= min_match)
+    max_candidates: int = 32  # earlier occurrences examined per lookup (the most recent)
+    max_match: int = 64  # how far back a match is extended
+    recent_tokens: int = 65536  # cap of a scheduler's index of recent outputs (0 = none)
+    prior_acceptance: float = 0.5  # per proposed token, before a row has measured its own
+    prior_strength: float = 2.0  # rounds the prior weighs
+    window: float = 8.0  # rounds: older observations fade over this many
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"lookup max_tokens must be >= 1, got {self.max_tokens}")
+        if not 1 <= self.key_len <= self.min_match:
+            raise ValueError("lookup key_len must be in [1, min_match]")
+        if self.max_candidates < 1 or self.max_match < self.min_match:
+            raise ValueError("lookup max_candidates must be >= 1 and max_match >= min_match")
+        if self.recent_tokens < 0:
+            raise ValueError(f"lookup recent_tokens must be >= 0, got {self.recent_tokens}")
+        if not 0 <= self.prior_acceptance < 1:
+            raise ValueError("lookup prior_acceptance must be in [0, 1)")
+        if self.prior_strength <= 0 or self.window < 1:
+            raise ValueError("lookup prior_strength must be > 0 and window >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """`length` context tokens matched an earlier text, which went on with `continuation`."""
+
+    length: int
+    continuation: list[int]
+
+
+class NgramIndex:
+    """Documents of tokens and where each `key_len`-gram in them ends. Documents are kept in the
+    order added; `drop_oldest` forgets the first (its entries sit at the front of every list)."""
+
+    def __init__(self, key_len: int = 2) -> None:
+        self.key_len = key_len
+        self.docs: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
+        self._ends: dict[tuple[int, ...], collections.deque[tuple[int, int]]] = {}
+        self.tokens = 0  # held, over all documents
+
+    def add(self, doc: int, tokens: Sequence[int] = ()) -> None:
+        self.docs[doc] = []
+        self.extend(doc, tokens)
+
+    def extend(self, doc: int, tokens: Sequence[int]) -> None:
+        text = self.docs[doc]
+        n = self.key_len
+        for tok in tokens:
+            text.append(int(tok))
+            if len(text) >= n:
+                key = tuple(text[-n:])
+                ends = self._ends.get(key)
+                if ends is None:
+                    ends = self._ends[key] = collections.deque()
+                ends.append((doc, len(text)))
+        self.tokens += len(tokens)
+
+    def drop_oldest(self) -> None:
+        doc, text = self.docs.popitem(last=False)
+        n = self.key_len
+        for end in range(n, len(text) + 1):
+            key = tuple(text[end - n : end])
+            ends = self._ends[key]
+            ends.popleft()  # this document's entry: the oldest there
+            if not ends:
+                del self._ends[key]
+        self.tokens -= len(text)
+
+    @property
+    def keys(self) -> int:
+        return len(self._ends)
+
+    def match(
+        self,
+        context: Sequence[int],
+        max_tokens: int,
+        *,
+        min_match: int,
+        max_candidates: int = 32,
+        max_match: int = 64,
+        self_doc: int | None = None,
+    ) -> Match | None:
+        """The longest earlier match of the context's end, and up to `max_tokens` tokens that
+        followed it; None below `min_match`. `self_doc`: the document that *is* the context
+        (its own end is not an earlier occurrence)."""
+        n = self.key_len
+        if len(context) < max(n, min_match) or max_tokens < 1:
+            return None
+        ends = self._ends.get(tuple(context[-n:]))
+        if not ends:
+            return None
+        best: tuple[int, int, int] | None = None  # (length, doc, end)
+        for doc, end in itertools.islice(reversed(ends), max_candidates):
+            text = self.docs[doc]
+            if doc == self_doc and end >= len(text):
+                continue  # the context's own end
+            if end >= len(text):
+                continue  # nothing followed it (yet)
+            length = _common_suffix(text, end, context, max_match)
+            if best is None or length > best[0]:
+                best = (length, doc, end)
+                if length >= max_match:
+                    break
+        if best is None or best[0] < min_match:
+            return None
+        length, doc, end = best
+        text = self.docs[doc]
+        out = text[end : end + max_tokens]
+        if doc == self_doc:
+            # The text repeats itself from `end` on: what follows its end is that repeat going
+            # on (an overlapping copy, as in LZ77), so a period shorter than the block still
+            # fills it.
+            period = len(text) - end
+            while len(out) < max_tokens:
+                out.append(out[len(out) - period])
+        return Match(length, out)
+
+
+def _common_suffix(text: list[int], end: int, context: Sequence[int], limit: int) -> int:
+    """How many tokens before `text[end]` equal the context's last ones (up to `limit`)."""
+    n = 0
+    top = min(limit, end, len(context))
+    while n < top and text[end - 1 - n] == context[-1 - n]:
+        n += 1
+    return n
+
+
+class RecentOutputs:
+    """The outputs of a scheduler's finished rows, at most `cap` tokens, oldest dropped first."""
+
+    def __init__(self, config: LookupConfig) -> None:
+        self.config = config
+        self.index = NgramIndex(config.key_len)
+        self._ids = itertools.count()
+
+    def add(self, tokens: Sequence[int]) -> None:
+        cap = self.config.recent_tokens
+        if cap <= 0 or len(tokens) <= self.config.key_len:
+            return
+        tokens = list(tokens)[-cap:]
+        while self.index.docs and self.index.tokens + len(tokens) > cap:
+            self.index.drop_oldest()
+        self.index.add(next(self._ids), tokens)
+
+    def match(self, context: Sequence[int], max_tokens: int) -> Match | None:
+        c = self.config
+        return self.index.match(
+            context,
+            max_tokens,
+            min_match=c.min_match,
+            max_candidates=c.max_candidates,
+            max_match=c.max_match,
+        )
+
+
+# Match lengths are bucketed for acceptance: a short match is a guess, a long one a copy.
+_BUCKETS = (2, 4, 8, 16)
+
+
+def _bucket(length: int) -> int:
+    return sum(1 for b in _BUCKETS[1:] if length >= b)
+
+
+class LookupAcceptance:
+    """Per match-length bucket, the chance a lookup token is accepted given the ones before it
+    were: decayed accepted tokens over decayed (accepted + rejected) tokens, with a prior."""
+
+    def __init__(self, config: LookupConfig) -> None:
+        self.keep = 1.0 - 1.0 / config.window
+        prior, strength = config.prior_acceptance, config.prior_strength
+        self._accepted = [prior * strength] * len(_BUCKETS)
+        self._tried = [strength] * len(_BUCKETS)
+
+    def copy(self) -> LookupAcceptance:
+        out = LookupAcceptance.__new__(LookupAcceptance)
+        out.keep, out._accepted, out._tried = self.keep, list(self._accepted), list(self._tried)
+        return out
+
+    def rate(self, match_length: int) -> float:
+        b = _bucket(match_length)
+        return self._accepted[b] / self._tried[b]
+
+    def observe(self, match_length: int, proposed: int, accepted: int) -> None:
+        b = _bucket(match_length)
+        tried = accepted + (1 if accepted < proposed else 0)
+        self._accepted[b] = self._accepted[b] * self.keep + accepted
+        self._tried[b] = self._tried[b] * self.keep + tried
+
+
+def expected_tokens(rate: float, length: int) -> float:
+    """Committed tokens of a block of `length` proposed tokens, each accepted with `rate` given the
+    ones before: 1 + rate + rate^2 + ... + rate^length (the recovered or bonus token is the 1)."""
+    total, r = 1.0, 1.0
+    for _ in range(length):
+        r *= rate
+        total += r
+    return total
+
+
+def best_length(rate: float, longest: int, pass_cost: Callable[[int], float]) -> tuple[int, float]:
+    """(length, committed tokens per unit of cost) of the best block of at most `longest`
+    tokens; `pass_cost(width)` is the cost of a verify of `width` positions (width 1 = a plain
+    step). Length 0 is the plain step."""
+    best = (0, 1.0 / pass_cost(1))
+    for n in range(1, longest + 1):
+        value = expected_tokens(rate, n) / pass_cost(n + 1)
+        if value > best[1]:
+            best = (n, value)
+    return best
+
+
+class RowLookup:
+    """One row's index of its own prompt and output, and how its lookup blocks fared."""
+
+    def __init__(self, config: LookupConfig, tokens: Sequence[int]) -> None:
+        self.config = config
+        self.index = NgramIndex(config.key_len)
+        self.index.add(0, tokens)
+        self.acceptance = LookupAcceptance(config)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.index.docs[0]
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        self.index.extend(0, tokens)
+
+    def match(self, max_tokens: int, recent: RecentOutputs | None = None) -> Match | None:
+        """The row's own text first; then, when given, the recent outputs of other rows."""
+        c = self.config
+        text = self.tokens
+        own = self.index.match(
+            text,
+            max_tokens,
+            min_match=c.min_match,
+            max_candidates=c.max_candidates,
+            max_match=c.max_match,
+            self_doc=0,
+        )
+        if recent is None:
+            return own
+        other = recent.match(text, max_tokens)
+        if other is not None and (own is None or other.length > own.length):
+            return other
+        return own

@@ -1,0 +1,257 @@
+"""Lookup drafting: the matcher, the bounded index of recent outputs, the acceptance it learns, and
+how a step prices lookup blocks. Pure: no model, no workers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cluster.scheduling.lookup import (
+    LookupAcceptance,
+    LookupConfig,
+    NgramIndex,
+    RecentOutputs,
+    RowLookup,
+    best_length,
+    expected_tokens,
+)
+from cluster.scheduling.lookup_drafting import LookupDrafting
+from cluster.scheduling.policy import Drafter, PolicyConfig, SpecMode
+from cluster.scheduling.rounds import SequenceRounds, StopConditions
+from cluster.scheduling.row_policy import RowPolicy
+from cluster.scheduling.rows import Row, RowRequest
+from cluster.scheduling.step_costs import StepCosts
+from workers.types import SamplingParams
+
+
+def match(text, max_tokens=8, min_match=2, **kw):
+    index = NgramIndex(key_len=2)
+    index.add(0, text)
+    return index.match(text, max_tokens, min_match=min_match, self_doc=0, **kw)
+
+
+# -- the matcher ------------------------------------------------------------------------------
+
+
+def test_the_longest_match_wins_over_a_more_recent_shorter_one():
+    # "1 2 3" occurs at the start (followed by 10 11); "9 2 3" later (followed by 20 21): the
+    # text ends in "1 2 3", so the 3-token match at the start wins over the recent 2-token one.
+    text = [1, 2, 3, 10, 11, 9, 2, 3, 20, 21, 5, 1, 2, 3]
+    m = match(text)
+    assert m.length == 3
+    assert m.continuation[:2] == [10, 11]
+
+
+def test_ties_go_to_the_most_recent_occurrence():
+    text = [7, 8, 1, 2, 50, 7, 8, 1, 2, 60, 7, 8, 1, 2]
+    m = match(text)
+    assert m.length == 4  # "7 8 1 2" twice before the end: equally long
+    assert m.continuation[0] == 60
+
+
+def test_no_match_and_too_short_a_match_propose_nothing():
+    assert match([1, 2, 3, 4, 5]) is None  # the end "4 5" never occurred before
+    assert match([1, 2, 9, 2]) is None  # "9 2" unseen; a 1-token match is not indexed
+    assert match([1, 2, 3, 8, 2, 3], min_match=3) is None  # "2 3" matches, 2 tokens < 3
+    assert match([1]) is None
+
+
+def test_the_context_own_end_is_not_an_earlier_occurrence():
+    # The only occurrence of the end is the end itself: nothing to propose.
+    assert match([5, 6, 7, 8]) is None
+    # An earlier occurrence that reaches up to the end proposes what followed it so far.
+    m = match([4, 4, 4], max_tokens=3)
+    assert m is not None and m.continuation == [4, 4, 4]
+
+
+def test_a_match_near_the_end_repeats_what_followed_it():
+    text = [1, 2, 3, 1, 2]
+    m = match(text, max_tokens=7)
+    assert m.length == 2
+    # What followed the match is "3 1 2", which is the text repeating with period 3: it goes on.
+    assert m.continuation == [3, 1, 2, 3, 1, 2, 3]
+    # Another document's continuation stops where that document ends.
+    index = NgramIndex(key_len=2)
+    index.add(0, [7, 1, 2, 3])
+    assert index.match([9, 1, 2], 7, min_match=2).continuation == [3]
+
+
+def test_very_long_repeats_are_matched_to_the_cap_quickly():
+    unit = [11, 12, 13, 14, 15, 16, 17]
+    text = unit * 400  # 2800 tokens of one repeated phrase
+    m = match(text, max_tokens=16, max_match=64, max_candidates=8)
+    assert m.length == 64
+    assert m.continuation == (unit * 3)[:16]
+
+
+def test_an_index_grows_with_the_text():
+    lookup = RowLookup(LookupConfig(), [1, 2, 3, 4])
+    assert lookup.match(4) is None
+    lookup.extend([9, 1, 2])
+    m = lookup.match(4)
+    assert m.length == 2 and m.continuation == [3, 4, 9, 1]  # then "2 3 4 9 1 2" repeats
+
+
+# -- the recent outputs of other rows ---------------------------------------------------------
+
+
+def test_recent_outputs_stay_within_their_cap_under_a_long_stream():
+    cap = 5_000
+    recent = RecentOutputs(LookupConfig(recent_tokens=cap))
+    rng = random.Random(0)
+    for _ in range(2_000):
+        n = rng.randint(1, 400)
+        recent.add([rng.randrange(300) for _ in range(n)])
+        assert recent.index.tokens <= cap
+        assert recent.index.keys <= recent.index.tokens
+    assert recent.index.tokens == sum(len(d) for d in recent.index.docs.values())
+    # An output longer than the cap keeps its end.
+    recent.add(list(range(10_000, 10_000 + 2 * cap)))
+    assert recent.index.tokens == cap
+    assert list(recent.index.docs.values())[-1][-1] == 10_000 + 2 * cap - 1
+
+
+def test_recent_outputs_serve_a_new_row_and_drop_the_oldest_first():
+    recent = RecentOutputs(LookupConfig(recent_tokens=12))
+    recent.add([1, 2, 3, 4, 5, 6])
+    row = RowLookup(LookupConfig(), [9, 9, 1, 2])
+    assert row.match(4, recent).continuation == [3, 4, 5, 6]
+    assert row.match(4) is None  # its own text alone has no match
+    recent.add([30, 31, 32, 33, 34, 35, 36, 37])  # 14 > 12: the first output goes
+    assert row.match(4, recent) is None
+    assert recent.index.tokens == 8
+
+
+def test_a_disabled_recent_index_holds_nothing():
+    recent = RecentOutputs(LookupConfig(recent_tokens=0))
+    recent.add([1, 2, 3, 4])
+    assert recent.index.tokens == 0
+
+
+# -- acceptance and block length ----------------------------------------------------------------
+
+
+def test_acceptance_is_learnt_per_match_length():
+    acc = LookupAcceptance(LookupConfig(prior_acceptance=0.5))
+    for _ in range(30):
+        acc.observe(16, 8, 8)  # long matches: copies, accepted whole
+        acc.observe(2, 4, 0)  # short matches: guesses, rejected at once
+    assert acc.rate(20) > 0.9
+    assert acc.rate(2) < 0.1
+    assert 0.4 < acc.rate(5) < 0.6  # a bucket nothing was seen in keeps its prior
+
+
+def test_expected_tokens_and_best_length():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 5) == 6.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    cost = lambda w: 1.0 + 0.1 * (w - 1)  # noqa: E731
+    assert best_length(0.05, 16, cost)[0] == 0  # guesses do not pay: a plain step
+    long_copy = best_length(0.98, 32, cost)[0]
+    assert long_copy > 16  # a reliable copy runs past the model draft's usual cap
+    steep = lambda w: 1.0 + 0.6 * (w - 1)  # noqa: E731 - where verify positions are expensive
+    assert best_length(0.98, 32, steep)[0] < long_copy
+
+
+# -- a step's plan ------------------------------------------------------------------------------
+
+
+def make_row(seq: str, tokens: list[int], seed: int | None = None, **request) -> Row:
+    rounds = SequenceRounds(tokens, StopConditions(64))
+    params = SamplingParams(temperature=0.8, seed=seed) if seed is not None else SamplingParams()
+    row = Row(seq, rounds, params, sink=None, request=RowRequest(**request))
+    row.policy = RowPolicy.for_request(PolicyConfig(), row.mode, None, row.deterministic)
+    return row
+
+
+COPY = list(range(100, 140))  # a "function" in the prompt that the output copies
+
+
+def grounded_row(seq: str, **kw) -> Row:
+    # The prompt holds COPY; the output so far repeats its first 10 tokens.
+    return make_row(seq, [1, 2, *COPY, 3, 4, *COPY[:10]], **kw)
+
+
+def planner(**lookup) -> LookupDrafting:
+    cfg = PolicyConfig(lookup=LookupConfig(**lookup))
+    return LookupDrafting(cfg, StepCosts(cfg))
+
+
+def test_one_stream_takes_a_long_block_from_its_prompt():
+    lk = planner(max_tokens=24)
+    row = grounded_row("a")
+    lk.admit(row)
+    for _ in range(20):  # the row has been copying well
+        row.lookup.acceptance.observe(10, 8, 8)
+    ks = [0]
+    plan = lk.plan([row], ks, [1.0])
+    block = plan["a"]
+    assert block.proposal.tokens == COPY[10 : 10 + len(block.proposal.tokens)]
+    assert len(block.proposal.tokens) > PolicyConfig().max_draft_tokens
+    assert block.proposal.start == row.rounds.committed_len
+    assert ks == [0]
+
+
+def test_a_row_with_a_model_block_keeps_it_when_lookup_promises_less():
+    lk = planner()
+    row = grounded_row("a")
+    lk.admit(row)
+    for _ in range(30):
+        row.lookup.acceptance.observe(10, 4, 0)  # this row's lookups keep failing
+    ks = [4]
+    assert lk.plan([row], ks, [3.5]) == {}
+    assert ks == [4]
+
+
+def test_a_big_batch_does_not_widen_for_one_long_block():
+    lk = planner(max_tokens=16)
+    costs = lk.costs
+    for rows, width in ((64, 1), (64, 2), (8, 1), (8, 4), (1, 1)):  # compute-bound at 64 rows
+        for _ in range(5):
+            costs.observe_target(rows, width, 0.004 * rows * width)
+    copying = grounded_row("copy")
+    lk.admit(copying)
+    others = [make_row(f"r{i}", [7, i % 50 + 1000, 7]) for i in range(63)]
+    for r in others:
+        lk.admit(r)
+    ks = [0] * 64
+    plan = lk.plan([copying, *others], ks, [1.0] * 64)
+    # A block of L widens 64 rows to L + 1 positions: at this cost no block pays.
+    assert plan == {}
+
+
+def test_rows_that_may_not_look_up_propose_nothing():
+    lk = planner()
+    off = grounded_row("off", mode=SpecMode.OFF)
+    model_only = grounded_row("model", drafter=Drafter.MODEL)
+    for r in (off, model_only):
+        r.drafter = r.request.drafter or Drafter.AUTO
+        lk.admit(r)
+    assert off.lookup is None and model_only.lookup is None
+    assert lk.plan([off, model_only], [0, 0], [1.0, 1.0]) == {}
+
+
+def test_a_seeded_row_reads_only_its_own_text():
+    lk = planner()
+    lk.recent.add([5, 6, 50, 51, 52, 53])
+    seeded = make_row("s", [9, 5, 6], seed=3)
+    free = make_row("f", [9, 5, 6])
+    for r in (seeded, free):
+        lk.admit(r)
+    assert lk.plan([seeded], [0], [1.0]) == {}
+    plan = lk.plan([free], [0], [1.0])
+    assert plan["f"].proposal.tokens[:1] == [50]
+
+
+def test_finished_rows_teach_the_next_ones():
+    lk = planner()
+    first = make_row("a", [1, 2, 3])
+    lk.admit(first)
+    first.rounds.on_plain(40)
+    first.rounds.generated += [41, 42, 43, 44]
+    lk.finished(first)
+    second = make_row("b", [8, 40, 41])
+    lk.admit(second)
+    tokens = lk.plan([second], [0], [1.0])["b"].proposal.tokens
+    assert tokens and tokens == [42, 43, 44][: len(tokens)]
