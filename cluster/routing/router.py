@@ -165,6 +165,9 @@ class Router:
                 "max_batch": s.max_batch,
                 "speculating": s.batch_policy.speculating,
                 "phase_seconds": dict(s.phase_seconds),
+                # rounds, proposed and accepted tokens by drafter ("model", "lookup")
+                "drafters": {k: list(v) for k, v in s.drafter_mix.items()},
+                "recent_output_tokens": s.lookups.recent.index.tokens,
             }
             for a, s in scheds.items()
         }

@@ -17,7 +17,6 @@ A seeded row decides alone (its output must repeat whatever shares its batch): i
 priced by the cost priors for its own width.
 """
 
-
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -119,6 +119,8 @@ class StepScheduler(StepLoop):
         self.row_steps = 0  # sum over steps of the rows in the target pass (mean batch size)
         self.plain_row_steps = 0  # of those, plain rows
         self.max_batch = 0
+        # Rounds, proposed and accepted draft tokens by drafter ("model", "lookup"): the mix.
+        self.drafter_mix: dict[str, list[int]] = {}
         # Where the loop's time goes (seconds by phase): the profile the benchmark prints.
         self.phase_seconds: collections.Counter[str] = collections.Counter()
 
@@ -342,6 +344,10 @@ class StepScheduler(StepLoop):
                 continue
             p = proposals[row.seq_id]
             out = row.rounds.on_round(list(vrow.draft_tokens), res.accepted, res.token, p.drafter)
+            mix = self.drafter_mix.setdefault(p.drafter, [0, 0, 0])
+            mix[0] += 1
+            mix[1] += len(vrow.draft_tokens)
+            mix[2] += res.accepted
             block = lookups.get(row.seq_id)
             if block is not None:
                 self.lookups.observe(row, block, res.accepted)
