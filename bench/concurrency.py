@@ -180,6 +180,7 @@ def sweep(
     repeats: int = 1,
     confidence_stop: float = 0.0,
 ) -> list[Cell]:
+    from bench.policies import bench_policy
     from cluster.routing.config import RouterConfig
     from cluster.routing.router import Router
     from cluster.routing.worker_processes import start_all, stop_all, worker_process
@@ -197,7 +198,11 @@ def sweep(
             # A router per mode, kept across the sweep: each learns its step costs from nothing
             # and follows the load as it rises. Modes take turns at each concurrency, so the
             # ratios compare cells run next to each other (this box's speed drifts by minutes).
-            router = Router(RouterConfig(target_model_path=target_path, max_in_flight=256))
+            router = Router(
+                RouterConfig(
+                    target_model_path=target_path, max_in_flight=256, policy=bench_policy()
+                )
+            )
             router.set_workers(drafts=[procs[1].address], targets=[procs[0].address])
             loop.run_until_complete(_cell(router, prompts, mode_name, 1, 1, max_new))  # warm-up
             routers[mode_name] = router

@@ -30,6 +30,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -114,8 +115,10 @@ def _layers(
     routers: list,
 ) -> dict[str, Layer]:
     """Layer name -> run(prompt ids, new tokens, tallies); `routers` collects what to close."""
+    from bench.policies import bench_policy
     from cluster.routing.config import RouterConfig
     from cluster.routing.router import Router
+    from cluster.scheduling.policy import Drafter
     from protos import specdec_pb2 as pb
 
     local = InProcess(target, draft, args.threads, DRAFT_THREADS)
@@ -124,7 +127,9 @@ def _layers(
 
     def router(pipelined: bool | str | None, draft_proc: int) -> Router:
         kw = {} if pipelined is None else {"pipelined": pipelined}
-        r = Router(RouterConfig(target_model_path=args.target, **kw))
+        # The draft model's layers are what this profiles: no lookup blocks in between.
+        policy = replace(bench_policy(), drafter=Drafter.MODEL)
+        r = Router(RouterConfig(target_model_path=args.target, policy=policy, **kw))
         r.set_workers(drafts=[procs[draft_proc].address], targets=[procs[0].address])
         routers.append(r)
         return r

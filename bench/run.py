@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from bench.hf import hf_greedy
+from bench.policies import bench_policy
 
 # A draft that stops a block after a token it gave less than this (HF assisted generation's
 # default assistant_confidence_threshold).
@@ -98,7 +99,7 @@ def bench_engine(
     from cluster.engine import SpecEngine
     from cluster.scheduling.policy import SpecMode
 
-    engine = SpecEngine.from_paths(target_path, draft_path)
+    engine = SpecEngine.from_paths(target_path, draft_path, policy=bench_policy())
     results = []
     stats: list = []
 
@@ -177,7 +178,11 @@ def bench_grpc(
         runs = [(False, 1, ""), (True, 1, ""), ("auto", 1, "")]
         runs += [(p, 2, f", draft stops below p={CONFIDENCE_STOP}") for p in (False, "auto")]
         for pipelined, draft, stops in runs:
-            router = Router(RouterConfig(target_model_path=target_path, pipelined=pipelined))
+            router = Router(
+                RouterConfig(
+                    target_model_path=target_path, pipelined=pipelined, policy=bench_policy()
+                )
+            )
             router.set_workers(drafts=[procs[draft].address], targets=[procs[0].address])
             stats: list = []
 

@@ -186,10 +186,10 @@ class LookupSettings(_Strict):
     """Drafting without a model (`cluster.scheduling.lookup`): continuations of text seen before."""
 
     max_tokens: int = Field(
-        16, ge=1, description="longest lookup block (may exceed max_draft_tokens where it pays)"
+        32, ge=1, description="longest lookup block (may exceed max_draft_tokens where it pays)"
     )
     min_match: int = Field(
-        2, ge=2, description="tokens of a row's end that must match earlier text to propose"
+        1, ge=1, description="tokens of a row's end that must match earlier text to propose"
     )
     recent_tokens: int = Field(
         65536,

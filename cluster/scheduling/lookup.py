@@ -33,10 +33,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class LookupConfig:
-    max_tokens: int = 16  # longest lookup block (may exceed the model draft's max_draft_tokens)
-    min_match: int = 2  # context tokens that must match before anything is proposed
-    key_len: int = 2  # n-gram length the indexes are keyed by (<= min_match)
-    max_candidates: int = 32  # earlier occurrences examined per lookup (the most recent)
+    max_tokens: int = 32  # longest lookup block (may exceed the model draft's max_draft_tokens)
+    # Context tokens that must match before anything is proposed. One, as HF's prompt lookup
+    # falls back to: what a one-token match is worth is learnt (its own acceptance bucket).
+    min_match: int = 1
+    key_len: int = 1  # n-gram length the indexes are keyed by (<= min_match)
+    max_candidates: int = 64  # earlier occurrences examined per lookup (the most recent)
     max_match: int = 64  # how far back a match is extended
     recent_tokens: int = 65536  # cap of a scheduler's index of recent outputs (0 = none)
     prior_acceptance: float = 0.5  # per proposed token, before a row has measured its own
@@ -192,7 +194,7 @@ class RecentOutputs:
 
 
 # Match lengths are bucketed for acceptance: a short match is a guess, a long one a copy.
-_BUCKETS = (2, 4, 8, 16)
+_BUCKETS = (1, 2, 4, 8, 16)
 
 
 def _bucket(length: int) -> int:
