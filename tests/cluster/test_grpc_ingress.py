@@ -103,6 +103,7 @@ BAD = {
         good(speculation=pb.SpeculationOptions(num_draft_tokens=9)),  # the ingress allows 8
     ],
     "speculation.mode": [good(speculation=pb.SpeculationOptions(mode=7))],
+    "speculation.drafter": [good(speculation=pb.SpeculationOptions(drafter=9))],
 }
 
 

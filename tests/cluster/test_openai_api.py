@@ -40,7 +40,7 @@ def test_completion_request_maps_every_parameter():
         stop="##",
         stream=True,
         stream_options={"include_usage": True},
-        speculation={"mode": "OFF", "num_draft_tokens": 2},
+        speculation={"mode": "OFF", "num_draft_tokens": 2, "drafter": "Lookup"},
         n=1,
         best_of=1,
         echo=False,
@@ -53,6 +53,7 @@ def test_completion_request_maps_every_parameter():
     assert req.top_p == pytest.approx(0.9) and req.seed == 3 and list(req.stop) == ["##"]
     assert req.speculation.mode == pb.SPECULATION_MODE_OFF
     assert req.speculation.num_draft_tokens == 2
+    assert req.speculation.drafter == pb.DRAFTER_LOOKUP
     assert opts == Options(M, True, True)
 
 
@@ -90,6 +91,7 @@ def test_defaults_follow_openai_and_unset_stays_unset():
         ({"stream": True, "stream_options": {"x": 1}}, "stream_options.x", "unknown_parameter"),
         ({"speculation": {"mode": 2}}, "speculation.mode", "invalid_value"),
         ({"speculation": {"k": 2}}, "speculation.k", "unknown_parameter"),
+        ({"speculation": {"drafter": "ngram"}}, "speculation.drafter", "invalid_value"),
         (
             {"speculation": {"num_draft_tokens": "2"}},
             "speculation.num_draft_tokens",
