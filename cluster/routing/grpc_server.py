@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 
 from cluster.api.grpc_service import serve
 
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 = any free port (printed)")
     from cluster.routing.config import RouterConfig  # its defaults are the cluster config's
+    from cluster.scheduling.lookup import LookupConfig
+    from cluster.scheduling.policy import Drafter, PolicyConfig
 
     d = {f: RouterConfig.__dataclass_fields__[f].default for f in RouterConfig.__slots__}
     parser.add_argument("--max-draft-tokens", type=int, default=d["max_draft_tokens"])
@@ -39,6 +42,18 @@ def main(argv: list[str] | None = None) -> int:
         choices=("true", "false", "auto"),
         default=str(d["pipelined"]).lower(),
         help="draft the next block while verifying; auto: time both ways, run the faster",
+    )
+    parser.add_argument(
+        "--drafter",
+        choices=("auto", "model", "lookup"),
+        default="auto",
+        help="who drafts a request that does not choose (speculation.drafter)",
+    )
+    parser.add_argument(
+        "--lookup-recent-tokens",
+        type=int,
+        default=LookupConfig().recent_tokens,
+        help="finished outputs indexed for lookup (0: only each request's own text)",
     )
     parser.add_argument("--draft-timeout", type=float, default=d["draft_timeout_s"])
     parser.add_argument("--target-timeout", type=float, default=d["target_timeout_s"])
@@ -52,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from cluster.routing.router import Router, WorkerMismatchError
 
+    lookup = replace(LookupConfig(), recent_tokens=args.lookup_recent_tokens)
     config = RouterConfig(
         target_model_path=args.target_model,
+        policy=PolicyConfig(drafter=Drafter(args.drafter), lookup=lookup),
         max_draft_tokens=args.max_draft_tokens,
         max_in_flight=args.max_in_flight,
         pipelined={"true": True, "false": False}.get(args.pipelined, args.pipelined),

@@ -255,3 +255,20 @@ def test_finished_rows_teach_the_next_ones():
     lk.admit(second)
     tokens = lk.plan([second], [0], [1.0])["b"].proposal.tokens
     assert tokens and tokens == [42, 43, 44][: len(tokens)]
+
+
+def test_a_seeded_row_decides_alone_from_its_own_text():
+    lk = planner()
+    row = grounded_row("s", seed=5)
+    lk.admit(row)
+    for _ in range(10):
+        row.lookup.acceptance.observe(10, 8, 8)
+    ks = [0]
+    block = lk.plan([row], ks, [1.0])["s"]
+    tokens = block.proposal.tokens
+    assert tokens == row.rounds.prompt_ids[12 : 12 + len(tokens)]  # what followed COPY[:10]
+    # The same state plans the same block, whatever shares the batch.
+    other = make_row("x", [3, 3, 3, 3, 3, 3])
+    lk.admit(other)
+    again = lk.plan([row, other], [0, 0], [1.0, 1.0])["s"]
+    assert again.proposal.tokens == block.proposal.tokens

@@ -341,3 +341,28 @@ def test_confidence_stop_drafts_a_prefix_of_the_full_block(ckpts, threshold):
         assert all(g.unsure_last for g in got)
     with pytest.raises(ValueError, match="confidence_stop"):
         DraftWorker(full.runner, confidence_stop=1.0)
+
+
+def test_one_hot_rows_need_no_q_and_refuse_one(ckpts):
+    """A lookup block (one_hot) on a sampled row is verified with q one-hot on its tokens, sent
+    as nothing: the verdict equals the same block with that q sent explicitly. A one_hot row that
+    also sends a q, and a sampled row with neither, are refused alone."""
+    t, _ = pair(ckpts)
+    ot, _ = pair(ckpts)
+    sampled = SamplingParams(temperature=0.9, seed=7)
+    prompt = [5, 6, 7, 8, 9]
+    first = prefill(t, "s", prompt, sampled)
+    assert prefill(ot, "s", prompt, sampled) == first
+    n = len(prompt) + 1
+    block = [11, 12, 13]
+    explicit = SparseQ(torch.tensor(block).view(3, 1), torch.ones(3, 1))
+    bad = t.verify_batch(
+        [
+            VerifyRow("s", n, block, explicit, one_hot=True),
+            VerifyRow("s", n, block),  # sampled, no q, not one_hot
+        ]
+    )
+    assert all(isinstance(g, ValueError) and str(g).startswith("q:") for g in bad)
+    (got,) = t.verify_batch([VerifyRow("s", n, block, one_hot=True)])
+    assert got == verify(ot, "s", n, block, explicit)
+    assert t.committed_tokens("s") == ot.committed_tokens("s")
