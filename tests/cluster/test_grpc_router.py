@@ -18,7 +18,7 @@ from cluster.api.validation import RequestError
 from cluster.engine import SpecEngine
 from cluster.routing.config import RouterConfig
 from cluster.routing.router import Router, WorkerMismatchError
-from cluster.scheduling.policy import PolicyConfig
+from cluster.scheduling.policy import Drafter, PolicyConfig
 from protos import specdec_pb2 as pb
 from tests.cluster.grpc_procs import (
     hf_greedy,
@@ -185,14 +185,21 @@ def test_seeded_sampling_repeats(ckpts, addr):
         assert runs[0].token_ids == runs[1].token_ids == runs[2].token_ids
         assert runs[0].stats.rounds > 0
         # One round logic, two transports: the in-process engine samples the very same tokens.
+        # With lookup drafting too (a seeded row looks up its own text only): the same again.
+        auto_lookup = request(PROMPTS[2], AUTO, 0, temperature=0.8, seed=7, drafter=pb.DRAFTER_AUTO)
+        looked = [generate(routers[0], auto_lookup) for _ in range(2)]
+        assert looked[0].token_ids == looked[1].token_ids
         engine = SpecEngine.from_paths(ckpts["target"], ckpts["near"])
+        seeded = SamplingParams(temperature=0.8, seed=7)
         try:
             local = engine.generate(
-                PROMPTS[2], max_new_tokens=MAX_NEW, sampling=SamplingParams(temperature=0.8, seed=7)
+                PROMPTS[2], max_new_tokens=MAX_NEW, sampling=seeded, drafter=Drafter.MODEL
             )
+            local_lookup = engine.generate(PROMPTS[2], max_new_tokens=MAX_NEW, sampling=seeded)
         finally:
             engine.close()
         assert local.token_ids == list(runs[0].token_ids)
+        assert local_lookup.token_ids == list(looked[0].token_ids)
         unseeded = generate(routers[0], request(PROMPTS[0], AUTO, temperature=1.0))
         assert unseeded.finish_reason != pb.FINISH_REASON_UNSPECIFIED
     finally:
