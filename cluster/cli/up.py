@@ -144,11 +144,12 @@ def _worker_dtypes(name: str, cfg) -> str:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from cluster.config import ConfigError
+    from cluster.config_checks import check_models
     from cluster.serve.app import APP_NAME, GRPC_SERVICER, build_app
 
     try:
         cfg = up_config(args)
-        cfg.check_models()
+        check_models(cfg)
     except ConfigError as exc:
         print(f"specdec up: {exc}", file=sys.stderr)
         return 2

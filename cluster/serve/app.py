@@ -23,6 +23,7 @@ from typing import Any
 from ray import serve
 
 from cluster.config import ClusterConfig
+from cluster.config_checks import check_models
 from cluster.serve.ingress import IngressDeployment
 from cluster.serve.registry import RegistryDeployment
 from cluster.serve.worker_deployments import DraftDeployment, TargetDeployment
@@ -78,7 +79,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     them. Model paths are checked here so a bad path fails the deploy at once.
     """
     cfg = ClusterConfig.load(args)
-    cfg.check_models()
+    check_models(cfg)
     opts = deployment_options(cfg)
     conf = cfg.to_args()
     registry = RegistryDeployment.options(**opts["registry"]).bind(cfg.workers.registry_ttl_s)

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from cluster.config import ClusterConfig, ConfigError, check_tp_divides
+from cluster.config import ClusterConfig, ConfigError
+from cluster.config_checks import check_models, check_tp_divides
 from tests.tiny_models import make_model
 
 
@@ -59,7 +60,7 @@ def test_overrides_and_required_resources():
 def test_missing_models_and_tp_divisibility(tmp_path):
     cfg = ClusterConfig.load({"models": {"target": str(tmp_path / "nope")}})
     with pytest.raises(ConfigError, match="models.target: no Hugging Face checkpoint"):
-        cfg.check_models()
+        check_models(cfg)
     path = make_model(tmp_path / "t", seed=0)  # 4 heads, 2 kv heads, MLP 64
     check_tp_divides(path, 2)
     with pytest.raises(ConfigError, match="num_key_value_heads=2"):

@@ -192,7 +192,8 @@ def test_tp2_is_refused_for_this_target(converted):
     q_proj into 288 + 288 rows (4.5 heads) and the attention reshape fails (checked with 2 gloo
     ranks). The config check says so before anything is deployed."""
     from cluster.config import ClusterConfig, ConfigError
+    from cluster.config_checks import check_models
 
     cfg = ClusterConfig.load({"models": {"target": registry.SMOLLM2}, "target": {"tp_size": 2}})
     with pytest.raises(ConfigError, match="num_attention_heads=9"):
-        cfg.check_models()
+        check_models(cfg)
