@@ -138,7 +138,7 @@ def run_cluster_stream(args, prompts: list[list[int]]) -> int:
     ref = statistics.median(best.rates)
     print(
         f"# specdec bench --cluster {args.cluster} — {time.strftime('%Y-%m-%d')}, one stream, "
-        f"workload {getattr(args, 'workload', 'default')}, "
+        f"workload {args.workload}, "
         f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, greedy, median of "
         f"{args.repeats_cluster}; hf: {args.threads} torch threads"
     )

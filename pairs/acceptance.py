@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cluster.engine import SpecEngine
 from cluster.scheduling.policy import Drafter, SpecMode
-from cluster.scheduling.rounds import GenerationStats
+from cluster.scheduling.rounds import GenerationStats, add_rounds
 from pairs.target_greedy import plain_greedy
 from workers.draft import DraftWorker
 from workers.target import TargetWorker
@@ -96,8 +96,7 @@ def pooled(stats: Iterable[GenerationStats]) -> GenerationStats:
         for f in fields(GenerationStats):  # ints add, record lists concatenate
             if f.name == "by_drafter":
                 for name, counts in s.by_drafter.items():
-                    mine = total.by_drafter.setdefault(name, [0] * len(counts))
-                    total.by_drafter[name] = [a + b for a, b in zip(mine, counts, strict=True)]
+                    add_rounds(total.by_drafter, name, *counts)
                 continue
             setattr(total, f.name, getattr(total, f.name) + getattr(s, f.name))
     return total

@@ -88,15 +88,13 @@ class LookupDrafting:
 
     # -- a step -------------------------------------------------------------------------------
 
-    def plan(
-        self, rows: Sequence[Row], ks: list[int], model_tokens: Sequence[float]
-    ) -> dict[str, LookupBlock]:
-        """Lookup blocks for this step by sequence; the rows that take one get k = 0 in `ks`.
-        `model_tokens[i]`: what row i's model block (or plain step) is expected to commit."""
-        found: list[tuple[float, int, Match, float]] = []
+    def plan(self, rows: Sequence[Row], ks: list[int]) -> dict[str, LookupBlock]:
+        """Lookup blocks for this step by sequence, given each row's model k (0: a plain step);
+        the rows that take one get k = 0 in `ks`."""
+        found: list[tuple[int, Match, float]] = []  # (row index, match, acceptance rate)
         out: dict[str, LookupBlock] = {}
         for i, row in enumerate(rows):
-            if row.lookup is None or row.mode is SpecMode.OFF:
+            if row.lookup is None:  # OFF, or a drafter that does not look up (admit)
                 continue
             longest = row.rounds.block_size(self.lookup.max_tokens)
             if longest < 1:
@@ -111,30 +109,34 @@ class LookupDrafting:
                     out[row.seq_id] = block
                     ks[i] = 0
                 continue
-            found.append((expected_tokens(rate, len(match.continuation)), i, match, rate))
+            found.append((i, match, rate))
         if not found:
             return out
+        # What each row's model block (or plain step) is expected to commit.
+        model_tokens = [
+            r.policy.acceptance.expected_tokens(k) for r, k in zip(rows, ks, strict=True)
+        ]
         n = len(rows)
         width = 1 + max(ks, default=0)
-        tokens = float(sum(model_tokens))
-        now = tokens / self._pass_cost(n, width)
+        tokens = sum(model_tokens)
         # One width for the whole pass (rows are padded to the widest): at each width every row
         # with a match takes its longest block that fits, where that beats its model block.
-        best: tuple[float, int, dict[int, int]] = (now * self.config.keep_gain, width, {})
-        longest = max(len(m.continuation) for _, _, m, _ in found)
+        best_value = self.config.keep_gain * tokens / self._pass_cost(n, width)
+        best: dict[int, int] = {}  # row index -> block length
+        longest = max(len(match.continuation) for _, match, _ in found)
         for w in range(width, longest + 2):
             total, picks = tokens, {}
-            for _, i, match, rate in found:
+            for i, match, rate in found:
                 length = min(len(match.continuation), w - 1)
                 gain = expected_tokens(rate, length) - model_tokens[i] if length else 0.0
                 if gain > 0:
                     total += gain
                     picks[i] = length
-            value = total / self._pass_cost(n, max(w, 1 + max(picks.values(), default=0)))
-            if picks and value > best[0]:
-                best = (value, w, picks)
-        matches = {i: m for _, i, m, _ in found}
-        for i, length in best[2].items():
+            value = total / self._pass_cost(n, w)
+            if picks and value > best_value:
+                best_value, best = value, picks
+        matches = {i: match for i, match, _ in found}
+        for i, length in best.items():
             ks[i] = 0
             out[rows[i].seq_id] = _block(rows[i], matches[i], length)
         return out

@@ -84,6 +84,16 @@ class GenerationStats:
         return sum(r.committed for r in self.records) / passes if passes else 0.0
 
 
+def add_rounds(
+    table: dict[str, list[int]], drafter: str, rounds: int, proposed: int, accepted: int
+) -> None:
+    """Add to a table of [rounds, proposed tokens, accepted tokens] by drafter."""
+    counts = table.setdefault(drafter, [0, 0, 0])
+    counts[0] += rounds
+    counts[1] += proposed
+    counts[2] += accepted
+
+
 class SequenceRounds:
     """The committed state of one sequence and the rules that end it."""
 
@@ -131,10 +141,7 @@ class SequenceRounds:
         self.stats.rounds += 1
         self.stats.draft_tokens += len(draft_tokens)
         self.stats.accepted_tokens += accepted
-        mine = self.stats.by_drafter.setdefault(drafter, [0, 0, 0])
-        mine[0] += 1
-        mine[1] += len(draft_tokens)
-        mine[2] += accepted
+        add_rounds(self.stats.by_drafter, drafter, 1, len(draft_tokens), accepted)
         out = self._emit([*draft_tokens[:accepted], token])
         self.stats.records.append(RoundRecord(len(draft_tokens), accepted, len(out)))
         return out

@@ -37,6 +37,7 @@ from cluster.scheduling.drafting import Drafting
 from cluster.scheduling.lookup_drafting import LOOKUP, LookupBlock, LookupDrafting
 from cluster.scheduling.pipelining import PipeliningChoice
 from cluster.scheduling.policy import PolicyConfig, SpecMode
+from cluster.scheduling.rounds import add_rounds
 from cluster.scheduling.row_policy import RowPolicy, deployment_acceptance
 from cluster.scheduling.rows import Row
 from cluster.scheduling.step_costs import StepCosts
@@ -260,11 +261,7 @@ class StepScheduler(StepLoop):
         self.drafting.background = self.pipelining.overlap_pays
         policy = self.batch_policy
         ks = self._choose(rows)
-        expected = [
-            r.policy.acceptance.expected_tokens(k) if k > 0 else 1.0
-            for r, k in zip(rows, ks, strict=True)
-        ]
-        lookups = self.lookups.plan(rows, ks, expected)  # rows taking one draft nothing else
+        lookups = self.lookups.plan(rows, ks)  # the rows taking one draft nothing else
         ks = self.drafting.for_step(rows, ks, policy.probing, self.options.probe_rows)
         if policy.probing and not any(ks):
             policy.retry_probe()  # nothing to probe with yet: once drafts are there
@@ -344,10 +341,7 @@ class StepScheduler(StepLoop):
                 continue
             p = proposals[row.seq_id]
             out = row.rounds.on_round(list(vrow.draft_tokens), res.accepted, res.token, p.drafter)
-            mix = self.drafter_mix.setdefault(p.drafter, [0, 0, 0])
-            mix[0] += 1
-            mix[1] += len(vrow.draft_tokens)
-            mix[2] += res.accepted
+            add_rounds(self.drafter_mix, p.drafter, 1, len(vrow.draft_tokens), res.accepted)
             block = lookups.get(row.seq_id)
             if block is not None:
                 self.lookups.observe(row, block, res.accepted)

@@ -185,7 +185,7 @@ def test_one_stream_takes_a_long_block_from_its_prompt():
     for _ in range(20):  # the row has been copying well
         row.lookup.acceptance.observe(10, 8, 8)
     ks = [0]
-    plan = lk.plan([row], ks, [1.0])
+    plan = lk.plan([row], ks)
     block = plan["a"]
     assert block.proposal.tokens == COPY[10 : 10 + len(block.proposal.tokens)]
     assert len(block.proposal.tokens) > PolicyConfig().max_draft_tokens
@@ -200,7 +200,7 @@ def test_a_row_with_a_model_block_keeps_it_when_lookup_promises_less():
     for _ in range(30):
         row.lookup.acceptance.observe(10, 4, 0)  # this row's lookups keep failing
     ks = [4]
-    assert lk.plan([row], ks, [3.5]) == {}
+    assert lk.plan([row], ks) == {}
     assert ks == [4]
 
 
@@ -216,7 +216,7 @@ def test_a_big_batch_does_not_widen_for_one_long_block():
     for r in others:
         lk.admit(r)
     ks = [0] * 64
-    plan = lk.plan([copying, *others], ks, [1.0] * 64)
+    plan = lk.plan([copying, *others], ks)
     # A block of L widens 64 rows to L + 1 positions: at this cost no block pays.
     assert plan == {}
 
@@ -229,7 +229,7 @@ def test_rows_that_may_not_look_up_propose_nothing():
         r.drafter = r.request.drafter or Drafter.AUTO
         lk.admit(r)
     assert off.lookup is None and model_only.lookup is None
-    assert lk.plan([off, model_only], [0, 0], [1.0, 1.0]) == {}
+    assert lk.plan([off, model_only], [0, 0]) == {}
 
 
 def test_a_seeded_row_reads_only_its_own_text():
@@ -239,8 +239,8 @@ def test_a_seeded_row_reads_only_its_own_text():
     free = make_row("f", [9, 5, 6])
     for r in (seeded, free):
         lk.admit(r)
-    assert lk.plan([seeded], [0], [1.0]) == {}
-    plan = lk.plan([free], [0], [1.0])
+    assert lk.plan([seeded], [0]) == {}
+    plan = lk.plan([free], [0])
     assert plan["f"].proposal.tokens[:1] == [50]
 
 
@@ -253,7 +253,7 @@ def test_finished_rows_teach_the_next_ones():
     lk.finished(first)
     second = make_row("b", [8, 40, 41])
     lk.admit(second)
-    tokens = lk.plan([second], [0], [1.0])["b"].proposal.tokens
+    tokens = lk.plan([second], [0])["b"].proposal.tokens
     assert tokens and tokens == [42, 43, 44][: len(tokens)]
 
 
@@ -264,11 +264,11 @@ def test_a_seeded_row_decides_alone_from_its_own_text():
     for _ in range(10):
         row.lookup.acceptance.observe(10, 8, 8)
     ks = [0]
-    block = lk.plan([row], ks, [1.0])["s"]
+    block = lk.plan([row], ks)["s"]
     tokens = block.proposal.tokens
     assert tokens == row.rounds.prompt_ids[12 : 12 + len(tokens)]  # what followed COPY[:10]
     # The same state plans the same block, whatever shares the batch.
     other = make_row("x", [3, 3, 3, 3, 3, 3])
     lk.admit(other)
-    again = lk.plan([row, other], [0, 0], [1.0, 1.0])["s"]
+    again = lk.plan([row, other], [0, 0])["s"]
     assert again.proposal.tokens == block.proposal.tokens
