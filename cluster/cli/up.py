@@ -38,6 +38,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for start-up")
     up.add_argument("--dashboard", action="store_true", help="also start the Ray dashboard")
     up.add_argument("--verbose", action="store_true", help="show the replicas' logs")
+    up.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key by its dotted path, e.g. speculation.lookup.recent_tokens=0 "
+        "(repeatable; the value is read as YAML)",
+    )
     up.set_defaults(func=cmd_up)
 
 

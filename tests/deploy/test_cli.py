@@ -13,6 +13,7 @@ import pytest
 
 from cluster.cli import build_parser, main
 from cluster.cli.up_options import up_config
+from cluster.config import ConfigError
 from tests.deploy.helpers import free_port, noisy_copy, tmpdir
 from tests.tiny_models import make_model, make_tokenizer
 from workers.checkpoints import shipped_draft_path, shipped_target_path
@@ -75,6 +76,18 @@ def test_up_reads_a_serve_config_and_applies_overrides():
     assert cfg.workers.host == "127.0.0.1"  # a local cluster keeps its workers on loopback
     assert up_config(build_parser().parse_args(["up", "--port", "9100"])).ingress.grpc_port == 9100
     assert cfg.target.pool.num_cpus == 1  # the file's
+
+
+def test_up_sets_any_key_by_its_dotted_path():
+    parse = build_parser().parse_args
+    sets = ["--set", "speculation.lookup.recent_tokens=0", "--set", "target.pool.num_cpus=3"]
+    cfg = up_config(parse(["up", *sets]))
+    assert cfg.speculation.lookup.recent_tokens == 0
+    assert cfg.target.pool.num_cpus == 3  # set: not the machine's cores
+    with pytest.raises(ConfigError, match="speculation.lookup.recent_tokns: unknown key"):
+        up_config(parse(["up", "--set", "speculation.lookup.recent_tokns=0"]))
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        up_config(parse(["up", "--set", "recent_tokens"]))
 
 
 def test_up_gives_the_target_the_machines_cores_unless_the_file_says(monkeypatch, tmp_path):
