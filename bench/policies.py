@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from cluster.scheduling.lookup import LookupConfig
 from cluster.scheduling.policy import PolicyConfig
 
 
 def bench_policy(base: PolicyConfig | None = None) -> PolicyConfig:
     base = base or PolicyConfig()
-    return replace(base, lookup=replace(base.lookup or LookupConfig(), recent_tokens=0))
+    return replace(base, lookup=replace(base.lookup, recent_tokens=0))

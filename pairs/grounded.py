@@ -60,7 +60,7 @@ def _passage(text: str, max_chars: int = 1200) -> tuple[str, str] | None:
     if not doc or doc.count(". ") < 3:
         return None
     doc = doc[:max_chars]
-    words = [w for w in re.findall(r"[A-Za-z]{6,}", doc)]
+    words = re.findall(r"[A-Za-z]{6,}", doc)
     return (doc, words[len(words) // 2]) if words else None
 
 

@@ -132,10 +132,8 @@ class NgramIndex:
         best: tuple[int, int, int] | None = None  # (length, doc, end)
         for doc, end in itertools.islice(reversed(ends), max_candidates):
             text = self.docs[doc]
-            if doc == self_doc and end >= len(text):
-                continue  # the context's own end
             if end >= len(text):
-                continue  # nothing followed it (yet)
+                continue  # nothing followed it (yet), as at the context's own end
             length = _common_suffix(text, end, context, max_match)
             if best is None or length > best[0]:
                 best = (length, doc, end)
