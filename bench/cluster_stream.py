@@ -30,8 +30,9 @@ HF_DTYPES = (torch.bfloat16, torch.float32)
 @dataclass
 class _System:
     name: str
-    # (prompt ids, new tokens) -> (tokens, seconds of the generation, seconds to the first token)
-    run: Callable[[list[int], int], tuple[list[int], float, float]]
+    # (prompt ids, new tokens) -> (tokens, seconds of the generation, seconds to the first token
+    # or None: a unary call)
+    run: Callable[[list[int], int], tuple[list[int], float, float | None]]
     rates: list[float] = field(default_factory=list)
     ttfts: list[float] = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)
@@ -60,7 +61,12 @@ def _hf_system(target: str, dtype: torch.dtype, lookup: bool = False) -> _System
     return _System(f"hf {kind} {str(dtype).removeprefix('torch.')}", run)
 
 
-def _cluster_system(address: str, mode_name: str, mode: int, drafter: int = 0) -> _System:
+def _cluster_system(
+    address: str, mode_name: str, mode: int, drafter: int = 0, unary: bool = False
+) -> _System:
+    """A streamed generation (what a streaming client sees: its time to the first token, the
+    deployment's `ingress.stream_interval`), or with `unary` one Generate call (what a client
+    that wants the whole answer sees, as HF's `generate` gives it: no time to first token)."""
     import grpc
 
     from protos import specdec_pb2 as pb
@@ -68,16 +74,19 @@ def _cluster_system(address: str, mode_name: str, mode: int, drafter: int = 0) -
 
     stub = specdec_pb2_grpc.SpecDecodeStub(grpc.insecure_channel(address))
 
-    def run(ids: list[int], n: int) -> tuple[list[int], float, float]:
+    def run(ids: list[int], n: int) -> tuple[list[int], float, float | None]:
         req = pb.GenerateRequest(
             prompt_token_ids=ids,
             max_new_tokens=n,
             temperature=0.0,
             speculation=pb.SpeculationOptions(mode=mode, drafter=drafter),
         )
+        t0 = time.perf_counter()
+        if unary:
+            out = list(stub.Generate(req, timeout=600).token_ids)
+            return out, time.perf_counter() - t0, None
         tokens: list[int] = []
         first = None
-        t0 = time.perf_counter()
         for msg in stub.GenerateStream(req, timeout=600):
             if first is None and msg.token_ids:
                 first = time.perf_counter() - t0
@@ -85,7 +94,7 @@ def _cluster_system(address: str, mode_name: str, mode: int, drafter: int = 0) -
         seconds = time.perf_counter() - t0
         return tokens, seconds, seconds if first is None else first
 
-    return _System(f"cluster {mode_name}", run)
+    return _System(f"cluster {mode_name}{', unary' if unary else ''}", run)
 
 
 def bench_cluster_stream(
@@ -105,7 +114,9 @@ def bench_cluster_stream(
     systems += [_hf_system(target, d, lookup=True) for d in HF_DTYPES]
     systems += [
         _cluster_system(address, "plain (mode OFF)", pb.SPECULATION_MODE_OFF),
+        _cluster_system(address, "plain (mode OFF)", pb.SPECULATION_MODE_OFF, unary=True),
         _cluster_system(address, "AUTO", auto),
+        _cluster_system(address, "AUTO", auto, unary=True),
         _cluster_system(address, "AUTO, draft model only", auto, pb.DRAFTER_MODEL),
         _cluster_system(address, "AUTO, lookup only", auto, pb.DRAFTER_LOOKUP),
     ]
@@ -123,7 +134,8 @@ def bench_cluster_stream(
                 firsts.append(first)
             s.rates.append(sum(map(len, outputs)) / seconds)
             s.outputs = outputs
-            s.ttfts.append(statistics.median(firsts))
+            if None not in firsts:
+                s.ttfts.append(statistics.median(firsts))
             print(f"  repeat {r + 1}/{repeats} {s.name}: {s.rates[-1]:.1f} tok/s", flush=True)
     return systems
 
@@ -142,10 +154,10 @@ def run_cluster_stream(args, prompts: list[list[int]]) -> int:
         f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, greedy, median of "
         f"{args.repeats_cluster}; hf: {args.threads} torch threads"
     )
-    print(f"{'system':28s} {'tok/s':>7s} {'vs ' + best.name:>24s} {'ttft ms':>8s}  same as")
+    print(f"{'system':35s} {'tok/s':>7s} {'vs ' + best.name:>24s} {'ttft ms':>8s}  same as")
     for s in systems:
         rate = statistics.median(s.rates)
-        ttft = f"{1e3 * statistics.median(s.ttfts):8.0f}"
+        ttft = f"{1e3 * statistics.median(s.ttfts):8.0f}" if s.ttfts else f"{'-':>8s}"
         same = [h.name.split()[-1] for h in hf if h.outputs == s.outputs and h is not s]
-        print(f"{s.name:28s} {rate:7.1f} {rate / ref:23.2f}x {ttft}  {', '.join(same) or '-'}")
+        print(f"{s.name:35s} {rate:7.1f} {rate / ref:23.2f}x {ttft}  {', '.join(same) or '-'}")
     return 0

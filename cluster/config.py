@@ -286,6 +286,12 @@ class IngressConfig(_Strict):
     grpc_port: int = Field(9000, ge=1, le=65535, description="Serve gRPC proxy port (specdec up)")
     replicas: int = Field(1, ge=1, description="stateless ingress replicas")
     num_cpus: float = Field(0.5, ge=0, description="logical CPUs per ingress replica")
+    stream_interval: int = Field(
+        1,
+        ge=1,
+        description="tokens per streamed message after the first (vLLM's --stream-interval); "
+        "fewer messages cost less CPU per token, unary calls get the whole response at once",
+    )
 
 
 class WorkersNetConfig(_Strict):

@@ -94,7 +94,7 @@ class SerialExecutor:
 # -- error mapping ----------------------------------------------------------------------------
 
 
-def _unavailable_types(extra: tuple[type[BaseException], ...]) -> tuple[type[BaseException], ...]:
+def unavailable_types(extra: tuple[type[BaseException], ...]) -> tuple[type[BaseException], ...]:
     types = list(extra)
     tp = sys.modules.get("workers.tp")  # never imported here: it pulls in ray
     if tp is not None and hasattr(tp, "TensorParallelError"):
@@ -124,7 +124,7 @@ def _rpc(method: Callable) -> Callable:
             code = _refusal_code(exc)
             if code is not None:
                 context.abort(code, str(exc))
-            if isinstance(exc, _unavailable_types(self.unavailable_errors)):
+            if isinstance(exc, unavailable_types(self.unavailable_errors)):
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.role} worker: {exc}")
             log.exception("%s worker: %s failed", self.role, method.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"{self.role} worker: {exc!r}")
@@ -133,6 +133,28 @@ def _rpc(method: Callable) -> Callable:
 
 
 # -- servicers --------------------------------------------------------------------------------
+
+
+def model_info(worker: Any, role: int) -> worker_pb2.ModelInfo:
+    """What a worker serves, as the router checks it (role, model, tokenizer, context)."""
+    runner = worker.runner
+    return worker_pb2.ModelInfo(
+        role=role,
+        model_path=str(runner.path),
+        vocab_size=int(runner.vocab_size),
+        max_context=int(runner.max_context),
+        eos_token_ids=sorted(int(t) for t in runner.eos_token_ids),
+        tokenizer_fingerprint=tokenizer_fingerprint(runner.tokenizer),
+    )
+
+
+def stats_response(worker: Any, info: worker_pb2.ModelInfo) -> worker_pb2.StatsResponse:
+    return worker_pb2.StatsResponse(
+        live_sequences=int(worker.live_sequences),
+        model=info,
+        kv_tokens=int(getattr(worker, "kv_tokens", 0)),
+        max_kv_tokens=int(getattr(worker, "max_kv_tokens", None) or 0),
+    )
 
 
 class _ServicerBase:
@@ -148,15 +170,7 @@ class _ServicerBase:
         self.worker = worker
         self.executor = executor or SerialExecutor(worker)
         self.unavailable_errors = tuple(unavailable_errors)
-        runner = worker.runner
-        self.info = worker_pb2.ModelInfo(
-            role=self.role_enum,
-            model_path=str(runner.path),
-            vocab_size=int(runner.vocab_size),
-            max_context=int(runner.max_context),
-            eos_token_ids=sorted(int(t) for t in runner.eos_token_ids),
-            tokenizer_fingerprint=tokenizer_fingerprint(runner.tokenizer),
-        )
+        self.info = model_info(worker, self.role_enum)
 
     @staticmethod
     def _prefill_row(req) -> PrefillRow:
@@ -176,7 +190,7 @@ class _ServicerBase:
             call = Call(method, None, ([row for _, row in good],))
             for (i, _), res in zip(good, self.executor.submit(call).result(), strict=True):
                 slots[i] = res
-        gone = _unavailable_types(self.unavailable_errors)
+        gone = unavailable_types(self.unavailable_errors)
         out = []
         for req, res in zip(rows, slots, strict=True):
             if isinstance(res, gone):
@@ -213,12 +227,7 @@ class _ServicerBase:
 
     @_rpc
     def Stats(self, request, context):
-        return worker_pb2.StatsResponse(
-            live_sequences=int(self.worker.live_sequences),
-            model=self.info,
-            kv_tokens=int(getattr(self.worker, "kv_tokens", 0)),
-            max_kv_tokens=int(getattr(self.worker, "max_kv_tokens", None) or 0),
-        )
+        return stats_response(self.worker, self.info)
 
 
 class DraftServicer(_ServicerBase, worker_pb2_grpc.DraftWorkerServicer):

@@ -6,7 +6,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cluster.api.validation import Limits
-from cluster.config import LimitsConfig, SpeculationConfig, TargetConfig, WorkersNetConfig
+from cluster.config import (
+    IngressConfig,
+    LimitsConfig,
+    SpeculationConfig,
+    TargetConfig,
+    WorkersNetConfig,
+)
 from cluster.scheduling.policy import PolicyConfig
 from cluster.scheduling.scheduler import SchedulerOptions
 
@@ -33,6 +39,7 @@ class RouterConfig:
     max_stop_strings: int = 16
     health_recheck_s: float = _default(WorkersNetConfig, "health_check_period_s")
     probe_timeout_s: float = 2.0  # Stats call used as a health check
+    stream_interval: int = _default(IngressConfig, "stream_interval")  # Serve ingress only
 
     def __post_init__(self) -> None:
         if not self.target_model_path:
@@ -45,6 +52,8 @@ class RouterConfig:
         for name in ("max_in_flight", "default_max_new_tokens", "max_new_tokens_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("default_max_new_tokens must be <= max_new_tokens_limit")
         self.policy_config()  # PolicyConfig's own checks against max_draft_tokens
@@ -68,6 +77,7 @@ class RouterConfig:
             prefill_tokens_per_step=limits.prefill_tokens_per_step,
             kv_budget_tokens=cfg.target.max_kv_tokens,
             health_recheck_s=cfg.workers.health_check_period_s,
+            stream_interval=cfg.ingress.stream_interval,
         )
 
     def policy_config(self) -> PolicyConfig:

@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 ERROR = "error"  # first element of an error item: (ERROR, grpc status name, details)
 
-# request bytes -> async iterator of (GenerateResponse bytes | error item)
-Submit = Callable[[bytes], AsyncIterator[Any]]
+# (request bytes, stream interval: tokens per message, 0 = unary) -> async iterator of
+# (GenerateResponse bytes | error item)
+Submit = Callable[[bytes, int], AsyncIterator[Any]]
 
 
 def error_item(exc: RequestError) -> tuple[str, str, str]:
@@ -76,11 +77,15 @@ class ForwardingRouter:
         return self.model.validate(request, self._limits)
 
     async def generate(self, request: specdec_pb2.GenerateRequest) -> specdec_pb2.GenerateResponse:
-        return await collect(self.generate_stream(request))
+        return await collect(self.generate_stream(request, every=0))
 
     async def generate_stream(
-        self, request: specdec_pb2.GenerateRequest
+        self, request: specdec_pb2.GenerateRequest, *, every: int | None = None
     ) -> AsyncIterator[specdec_pb2.GenerateResponse]:
+        """The replica's messages, `every` tokens to a message after the first (default: the
+        config's `stream_interval`; 0: as few as the replica's liveness allows, for a unary
+        call)."""
+        every = self.config.stream_interval if every is None else every
         req = self.validate(request)
         self._admission.enter()
         try:
@@ -94,7 +99,7 @@ class ForwardingRouter:
             failovers = 0
             while True:
                 try:
-                    async for msg in self._attempt(forward):
+                    async for msg in self._attempt(forward, every):
                         received.extend(msg.token_ids)
                         if msg.finish_reason:
                             msg.usage.prompt_tokens = len(req.prompt_ids)
@@ -123,9 +128,9 @@ class ForwardingRouter:
             self._admission.leave()
 
     async def _attempt(
-        self, forward: specdec_pb2.GenerateRequest
+        self, forward: specdec_pb2.GenerateRequest, every: int
     ) -> AsyncIterator[specdec_pb2.GenerateResponse]:
-        stream = self.submit(forward.SerializeToString())
+        stream = self.submit(forward.SerializeToString(), every)
         timeout = self.config.target_timeout_s
         try:
             while True:

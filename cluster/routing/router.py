@@ -23,7 +23,7 @@ import asyncio
 import logging
 import threading
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -68,7 +68,8 @@ class Router:
 
       * `Router(config, drafts=[...], targets=[...])` — reads the target's tokenizer and model
         config from `config.target_model_path` (`TargetModel`, local files only); worker
-        addresses are "host:port".
+        addresses are "host:port". `local_targets`: address -> a factory of the side to call
+        there in-process (cluster/transport/same_process.py: a target replica's own worker).
       * `set_workers(drafts=[...], targets=[...])` — replace either pool at any time.
       * `check_workers()` — probe every address now; raises `WorkerMismatchError` when a worker's
         tokenizer / role / model does not match.
@@ -85,6 +86,8 @@ class Router:
         *,
         drafts: Sequence[str] = (),
         targets: Sequence[str] = (),
+        local_targets: Mapping[str, Callable[[Callable[[str, Exception], None]], Any]]
+        | None = None,
         health_checks: bool = True,
     ) -> None:
         if not isinstance(config, RouterConfig):  # a ClusterConfig from the Serve application
@@ -106,6 +109,7 @@ class Router:
             self._check_target,
             timeout_s=config.target_timeout_s,
             probe_timeout_s=config.probe_timeout_s,
+            local=local_targets,
         )
         self._schedulers: dict[str, StepScheduler] = {}  # target address -> its scheduler
         self._lock = threading.Lock()

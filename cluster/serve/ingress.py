@@ -131,7 +131,7 @@ def make_router(cfg: ClusterConfig, targets: DeploymentHandle | None):
         raise ValueError("the ingress needs the target deployment's handle")
     handle = targets.options(stream=True)
 
-    def submit(request: bytes):
-        return handle.generate.remote(request)
+    def submit(request: bytes, every: int):
+        return handle.generate.remote(request, every)
 
     return ForwardingRouter(RouterConfig.from_cluster_config(cfg), submit)

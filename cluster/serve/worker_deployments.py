@@ -11,9 +11,10 @@ health-checked by Serve.
   transformers' `tp_plan="auto"`), then serves the worker API for the group.
 
 Continuous batching: every target replica also runs the step scheduler of its own batch (a
-`cluster.routing.router.Router` whose only target is the replica's own worker server, driven over
-gRPC, with the draft pool from the registry), so exactly one scheduler drives a target replica and
-no target ever sees competing batches, however many ingress replicas forward to it.
+`cluster.routing.router.Router` whose only target is the replica's own worker, called in-process
+on the worker's model thread, with the draft pool from the registry), so exactly one scheduler
+drives a target replica and no target ever sees competing batches, however many ingress replicas
+forward to it.
 """
 
 from __future__ import annotations
@@ -193,17 +194,26 @@ class TargetDeployment(_WorkerReplica):
         self._start_scheduling(cfg, registry)
 
     def _serve(self, worker: Any, host: str):
-        from workers.service import serve_target
+        from workers.service import SerialExecutor, serve_target
 
-        return serve_target(worker, host, 0)
+        # One model thread for both callers: the gRPC API and this replica's own scheduler.
+        self.executor = SerialExecutor(worker)
+        return serve_target(worker, host, 0, executor=self.executor)
 
     def _start_scheduling(self, cfg: ClusterConfig, registry: DeploymentHandle) -> None:
         """The step scheduler of this replica's batch: a router whose one target is this
-        replica's own worker server (over gRPC), with the draft pool from the registry."""
+        replica's own worker, called in-process on the worker's model thread (no loopback RPC:
+        cluster/transport/same_process.py), with the draft pool from the registry."""
         from cluster.routing.config import RouterConfig
         from cluster.routing.router import Router
+        from cluster.transport.same_process import ServedTarget
 
-        self.router = Router(RouterConfig.from_cluster_config(cfg), targets=[self.address])
+        own = ServedTarget.factory(self.address, self.worker, self.executor)
+        self.router = Router(
+            RouterConfig.from_cluster_config(cfg),
+            targets=[self.address],
+            local_targets={self.address: own},
+        )
         self._drafts_poll = asyncio.get_running_loop().create_task(
             poll_registry(
                 registry,
@@ -213,15 +223,24 @@ class TargetDeployment(_WorkerReplica):
             )
         )
 
-    async def generate(self, request: bytes):
-        """Stream one request through this replica's batch: GenerateResponse bytes, or one
-        error item `("error", grpc code name, details)` (cluster/routing/forwarding.py). A caller
-        that goes away (Serve cancels the call) frees the sequence at the next step."""
+    async def generate(self, request: bytes, every: int = 1):
+        """Stream one request through this replica's batch: GenerateResponse bytes, `every`
+        tokens to a message after the first (0: a unary call, one message unless the stream
+        would be silent longer than its liveness bound), or one error item
+        `("error", grpc code name, details)` (cluster/routing/forwarding.py). A caller that goes
+        away (Serve cancels the call) frees the sequence at the next step."""
+        from cluster.api.response_stream import coalesce
         from cluster.api.validation import RequestError
         from cluster.routing.forwarding import error_item
         from protos import specdec_pb2
 
-        stream = self.router.generate_stream(specdec_pb2.GenerateRequest.FromString(request))
+        # The ingress gives a replica up after target_timeout_s without a message.
+        alive_s = min(1.0, self.router.config.target_timeout_s / 4)
+        stream = coalesce(
+            self.router.generate_stream(specdec_pb2.GenerateRequest.FromString(request)),
+            every,
+            alive_s,
+        )
         try:
             async for msg in stream:
                 yield msg.SerializeToString()

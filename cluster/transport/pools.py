@@ -12,7 +12,7 @@ import enum
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,13 +60,17 @@ class WorkerPool:
         *,
         timeout_s: float,
         probe_timeout_s: float = 2.0,
+        local: Mapping[str, Callable[[Callable[[str, Exception], None]], Any]] | None = None,
     ) -> None:
+        """`local`: address -> a factory of the side to use there instead of a gRPC client
+        (given the pool's `mark_down`): a worker served by this very process."""
         if role not in ("draft", "target"):
             raise ValueError(f"role must be 'draft' or 'target', got {role!r}")
         self.role = role
         self._check = check
         self.timeout_s = timeout_s
         self.probe_timeout_s = probe_timeout_s
+        self._local = dict(local or {})
         self._lock = threading.Lock()
         self._endpoints: dict[str, Endpoint] = {}  # every address still referenced
         self._order = itertools.count()
@@ -108,6 +112,9 @@ class WorkerPool:
             return [a for a, ep in self._endpoints.items() if ep.active]
 
     def _new_side(self, address: str) -> GrpcDraft | GrpcTarget:
+        local = self._local.get(address)
+        if local is not None:
+            return local(self.mark_down)
         cls = GrpcDraft if self.role == "draft" else GrpcTarget
         return cls(address, timeout_s=self.timeout_s, on_unavailable=self.mark_down)
 

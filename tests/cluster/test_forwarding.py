@@ -36,9 +36,11 @@ class Replicas:
     def __init__(self, *plan) -> None:
         self.plan = list(plan)
         self.requests: list[pb.GenerateRequest] = []
+        self.intervals: list[int] = []
 
-    def __call__(self, request: bytes):
+    def __call__(self, request: bytes, every: int):
         self.requests.append(pb.GenerateRequest.FromString(request))
+        self.intervals.append(every)
         return self.plan.pop(0)(self.requests[-1])
 
 
@@ -74,9 +76,9 @@ def refuses(code):
     return behaviour
 
 
-def run(router, req):
+def run(router, req, **kw):
     async def go():
-        return [m async for m in router.generate_stream(req)]
+        return [m async for m in router.generate_stream(req, **kw)]
 
     return asyncio.run(go())
 
@@ -144,3 +146,14 @@ def test_a_silent_replica_times_out_instead_of_hanging(target):
     msgs = run(router, pb.GenerateRequest(prompt_token_ids=[1, 2], max_new_tokens=3))
     assert [t for m in msgs for t in m.token_ids] == [2, 3, 4]
     assert msgs[-1].stats.target_failovers == 1
+
+
+def test_unary_calls_ask_the_replica_for_one_message_and_streams_for_the_interval(target):
+    replicas = Replicas(serves, serves, serves)
+    router = ForwardingRouter(RouterConfig(str(target), stream_interval=4), replicas)
+    req = pb.GenerateRequest(prompt_token_ids=[1, 2], max_new_tokens=3)
+    whole = asyncio.run(router.generate(req))
+    assert list(whole.token_ids) == [2, 3, 4] and whole.finish_reason
+    run(router, req)
+    run(router, req, every=1)
+    assert replicas.intervals == [0, 4, 1]

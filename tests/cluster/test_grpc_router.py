@@ -19,6 +19,8 @@ from cluster.engine import SpecEngine
 from cluster.routing.config import RouterConfig
 from cluster.routing.router import Router, WorkerMismatchError
 from cluster.scheduling.policy import Drafter, PolicyConfig
+from cluster.transport.grpc_workers import GrpcTarget
+from cluster.transport.same_process import ServedTarget
 from protos import specdec_pb2 as pb
 from tests.cluster.grpc_procs import (
     hf_greedy,
@@ -31,7 +33,8 @@ from tests.cluster.grpc_procs import (
 from tests.tiny_models import make_model, make_tokenizer
 from workers.draft import DraftWorker
 from workers.model_runner import load_tokenizer
-from workers.service import serve_draft
+from workers.service import SerialExecutor, serve_draft, serve_target
+from workers.target import TargetWorker
 from workers.types import SamplingParams
 
 PROMPTS = ["def add(a, b):", "import os\n", "x = [1, 2"]
@@ -336,6 +339,69 @@ def test_target_failure_moves_the_sequence_or_ends_unavailable(ckpts, procs, add
         assert router.in_flight == 0
     finally:
         router.close()
+
+
+# -- a target replica's own worker, called in-process ------------------------------------------
+
+
+class _RankLost(RuntimeError):
+    """Plays a dead tensor-parallel rank: the worker is gone, not the row wrong."""
+
+
+class _DyingTarget(TargetWorker):
+    """A TargetWorker whose verify fails as a lost worker once `doom` is set."""
+
+    doom = False
+
+    def verify_batch(self, rows):
+        if self.doom:
+            raise _RankLost("rank 1 is gone")
+        return super().verify_batch(rows)
+
+
+def test_a_served_target_called_in_process_equals_hf_and_fails_over_when_gone(ckpts, addr, oracle):
+    """What a Serve target replica does: its scheduler calls the worker it also serves over gRPC
+    on the worker's one model thread, no RPC; a lost worker moves the sequence elsewhere."""
+    worker = _DyingTarget.from_path(ckpts["target"])
+    executor = SerialExecutor(worker)
+    server, port = serve_target(worker, "127.0.0.1", 0, executor=executor)
+    own = f"127.0.0.1:{port}"
+    served = ServedTarget.factory(own, worker, executor, unavailable_errors=(_RankLost,))
+    router = Router(
+        RouterConfig(str(ckpts["target"])),
+        drafts=[addr["near"]],
+        targets=[own],
+        local_targets={own: served},
+    )
+    try:
+        for prompt in PROMPTS:
+            for mode, k in ((ON, 3), (AUTO, 0), (OFF, 0)):
+                resp = generate(router, request(prompt, mode, k))
+                assert list(resp.token_ids) == oracle[prompt], (prompt, mode, k)
+        (status,) = router.worker_status()["targets"]
+        assert status["state"] == "up" and worker.live_sequences == 0
+        # The gRPC face of the same worker still answers, from the same model thread.
+        assert GrpcTarget(own).stats(5.0).model.role == 2
+
+        # The worker is lost mid-stream: the sequence moves to the other target, output unchanged.
+        async def doom_after_first():
+            chunks = []
+            async for msg in router.generate_stream(request(PROMPTS[0], OFF)):
+                chunks.append(msg)
+                if not worker.doom:
+                    router.set_workers(targets=[own, addr["target"]])
+                    worker.doom = True
+            return chunks
+
+        chunks = asyncio.run(doom_after_first())
+        assert [t for c in chunks for t in c.token_ids] == oracle[PROMPTS[0]]
+        assert chunks[-1].stats.target_failovers == 1
+        states = {w["address"]: w["state"] for w in router.worker_status()["targets"]}
+        assert states[own] == "down"
+    finally:
+        router.close()
+        server.stop(None)
+        executor.shutdown()
 
 
 # -- admission, stop strings, cancellation, start-up checks ---------------------------------------

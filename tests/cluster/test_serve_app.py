@@ -29,6 +29,7 @@ from tests.tiny_models import make_model, make_tokenizer
 pytestmark = pytest.mark.slow
 
 PROMPT = [5, 17, 33, 2, 41, 9]
+STREAM_INTERVAL = 3
 
 
 class Cluster:
@@ -84,7 +85,8 @@ def cluster():
             "draft": {"replicas": 1},
             "target": {"tp_size": 2},
             "limits": {"max_new_tokens": 1000},
-            "ingress": {"num_cpus": 0},
+            # Streams merge steps into messages of >= 3 tokens (vLLM's --stream-interval).
+            "ingress": {"num_cpus": 0, "stream_interval": STREAM_INTERVAL},
             "workers": {"host": "127.0.0.1"},
         }
         serve.run(build_app(args), name=APP_NAME, route_prefix="/specdec")
@@ -110,6 +112,10 @@ def test_greedy_over_the_grpc_proxy_equals_hf_greedy(cluster):
         stream_generate(cluster.address, request(60, pb.SPECULATION_MODE_ON, k=3, drafter="model"))
     )
     assert [t for m in msgs for t in m.token_ids] == want
+    # The first token at once, then messages of at least the stream interval, the finish last.
+    sizes = [len(m.token_ids) for m in msgs]
+    assert sizes[0] >= 1 and all(n >= STREAM_INTERVAL for n in sizes[1:-1]), sizes
+    assert [bool(m.finish_reason) for m in msgs].index(True) == len(msgs) - 1
     final = msgs[-1].stats
     assert final.rounds > 0
     assert 0 < final.accepted_tokens < final.draft_tokens  # some drafts kept, some rejected
