@@ -325,26 +325,35 @@ class Router:
             text = TextStream(self.tokenizer, req.prompt_ids, req.stop)
             sent = 0
             while True:
-                item = await sink.queue.get()
-                if isinstance(item, RequestError):
-                    raise item
-                if item is END:
-                    reason = rounds.finish_reason or FinishReason.CANCELLED
-                    msg = specdec_pb2.GenerateResponse(text=text.take(True))
-                    yield finish(msg, row, reason, sent)
-                    return
+                # One message for all that arrived since the last: steps the consumer fell
+                # behind on, and a row's last tokens with its finish (one message fewer each).
+                items = [await sink.queue.get()]
+                while not sink.queue.empty():
+                    items.append(sink.queue.get_nowait())
                 tokens: list[int] = []
-                for tok in item:
-                    tokens.append(tok)
-                    if text.feed(tok):
-                        break
-                sent += len(tokens)
-                msg = specdec_pb2.GenerateResponse(text=text.take(text.stopped), token_ids=tokens)
-                if text.stopped:  # a stop string: the row leaves the batch at the next step
-                    row.cancel()
-                    yield finish(msg, row, FinishReason.STOP, sent)
-                    return
-                yield msg
+                for item in items:
+                    if isinstance(item, RequestError):
+                        if tokens:  # what was committed before the failure still goes out
+                            yield specdec_pb2.GenerateResponse(
+                                text=text.take(False), token_ids=tokens
+                            )
+                        raise item
+                    if item is END:
+                        reason = rounds.finish_reason or FinishReason.CANCELLED
+                        msg = specdec_pb2.GenerateResponse(text=text.take(True), token_ids=tokens)
+                        yield finish(msg, row, reason, sent)
+                        return
+                    for tok in item:
+                        tokens.append(tok)
+                        sent += 1
+                        if text.feed(tok):
+                            break
+                    if text.stopped:  # a stop string: the row leaves the batch at the next step
+                        row.cancel()
+                        msg = specdec_pb2.GenerateResponse(text=text.take(True), token_ids=tokens)
+                        yield finish(msg, row, FinishReason.STOP, sent)
+                        return
+                yield specdec_pb2.GenerateResponse(text=text.take(False), token_ids=tokens)
         finally:
             if not row.released.is_set():
                 row.cancel()  # the consumer is gone (or done): the row leaves the batch
