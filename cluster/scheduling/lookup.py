@@ -41,7 +41,13 @@ class LookupConfig:
     max_candidates: int = 64  # earlier occurrences examined per lookup (the most recent)
     max_match: int = 64  # how far back a match is extended
     recent_tokens: int = 65536  # cap of a scheduler's index of recent outputs (0 = none)
-    prior_acceptance: float = 0.5  # per proposed token, before a row has measured its own
+    prior_acceptance: float = 0.5  # per proposed token after a one-token match, before measuring
+    # A longer matched context is stronger evidence that the copy goes on: the prior's chance of a
+    # rejection shrinks by 1 + prior_rise x bucket (buckets 1, 2-3, 4-7, 8-15, 16+: 0.5, 0.875,
+    # 0.93, 0.95, 0.96 at the defaults). Measured in one process on the default pair's held-out
+    # chat and code prompts (bf16, lookup only): 1.25 -> 1.42 tokens a pass (HF prompt lookup
+    # 1.51); grounded requests 4.04 -> 4.21. With a flat 0.5 a 15-token match drew a 4-token block.
+    prior_rise: float = 3.0
     prior_strength: float = 2.0  # rounds the prior weighs
     window: float = 8.0  # rounds: older observations fade over this many
 
@@ -56,6 +62,8 @@ class LookupConfig:
             raise ValueError(f"lookup recent_tokens must be >= 0, got {self.recent_tokens}")
         if not 0 <= self.prior_acceptance < 1:
             raise ValueError("lookup prior_acceptance must be in [0, 1)")
+        if self.prior_rise < 0:
+            raise ValueError(f"lookup prior_rise must be >= 0, got {self.prior_rise}")
         if self.prior_strength <= 0 or self.window < 1:
             raise ValueError("lookup prior_strength must be > 0 and window >= 1")
 
@@ -199,14 +207,19 @@ def _bucket(length: int) -> int:
     return sum(1 for b in _BUCKETS[1:] if length >= b)
 
 
+def prior_rate(config: LookupConfig, bucket: int) -> float:
+    """The prior acceptance of a token proposed after a match in `bucket` (0: one token)."""
+    return 1.0 - (1.0 - config.prior_acceptance) / (1.0 + config.prior_rise * bucket)
+
+
 class LookupAcceptance:
     """Per match-length bucket, the chance a lookup token is accepted given the ones before it
     were: decayed accepted tokens over decayed (accepted + rejected) tokens, with a prior."""
 
     def __init__(self, config: LookupConfig) -> None:
         self.keep = 1.0 - 1.0 / config.window
-        prior, strength = config.prior_acceptance, config.prior_strength
-        self._accepted = [prior * strength] * len(_BUCKETS)
+        strength = config.prior_strength
+        self._accepted = [prior_rate(config, b) * strength for b in range(len(_BUCKETS))]
         self._tried = [strength] * len(_BUCKETS)
 
     def copy(self) -> LookupAcceptance:

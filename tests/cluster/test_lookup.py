@@ -15,6 +15,7 @@ from cluster.scheduling.lookup import (
     RowLookup,
     best_length,
     expected_tokens,
+    prior_rate,
 )
 from cluster.scheduling.lookup_drafting import LookupDrafting
 from cluster.scheduling.policy import Drafter, PolicyConfig, SpecMode
@@ -139,7 +140,13 @@ def test_acceptance_is_learnt_per_match_length():
         acc.observe(2, 4, 0)  # short matches: guesses, rejected at once
     assert acc.rate(20) > 0.9
     assert acc.rate(2) < 0.1
-    assert 0.4 < acc.rate(5) < 0.6  # a bucket nothing was seen in keeps its prior
+    # A bucket nothing was seen in keeps its prior, which rises with the matched context.
+    cfg = LookupConfig(prior_acceptance=0.5)
+    assert acc.rate(5) == pytest.approx(prior_rate(cfg, 2))
+    priors = [LookupAcceptance(cfg).rate(n) for n in (1, 2, 4, 8, 16)]
+    assert priors[0] == pytest.approx(0.5) and priors == sorted(priors) and priors[-1] < 1.0
+    flat = LookupAcceptance(LookupConfig(prior_acceptance=0.5, prior_rise=0.0))
+    assert {flat.rate(n) for n in (1, 2, 4, 8, 16)} == {0.5}
 
 
 def test_expected_tokens_and_best_length():
