@@ -73,7 +73,10 @@ def test_generate_and_stream_over_grpc(cluster, ckpts):
     stub = cluster["stub"]
     tok = load_tokenizer(ckpts["target"])
     want = hf_greedy(ckpts["target"], tok.encode(PROMPT, add_special_tokens=False), 40)
-    req = good(max_new_tokens=40, speculation=pb.SpeculationOptions(mode=ON, num_draft_tokens=3))
+    # The draft model's blocks: lookup drafting would find the first answer in the scheduler's
+    # recent outputs and draft the second one from it in fewer rounds.
+    spec = pb.SpeculationOptions(mode=ON, num_draft_tokens=3, drafter=pb.DRAFTER_MODEL)
+    req = good(max_new_tokens=40, speculation=spec)
     whole = stub.Generate(req, timeout=60)
     assert list(whole.token_ids) == want
     assert whole.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS)
