@@ -65,18 +65,20 @@ class ServedTarget:
         RemoteUnavailable where the worker is gone (a dead tensor-parallel rank), as the gRPC
         transport does for an UNAVAILABLE call."""
         out: Future = Future()
-        if self._closed:
-            out.set_exception(self._gone(RuntimeError("closed")))
+        try:
+            if self._closed:
+                raise RuntimeError("closed")
+            job = self.executor.submit(Call(method, None, (list(rows),)))
+        except RuntimeError as exc:  # closed, or the replica shut its model thread down
+            out.set_exception(self._gone(exc))
             return out
-        job = self.executor.submit(Call(method, None, (list(rows),)))
         gone = unavailable_types(self.unavailable_errors)
 
         def done(f: Future) -> None:
             try:
                 slots = f.result()
             except BaseException as exc:  # noqa: BLE001 - the whole call failed
-                bad = exc if isinstance(exc, gone) or _executor_down(exc) else None
-                out.set_exception(self._gone(bad) if bad is not None else exc)
+                out.set_exception(self._gone(exc) if isinstance(exc, gone) else exc)
                 return
             lost = next((s for s in slots if isinstance(s, gone)), None)
             if lost is not None:
@@ -107,8 +109,3 @@ class ServedTarget:
 
     def close(self) -> None:
         self._closed = True  # the worker and its thread belong to the replica, not to us
-
-
-def _executor_down(exc: BaseException) -> bool:
-    # ThreadPoolExecutor refuses work after shutdown (the replica is stopping) with RuntimeError.
-    return isinstance(exc, RuntimeError) and "shutdown" in str(exc)

@@ -546,3 +546,18 @@ def test_no_sequence_is_left_on_any_worker(procs):
     assert len(alive) >= 4
     live = wait_live_zero(alive)
     assert set(live.values()) == {0}, live
+
+
+def test_a_served_target_whose_model_thread_stopped_is_unavailable(ckpts):
+    """The replica is stopping (its model thread shut down): calls fail as a lost worker, which
+    the router moves elsewhere, never as an internal error of the row."""
+    from cluster.transport.grpc_workers import RemoteUnavailable
+
+    worker = TargetWorker.from_path(ckpts["target"])
+    executor = SerialExecutor(worker)
+    lost: list[str] = []
+    side = ServedTarget.factory("here:1", worker, executor)(lambda a, e: lost.append(a))
+    executor.shutdown()
+    with pytest.raises(RemoteUnavailable):
+        side.verify_batch([]).result(5)
+    assert lost == ["here:1"]
