@@ -23,7 +23,7 @@ import asyncio
 import logging
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -38,7 +38,7 @@ from cluster.scheduling.rounds import FinishReason, SequenceRounds, StopConditio
 from cluster.scheduling.rows import Row, RowRequest
 from cluster.scheduling.scheduler import StepScheduler
 from cluster.scheduling.worker_api import TargetUnavailable
-from cluster.transport.pools import Endpoint, EndpointState, WorkerPool
+from cluster.transport.pools import Endpoint, EndpointState, LocalSide, WorkerPool
 from protos import specdec_pb2, worker_pb2
 from workers.errors import KVBudgetExceeded
 from workers.wire import tokenizer_fingerprint
@@ -86,8 +86,7 @@ class Router:
         *,
         drafts: Sequence[str] = (),
         targets: Sequence[str] = (),
-        local_targets: Mapping[str, Callable[[Callable[[str, Exception], None]], Any]]
-        | None = None,
+        local_targets: Mapping[str, LocalSide] | None = None,
         health_checks: bool = True,
     ) -> None:
         if not isinstance(config, RouterConfig):  # a ClusterConfig from the Serve application

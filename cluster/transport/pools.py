@@ -23,6 +23,11 @@ from protos import worker_pb2
 
 log = logging.getLogger(__name__)
 
+OnUnavailable = Callable[[str, Exception], None]  # (address, why): the pool's mark_down
+# A side served by this very process, made for an address given the pool's mark_down
+# (cluster/transport/same_process.py).
+LocalSide = Callable[[OnUnavailable], Any]
+
 
 class EndpointState(enum.Enum):
     UNCHECKED = "unchecked"  # set, not yet probed: probed on first use
@@ -60,7 +65,7 @@ class WorkerPool:
         *,
         timeout_s: float,
         probe_timeout_s: float = 2.0,
-        local: Mapping[str, Callable[[Callable[[str, Exception], None]], Any]] | None = None,
+        local: Mapping[str, LocalSide] | None = None,
     ) -> None:
         """`local`: address -> a factory of the side to use there instead of a gRPC client
         (given the pool's `mark_down`): a worker served by this very process."""

@@ -24,11 +24,10 @@ from typing import Any
 import grpc
 
 from cluster.transport.grpc_workers import RemoteUnavailable
+from cluster.transport.pools import OnUnavailable
 from protos import worker_pb2
 from workers.batch import PrefillRow, VerifyRow
 from workers.service import Call, Executor, model_info, stats_response, unavailable_types
-
-OnUnavailable = Callable[[str, Exception], None]
 
 
 class ServedTarget:
