@@ -8,6 +8,7 @@ Rooms, and what each may import (tests/test_layout.py keeps the direction):
     transport/   how the scheduler reaches workers: gRPC clients, worker pools (imports scheduling)
     routing/     the router: api + scheduling + transport over gRPC workers, one scheduler per
                  target; the ingress's forwarding router; local server processes
+    observability/  the metric catalogue and recorders (pure; the Serve room exports them)
     serve/       the Ray Serve application: deployments, the builder, ports (wires everything)
     config.py    the one validated cluster configuration (used by routing, serve and the CLI)
     engine.py    the in-process engine: the same scheduler with in-process workers

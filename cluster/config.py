@@ -101,6 +101,12 @@ class ModelsConfig(_Strict):
     def draft_path(self) -> Path:
         return _model_path(self.draft, "draft", self.target)
 
+    def model_id(self) -> str:
+        """The served model's id (the OpenAI API's model, the metrics' `model` label): the
+        configured name, else the target pair's name (its dir is named "target"), else the
+        target directory's name."""
+        return self.served_model_name or self.pair_name("target") or self.target_path().name
+
     def pair_name(self, which: str) -> str | None:
         """The pair a side comes from, when it is given by name (or left to the default)."""
         from workers.checkpoints.registry import PAIRS, default_pair_name
@@ -125,6 +131,50 @@ def _model_path(value: str | None, which: str, target: str | None = None) -> Pat
     return resolve_checkpoint(value, which)
 
 
+class AutoscalingSettings(_Strict):
+    """Serve autoscaling of one pool on the rows it serves (cluster/serve/autoscaling.py): the
+    draft pool on the sequences its replicas hold, the target pool on the requests its
+    schedulers hold, so the two scale apart."""
+
+    min_replicas: int = Field(1, ge=1, description="fewest replicas")
+    max_replicas: int = Field(4, ge=1, description="most replicas (the pool must have room)")
+    target_rows: float = Field(
+        8.0,
+        gt=0,
+        description="rows per replica the pool is sized for: drafts, sequences held; targets,"
+        " requests running and waiting",
+    )
+    upscale_delay_s: float = Field(5.0, ge=0, description="demand must last this long to add")
+    downscale_delay_s: float = Field(60.0, ge=0, description="... and this long to remove")
+    metrics_interval_s: float = Field(2.0, gt=0, description="how often replicas report rows")
+    look_back_period_s: float = Field(10.0, gt=0, description="rows averaged over this window")
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+    def serve_config(self, initial: int) -> dict[str, Any]:
+        """Serve's `autoscaling_config` (our policy reads target_ongoing_requests as the rows
+        per replica)."""
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "initial_replicas": min(max(initial, self.min_replicas), self.max_replicas),
+            "target_ongoing_requests": self.target_rows,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "metrics_interval_s": self.metrics_interval_s,
+            "look_back_period_s": self.look_back_period_s,
+            "policy": {"policy_function": "cluster.serve.autoscaling:rows_policy"},
+        }
+
+
+def _most_replicas(replicas: int, autoscaling: AutoscalingSettings | None) -> int:
+    return max(replicas, autoscaling.max_replicas) if autoscaling else replicas
+
+
 class DraftConfig(_Strict):
     replicas: int = Field(1, ge=0, description="0 = no draft pool: plain decoding only")
     top_m: int = Field(64, ge=1, description="support size of the sparse draft distribution q")
@@ -144,6 +194,13 @@ class DraftConfig(_Strict):
         ge=0,
         description="KV budget of one replica in tokens (0 = none); a row over it drafts no more",
     )
+    autoscaling: AutoscalingSettings | None = Field(
+        None, description="scale the draft pool on its rows (empty: `replicas`, fixed)"
+    )
+
+    @property
+    def most_replicas(self) -> int:
+        return _most_replicas(self.replicas, self.autoscaling)
 
 
 class TargetConfig(_Strict):
@@ -169,6 +226,13 @@ class TargetConfig(_Strict):
         description="KV budget of one replica in tokens (0 = none): admission waits for room, "
         "a request that can never fit is RESOURCE_EXHAUSTED",
     )
+    autoscaling: AutoscalingSettings | None = Field(
+        None, description="scale the target pool on its rows (empty: `replicas`, fixed)"
+    )
+
+    @property
+    def most_replicas(self) -> int:
+        return _most_replicas(self.replicas, self.autoscaling)
 
     def resolved_backend(self) -> str:
         if self.backend != "auto":
@@ -308,6 +372,12 @@ class WorkersNetConfig(_Strict):
     health_check_timeout_s: float = Field(
         30.0, gt=0, description="a worker replica whose health check takes longer is restarted"
     )
+    drain_s: float = Field(
+        30.0,
+        ge=0,
+        description="a worker replica Serve stops (scale-down, redeploy) first leaves the"
+        " registry, then serves the rows it holds this long at most before it closes",
+    )
 
     @model_validator(mode="after")
     def _check_ttl(self) -> WorkersNetConfig:
@@ -368,7 +438,9 @@ class ClusterConfig(_Strict):
             node = args
             *parents, leaf = dotted.split(".")
             for key in parents:
-                node = node.setdefault(key, {})
+                if node.get(key) is None:  # a section that is off (autoscaling: null) turns on
+                    node[key] = {}
+                node = node[key]
             node[leaf] = value
         return ClusterConfig.load(args)
 
@@ -386,15 +458,16 @@ class ClusterConfig(_Strict):
     def required_resources(self) -> dict[str, float]:
         """Logical resources the whole application needs (for a local `ray.init`)."""
         d, t = self.draft, self.target
+        dn, tn = (d.most_replicas if d.replicas else 0), t.most_replicas  # room to scale up
         cpus = (
-            d.replicas * d.pool.num_cpus
-            + t.replicas * t.tp_size * t.pool.num_cpus
+            dn * d.pool.num_cpus
+            + tn * t.tp_size * t.pool.num_cpus
             + self.ingress.replicas * self.ingress.num_cpus
         )
-        out = {"CPU": cpus, t.pool.resource: t.replicas * t.tp_size * t.pool.amount}
+        out = {"CPU": cpus, t.pool.resource: tn * t.tp_size * t.pool.amount}
         if d.replicas:
-            out[d.pool.resource] = d.replicas * d.pool.amount
-        gpus = d.replicas * d.pool.num_gpus + t.replicas * t.tp_size * t.pool.num_gpus
+            out[d.pool.resource] = dn * d.pool.amount
+        gpus = dn * d.pool.num_gpus + tn * t.tp_size * t.pool.num_gpus
         if gpus:
             out["GPU"] = gpus
         return out

@@ -92,8 +92,11 @@ def sections(
         value = getattr(instance, name)
         if _is_model(field.annotation):
             nested.append((field.annotation, value, f"{dotted}."))
-        else:
-            keys.append(Key(dotted, type_text(field), value, field.description or ""))
+            continue
+        keys.append(Key(dotted, type_text(field), value, field.description or ""))
+        optional = _optional_model(field.annotation)
+        if optional is not None:  # off by default: its keys with the defaults they take when set
+            nested.append((optional, value or optional(), f"{dotted}."))
     if keys:
         dotted = prefix.rstrip(".")
         if model in seen:
@@ -127,6 +130,14 @@ def _annotation_text(annotation: Any) -> str:
     if annotation is type(None):
         return "null"
     return getattr(annotation, "__name__", str(annotation))
+
+
+def _optional_model(annotation: Any) -> type[BaseModel] | None:
+    """The model of a `Model | None` field (a section that is off unless given)."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if len(args) == 1 and len(get_args(annotation)) == 2 and _is_model(args[0]):
+        return args[0]
+    return None
 
 
 def _is_model(annotation: Any) -> bool:

@@ -35,6 +35,15 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "cluster.transport": ("cluster.api", "cluster.routing", "cluster.serve", "cluster.cli", "ray"),
     "cluster.api": ("cluster.transport", "cluster.routing", "cluster.serve", "cluster.cli", "ray"),
     "cluster.routing": ("cluster.serve", "cluster.cli", "ray"),
+    "cluster.observability": (
+        "cluster.serve",
+        "cluster.routing",
+        "cluster.transport",
+        "cluster.cli",
+        "ray",
+        "grpc",
+        "torch",
+    ),
     "cluster.config": ("cluster.serve", "cluster.routing", "ray", "grpc", "torch"),
     "cluster.engine": ("cluster.serve", "cluster.routing", "cluster.api", "ray", "grpc"),
 }

@@ -1,15 +1,19 @@
 """The HTTP side of the Serve ingress: the OpenAI-compatible API and GET /specdec, as a FastAPI app.
 
     GET  /specdec               worker status as JSON (also GET / under an old /specdec prefix)
+    GET  /health                200 while the ingress answers (liveness)
+    GET  /ready                 200 when every pool has a live replica, else 503 (readiness)
+    GET  /version               the package version
     GET  /v1/models             the served model id
     POST /v1/completions        text completion, unary or server-sent events
     POST /v1/chat/completions   chat completion (the target tokenizer's chat template)
 
 `build_http_app(ingress)` is called once per ingress replica (`__serve_build_asgi_app__` in
 cluster/serve/app.py) and closes over it: `ingress.router` (a `cluster.routing.router.Router`),
-`ingress.model_id`, `ingress.started` and `await ingress.status()`. The translation itself is
-pure, in cluster/api/openai_requests.py, openai_responses.py, openai_errors.py and
-openai_models.py; here is only HTTP: status codes, streaming, disconnects. No ray.
+`ingress.model_id`, `ingress.started`, `ingress.serving()` and `await ingress.status()`. The
+translation itself is pure, in cluster/api/openai_requests.py, openai_responses.py,
+openai_errors.py and openai_models.py; here is only HTTP: status codes, streaming,
+disconnects. No ray.
 """
 
 from __future__ import annotations
@@ -52,6 +56,15 @@ def to_api_error(exc: BaseException, opts: Options | None) -> APIError:
     )
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("specdec-cluster")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
@@ -63,6 +76,22 @@ def build_http_app(ingress: Any) -> FastAPI:
     @app.get("/")  # the same under an application deployed with route_prefix /specdec
     async def status() -> dict[str, Any]:
         return await ingress.status()
+
+    @app.get("/health")
+    async def health() -> Response:
+        """Live: this ingress answers (vLLM's server answers the same path)."""
+        return Response(status_code=200)
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        """Ready: every pool has a live replica with its model loaded (503 until then)."""
+        if ingress.serving():
+            return JSONResponse({"ready": True})
+        return JSONResponse({"ready": False}, status_code=503)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": package_version()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

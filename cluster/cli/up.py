@@ -153,7 +153,7 @@ def _worker_dtypes(name: str, cfg) -> str:
 def cmd_up(args: argparse.Namespace) -> int:
     from cluster.config import ConfigError
     from cluster.config_checks import check_models
-    from cluster.serve.app import APP_NAME, GRPC_SERVICER, build_app
+    from cluster.serve.app import APP_NAME, GRPC_SERVICERS, build_app
 
     try:
         cfg = up_config(args)
@@ -198,7 +198,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         _say(f"[2/4] starting Serve with the gRPC proxy on port {port}")
         serve.start(
             http_options={"host": "127.0.0.1", "port": http_port},
-            grpc_options={"port": port, "grpc_servicer_functions": [GRPC_SERVICER]},
+            grpc_options={"port": port, "grpc_servicer_functions": GRPC_SERVICERS},
         )
         _say(
             f"[3/4] deploying '{APP_NAME}': target {cfg.models.target_path()} "

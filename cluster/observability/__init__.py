@@ -2,10 +2,10 @@
 
 catalog (every metric: name, kind, labels, buckets; the one list the exporters, the Grafana
 dashboard and the docs are checked against), recorders (turn a request's stream and a scheduler's
-steps into metric updates, through a `MetricSink`; pure), ray_sink (the sink over Ray Serve's
-metrics, which leave through Ray's Prometheus export), prometheus (read Ray's /metrics text back,
-for tests and `specdec status`).
+steps into metric updates, through a `MetricSink`; pure), prometheus (read Ray's /metrics text
+back, for tests and `specdec status`). The sink over Ray Serve's metrics is the Serve room's
+(cluster/serve/metrics_sink.py).
 
-May import: cluster.scheduling (the step record), protos. Never: cluster.serve, cluster.routing,
-cluster.cli; ray only in ray_sink.
+May import: cluster.scheduling (the observer's record). Never: ray, grpc, torch, or the rooms
+that wire things (serve, routing, transport, cli).
 """

@@ -31,6 +31,7 @@ import grpc
 
 from cluster.api.response_stream import collect
 from cluster.api.validation import Admission, RequestError, ValidRequest
+from cluster.observability.recorders import RequestRecorder
 from cluster.routing.config import RouterConfig
 from cluster.routing.target_model import TargetModel
 from protos import specdec_pb2
@@ -56,8 +57,17 @@ def _raise_error_item(item: tuple) -> None:
 class ForwardingRouter:
     """Validates, then forwards each request to a target replica's scheduler via `submit`."""
 
-    def __init__(self, config: RouterConfig, submit: Submit, *, max_failovers: int = 3) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        submit: Submit,
+        *,
+        max_failovers: int = 3,
+        recorder: RequestRecorder | None = None,
+    ) -> None:
+        """recorder: the request metrics (cluster/observability), None for none."""
         self.config = config
+        self.recorder = recorder
         self.submit = submit
         self.max_failovers = max_failovers
         self.model = TargetModel.load(config.target_model_path)
@@ -85,6 +95,31 @@ class ForwardingRouter:
         """The replica's messages, `every` tokens to a message after the first (default: the
         config's `stream_interval`; 0: as few as the replica's liveness allows, for a unary
         call)."""
+        if self.recorder is None:
+            async for msg in self._stream(request, every):
+                yield msg
+            return
+        watch = self.recorder.watch()
+        self.recorder.entered()
+        stream = self._stream(request, every)
+        try:
+            async for msg in stream:
+                watch.message(len(msg.token_ids), msg.finish_reason, msg.usage.prompt_tokens)
+                yield msg
+        except RequestError as exc:
+            watch.failed(exc.code.name)
+            raise
+        except Exception:
+            watch.failed(grpc.StatusCode.INTERNAL.name)
+            raise
+        finally:
+            watch.close()
+            self.recorder.left()
+            await stream.aclose()
+
+    async def _stream(
+        self, request: specdec_pb2.GenerateRequest, every: int | None
+    ) -> AsyncIterator[specdec_pb2.GenerateResponse]:
         every = self.config.stream_interval if every is None else every
         req = self.validate(request)
         self._admission.enter()

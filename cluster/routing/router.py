@@ -34,6 +34,7 @@ from cluster.api.validation import Admission, RequestError, ValidRequest
 from cluster.routing.config import RouterConfig
 from cluster.routing.mailbox import END, LoopMailbox, LoopSink
 from cluster.routing.target_model import TargetModel
+from cluster.scheduling.observer import SchedulerObserver
 from cluster.scheduling.rounds import FinishReason, SequenceRounds, StopConditions
 from cluster.scheduling.rows import Row, RowRequest
 from cluster.scheduling.scheduler import StepScheduler
@@ -88,7 +89,9 @@ class Router:
         targets: Sequence[str] = (),
         local_targets: Mapping[str, LocalSide] | None = None,
         health_checks: bool = True,
+        observer: SchedulerObserver | None = None,
     ) -> None:
+        """observer: told of every scheduler's steps (metrics; cluster/observability)."""
         if not isinstance(config, RouterConfig):  # a ClusterConfig from the Serve application
             config = RouterConfig.from_cluster_config(config)
         self.config = config
@@ -111,6 +114,7 @@ class Router:
             local=local_targets,
         )
         self._schedulers: dict[str, StepScheduler] = {}  # target address -> its scheduler
+        self._observer = observer
         self._lock = threading.Lock()
         self._admission = Admission(config.max_in_flight, "router")
         self._closing = threading.Event()
@@ -236,6 +240,7 @@ class Router:
                     self._options,
                     name=f"scheduler-{ep.address}",
                     on_target_lost=self._target_lost,
+                    observer=self._observer,
                 ).start()
                 self._schedulers[ep.address] = sched
             return sched

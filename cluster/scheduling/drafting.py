@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from cluster.scheduling.observer import DRAFT_DOWN, DRAFT_SLOW
 from cluster.scheduling.pipelining import ahead_hit
 from cluster.scheduling.rows import Row, group_by_lease
 from cluster.scheduling.worker_api import DraftPool
@@ -43,6 +44,8 @@ class Drafting:
         self.name = name
         self.pending: list[_Pending] = []
         self.background = True  # draft work may overlap target passes (its own compute)
+        self.hits = 0  # blocks drafted ahead and used / thrown away (all rows, for metrics)
+        self.misses = 0
 
     def prefill(self, rows: Sequence[Row]) -> Calls:
         """Bind each row to a draft worker and prefill it there (one call per worker); the
@@ -53,7 +56,7 @@ class Drafting:
             if row.lease is None:
                 row.lease = self.drafts.acquire()
                 if row.lease is None:
-                    row.lose_draft()
+                    row.lose_draft(DRAFT_DOWN)
         calls = []
         for group in group_by_lease(rows).values():
             side = group[0].lease.side
@@ -76,7 +79,7 @@ class Drafting:
                     row.policy.draft_restored()
                 else:
                     self.drop_lease(row)
-                    row.lose_draft()
+                    row.lose_draft(loss_cause(res))
 
     def start_prefill(self, rows: Sequence[Row]) -> None:
         """Prefill in the background (`background`): the batch does not wait for it; until
@@ -120,7 +123,7 @@ class Drafting:
                 row.policy.draft_restored()
             else:
                 self.drop_lease(row)
-                row.lose_draft()
+                row.lose_draft(loss_cause(res))
 
     def for_step(
         self, rows: Sequence[Row], ks: list[int], probing: bool, probe_rows: int
@@ -224,9 +227,11 @@ class Drafting:
                 stats = row.rounds.stats
                 if hit is not None:
                     stats.pipeline_hits += 1
+                    self.hits += 1
                     row.ready = hit
                 else:
                     stats.pipeline_misses += 1
+                    self.misses += 1
 
     def _call(self, row: Row, call) -> Future | None:
         try:
@@ -245,7 +250,7 @@ class Drafting:
     def lose(self, row: Row, exc: object) -> None:
         log.debug("%s: %s loses its draft (%s)", self.name, row.seq_id, exc)
         self.drop_lease(row)
-        row.lose_draft()
+        row.lose_draft(loss_cause(exc))
 
     def drop_lease(self, row: Row) -> None:
         lease, row.lease = row.lease, None
@@ -284,6 +289,11 @@ class _Pending:
     lens: list[int]
     fut: Future | None
     started: float
+
+
+def loss_cause(exc: object) -> str:
+    """Why a draft call failed, as the fallback metrics name it."""
+    return DRAFT_SLOW if isinstance(exc, TimeoutError) else DRAFT_DOWN
 
 
 def trim(p: Proposal, k: int) -> Proposal:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cluster.scheduling.lookup import RowLookup
+from cluster.scheduling.observer import DRAFT_DOWN
 from cluster.scheduling.policy import Drafter, SpecMode
 from cluster.scheduling.rounds import FinishReason, SequenceRounds
 from cluster.scheduling.row_policy import RowPolicy
@@ -65,6 +66,8 @@ class Row:
         self.ready: Proposal | None = None  # drafted ahead and confirmed: the next block
         self.on_target = False  # the current target holds the committed tokens
         self.target_failovers = 0
+        self.speculated = False  # its previous target pass verified a draft (for fallbacks)
+        self.draft_loss = DRAFT_DOWN  # why its draft went last (DRAFT_DOWN or DRAFT_SLOW)
         self.home: Any = None  # the router's record of the target the row runs on
         self.tried: set[str] = set()  # targets that failed this row
         self._cancel = threading.Event()
@@ -91,8 +94,9 @@ class Row:
         """Committed tokens the draft has not been told yet (sent with its next call)."""
         return self.rounds.tokens_from(self.draft_len)
 
-    def lose_draft(self) -> None:
+    def lose_draft(self, cause: str = DRAFT_DOWN) -> None:
         """Plain mode at once; nothing committed is lost. A re-prefill is tried later."""
+        self.draft_loss = cause
         self.rounds.stats.draft_failures += 1
         self.ready = None
         self.draft_len = 0

@@ -35,6 +35,14 @@ from cluster.scheduling.admission import plan_admissions
 from cluster.scheduling.batch_policy import BatchPolicy, row_choices
 from cluster.scheduling.drafting import Drafting
 from cluster.scheduling.lookup_drafting import LOOKUP, LookupBlock, LookupDrafting
+from cluster.scheduling.observer import (
+    LOAD,
+    LOW_ACCEPTANCE,
+    NO_MATCH,
+    NoObserver,
+    SchedulerObserver,
+    StepRecord,
+)
 from cluster.scheduling.pipelining import PipeliningChoice
 from cluster.scheduling.policy import PolicyConfig, SpecMode
 from cluster.scheduling.rounds import add_rounds
@@ -92,8 +100,10 @@ class StepScheduler(StepLoop):
         name: str = "scheduler",
         clock: Callable[[], float] = time.perf_counter,
         on_target_lost: TargetLostHandler | None = None,
+        observer: SchedulerObserver | None = None,
     ) -> None:
         super().__init__(name)
+        self.observer: SchedulerObserver = observer or NoObserver()
         self.target = target
         self.drafts = drafts
         self.config = policy
@@ -228,12 +238,14 @@ class StepScheduler(StepLoop):
         ):
             self.drafting.start_prefill(later)
         draft_calls = self.drafting.prefill(now)
+        t0 = self.clock()
         target_f = self._target_call(
             lambda t: t.prefill_batch(
                 [PrefillRow(r.seq_id, r.rounds.tokens, r.params) for r in batch]
             )
         )
         results = self._target_wait(target_f)
+        self.observer.prefill(len(batch), self.clock() - t0)
         self.drafting.settle_prefill(draft_calls)
         self.drafting.poll()
         refused: list[Row] = []
@@ -293,6 +305,7 @@ class StepScheduler(StepLoop):
             verify_seconds = self.clock() - t1
             phase["verify"] += self.clock() - t2
         width = max(len(v.draft_tokens) for v in vrows) + 1
+        self._note_fallbacks(rows, vrows)
         # Counted before any row hears of this step (a reader may look right after its stream).
         self.steps += 1
         self.costs.steps = self.steps
@@ -303,10 +316,24 @@ class StepScheduler(StepLoop):
         committed = self._commit(rows, vrows, verdicts, proposals, lookups)
         t4 = self.clock()
         phase["commit"] += t4 - t3
+        hits, misses = self.drafting.hits, self.drafting.misses
         self.drafting.settle_ahead(ahead, model_proposals, verdicts, rows)
         t5 = self.clock()
         step_seconds = t5 - t0
         phase["ahead"] += t5 - t4
+        observer = self.observer
+        if ahead:
+            observer.pipeline(self.drafting.hits - hits, self.drafting.misses - misses)
+        observer.step(
+            StepRecord(
+                rows=len(rows),
+                plain_rows=sum(1 for v in vrows if v.plain),
+                draft_seconds=draft_seconds,
+                drafted=drafted_now.drafted,
+                verify_seconds=verify_seconds,
+                step_seconds=step_seconds,
+            )
+        )
         # Prices: the target pass by its padded positions; the draft passes by rows drafting.
         if not shared:  # draft work beside it may share the cores: that time is not typical
             self.costs.observe_target(len(rows), width, verify_seconds)
@@ -319,6 +346,24 @@ class StepScheduler(StepLoop):
         self.pipelining.observe(width > 1, committed, step_seconds)
         if width == 1 or 2 * len(proposals) >= len(rows):  # plain, or most rows speculated
             self.batch_policy.realized.observe(len(rows), width > 1, committed, step_seconds)
+
+    def _note_fallbacks(self, rows: Sequence[Row], vrows: Sequence[VerifyRow]) -> None:
+        """Tell the observer of each row that speculated in its previous pass and steps plain
+        in this one, and why."""
+        alone = len(rows) == 1
+        for row, vrow in zip(rows, vrows, strict=True):
+            was, row.speculated = row.speculated, not vrow.plain
+            if not was or not vrow.plain:
+                continue
+            if not row.policy.draft_available and row.drafter.uses_model:
+                cause = row.draft_loss
+            elif not row.drafter.uses_model:
+                cause = NO_MATCH
+            elif alone or row.deterministic:
+                cause = LOW_ACCEPTANCE
+            else:
+                cause = LOAD
+            self.observer.fallback(cause)
 
     def _choose(self, rows: Sequence[Row]) -> list[int]:
         return self.batch_policy.choose(row_choices(rows, self.config.max_draft_tokens))
@@ -342,6 +387,7 @@ class StepScheduler(StepLoop):
             p = proposals[row.seq_id]
             out = row.rounds.on_round(list(vrow.draft_tokens), res.accepted, res.token, p.drafter)
             add_rounds(self.drafter_mix, p.drafter, 1, len(vrow.draft_tokens), res.accepted)
+            self.observer.round(p.drafter, len(vrow.draft_tokens), res.accepted)
             block = lookups.get(row.seq_id)
             if block is not None:
                 self.lookups.observe(row, block, res.accepted)

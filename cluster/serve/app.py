@@ -22,14 +22,19 @@ from typing import Any
 
 from ray import serve
 
-from cluster.config import ClusterConfig
+from cluster.config import AutoscalingSettings, ClusterConfig
 from cluster.config_checks import check_models
 from cluster.serve.ingress import IngressDeployment
 from cluster.serve.registry import RegistryDeployment
 from cluster.serve.worker_deployments import DraftDeployment, TargetDeployment
 
 APP_NAME = "specdec"
-GRPC_SERVICER = "protos.specdec_pb2_grpc.add_SpecDecodeServicer_to_server"
+# Serve's gRPC proxy carries the public API and the standard health service (answered by the
+# ingress: SERVING while every pool has a live replica).
+GRPC_SERVICERS = [
+    "protos.specdec_pb2_grpc.add_SpecDecodeServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
 
 
 def deployment_options(cfg: ClusterConfig) -> dict[str, dict[str, Any]]:
@@ -49,14 +54,18 @@ def deployment_options(cfg: ClusterConfig) -> dict[str, dict[str, Any]]:
             "placement_group_bundles": [t.pool.bundle() for _ in range(t.tp_size)],
             "placement_group_strategy": t.placement_strategy,
         }
-    target.update(num_replicas=t.replicas, max_ongoing_requests=t.max_ongoing_requests, **health)
+    target.update(replicas(t.replicas, t.autoscaling), max_ongoing_requests=t.max_ongoing_requests)
+    # Serve waits this long for a stopping replica: its drain, then its own teardown.
+    workers = {**health, "graceful_shutdown_timeout_s": w.drain_s + 10}
+    target.update(workers)
+    d = cfg.draft
     return {
         "registry": {"ray_actor_options": {"num_cpus": 0}, "num_replicas": 1, **health},
         "draft": {
-            "num_replicas": cfg.draft.replicas,
-            "ray_actor_options": cfg.draft.pool.actor_options(),
-            "max_ongoing_requests": cfg.draft.max_ongoing_requests,
-            **health,
+            **replicas(d.replicas, d.autoscaling),
+            "ray_actor_options": d.pool.actor_options(),
+            "max_ongoing_requests": d.max_ongoing_requests,
+            **workers,
         },
         "target": target,
         "ingress": {
@@ -70,6 +79,13 @@ def deployment_options(cfg: ClusterConfig) -> dict[str, dict[str, Any]]:
             **health,
         },
     }
+
+
+def replicas(fixed: int, autoscaling: AutoscalingSettings | None) -> dict[str, Any]:
+    """A pool's replica count: fixed, or Serve's autoscaling on its rows."""
+    if autoscaling is None:
+        return {"num_replicas": fixed}
+    return {"autoscaling_config": autoscaling.serve_config(fixed)}
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:

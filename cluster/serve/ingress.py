@@ -16,14 +16,19 @@ import asyncio
 import time
 from typing import Any
 
+import grpc
 import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.api.openai_models import default_model_id
 from cluster.config import ClusterConfig
+from cluster.observability.recorders import RequestRecorder
 from cluster.serve.grpc_errors import handler_failure
+from cluster.serve.metrics_sink import RaySink
 from cluster.serve.registry import DRAFT, poll_period, poll_registry
+
+# grpc.health.v1 service names the ingress answers for ("" = the server as a whole).
+HEALTH_SERVICES = ("", "specdec.v1.SpecDecode")
 
 
 @serve.deployment(name="SpecDecodeIngress")
@@ -44,13 +49,9 @@ class IngressDeployment:
         self.registry = registry
         self.drafts = drafts  # held so that `status` can ask the worker replicas where they run
         self.targets = targets
-        self.router = make_router(self.cfg, targets)
-        # A pair's target dir is named "target": its pair's name says which model it is.
-        self.model_id = (
-            self.cfg.models.served_model_name
-            or self.cfg.models.pair_name("target")
-            or default_model_id(self.cfg.models.target_path())
-        )
+        self.model_id = self.cfg.models.model_id()
+        self.recorder = RequestRecorder(RaySink(self.model_id))
+        self.router = make_router(self.cfg, targets, self.recorder)
         self.started = time.time()
         self._workers: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
         self._poll = asyncio.get_running_loop().create_task(
@@ -80,6 +81,46 @@ class IngressDeployment:
         finally:
             await stream.aclose()  # a cancelled client frees the sequence on the workers
 
+    # -- grpc.health.v1 on the public port (Serve's proxy routes Check / Watch here) -----------
+
+    async def Check(self, request, grpc_context=None):  # noqa: N802
+        from grpc_health.v1 import health_pb2
+
+        if request.service not in HEALTH_SERVICES:
+            if grpc_context is not None:
+                grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+                grpc_context.set_details(f"unknown service {request.service!r}")
+            return health_pb2.HealthCheckResponse()
+        return health_pb2.HealthCheckResponse(status=self._health_status())
+
+    async def Watch(self, request, grpc_context=None):  # noqa: N802
+        """The status now and at every change (the health protocol's stream)."""
+        from grpc_health.v1 import health_pb2
+
+        unknown = request.service not in HEALTH_SERVICES
+        last = None
+        while True:
+            status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            if not unknown:
+                status = self._health_status()
+            if status != last:
+                last = status
+                yield health_pb2.HealthCheckResponse(status=status)
+            await asyncio.sleep(poll_period(self.cfg))
+
+    def _health_status(self) -> int:
+        from grpc_health.v1 import health_pb2
+
+        response = health_pb2.HealthCheckResponse
+        return response.SERVING if self.serving() else response.NOT_SERVING
+
+    def serving(self) -> bool:
+        """Ready for requests: a target replica and, with a draft pool, a draft replica have
+        loaded their models and are alive (registered and heart-beating; a replica that dies
+        leaves the registry within workers.registry_ttl_s)."""
+        drafts, targets = self._workers
+        return bool(targets) and (bool(drafts) or not self.cfg.draft.replicas)
+
     def __serve_build_asgi_app__(self):  # noqa: N807 - Serve's hook for a late-bound ASGI app
         from cluster.api.http_app import build_http_app
 
@@ -102,8 +143,11 @@ class IngressDeployment:
             "model": self.model_id,  # the OpenAI API's model id
             "want_drafts": self.cfg.draft.replicas,
             "want_targets": self.cfg.target.replicas,
+            # every configured replica is up (what `specdec up` waits for) ...
             "ready": len(targets) >= self.cfg.target.replicas
             and len(drafts) >= self.cfg.draft.replicas,
+            # ... and at least one of each pool is (what /ready and grpc.health.v1 answer)
+            "serving": self.serving(),
         }
 
     def __del__(self) -> None:
@@ -121,7 +165,9 @@ class IngressDeployment:
         return await handle.info.remote()
 
 
-def make_router(cfg: ClusterConfig, targets: DeploymentHandle | None):
+def make_router(
+    cfg: ClusterConfig, targets: DeploymentHandle | None, recorder: RequestRecorder | None = None
+):
     """The ingress side of one ingress replica: it forwards requests to the target replicas'
     schedulers through the target deployment's handle (Serve routes by load)."""
     from cluster.routing.config import RouterConfig
@@ -134,4 +180,4 @@ def make_router(cfg: ClusterConfig, targets: DeploymentHandle | None):
     def submit(request: bytes, every: int):
         return handle.generate.remote(request, every)
 
-    return ForwardingRouter(RouterConfig.from_cluster_config(cfg), submit)
+    return ForwardingRouter(RouterConfig.from_cluster_config(cfg), submit, recorder=recorder)

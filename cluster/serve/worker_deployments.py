@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 import grpc
@@ -30,10 +31,19 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ClusterConfig
+from cluster.observability.recorders import StepRecorder, record_batch, record_worker
+from cluster.serve.autoscaling import ROWS_METRIC
 from cluster.serve.grpc_errors import grpc_status_for
+from cluster.serve.metrics_sink import RaySink
 from cluster.serve.registry import DRAFT, TARGET, poll_period, poll_registry
 
 log = logging.getLogger("ray.serve")
+
+METRICS_PERIOD_S = 1.0  # how often a worker replica samples its KV and batch into the metrics
+
+
+def _worker_load(worker: Any) -> tuple[int, int]:
+    return int(worker.live_sequences), int(worker.kv_tokens)
 
 
 class _WorkerReplica:
@@ -56,7 +66,11 @@ class _WorkerReplica:
         except Exception:  # noqa: BLE001 - outside Serve (never in production)
             self.replica_id = f"{self.kind}-{os.getpid()}"
         self._channel: grpc.aio.Channel | None = None
-        self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+        loop = asyncio.get_running_loop()
+        self._heartbeat = loop.create_task(self._heartbeat_loop())
+        self.sink = RaySink(cfg.models.model_id())
+        self.sequences = 0  # sampled with the metrics: the draft pool's autoscaling signal
+        self._sampler = loop.create_task(self._sample_loop())
         log.info(
             "%s worker %s serving on %s (%s; models.dtype %s)",
             self.kind,
@@ -76,6 +90,41 @@ class _WorkerReplica:
             except Exception as exc:  # noqa: BLE001 - the registry may be restarting; retry
                 log.warning("%s worker: registry heartbeat failed: %s", self.kind, exc)
             await asyncio.sleep(self.cfg.workers.heartbeat_s)
+
+    async def _sample_loop(self) -> None:
+        """Every METRICS_PERIOD_S: the worker's sequences and KV into the metrics."""
+        budget = getattr(self.worker, "max_kv_tokens", None)
+        while True:
+            try:
+                seqs, kv = await asyncio.to_thread(_worker_load, self.worker)
+                self.sequences = seqs
+                record_worker(self.sink, seqs, kv, budget)
+                self._sample_more()
+            except Exception as exc:  # noqa: BLE001 - metrics never take a replica down
+                log.debug("%s worker: metrics sample failed: %s", self.kind, exc)
+            await asyncio.sleep(METRICS_PERIOD_S)
+
+    def _sample_more(self) -> None:
+        pass
+
+    def _drain(self) -> None:
+        """Out of the registry, no scheduler leases this worker to new rows; the rows it holds
+        go on until they finish (at most workers.drain_s), then the port closes. (A target
+        replica's requests are Serve's: Serve waits for them before this runs.)"""
+        deadline = time.monotonic() + self.cfg.workers.drain_s
+        try:
+            while self.worker.live_sequences > 0 and time.monotonic() < deadline:
+                time.sleep(0.2)  # the worker's gRPC server runs on its own threads
+        except Exception:  # noqa: BLE001 - a worker already gone has nothing to drain
+            pass
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (cluster/serve/autoscaling.py scales on it): the
+        rows this replica serves."""
+        return {ROWS_METRIC: float(self._rows())}
+
+    def _rows(self) -> int:
+        return self.sequences
 
     async def check_health(self) -> None:
         """The worker API answers on its own port (and, for a TP group, every rank is alive)."""
@@ -110,9 +159,11 @@ class _WorkerReplica:
         # Serve calls this on a graceful stop; a killed replica simply expires from the registry.
         try:
             self._heartbeat.cancel()
+            self._sampler.cancel()
             self.registry.unregister.remote(self.replica_id)
         except Exception:  # noqa: BLE001
             pass
+        self._drain()
         try:
             self.server.stop(grace=1.0)
         except Exception:  # noqa: BLE001
@@ -213,6 +264,7 @@ class TargetDeployment(_WorkerReplica):
             RouterConfig.from_cluster_config(cfg),
             targets=[self.address],
             local_targets={self.address: own},
+            observer=StepRecorder(self.sink),
         )
         self._drafts_poll = asyncio.get_running_loop().create_task(
             poll_registry(
@@ -255,6 +307,21 @@ class TargetDeployment(_WorkerReplica):
 
     def batch_status(self) -> dict[str, Any]:
         return {"in_flight": self.router.in_flight, "batch": self.router.batch_status()}
+
+    def _drain(self) -> None:
+        pass  # Serve waited for this replica's requests (its rows) before stopping it
+
+    def _sample_more(self) -> None:
+        batch = self.router.batch_status()
+        record_batch(
+            self.sink,
+            sum(b["running"] for b in batch.values()),
+            sum(b["waiting"] for b in batch.values()),
+        )
+
+    def _rows(self) -> int:
+        """Requests this replica's scheduler holds (running, waiting, arriving)."""
+        return self.router.in_flight
 
     async def check_health(self) -> None:
         await super().check_health()

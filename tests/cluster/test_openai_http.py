@@ -22,7 +22,7 @@ from ray import serve
 from tokenizers import decoders
 
 from cluster.cli.client import build_request, call_generate
-from cluster.serve.app import APP_NAME, GRPC_SERVICER, build_app
+from cluster.serve.app import APP_NAME, GRPC_SERVICERS, build_app
 from protos import specdec_pb2 as pb
 from tests.deploy.helpers import free_port, hf_greedy, init_ray, noisy_copy, tmpdir
 from tests.tiny_models import VOCAB, make_model, make_tokenizer
@@ -138,7 +138,7 @@ def cluster():
         t0 = time.monotonic()
         serve.start(
             http_options={"host": "127.0.0.1", "port": http_port},
-            grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+            grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICERS},
         )
         common = {"ingress": {"num_cpus": 0}, "workers": {"host": "127.0.0.1"}}
         # float32: greedy equals HF generate token for token (the default auto may be bf16)

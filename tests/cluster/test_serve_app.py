@@ -12,16 +12,20 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
+import urllib.error
 import urllib.request
 
 import grpc
 import pytest
 import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 
 from cluster.cli.client import build_request, call_generate, stream_generate
-from cluster.serve.app import APP_NAME, GRPC_SERVICER, build_app
+from cluster.observability.prometheus import Samples
+from cluster.serve.app import APP_NAME, GRPC_SERVICERS, build_app
 from protos import specdec_pb2 as pb
 from tests.deploy.helpers import free_port, hf_greedy, init_ray, noisy_copy, tmpdir
 from tests.tiny_models import make_model, make_tokenizer
@@ -33,9 +37,10 @@ STREAM_INTERVAL = 3
 
 
 class Cluster:
-    def __init__(self, address: str, http: str, target, draft) -> None:
+    def __init__(self, address: str, http: str, target, draft, metrics: str) -> None:
         self.address = address
         self.http = http
+        self.metrics = metrics  # Ray's Prometheus endpoint
         self.target = target
         self.draft = draft
         self.handle = serve.get_app_handle(APP_NAME)
@@ -71,13 +76,14 @@ def cluster():
     root = tmpdir("sd-serve-")
     target = make_model(root / "target", seed=1, max_positions=1024, tokenizer=make_tokenizer())
     draft = noisy_copy(target, root / "draft", std=0.15)  # agrees with the target ~40% of the time
-    init_ray()
+    metrics_port = free_port()
+    init_ray(metrics_port=metrics_port)
     try:
         grpc_port, http_port = free_port(), free_port()
         t0 = time.monotonic()
         serve.start(
             http_options={"host": "127.0.0.1", "port": http_port},
-            grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+            grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICERS},
         )
         args = {
             # float32: greedy equals HF generate token for token (the default auto may be bf16)
@@ -90,7 +96,13 @@ def cluster():
             "workers": {"host": "127.0.0.1"},
         }
         serve.run(build_app(args), name=APP_NAME, route_prefix="/specdec")
-        c = Cluster(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", target, draft)
+        c = Cluster(
+            f"127.0.0.1:{grpc_port}",
+            f"http://127.0.0.1:{http_port}",
+            target,
+            draft,
+            f"http://127.0.0.1:{metrics_port}/metrics",
+        )
         c.wait(lambda st: st["ready"], what="workers registered")
         print(f"\nServe app up in {time.monotonic() - t0:.1f}s")
         yield c
@@ -123,6 +135,104 @@ def test_greedy_over_the_grpc_proxy_equals_hf_greedy(cluster):
     # Plain decoding only: still the same tokens.
     resp, _ = call_generate(cluster.address, request(60, pb.SPECULATION_MODE_OFF))
     assert list(resp.token_ids) == want and resp.stats.rounds == 0
+
+
+def _counts(url: str) -> dict[str, float]:
+    """The metrics a request moves, summed over replicas (Ray's export: ray_<name>, _total)."""
+    m = Samples.parse(urllib.request.urlopen(url, timeout=5).read().decode())
+    out = {
+        "success": m.total("ray_specdec_request_success_total", finished_reason="length"),
+        "refused": m.total("ray_specdec_requests_refused_total", cause="invalid_argument"),
+        "prompt": m.total("ray_specdec_prompt_tokens_total"),
+        "generated": m.total("ray_specdec_generation_tokens_total"),
+        "ttft": m.total("ray_specdec_time_to_first_token_seconds_count"),
+        "e2e": m.total("ray_specdec_e2e_request_latency_seconds_count"),
+        "drafts": m.total("ray_specdec_spec_decode_num_drafts_total", drafter="model"),
+        "draft_tokens": m.total("ray_specdec_spec_decode_num_draft_tokens_total", drafter="model"),
+        "accepted": m.total("ray_specdec_spec_decode_num_accepted_tokens_total", drafter="model"),
+        "spec_rows": m.total("ray_specdec_row_steps_total", kind="spec"),
+    }
+    for pos in range(4):
+        out[f"pos{pos}"] = m.total(
+            "ray_specdec_spec_decode_num_accepted_tokens_per_pos_total", position=str(pos)
+        )
+    return out
+
+
+def _settled_counts(url: str) -> dict[str, float]:
+    last = _counts(url)
+    for _ in range(30):
+        time.sleep(1.0)  # two report periods
+        now = _counts(url)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the metrics never settled: {last}")
+
+
+def test_the_metrics_move_by_exactly_what_a_request_did(cluster):
+    """Scraped from Ray's Prometheus endpoint: one request (k = 3, the draft model) and one bad
+    request move the counters by exactly what the response's own stats say."""
+    before = _settled_counts(cluster.metrics)  # earlier tests' requests all reported
+    resp, _ = call_generate(
+        cluster.address, request(48, pb.SPECULATION_MODE_ON, k=3, drafter="model")
+    )
+    with pytest.raises(grpc.RpcError):
+        call_generate(cluster.address, request(0))  # max_new_tokens 0: INVALID_ARGUMENT
+    s = resp.stats
+    hist = list(s.acceptance_histogram)
+    want = {
+        "success": 1,
+        "refused": 1,
+        "prompt": len(PROMPT),
+        "generated": resp.usage.completion_tokens,
+        "ttft": 1,
+        "e2e": 1,
+        "drafts": s.rounds,
+        "draft_tokens": s.draft_tokens,
+        "accepted": s.accepted_tokens,
+        "spec_rows": s.rounds,
+    }
+    for pos in range(4):  # rounds that accepted the draft token at position pos
+        want[f"pos{pos}"] = sum(hist[pos + 1 :])
+    assert s.rounds > 0 and s.accepted_tokens > 0 and resp.finish_reason == pb.FINISH_REASON_LENGTH
+    deadline = time.monotonic() + 30  # replicas report every half second
+    while True:
+        after = _counts(cluster.metrics)
+        moved = {k: after[k] - before[k] for k in want}
+        if moved == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert moved == want
+
+
+def _health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+
+
+def _http_status(url: str) -> int:
+    try:
+        return urllib.request.urlopen(url, timeout=10).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_health_and_readiness_answer_on_the_public_ports(cluster):
+    assert _health(cluster.address) == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(cluster.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        ok = stub.Check(health_pb2.HealthCheckRequest(service="specdec.v1.SpecDecode"), timeout=10)
+        assert ok.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert _http_status(f"{cluster.http}/specdec/health") == 200
+    assert _http_status(f"{cluster.http}/specdec/ready") == 200
+    with urllib.request.urlopen(f"{cluster.http}/specdec/version", timeout=10) as resp:
+        version = json.loads(resp.read())
+    assert version["version"]
 
 
 @pytest.mark.parametrize("drafter", ["lookup", "auto", "model"])
@@ -275,6 +385,15 @@ def test_killing_the_draft_mid_stream_keeps_the_output_and_spec_mode_comes_back(
     old = cluster.status()["drafts"]
     old_replica = cluster.handle.worker_info.remote("draft").result()["replica_id"]
     victim = _draft_actor()
+    seen: list[tuple[int, int]] = []  # (grpc health, /ready) while the draft pool is down
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.append((_health(cluster.address), _http_status(f"{cluster.http}/specdec/ready")))
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
     got: list[int] = []
     msgs = stream_generate(
         cluster.address, request(n, pb.SPECULATION_MODE_ON, k=3, drafter="model")
@@ -282,6 +401,7 @@ def test_killing_the_draft_mid_stream_keeps_the_output_and_spec_mode_comes_back(
     first = next(msgs)
     got.extend(first.token_ids)
     ray.kill(victim, no_restart=True)
+    watcher.start()
     last = first
     for msg in msgs:
         got.extend(msg.token_ids)
@@ -294,6 +414,19 @@ def test_killing_the_draft_mid_stream_keeps_the_output_and_spec_mode_comes_back(
         what="the restarted draft replica to register",
     )
     assert cluster.handle.worker_info.remote("draft").result()["replica_id"] != old_replica
+    # With no live draft replica the probes said so, and they agree; with one back, SERVING.
+    time.sleep(1.0)
+    stop.set()
+    watcher.join(timeout=30)
+    response = health_pb2.HealthCheckResponse
+    serving, not_serving = response.SERVING, response.NOT_SERVING
+    assert (not_serving, 503) in seen, seen
+    # The two probes are read one after the other: they may differ only across a change.
+    differ = [i for i, (h, r) in enumerate(seen) if (h == serving) != (r == 200)]
+    assert len(differ) <= 2, seen
+    down = sum(1 for h, _ in seen if h == not_serving)
+    print(f"\nprobes: NOT_SERVING for ~{down * 0.1:.1f}s of {len(seen) * 0.1:.1f}s watched")
+    assert _health(cluster.address) == serving
     deadline = time.monotonic() + 60
     while True:
         resp, _ = call_generate(

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from cluster.cli.client import build_request, call_generate, stream_generate
-from cluster.serve.app import APP_NAME, GRPC_SERVICER, build_app
+from cluster.serve.app import APP_NAME, GRPC_SERVICERS, build_app
 from protos import specdec_pb2 as pb
 from tests.deploy.helpers import free_port, hf_greedy, init_ray
 from workers.checkpoints import registry, shipped_target_path
@@ -32,7 +32,7 @@ def cluster():
         t0 = time.monotonic()
         serve.start(
             http_options={"host": "127.0.0.1", "port": http_port},
-            grpc_options={"port": port, "grpc_servicer_functions": [GRPC_SERVICER]},
+            grpc_options={"port": port, "grpc_servicer_functions": GRPC_SERVICERS},
         )
         # The shipped config's defaults: the shipped pair, TP = 1, one draft replica; but float32,
         # where greedy equals HF generate token for token (the default auto may be bf16).

@@ -13,7 +13,7 @@ import pytest
 
 from cluster.cli.client import build_request, call_generate, stream_generate
 from cluster.cli.up import sample_request
-from cluster.serve.app import APP_NAME, GRPC_SERVICER, build_app
+from cluster.serve.app import APP_NAME, GRPC_SERVICERS, build_app
 from protos import specdec_pb2 as pb
 from tests.deploy.helpers import free_port, hf_greedy, init_ray
 from workers.checkpoints import registry, smollm2
@@ -48,7 +48,7 @@ def cluster():
         t0 = time.monotonic()
         serve.start(
             http_options={"host": "127.0.0.1", "port": free_port()},
-            grpc_options={"port": port, "grpc_servicer_functions": [GRPC_SERVICER]},
+            grpc_options={"port": port, "grpc_servicer_functions": GRPC_SERVICERS},
         )
         serve.run(build_app(args), name=APP_NAME, route_prefix="/specdec")
         handle = serve.get_app_handle(APP_NAME)

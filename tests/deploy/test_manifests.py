@@ -18,7 +18,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from cluster.config import ClusterConfig, ConfigError
-from cluster.serve.app import GRPC_SERVICER, build_app, deployment_options
+from cluster.serve.app import GRPC_SERVICERS, build_app, deployment_options
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "deploy" / "cluster.yaml"
@@ -41,9 +41,10 @@ def test_cluster_yaml_is_a_valid_serve_config():
     assert app.route_prefix  # the gRPC proxy only routes to applications with a route prefix
     module, attr = app.import_path.split(":")
     assert callable(getattr(importlib.import_module(module), attr))
-    assert raw["grpc_options"]["grpc_servicer_functions"] == [GRPC_SERVICER]
-    module, attr = GRPC_SERVICER.rsplit(".", 1)
-    assert callable(getattr(importlib.import_module(module), attr))
+    assert raw["grpc_options"]["grpc_servicer_functions"] == GRPC_SERVICERS
+    for servicer in GRPC_SERVICERS:
+        module, attr = servicer.rsplit(".", 1)
+        assert callable(getattr(importlib.import_module(module), attr))
     cfg = ClusterConfig.load(app.args)
     assert cfg.ingress.grpc_port == raw["grpc_options"]["port"]
     assert cfg == ClusterConfig.load(None)  # the shipped file spells out the defaults
