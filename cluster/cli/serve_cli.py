@@ -1,8 +1,8 @@
-"""`specdec deploy` and `specdec status`: Ray's `serve` CLI, with Ray's token authentication
+"""`specdec deploy` and `specdec serve-status`: Ray's `serve` CLI, with Ray's token authentication
 switched on the way `ray start` switches it on.
 
     specdec deploy ARGS  =  serve deploy ARGS
-    specdec status ARGS  =  serve status ARGS
+    specdec serve-status ARGS  =  serve status ARGS
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-COMMANDS = {"deploy": "deploy a Serve config (serve deploy)", "status": "serve status"}
+COMMANDS = {"deploy": "deploy a Serve config (serve deploy)", "serve-status": "serve status"}
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -68,4 +68,4 @@ def run(command: str, argv: list[str]) -> int:
     env, source = serve_cli_env(dict(os.environ))
     if source is not None:
         print(f"specdec {command}: Ray token authentication on (token: {source})", file=sys.stderr)
-    return subprocess.call([exe, command, *argv], env=env)
+    return subprocess.call([exe, command.removeprefix("serve-"), *argv], env=env)

@@ -206,6 +206,21 @@ def test_the_metrics_move_by_exactly_what_a_request_did(cluster):
     assert moved == want
 
 
+def test_specdec_status_shows_the_pools_and_what_they_did(cluster, capsys):
+    from cluster.cli import main
+
+    argv = ["status", "--metrics", cluster.metrics, "--http", f"{cluster.http}/specdec"]
+    assert main([*argv, "--interval", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "serving: yes" in out and "\ndraft " in out and "\ntarget " in out, out
+    assert "drafter model:" in out and "finished: length" in out, out
+    assert main([*argv, "--interval", "0", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["serving"] is True
+    assert {r["pool"] for r in summary["replicas"]} == {"draft", "target"}
+    assert summary["drafters"]["model"][0] > 0  # rounds
+
+
 def _health(address: str) -> int:
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)

@@ -87,7 +87,7 @@ def ray_cluster(request):
         TOKENIZERS_PARALLELISM="false",
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="2",  # stop in seconds, not the default 30
     )
-    dash = free_port()
+    dash, gcs = free_port(), free_port()
     # The README's line, plus free ports and a private temp dir.
     cmd = [
         str(BIN / "ray"),
@@ -100,7 +100,7 @@ def ray_cluster(request):
         "--disable-usage-stats",
         "--block",
         "--port",
-        str(free_port()),
+        str(gcs),
         "--dashboard-host",
         "127.0.0.1",
         "--dashboard-port",
@@ -129,6 +129,7 @@ def ray_cluster(request):
         yield {
             "env": env,
             "dashboard": f"http://127.0.0.1:{dash}",
+            "gcs": f"127.0.0.1:{gcs}",
             "root": root,
             "head": head,
             "token": request.param == "after-specdec-up",
@@ -199,7 +200,7 @@ def test_ray_start_serve_deploy_grpc_request_stop(ray_cluster):
 
     t0 = time.monotonic()
     while True:
-        status = _run([*specdec, "status", *address], env)
+        status = _run([*specdec, "serve-status", *address], env)
         assert status.returncode == 0, status.stderr
         app = yaml.safe_load(status.stdout)["applications"].get(APP_NAME, {})
         if app.get("status") == "RUNNING":
@@ -246,3 +247,14 @@ def test_ray_start_serve_deploy_grpc_request_stop(ray_cluster):
         completion = json.loads(resp.read())
     assert completion["choices"][0]["text"] == body["text"]
     assert completion["usage"]["completion_tokens"] == len(body["token_ids"])
+
+    # `specdec status` finds every node's metrics through Ray (as `ray start` set up its auth)
+    # and shows both pools and the requests just served.
+    status = _run(
+        [*specdec, "status", "--http", http, "--interval", "1"],
+        {**env, "RAY_ADDRESS": ray_cluster["gcs"]},
+    )
+    assert status.returncode == 0, status.stderr
+    out = status.stdout
+    assert "serving: yes" in out and "\ndraft " in out and "\ntarget " in out, out
+    assert "finished: length" in out, out
