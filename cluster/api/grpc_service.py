@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as aio_health
 
 from cluster.api.validation import RequestError
 from protos import specdec_pb2, specdec_pb2_grpc
@@ -63,8 +65,13 @@ async def serve(router: GenerateBackend, host: str, port: int) -> tuple[grpc.aio
     the bound port. Not Ray Serve: the standalone router process runs it."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     specdec_pb2_grpc.add_SpecDecodeServicer_to_server(SpecDecodeServicer(router), server)
+    # grpc.health.v1: this process starts only once its workers checked out, so it serves.
+    health = aio_health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"SpecDecode gRPC server: cannot bind {host}:{port}")
     await server.start()
+    for service in ("", specdec_pb2.DESCRIPTOR.services_by_name["SpecDecode"].full_name):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     return server, bound

@@ -39,21 +39,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="http://127.0.0.1:8000",
         help="the cluster's HTTP API, for its readiness (default: %(default)s)",
     )
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between the two scrapes")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=10.0,
+        help="seconds between the two scrapes (Ray reports metrics every 10 s by default)",
+    )
     p.add_argument("--json", action="store_true", help="the numbers as JSON")
     p.set_defaults(func=run)
 
 
 def discover_metrics_urls() -> list[str]:
     """Every live node's metrics endpoint, from Ray (connecting as `ray start` set it up)."""
-    import ray
-
     from cluster.cli.serve_cli import serve_cli_env
 
+    env, _ = serve_cli_env(dict(os.environ))
+    if "RAY_AUTH_MODE" in env:  # before ray is imported: it reads the mode once
+        os.environ.setdefault("RAY_AUTH_MODE", env["RAY_AUTH_MODE"])
+    import ray
+
     if not ray.is_initialized():
-        env, _ = serve_cli_env(dict(os.environ))
-        if "RAY_AUTH_MODE" in env:
-            os.environ["RAY_AUTH_MODE"] = env["RAY_AUTH_MODE"]
         ray.init(
             address=os.environ.get("RAY_ADDRESS", "auto"),
             logging_level="ERROR",

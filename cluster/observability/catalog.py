@@ -24,8 +24,8 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-FINISHED_REASONS = ("length", "stop", "eos", "cancelled")
-FALLBACK_CAUSES = ("low_acceptance", "load", "draft_down", "draft_slow")
+FINISHED_REASONS = ("length", "stop", "eos", "cancelled", "abort")  # abort: the client left
+FALLBACK_CAUSES = ("low_acceptance", "load", "draft_down", "draft_slow", "no_match")
 DRAFTERS = ("model", "lookup")
 MAX_POSITION = 32  # accepted-per-position is exported for positions 0..31 (a lookup block's cap)
 
@@ -56,7 +56,8 @@ CATALOG: tuple[MetricSpec, ...] = (
         "request_success",
         "counter",
         "ingress",
-        "requests finished, by finish reason",
+        "requests finished, by finish reason (length, stop, eos, cancelled; abort: the client "
+        "left first)",
         "finished_reason",
     ),
     _m(
@@ -128,7 +129,7 @@ CATALOG: tuple[MetricSpec, ...] = (
         "target",
         "rows switched from speculation to plain steps, by cause (low_acceptance: the row's own "
         "policy; load: the batch policy at a batch > 1; draft_down / draft_slow: its draft worker "
-        "failed / timed out)",
+        "failed / timed out; no_match: a lookup-only row whose text offers no continuation)",
         "cause",
     ),
     _m("batch_rows", "histogram", "target", "rows per target pass", buckets=BATCH_BUCKETS),
@@ -181,7 +182,7 @@ CATALOG: tuple[MetricSpec, ...] = (
         "kv_cache_usage_perc",
         "gauge",
         "worker",
-        "KV cache tokens held / the worker's budget (workers.max_kv_tokens; 0 when unset)",
+        "KV cache tokens held / the worker's budget (draft. / target.max_kv_tokens; 0 when unset)",
     ),
 )
 

@@ -109,6 +109,9 @@ class ForwardingRouter:
         except RequestError as exc:
             watch.failed(exc.code.name)
             raise
+        except TimeoutError:  # the front end answers DEADLINE_EXCEEDED (HTTP 408)
+            watch.failed(grpc.StatusCode.DEADLINE_EXCEEDED.name)
+            raise
         except Exception:
             watch.failed(grpc.StatusCode.INTERNAL.name)
             raise

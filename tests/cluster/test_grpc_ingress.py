@@ -10,6 +10,7 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import specdec_pb2 as pb
 from protos import specdec_pb2_grpc
@@ -57,6 +58,7 @@ def cluster(ckpts):
     channel = grpc.insecure_channel(front.address, options=[("grpc.enable_http_proxy", 0)])
     yield {
         "stub": specdec_pb2_grpc.SpecDecodeStub(channel),
+        "health": health_pb2_grpc.HealthStub(channel),
         "workers": [(workers[0].address, "target"), (workers[1].address, "draft")],
         "target": workers[0].address,
     }
@@ -86,6 +88,15 @@ def test_generate_and_stream_over_grpc(cluster, ckpts):
     assert "".join(c.text for c in chunks) == whole.text
     assert chunks[-1].finish_reason == whole.finish_reason
     assert chunks[-1].stats.rounds == whole.stats.rounds
+
+
+def test_the_standard_health_service_answers_serving(cluster):
+    for service in ("", "specdec.v1.SpecDecode"):
+        resp = cluster["health"].Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        cluster["health"].Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 BAD = {

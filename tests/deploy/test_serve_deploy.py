@@ -249,12 +249,16 @@ def test_ray_start_serve_deploy_grpc_request_stop(ray_cluster):
     assert completion["usage"]["completion_tokens"] == len(body["token_ids"])
 
     # `specdec status` finds every node's metrics through Ray (as `ray start` set up its auth)
-    # and shows both pools and the requests just served.
-    status = _run(
-        [*specdec, "status", "--http", http, "--interval", "1"],
-        {**env, "RAY_ADDRESS": ray_cluster["gcs"]},
-    )
-    assert status.returncode == 0, status.stderr
-    out = status.stdout
+    # and shows both pools and the requests just served (Ray reports metrics every 10 s).
+    t0 = time.monotonic()
+    while True:
+        status = _run(
+            [*specdec, "status", "--http", http, "--interval", "1"],
+            {**env, "RAY_ADDRESS": ray_cluster["gcs"]},
+        )
+        assert status.returncode == 0, status.stderr
+        out = status.stdout
+        if "finished: length" in out:
+            break
+        assert time.monotonic() - t0 < 60, out
     assert "serving: yes" in out and "\ndraft " in out and "\ntarget " in out, out
-    assert "finished: length" in out, out
