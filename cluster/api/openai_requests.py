@@ -101,10 +101,7 @@ def _shared_params(
     req.temperature = 1.0 if temperature is None else temperature
     top_p = read_number(body, "top_p")
     if top_p is not None:
-        # The proto reads top_p = 0 as "unset" (= 1.0): an explicit 0 must not pass as 1.0.
-        if top_p == 0:
-            raise invalid("top_p", "must be in (0, 1], got 0")
-        req.top_p = top_p
+        req.top_p = top_p  # optional in the proto: an explicit 0 is refused, not read as unset
     top_k = read_int(body, "top_k")
     if top_k is not None:
         req.top_k = 0 if top_k == -1 else top_k  # vLLM: -1 (or 0) = no top-k filter

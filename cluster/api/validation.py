@@ -2,7 +2,7 @@
 
 `validate_request` turns a `specdec.v1.GenerateRequest` into a `ValidRequest` (token ids, sampling,
 limits, speculation control) or raises `RequestError(INVALID_ARGUMENT, field, ...)` whose details
-start with the offending field, e.g. "top_p: must be in (0, 1] (0 = unset = 1.0), got 1.5". Other
+start with the offending field, e.g. "top_p: must be in (0, 1] (unset = 1.0), got 1.5". Other
 front ends (the OpenAI-compatible HTTP API) build the same proto and map `field` back to their own
 parameter names, so the rules live here once. The token-range rules (ids inside the vocabulary,
 the prompt inside the context) are the workers' own (workers/token_range.py), answered here
@@ -30,6 +30,7 @@ MODES = {
     specdec_pb2.SPECULATION_MODE_ON: SpecMode.ON,
     specdec_pb2.SPECULATION_MODE_OFF: SpecMode.OFF,
 }
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy (vLLM's _SAMPLING_EPS)
 DRAFTERS = {
     specdec_pb2.DRAFTER_UNSPECIFIED: None,  # the deployment's default
     specdec_pb2.DRAFTER_AUTO: Drafter.AUTO,
@@ -41,7 +42,7 @@ DRAFTERS = {
 class RequestError(Exception):
     """A request the router will not (or can no longer) serve; `code` is the gRPC status to answer
     with and `details` (= str(self)) starts with the offending field, e.g.
-    "top_p: must be in (0, 1] (0 = unset = 1.0), got 1.5"."""
+    "top_p: must be in (0, 1] (unset = 1.0), got 1.5"."""
 
     def __init__(self, code: grpc.StatusCode, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}" if field else message)
@@ -66,6 +67,8 @@ class Limits:
     default_max_new_tokens: int
     max_new_tokens_limit: int
     max_stop_strings: int
+    max_stop_chars: int = 256  # characters of one stop string
+    max_prompt_chars: int = 1 << 20  # a text prompt is refused before it is tokenized
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,10 @@ def validate_request(
         raise invalid("prompt", "set either prompt or prompt_token_ids, not both")
     if not has_text and not has_ids:
         raise invalid("prompt", "must not be empty (set prompt or prompt_token_ids)")
+    if has_text and len(request.prompt) > limits.max_prompt_chars:
+        raise invalid(
+            "prompt", f"at most {limits.max_prompt_chars} characters, got {len(request.prompt)}"
+        )
     if has_text:
         field, ids = "prompt", tokenizer.encode(request.prompt, add_special_tokens=False)
         if not ids:
@@ -117,11 +124,13 @@ def validate_request(
     temperature = request.temperature
     if not math.isfinite(temperature) or temperature < 0:
         raise invalid("temperature", f"must be >= 0 (0 = greedy), got {temperature}")
+    if temperature < MIN_TEMPERATURE:  # logits / a tinier one overflow: greedy is its limit
+        temperature = 0.0
     if request.top_k < 0:
         raise invalid("top_k", f"must be >= 0 (0 = off), got {request.top_k}")
-    top_p = request.top_p if request.top_p != 0 else 1.0
+    top_p = request.top_p if request.HasField("top_p") else 1.0
     if not math.isfinite(top_p) or not 0 < top_p <= 1:
-        raise invalid("top_p", f"must be in (0, 1] (0 = unset = 1.0), got {request.top_p}")
+        raise invalid("top_p", f"must be in (0, 1] (unset = 1.0), got {request.top_p}")
     seed = request.seed if request.HasField("seed") else None
     if seed is not None and seed < 0:
         raise invalid("seed", f"must be >= 0, got {seed}")
@@ -130,6 +139,11 @@ def validate_request(
         raise invalid("stop", "stop strings must not be empty")
     if len(stops) > limits.max_stop_strings:
         raise invalid("stop", f"at most {limits.max_stop_strings} stop strings, got {len(stops)}")
+    longest = max((len(s) for s in stops), default=0)
+    if longest > limits.max_stop_chars:
+        raise invalid(
+            "stop", f"a stop string has at most {limits.max_stop_chars} characters, got {longest}"
+        )
     spec = request.speculation
     mode = MODES.get(spec.mode)
     if mode is None:

@@ -36,7 +36,9 @@ class RouterConfig:
     max_batch_rows: int = _default(LimitsConfig, "max_batch_rows")
     prefill_tokens_per_step: int = _default(LimitsConfig, "prefill_tokens_per_step")
     kv_budget_tokens: int = _default(TargetConfig, "max_kv_tokens")  # per target; 0 = none
-    max_stop_strings: int = 16
+    max_stop_strings: int = _default(LimitsConfig, "max_stop_strings")
+    max_stop_chars: int = _default(LimitsConfig, "max_stop_chars")
+    max_prompt_chars: int = _default(LimitsConfig, "max_prompt_chars")
     health_recheck_s: float = _default(WorkersNetConfig, "health_check_period_s")
     probe_timeout_s: float = 2.0  # Stats call used as a health check
     stream_interval: int = _default(IngressConfig, "stream_interval")  # Serve ingress only
@@ -75,6 +77,9 @@ class RouterConfig:
             max_new_tokens_limit=limits.max_new_tokens,
             max_batch_rows=limits.max_batch_rows,
             prefill_tokens_per_step=limits.prefill_tokens_per_step,
+            max_stop_strings=limits.max_stop_strings,
+            max_stop_chars=limits.max_stop_chars,
+            max_prompt_chars=limits.max_prompt_chars,
             kv_budget_tokens=cfg.target.max_kv_tokens,
             health_recheck_s=cfg.workers.health_check_period_s,
             stream_interval=cfg.ingress.stream_interval,
@@ -99,4 +104,6 @@ class RouterConfig:
             self.default_max_new_tokens,
             self.max_new_tokens_limit,
             self.max_stop_strings,
+            self.max_stop_chars,
+            self.max_prompt_chars,
         )

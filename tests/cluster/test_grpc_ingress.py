@@ -108,10 +108,10 @@ BAD = {
     "prompt_token_ids": [pb.GenerateRequest(prompt_token_ids=[5, 96], max_new_tokens=4)],
     "max_new_tokens": [good(max_new_tokens=0), good(max_new_tokens=-3)],
     "temperature": [good(temperature=-0.5)],
-    "top_p": [good(top_p=1.5), good(top_p=-0.1)],
+    "top_p": [good(top_p=1.5), good(top_p=-0.1), good(top_p=0.0)],  # optional: 0 is explicit
+    "stop": [good(stop=["ok", ""]), good(stop=["x" * 300])],
     "top_k": [good(top_k=-1)],
     "seed": [good(seed=-1)],
-    "stop": [good(stop=["ok", ""])],
     "speculation.num_draft_tokens": [
         good(speculation=pb.SpeculationOptions(num_draft_tokens=-1)),
         good(speculation=pb.SpeculationOptions(num_draft_tokens=9)),  # the ingress allows 8
@@ -135,14 +135,18 @@ def test_bad_requests_are_invalid_argument_naming_the_field(cluster, field):
     assert len(stub.Generate(good(max_new_tokens=5), timeout=60).token_ids) == 5
 
 
-def test_top_p_zero_means_unset(cluster):
+def test_top_p_unset_is_one_and_a_tiny_temperature_is_greedy(cluster):
     stub = cluster["stub"]
     off = pb.SpeculationOptions(mode=pb.SPECULATION_MODE_OFF)  # plain steps: draws fixed by seed
     runs = [
         stub.Generate(good(temperature=0.8, seed=5, top_p=p, speculation=off), timeout=60)
-        for p in (0.0, 1.0, 0.5)
+        for p in (None, 1.0, 0.5)
     ]
     assert runs[0].token_ids == runs[1].token_ids != runs[2].token_ids
+    # A positive temperature too small to divide logits by is greedy (not NaN, not INTERNAL).
+    greedy = stub.Generate(good(speculation=off), timeout=60)
+    tiny = stub.Generate(good(temperature=1e-30, seed=5, speculation=off), timeout=60)
+    assert tiny.token_ids == greedy.token_ids
 
 
 def test_cancelling_fifty_streams_frees_every_sequence(cluster):
