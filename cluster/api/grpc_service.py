@@ -1,15 +1,21 @@
 """The public SpecDecode gRPC service over anything with the router's face (`generate`,
 `generate_stream`): a `cluster.routing.router.Router`, or the Serve ingress's forwarding router.
 
-Any grpc.aio server can register it
-(`specdec_pb2_grpc.add_SpecDecodeServicer_to_server(SpecDecodeServicer(router), srv)`);
-`cluster.routing.grpc_server` runs it as a standalone process.
+Any grpc.aio server can register it (`add_SpecDecodeServicer_to_server(SpecDecodeServicer(router),
+srv)`); `cluster.routing.grpc_server` runs it as a standalone process, and Serve's gRPC proxy
+registers the same function for the ingress (`grpc_servicer_functions`).
+
+Request bytes that do not parse as a `GenerateRequest` are the client's mistake, not ours: the
+registration here (the generated one's, with our own deserializer) hands the handler an
+`UnparsableRequest` instead of failing inside gRPC (UNKNOWN / INTERNAL), and the handler answers
+INVALID_ARGUMENT naming `request` (`parsed`).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,6 +23,53 @@ from grpc_health.v1.health import aio as aio_health
 
 from cluster.api.validation import RequestError
 from protos import specdec_pb2, specdec_pb2_grpc
+
+SERVICE = specdec_pb2.DESCRIPTOR.services_by_name["SpecDecode"].full_name
+
+
+@dataclass(frozen=True, slots=True)
+class UnparsableRequest:
+    """What the handler gets for bytes that are no GenerateRequest (picklable: Serve's proxy
+    sends it on to the ingress replica)."""
+
+    size: int
+
+
+def parse_request(data: bytes) -> specdec_pb2.GenerateRequest | UnparsableRequest:
+    try:
+        return specdec_pb2.GenerateRequest.FromString(data)
+    except Exception:  # noqa: BLE001 - DecodeError, or anything the parser raises on garbage
+        return UnparsableRequest(len(data))
+
+
+def parsed(request: specdec_pb2.GenerateRequest | UnparsableRequest) -> specdec_pb2.GenerateRequest:
+    """The request, or RequestError(INVALID_ARGUMENT, "request") for bytes that did not parse."""
+    if isinstance(request, UnparsableRequest):
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "request",
+            f"{request.size} bytes that do not parse as a specdec.v1.GenerateRequest",
+        )
+    return request
+
+
+def add_SpecDecodeServicer_to_server(servicer: Any, server: Any) -> None:  # noqa: N802 - gRPC's
+    """The generated registration with our request deserializer (see the module's doc)."""
+    serialize = specdec_pb2.GenerateResponse.SerializeToString
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate, request_deserializer=parse_request, response_serializer=serialize
+        ),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            servicer.GenerateStream,
+            request_deserializer=parse_request,
+            response_serializer=serialize,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    add_registered = getattr(server, "add_registered_method_handlers", None)
+    if add_registered is not None:
+        add_registered(SERVICE, handlers)
 
 
 class GenerateBackend(Protocol):
@@ -43,14 +96,18 @@ class SpecDecodeServicer(specdec_pb2_grpc.SpecDecodeServicer):
         self, request: specdec_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> specdec_pb2.GenerateResponse:
         try:
-            return await self.router.generate(request)
+            return await self.router.generate(parsed(request))
         except RequestError as exc:
             await context.abort(exc.code, exc.details)
 
     async def GenerateStream(
         self, request: specdec_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[specdec_pb2.GenerateResponse]:
-        stream = self.router.generate_stream(request)
+        try:
+            stream = self.router.generate_stream(parsed(request))
+        except RequestError as exc:
+            await context.abort(exc.code, exc.details)
+            return
         try:
             async for msg in stream:
                 yield msg
@@ -64,7 +121,7 @@ async def serve(router: GenerateBackend, host: str, port: int) -> tuple[grpc.aio
     """Start a grpc.aio server with the service on host:port (0: any free port); returns it and
     the bound port. Not Ray Serve: the standalone router process runs it."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    specdec_pb2_grpc.add_SpecDecodeServicer_to_server(SpecDecodeServicer(router), server)
+    add_SpecDecodeServicer_to_server(SpecDecodeServicer(router), server)
     # grpc.health.v1: this process starts only once its workers checked out, so it serves.
     health = aio_health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -72,6 +129,6 @@ async def serve(router: GenerateBackend, host: str, port: int) -> tuple[grpc.aio
     if bound == 0:
         raise OSError(f"SpecDecode gRPC server: cannot bind {host}:{port}")
     await server.start()
-    for service in ("", specdec_pb2.DESCRIPTOR.services_by_name["SpecDecode"].full_name):
+    for service in ("", SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     return server, bound

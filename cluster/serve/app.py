@@ -32,7 +32,7 @@ APP_NAME = "specdec"
 # Serve's gRPC proxy carries the public API and the standard health service (answered by the
 # ingress: SERVING while every pool has a live replica).
 GRPC_SERVICERS = [
-    "protos.specdec_pb2_grpc.add_SpecDecodeServicer_to_server",
+    "cluster.api.grpc_service.add_SpecDecodeServicer_to_server",  # bad bytes: INVALID_ARGUMENT
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 

@@ -1,13 +1,13 @@
 """The ingress deployment: the public API of the application, stateless.
 
-`SpecDecodeIngress` serves the public `specdec.v1.SpecDecode` API through Serve's gRPC proxy
-(`grpc_options.grpc_servicer_functions:
-[protos.specdec_pb2_grpc.add_SpecDecodeServicer_to_server]`), and an OpenAI-compatible HTTP API
-(/v1/completions, /v1/chat/completions, /v1/models) plus GET /specdec (status JSON) through Serve's
-HTTP proxy (cluster/api/http_app.py; the application's route_prefix is "/"). It validates and
-tokenizes, then streams the request from a target replica (Serve picks the least loaded one), and
-moves it to another replica when its replica dies (cluster/routing/forwarding.py). Every failure
-reaches the client as a gRPC code and one line (cluster/serve/grpc_errors.py).
+`SpecDecodeIngress` serves the public `specdec.v1.SpecDecode` API and grpc.health.v1 through
+Serve's gRPC proxy (`grpc_options.grpc_servicer_functions`: cluster.serve.app.GRPC_SERVICERS),
+and an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models) plus GET
+/specdec (status JSON), /health, /ready and /version through Serve's HTTP proxy
+(cluster/api/http_app.py; the application's route_prefix is "/"). It validates and tokenizes,
+then streams the request from a target replica (Serve picks the least loaded one), and moves it
+to another replica when its replica dies (cluster/routing/forwarding.py). Every failure reaches
+the client as a gRPC code and one line (cluster/serve/grpc_errors.py).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from cluster.api.grpc_service import parsed
 from cluster.config import ClusterConfig
 from cluster.observability.recorders import RequestRecorder
 from cluster.serve.grpc_errors import handler_failure
@@ -67,12 +68,15 @@ class IngressDeployment:
 
     async def Generate(self, request, grpc_context=None):  # noqa: N802 - the gRPC method name
         try:
-            return await self.router.generate(request)
+            return await self.router.generate(parsed(request))
         except Exception as exc:  # noqa: BLE001 - every failure gets a code and a clean message
             raise handler_failure(grpc_context, exc) from None
 
     async def GenerateStream(self, request, grpc_context=None):  # noqa: N802
-        stream = self.router.generate_stream(request)
+        try:
+            stream = self.router.generate_stream(parsed(request))
+        except Exception as exc:  # noqa: BLE001
+            raise handler_failure(grpc_context, exc) from None
         try:
             async for msg in stream:
                 yield msg

@@ -11,6 +11,8 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from protos import specdec_pb2 as pb
 from protos import specdec_pb2_grpc
@@ -59,6 +61,7 @@ def cluster(ckpts):
     yield {
         "stub": specdec_pb2_grpc.SpecDecodeStub(channel),
         "health": health_pb2_grpc.HealthStub(channel),
+        "channel": channel,
         "workers": [(workers[0].address, "target"), (workers[1].address, "draft")],
         "target": workers[0].address,
     }
@@ -97,6 +100,65 @@ def test_the_standard_health_service_answers_serving(cluster):
     with pytest.raises(grpc.RpcError) as err:
         cluster["health"].Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# -- bytes that are no GenerateRequest: the client's mistake (never UNKNOWN or INTERNAL) --------
+
+GOOD_BYTES = pb.GenerateRequest(
+    prompt=PROMPT, max_new_tokens=4, speculation=pb.SpeculationOptions(mode=ON)
+).SerializeToString()
+UNPARSABLE = [b"\xff\xff\xff\xff", b"\x0a\x7fab", GOOD_BYTES[:-3], b"\x12\x05\x80\x80\x80\x80\x80"]
+
+
+def raw_call(cluster, method: str, data: bytes, timeout: float = 30):
+    channel = cluster["channel"]
+    call = (channel.unary_unary if method == "Generate" else channel.unary_stream)(
+        f"/specdec.v1.SpecDecode/{method}",
+        request_serializer=lambda b: b,
+        response_deserializer=pb.GenerateResponse.FromString,
+    )
+    out = call(data, timeout=timeout)
+    return out if method == "Generate" else list(out)
+
+
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+@pytest.mark.parametrize("data", UNPARSABLE, ids=["tag", "length", "cut", "varint"])
+def test_bytes_that_are_no_request_are_invalid_argument_naming_it(cluster, method, data):
+    with pytest.raises(grpc.RpcError) as err:
+        raw_call(cluster, method, data)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("request: "), err.value.details()
+
+
+def _mutations():
+    """Bytes of a valid request flipped, cut or grown, and plain noise (as a fuzzer sends)."""
+    flip = st.tuples(st.integers(0, len(GOOD_BYTES) - 1), st.integers(1, 255)).map(
+        lambda f: GOOD_BYTES[: f[0]] + bytes([GOOD_BYTES[f[0]] ^ f[1]]) + GOOD_BYTES[f[0] + 1 :]
+    )
+    cut = st.integers(0, len(GOOD_BYTES) - 1).map(lambda n: GOOD_BYTES[:n])
+    grow = st.tuples(st.integers(0, len(GOOD_BYTES)), st.binary(min_size=1, max_size=8)).map(
+        lambda g: GOOD_BYTES[: g[0]] + g[1] + GOOD_BYTES[g[0] :]
+    )
+    return st.one_of(flip, cut, grow, st.binary(max_size=64))
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=_mutations())
+def test_fuzzed_bytes_get_ok_or_a_client_error_never_unknown_or_internal(cluster, data):
+    try:
+        raw_call(cluster, "Generate", data, timeout=60)
+    except grpc.RpcError as exc:
+        assert exc.code() in (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ), (exc.code(), exc.details(), data)
+
+
+def test_the_server_still_serves_after_the_fuzzing(cluster):
+    resp = cluster["stub"].Generate(good(max_new_tokens=8), timeout=60)
+    assert len(resp.token_ids) == 8
 
 
 BAD = {

@@ -367,6 +367,23 @@ def test_bad_requests_get_a_code_and_a_clean_message(cluster, stream):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+def test_bytes_that_are_no_request_are_invalid_argument_through_serve(cluster, method):
+    good = request(4).SerializeToString()
+    with grpc.insecure_channel(cluster.address) as channel:
+        call = (channel.unary_unary if method == "Generate" else channel.unary_stream)(
+            f"/specdec.v1.SpecDecode/{method}",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.GenerateResponse.FromString,
+        )
+        for data in (b"\xff\xff\xff\xff", good[:-2]):
+            with pytest.raises(grpc.RpcError) as err:
+                out = call(data, timeout=30)
+                list(out) if method == "GenerateStream" else out
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert err.value.details().startswith("request: "), err.value.details()
+
+
 def test_a_client_deadline_frees_the_sequence_on_every_worker(cluster):
     with pytest.raises(grpc.RpcError) as err:
         # The draft model's rounds (this random target's output repeats: lookup would finish
