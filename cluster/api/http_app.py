@@ -31,6 +31,7 @@ from cluster.api.openai_fields import parse_json
 from cluster.api.openai_models import models_list
 from cluster.api.openai_requests import Options, chat_request, completion_request
 from cluster.api.openai_responses import DONE, ChunkWriter, response_json
+from cluster.api.validation import internal_error
 
 log = logging.getLogger("ray.serve")
 
@@ -50,10 +51,8 @@ def to_api_error(exc: BaseException, opts: Options | None) -> APIError:
         )
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return APIError(408, f"deadline exceeded: {exc}", type="timeout_error", code="timeout")
-    log.error("specdec http: request failed", exc_info=exc)
-    return APIError(
-        500, f"internal error: {type(exc).__name__}: {exc}", type="internal_error", code="internal"
-    )
+    err = internal_error(exc, "specdec http")
+    return APIError(500, err.details, type="internal_error", code="internal")
 
 
 def package_version() -> str:

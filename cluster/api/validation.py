@@ -11,6 +11,7 @@ before a request reaches one.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import uuid
@@ -23,6 +24,8 @@ from cluster.scheduling.policy import Drafter, SpecMode
 from protos import specdec_pb2
 from workers.token_range import TokenRangeError, check_length, check_token_ids
 from workers.types import SamplingParams
+
+log = logging.getLogger(__name__)
 
 MODES = {
     specdec_pb2.SPECULATION_MODE_UNSPECIFIED: SpecMode.AUTO,
@@ -57,6 +60,16 @@ class RequestError(Exception):
 
 def invalid(field: str, message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, field, message)
+
+
+def internal_error(exc: BaseException, where: str) -> RequestError:
+    """Our own failure: INTERNAL with an id to find in the server's log, which has the whole
+    exception; the client's message carries no type, trace, address, pid or actor id."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("%s: internal error %s", where, error_id, exc_info=exc)
+    return RequestError(
+        grpc.StatusCode.INTERNAL, "", f"internal error (id {error_id}; the server logged it)"
+    )
 
 
 @dataclass(frozen=True, slots=True)

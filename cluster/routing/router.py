@@ -30,7 +30,7 @@ import grpc
 
 from cluster.api.response_stream import collect, finish
 from cluster.api.text_stream import TextStream
-from cluster.api.validation import Admission, RequestError, ValidRequest
+from cluster.api.validation import Admission, RequestError, ValidRequest, internal_error
 from cluster.routing.config import RouterConfig
 from cluster.routing.mailbox import END, LoopMailbox, LoopSink
 from cluster.routing.target_model import TargetModel
@@ -58,9 +58,9 @@ def _request_error(exc: BaseException) -> RequestError:
         return RequestError(grpc.StatusCode.UNAVAILABLE, "", str(exc))
     if isinstance(exc, KVBudgetExceeded):
         return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "", f"target KV budget: {exc}")
-    if isinstance(exc, ValueError):  # a worker refused the input (its message names the field)
-        return RequestError(grpc.StatusCode.INVALID_ARGUMENT, "", str(exc))
-    return RequestError(grpc.StatusCode.INTERNAL, "", f"router: internal error: {exc!r}")
+    # Anything else is ours, a worker's ValueError too: requests are validated before any worker
+    # sees them, by the workers' own rules (a shape error is a bug, not the client's mistake).
+    return internal_error(exc, "router")
 
 
 class Router:
