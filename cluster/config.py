@@ -363,6 +363,18 @@ class IngressConfig(_Strict):
     )
 
 
+class SecurityConfig(_Strict):
+    """Who may call the public APIs."""
+
+    api_key_env: str = Field(
+        "SPECDEC_API_KEY",
+        min_length=1,
+        description="the environment variable holding the API key on the cluster's nodes; when"
+        " it is set, every gRPC and HTTP call but health and readiness needs"
+        " `authorization: Bearer <key>`",
+    )
+
+
 class WorkersNetConfig(_Strict):
     """Where worker replicas serve the internal worker gRPC API."""
 
@@ -404,6 +416,7 @@ class ClusterConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     ingress: IngressConfig = IngressConfig()
     workers: WorkersNetConfig = WorkersNetConfig()
+    security: SecurityConfig = SecurityConfig()
 
     @model_validator(mode="after")
     def _check_pools(self) -> ClusterConfig:

@@ -26,6 +26,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from cluster.api.auth import HEADER, authorized
 from cluster.api.openai_errors import APIError, error_from_router
 from cluster.api.openai_fields import parse_json
 from cluster.api.openai_models import models_list
@@ -68,8 +69,25 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
+OPEN_PATHS = ("/health", "/ready", "/version")  # probes: no API key
+
+
 def build_http_app(ingress: Any) -> FastAPI:
     app = FastAPI(title="specdec-cluster", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next):
+        key = getattr(ingress, "api_key", None)
+        if key is not None and not request.url.path.endswith(OPEN_PATHS):
+            if not authorized(request.headers.get(HEADER), key):
+                err = APIError(
+                    401,
+                    "a valid API key is required: send `Authorization: Bearer <key>`",
+                    type="invalid_request_error",
+                    code="invalid_api_key",
+                )
+                return error_response(err)
+        return await call_next(request)
 
     @app.get("/specdec")
     @app.get("/")  # the same under an application deployed with route_prefix /specdec

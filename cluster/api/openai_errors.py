@@ -61,6 +61,7 @@ _STATUS = {
     "DEADLINE_EXCEEDED": (408, "timeout_error"),
     "CANCELLED": (499, "cancelled"),  # nginx's "client closed request"
     "FAILED_PRECONDITION": (400, "invalid_request_error"),
+    "UNAUTHENTICATED": (401, "invalid_request_error"),  # OpenAI's code: invalid_api_key
 }
 
 # The GenerateRequest fields a RequestError may name.

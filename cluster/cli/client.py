@@ -72,7 +72,10 @@ def build_request(
 
 
 def _metadata(app: str | None) -> tuple:
-    return (("application", app),) if app else ()
+    """The call's metadata: the Serve application, and the API key when SPECDEC_API_KEY is set."""
+    from cluster.api.auth import client_metadata
+
+    return ((("application", app),) if app else ()) + client_metadata()
 
 
 def call_generate(address: str, request, *, timeout: float = 300.0, app: str | None = None):

@@ -3,7 +3,8 @@
     python -m cluster.routing.grpc_server --target 127.0.0.1:7002 --draft 127.0.0.1:7001 \\
         --target-model PATH --port 0
 
-prints the bound port on stdout when ready (logs go to stderr). At start-up it checks the workers
+prints the bound port on stdout when ready (logs go to stderr). With SPECDEC_API_KEY set, every
+call needs `authorization: Bearer <key>` (cluster/api/auth.py). At start-up it checks the workers
 (`Router.check_workers`) and refuses to start, with the reason, when a worker's tokenizer, role or
 model does not match the target model.
 """
@@ -18,6 +19,7 @@ import signal
 import sys
 from dataclasses import replace
 
+from cluster.api.auth import api_key_from_env
 from cluster.api.grpc_service import serve
 
 
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.info("%s %s: %s %s", role, w["address"], w["state"], w["error"])
 
     async def run() -> None:
-        server, port = await serve(router, args.host, args.port)
+        server, port = await serve(router, args.host, args.port, api_key_from_env())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

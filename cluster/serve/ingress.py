@@ -21,6 +21,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from cluster.api.auth import api_key_from_env, check_metadata
 from cluster.api.grpc_service import parsed
 from cluster.config import ClusterConfig
 from cluster.observability.recorders import RequestRecorder
@@ -51,6 +52,7 @@ class IngressDeployment:
         self.drafts = drafts  # held so that `status` can ask the worker replicas where they run
         self.targets = targets
         self.model_id = self.cfg.models.model_id()
+        self.api_key = api_key_from_env(self.cfg.security.api_key_env)  # None: open
         self.recorder = RequestRecorder(RaySink(self.model_id))
         self.router = make_router(self.cfg, targets, self.recorder)
         self.started = time.time()
@@ -68,12 +70,14 @@ class IngressDeployment:
 
     async def Generate(self, request, grpc_context=None):  # noqa: N802 - the gRPC method name
         try:
+            check_metadata(_metadata(grpc_context), self.api_key)
             return await self.router.generate(parsed(request))
         except Exception as exc:  # noqa: BLE001 - every failure gets a code and a clean message
             raise handler_failure(grpc_context, exc) from None
 
     async def GenerateStream(self, request, grpc_context=None):  # noqa: N802
         try:
+            check_metadata(_metadata(grpc_context), self.api_key)
             stream = self.router.generate_stream(parsed(request))
         except Exception as exc:  # noqa: BLE001
             raise handler_failure(grpc_context, exc) from None
@@ -167,6 +171,10 @@ class IngressDeployment:
         if handle is None:
             raise ValueError(f"no {kind} deployment in this application")
         return await handle.info.remote()
+
+
+def _metadata(grpc_context) -> list[tuple[str, str]]:
+    return list(grpc_context.invocation_metadata()) if grpc_context is not None else []
 
 
 def make_router(
