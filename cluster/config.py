@@ -389,6 +389,12 @@ class WorkersNetConfig(_Strict):
     health_check_timeout_s: float = Field(
         30.0, gt=0, description="a worker replica whose health check takes longer is restarted"
     )
+    lease_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="a worker frees the sequences of a scheduler it has not heard from this long"
+        " (a crashed one; schedulers renew every min(5 s, a quarter of it)); 0 = never",
+    )
     drain_s: float = Field(
         30.0,
         ge=0,

@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-kv-tokens", type=int, default=0, help="KV budget in held tokens (0 = none)"
     )
+    parser.add_argument(
+        "--lease-timeout-s",
+        type=float,
+        default=30.0,
+        help="free the sequences of a caller not heard from this long (0 = never)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s {args.role} %(message)s"
@@ -63,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.service import serve_draft, serve_target
 
     budget = args.max_kv_tokens or None
+    lease = args.lease_timeout_s or None
 
     if args.role == "draft":
         from workers.draft import DraftWorker
@@ -75,14 +82,18 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             max_kv_tokens=budget,
         )
-        server, port = serve_draft(worker, args.host, args.port, max_workers=args.max_workers)
+        server, port = serve_draft(
+            worker, args.host, args.port, max_workers=args.max_workers, lease_timeout_s=lease
+        )
     else:
         from workers.target import TargetWorker
 
         worker = TargetWorker.from_path(
             args.model, dtype=args.dtype, device=args.device, max_kv_tokens=budget
         )
-        server, port = serve_target(worker, args.host, args.port, max_workers=args.max_workers)
+        server, port = serve_target(
+            worker, args.host, args.port, max_workers=args.max_workers, lease_timeout_s=lease
+        )
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

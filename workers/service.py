@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +38,7 @@ from protos import worker_pb2, worker_pb2_grpc
 from workers.batch import PrefillRow, ProposeRow, VerifyRow
 from workers.draft import Proposal
 from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
+from workers.leases import OWNER_KEY, LeaseBook
 from workers.protocols import DraftModel, TargetModel
 from workers.types import Verdict
 from workers.wire import pack_q, sampling_from_proto, tokenizer_fingerprint, unpack_q
@@ -115,9 +117,15 @@ def _refusal_code(exc: BaseException) -> grpc.StatusCode | None:
     return next((code for types, code in _REFUSAL_CODES if isinstance(exc, types)), None)
 
 
+def _owner(context: grpc.ServicerContext) -> str | None:
+    return next((v for k, v in context.invocation_metadata() or () if k == OWNER_KEY), None)
+
+
 def _rpc(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self: _ServicerBase, request, context: grpc.ServicerContext):
+        if self.leases is not None:
+            self.leases.seen(_owner(context))  # every call renews its caller's lease
         try:
             return method(self, request, context)
         except Exception as exc:
@@ -166,11 +174,35 @@ class _ServicerBase:
         worker: Any,
         executor: Executor | None = None,
         unavailable_errors: tuple[type[BaseException], ...] = (),
+        lease_timeout_s: float | None = None,
     ) -> None:
+        """lease_timeout_s: free the sequences of a caller not heard from this long (None:
+        never; workers/leases.py)."""
         self.worker = worker
         self.executor = executor or SerialExecutor(worker)
         self.unavailable_errors = tuple(unavailable_errors)
         self.info = model_info(worker, self.role_enum)
+        self.leases = LeaseBook(lease_timeout_s) if lease_timeout_s else None
+        self._reaping = threading.Event()
+        if self.leases is not None:
+            threading.Thread(
+                target=self._reap_loop, name=f"{self.role}-leases", daemon=True
+            ).start()
+
+    def _reap_loop(self) -> None:
+        """Free the sequences of callers whose lease ran out (on the model thread, in order
+        with every other call)."""
+        period = min(1.0, self.leases.timeout_s / 4)
+        while not self._reaping.wait(period):
+            for seq in self.leases.expired():
+                try:
+                    self.executor.submit(Call("release", seq)).result()
+                    log.warning("%s worker: freed %s (its caller's lease ran out)", self.role, seq)
+                except Exception as exc:  # noqa: BLE001 - a closed executor: the worker stops
+                    log.debug("%s worker: lease release of %s failed: %s", self.role, seq, exc)
+
+    def stop_leases(self) -> None:
+        self._reaping.set()
 
     @staticmethod
     def _prefill_row(req) -> PrefillRow:
@@ -218,11 +250,19 @@ class _ServicerBase:
             _prefilled,
             worker_pb2.PrefillResult,
         )
+        if self.leases is not None:
+            held = [
+                r.seq_id for r, out in zip(request.rows, rows, strict=True) if not out.status.code
+            ]
+            self.leases.own(_owner(context), held)
         return worker_pb2.PrefillBatchResponse(rows=rows)
 
     @_rpc
     def Release(self, request, context):
-        released = self.executor.submit(Call("release", _seq_id(request))).result()
+        seq_id = _seq_id(request)
+        released = self.executor.submit(Call("release", seq_id)).result()
+        if self.leases is not None:
+            self.leases.released(seq_id)
         return worker_pb2.ReleaseResponse(released=bool(released))
 
     @_rpc
@@ -328,9 +368,10 @@ def serve_draft(
     *,
     max_workers: int = 16,
     executor: Executor | None = None,
+    lease_timeout_s: float | None = None,
 ) -> tuple[grpc.Server, int]:
     """Start a DraftWorker gRPC server (port 0 picks a free one); returns (server, bound port)."""
-    servicer = DraftServicer(worker, executor)
+    servicer = DraftServicer(worker, executor, lease_timeout_s=lease_timeout_s)
     return _serve(
         worker_pb2_grpc.add_DraftWorkerServicer_to_server, servicer, host, port, max_workers
     )
@@ -344,11 +385,12 @@ def serve_target(
     max_workers: int = 16,
     executor: Executor | None = None,
     unavailable_errors: tuple[type[BaseException], ...] = (),
+    lease_timeout_s: float | None = None,
 ) -> tuple[grpc.Server, int]:
     """Start a TargetWorker gRPC server; returns (server, bound port). `unavailable_errors`: worker
     exceptions that mean "this target is gone" (answered UNAVAILABLE so the router fails over;
     workers.tp.TensorParallelError is always included once that module is loaded)."""
-    servicer = TargetServicer(worker, executor, unavailable_errors)
+    servicer = TargetServicer(worker, executor, unavailable_errors, lease_timeout_s)
     return _serve(
         worker_pb2_grpc.add_TargetWorkerServicer_to_server, servicer, host, port, max_workers
     )

@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-model", required=True, help="target checkpoint (tokenizer)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 = any free port (printed)")
+    parser.add_argument(
+        "--lease-renew-s",
+        type=float,
+        default=5.0,
+        help="renew this router's leases on the workers this often (well under their timeout)",
+    )
     from cluster.routing.config import RouterConfig  # its defaults are the cluster config's
     from cluster.scheduling.lookup import LookupConfig
     from cluster.scheduling.policy import Drafter, PolicyConfig
@@ -68,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from cluster.routing.router import Router, WorkerMismatchError
+    from cluster.transport.grpc_workers import LeaseRenewal
+
+    LeaseRenewal.set_period(args.lease_renew_s)
 
     lookup = replace(LookupConfig(), recent_tokens=args.lookup_recent_tokens)
     config = RouterConfig(

@@ -196,7 +196,7 @@ class DraftDeployment(_WorkerReplica):
     def _serve(self, worker: Any, host: str):
         from workers.service import serve_draft
 
-        return serve_draft(worker, host, 0)
+        return serve_draft(worker, host, 0, lease_timeout_s=self.cfg.workers.lease_timeout_s)
 
 
 @serve.deployment(name="SpecDecodeTarget")
@@ -249,7 +249,8 @@ class TargetDeployment(_WorkerReplica):
 
         # One model thread for both callers: the gRPC API and this replica's own scheduler.
         self.executor = SerialExecutor(worker)
-        return serve_target(worker, host, 0, executor=self.executor)
+        lease = self.cfg.workers.lease_timeout_s
+        return serve_target(worker, host, 0, executor=self.executor, lease_timeout_s=lease)
 
     def _start_scheduling(self, cfg: ClusterConfig, registry: DeploymentHandle) -> None:
         """The step scheduler of this replica's batch: a router whose one target is this
@@ -257,8 +258,11 @@ class TargetDeployment(_WorkerReplica):
         cluster/transport/same_process.py), with the draft pool from the registry."""
         from cluster.routing.config import RouterConfig
         from cluster.routing.router import Router
+        from cluster.transport.grpc_workers import LeaseRenewal
         from cluster.transport.same_process import ServedTarget
 
+        if cfg.workers.lease_timeout_s:  # the draft workers keep this scheduler's rows
+            LeaseRenewal.set_period(min(5.0, cfg.workers.lease_timeout_s / 4))
         own = ServedTarget.factory(self.address, self.worker, self.executor)
         self.router = Router(
             RouterConfig.from_cluster_config(cfg),

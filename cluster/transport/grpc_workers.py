@@ -13,7 +13,14 @@ The pools of worker addresses that the router uses are in cluster/transport/pool
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
+import socket
+import threading
+import time
+import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -25,6 +32,7 @@ from protos import worker_pb2, worker_pb2_grpc
 from workers.batch import PrefillRow, ProposeRow, VerifyRow
 from workers.draft import Proposal
 from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
+from workers.leases import OWNER_KEY
 from workers.types import Verdict
 from workers.wire import pack_q, sampling_to_proto, unpack_q
 
@@ -133,8 +141,77 @@ def _next_token(resp: worker_pb2.PrefillResponse) -> int | None:
     return int(resp.token) if resp.HasField("token") else None
 
 
+# This process's name on the workers: every call carries it, so a worker knows whose sequences
+# it holds and frees them when this process stops calling (workers/leases.py).
+OWNER = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready")
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _OwnerInterceptor(grpc.UnaryUnaryClientInterceptor):
+    """Adds `specdec-owner: OWNER` to every call on the channel."""
+
+    def intercept_unary_unary(self, continuation, details, request):
+        metadata = [*(details.metadata or ()), (OWNER_KEY, OWNER)]
+        return continuation(
+            _CallDetails(
+                details.method,
+                details.timeout,
+                metadata,
+                details.credentials,
+                getattr(details, "wait_for_ready", None),
+            ),
+            request,
+        )
+
+
 def open_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.intercept_channel(channel, _OwnerInterceptor())
+
+
+class LeaseRenewal:
+    """One thread per process: every `period_s`, a Stats call to each open worker side, so the
+    workers keep this process's sequences while it is alive but idle (any other call renews
+    too). The period must be well under the workers' lease timeout."""
+
+    period_s = 5.0
+    _sides: weakref.WeakSet = weakref.WeakSet()
+    _thread: threading.Thread | None = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def add(cls, side: _Remote) -> None:
+        with cls._lock:
+            cls._sides.add(side)
+            if cls._thread is None:
+                cls._thread = threading.Thread(target=cls._loop, name="lease-renewal", daemon=True)
+                cls._thread.start()
+
+    @classmethod
+    def set_period(cls, period_s: float) -> None:
+        if not period_s > 0:
+            raise ValueError(f"lease renewal period must be > 0, got {period_s}")
+        cls.period_s = float(period_s)
+
+    @classmethod
+    def _loop(cls) -> None:
+        while True:
+            time.sleep(cls.period_s)
+            for side in list(cls._sides):
+                if side.closed:
+                    continue
+                try:
+                    side.stats(timeout_s=min(2.0, cls.period_s))
+                except Exception:  # noqa: BLE001 - a worker that is gone: its pool notices
+                    pass
 
 
 class _Remote:
@@ -155,6 +232,8 @@ class _Remote:
         self.release_timeout_s = min(2.0, timeout_s)
         self.on_unavailable = on_unavailable
         self._calls = ThreadPoolExecutor(4, thread_name_prefix=f"grpc-{address}")
+        self.closed = False
+        LeaseRenewal.add(self)
 
     def _future(self, method: Any, request: Any, convert: Callable[[Any], Any]) -> Future:
         """`method(request)` on this remote's call threads, as a Future of `convert(response)`.
@@ -182,6 +261,7 @@ class _Remote:
 
     def close(self) -> None:
         """Close the channel (calls in flight fail) and let the call threads go."""
+        self.closed = True
         self.channel.close()
         self._calls.shutdown(wait=False)
 

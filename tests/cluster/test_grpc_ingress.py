@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cluster.routing.worker_processes import worker_process
 from protos import specdec_pb2 as pb
 from protos import specdec_pb2_grpc
 from tests.cluster.grpc_procs import (
@@ -236,6 +237,41 @@ def test_a_deadline_frees_the_sequence(cluster):
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     live = wait_live_zero(cluster["workers"], timeout=60)
     assert set(live.values()) == {0}, live
+
+
+def test_a_killed_router_leaves_no_sequence_on_the_workers_after_its_lease(ckpts):
+    """Workers with a 3 s lease, a router renewing every 0.5 s: generations run as ever (their
+    output is HF's greedy one); SIGKILL the router mid-stream, and within the lease both workers
+    hold nothing of it."""
+    lease = ("--lease-timeout-s", "3")
+    workers = start_all(
+        worker_process("target", ckpts["target"], extra=lease),
+        worker_process("draft", ckpts["near"], extra=lease),
+    )
+    procs = list(workers)
+    try:
+        renew = ("--lease-renew-s", "0.5")
+        front = start_all(ingress(workers[0].address, workers[1].address, ckpts["target"], *renew))
+        procs += front
+        roles = [(workers[0].address, "target"), (workers[1].address, "draft")]
+        spec = pb.SpeculationOptions(mode=ON, num_draft_tokens=2, drafter=pb.DRAFTER_MODEL)
+        tok = load_tokenizer(ckpts["target"])
+        want = hf_greedy(ckpts["target"], tok.encode(PROMPT, add_special_tokens=False), 40)
+        with grpc.insecure_channel(front[0].address, options=[("grpc.enable_http_proxy", 0)]) as ch:
+            stub = specdec_pb2_grpc.SpecDecodeStub(ch)
+            whole = stub.Generate(good(max_new_tokens=40, speculation=spec), timeout=60)
+            assert list(whole.token_ids) == want
+            stream = stub.GenerateStream(good(max_new_tokens=240, speculation=spec), timeout=120)
+            next(stream)
+            held = {a: stats(a, r).live_sequences for a, r in roles}
+            assert all(held.values()), held  # both workers hold the running sequence
+            front[0].kill()  # a crash: nothing releases it
+            t_kill = time.monotonic()
+            live = wait_live_zero(roles, timeout=15)
+            assert set(live.values()) == {0}, live
+            print(f"\nfreed {time.monotonic() - t_kill:.1f}s after the router died (lease 3 s)")
+    finally:
+        stop_all(procs)
 
 
 def test_ingress_refuses_to_start_with_a_draft_of_another_tokenizer(cluster, ckpts, tmp_path):

@@ -10,6 +10,7 @@ prompt's length gives (tests/workers/plain_oracle.py); a draft's answers none (c
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import pytest
@@ -557,3 +558,59 @@ def test_kv_budget_over_grpc_is_resource_exhausted_per_row(ckpts):
     finally:
         gt.close()
         server.stop(0)
+
+
+# -- leases -----------------------------------------------------------------------------------
+
+
+def test_a_renewed_lease_keeps_the_sequence_and_a_lapsed_one_frees_it(local):
+    """A worker with a 1 s lease, in process: a side that renews (every 0.2 s, Stats only)
+    keeps its sequence for 2.5 s of silence; once it stops (closed), the worker frees it; a
+    sequence prefilled without an owner (a raw stub) is never reaped."""
+    from cluster.transport.grpc_workers import LeaseRenewal
+    from workers.service import serve_target
+
+    server, port = serve_target(local[0], "127.0.0.1", 0, lease_timeout_s=1.0)
+    period = LeaseRenewal.period_s
+    LeaseRenewal.set_period(0.2)
+    try:
+        address = f"127.0.0.1:{port}"
+        side = GrpcTarget(address)
+        side.prefill_batch([PrefillRow("leased", PROMPT, SamplingParams())]).result(timeout=30)
+        with grpc.insecure_channel(address) as raw:  # no owner metadata: not leased
+            worker_pb2_grpc.TargetWorkerStub(raw).PrefillBatch(
+                wpb.PrefillBatchRequest(
+                    rows=[wpb.PrefillRequest(seq_id="unowned", token_ids=PROMPT, sampling=GREEDY)]
+                ),
+                timeout=30,
+            )
+        time.sleep(2.5)  # silence but for the renewals
+        assert stats(address, "target").live_sequences == 2
+        side.close()
+        deadline = time.monotonic() + 10
+        while stats(address, "target").live_sequences != 1:
+            assert time.monotonic() < deadline, "the lapsed lease's sequence was never freed"
+            time.sleep(0.1)
+        time.sleep(1.5)
+        assert stats(address, "target").live_sequences == 1  # the unowned one stays
+    finally:
+        LeaseRenewal.set_period(period)
+        server.stop(grace=None)
+
+
+def test_the_lease_book_expires_only_owners_not_heard_from():
+    from workers.leases import LeaseBook
+
+    now = [0.0]
+    book = LeaseBook(5.0, clock=lambda: now[0])
+    book.own("a", ["a1", "a2"])
+    book.own("b", ["b1"])
+    book.own(None, ["anon"])  # never reaped
+    now[0] = 4.0
+    book.seen("b")
+    book.released("a2")
+    now[0] = 6.0
+    assert book.expired() == ["a1"]
+    assert book.expired() == [] and book.owned == 1
+    now[0] = 9.5
+    assert book.expired() == ["b1"]
