@@ -17,9 +17,12 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from workers.tls import TLSFiles
 
 from cluster.scheduling.lookup import LookupConfig
 from cluster.scheduling.policy import Drafter, PolicyConfig
@@ -375,6 +378,22 @@ class SecurityConfig(_Strict):
     )
 
 
+class WorkersTLSConfig(_Strict):
+    """Mutual TLS on the internal worker channels: PEM files present on every node."""
+
+    ca_file: str = Field(..., min_length=1, description="the CA that signs every certificate")
+    cert_file: str = Field(..., min_length=1, description="this node's certificate chain")
+    key_file: str = Field(..., min_length=1, description="its private key")
+    server_name: str = Field(
+        "specdec-worker", min_length=1, description="the name worker certificates carry (SAN)"
+    )
+
+    def files(self) -> TLSFiles:
+        from workers.tls import TLSFiles
+
+        return TLSFiles(self.ca_file, self.cert_file, self.key_file, self.server_name)
+
+
 class WorkersNetConfig(_Strict):
     """Where worker replicas serve the internal worker gRPC API."""
 
@@ -388,6 +407,11 @@ class WorkersNetConfig(_Strict):
     )
     health_check_timeout_s: float = Field(
         30.0, gt=0, description="a worker replica whose health check takes longer is restarted"
+    )
+    tls: WorkersTLSConfig | None = Field(
+        None,
+        description="mutual TLS between schedulers and workers (empty: plaintext on the"
+        " cluster network)",
     )
     lease_timeout_s: float = Field(
         30.0,

@@ -57,6 +57,9 @@ A type's bounds follow it in brackets; an empty default is `null` in YAML.
 """
 
 
+REQUIRED = object()  # the default of a key that has none (inside a section that is off)
+
+
 @dataclass(frozen=True)
 class Key:
     """One leaf of the configuration: a row of the reference."""
@@ -89,14 +92,14 @@ def sections(
     keys, nested = [], []
     for name, field in model.model_fields.items():
         dotted = f"{prefix}{name}"
-        value = getattr(instance, name)
+        value = getattr(instance, name, REQUIRED)
         if _is_model(field.annotation):
             nested.append((field.annotation, value, f"{dotted}."))
             continue
         keys.append(Key(dotted, type_text(field), value, field.description or ""))
         optional = _optional_model(field.annotation)
         if optional is not None:  # off by default: its keys with the defaults they take when set
-            nested.append((optional, value or optional(), f"{dotted}."))
+            nested.append((optional, value or optional.model_construct(), f"{dotted}."))
     if keys:
         dotted = prefix.rstrip(".")
         if model in seen:
@@ -153,8 +156,8 @@ def render() -> str:
             out.append(f"\n{section.doc}\n")
         out.append("\n| key | type | default | description |\n|---|---|---|---|\n")
         for key in section.keys:
-            default = json.dumps(key.default)
-            out.append(f"| `{key.dotted}` | {key.type} | `{default}` | {key.description} |\n")
+            default = "required" if key.default is REQUIRED else f"`{json.dumps(key.default)}`"
+            out.append(f"| `{key.dotted}` | {key.type} | {default} | {key.description} |\n")
     return "".join(out)
 
 

@@ -93,8 +93,12 @@ def test_every_config_key_is_in_the_reference_with_a_description():
     dotted = {key.dotted for key in keys}
     assert {"target.tp_size", "draft.pool.resource", "speculation.pipelined"} <= dotted
     assert [key.dotted for key in keys if not key.description] == []
-    for key in keys:  # every dotted key is one the config accepts (its default, round-tripped)
-        ClusterConfig.load({}).with_overrides({key.dotted: key.default})
+    for section in config_reference.sections():
+        required = {k.dotted: "x" for k in section.keys if k.default is config_reference.REQUIRED}
+        for key in section.keys:  # every dotted key is one the config accepts (its default,
+            # round-tripped; a section with keys that have no default gets them set)
+            if key.default is not config_reference.REQUIRED:
+                ClusterConfig.load({}).with_overrides({**required, key.dotted: key.default})
 
 
 # -- commands -------------------------------------------------------------------------------------

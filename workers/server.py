@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         default=30.0,
         help="free the sequences of a caller not heard from this long (0 = never)",
     )
+    parser.add_argument("--tls-ca", help="mutual TLS: the cluster's CA (PEM)")
+    parser.add_argument("--tls-cert", help="mutual TLS: this worker's certificate (PEM)")
+    parser.add_argument("--tls-key", help="mutual TLS: this worker's private key (PEM)")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s {args.role} %(message)s"
@@ -70,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
 
     budget = args.max_kv_tokens or None
     lease = args.lease_timeout_s or None
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        from workers.tls import TLSFiles
+
+        if not (args.tls_ca and args.tls_cert and args.tls_key):
+            parser.error("--tls-ca, --tls-cert and --tls-key go together")
+        tls = TLSFiles(args.tls_ca, args.tls_cert, args.tls_key)
 
     if args.role == "draft":
         from workers.draft import DraftWorker
@@ -83,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
             max_kv_tokens=budget,
         )
         server, port = serve_draft(
-            worker, args.host, args.port, max_workers=args.max_workers, lease_timeout_s=lease
+            worker,
+            args.host,
+            args.port,
+            max_workers=args.max_workers,
+            lease_timeout_s=lease,
+            tls=tls,
         )
     else:
         from workers.target import TargetWorker
@@ -92,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
             args.model, dtype=args.dtype, device=args.device, max_kv_tokens=budget
         )
         server, port = serve_target(
-            worker, args.host, args.port, max_workers=args.max_workers, lease_timeout_s=lease
+            worker,
+            args.host,
+            args.port,
+            max_workers=args.max_workers,
+            lease_timeout_s=lease,
+            tls=tls,
         )
 
     stop = threading.Event()

@@ -40,6 +40,7 @@ from workers.draft import Proposal
 from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
 from workers.leases import OWNER_KEY, LeaseBook
 from workers.protocols import DraftModel, TargetModel
+from workers.tls import TLSFiles
 from workers.types import Verdict
 from workers.wire import pack_q, sampling_from_proto, tokenizer_fingerprint, unpack_q
 
@@ -348,13 +349,18 @@ def _seq_id(req) -> str:
 # -- servers ----------------------------------------------------------------------------------
 
 
-def _serve(add: Callable, servicer: Any, host: str, port: int, max_workers: int):
+def _serve(
+    add: Callable, servicer: Any, host: str, port: int, max_workers: int, tls: TLSFiles | None
+):
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=servicer.role),
         options=SERVER_OPTIONS,
     )
     add(servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:  # mutual TLS: a caller without a certificate from the cluster's CA is refused
+        bound = server.add_secure_port(f"{host}:{port}", tls.server_credentials())
     if bound == 0:
         raise OSError(f"{servicer.role} worker: cannot bind {host}:{port}")
     server.start()
@@ -369,11 +375,13 @@ def serve_draft(
     max_workers: int = 16,
     executor: Executor | None = None,
     lease_timeout_s: float | None = None,
+    tls: TLSFiles | None = None,
 ) -> tuple[grpc.Server, int]:
-    """Start a DraftWorker gRPC server (port 0 picks a free one); returns (server, bound port)."""
+    """Start a DraftWorker gRPC server (port 0 picks a free one); returns (server, bound port).
+    `tls`: mutual TLS (workers/tls.py) instead of plaintext."""
     servicer = DraftServicer(worker, executor, lease_timeout_s=lease_timeout_s)
     return _serve(
-        worker_pb2_grpc.add_DraftWorkerServicer_to_server, servicer, host, port, max_workers
+        worker_pb2_grpc.add_DraftWorkerServicer_to_server, servicer, host, port, max_workers, tls
     )
 
 
@@ -386,11 +394,12 @@ def serve_target(
     executor: Executor | None = None,
     unavailable_errors: tuple[type[BaseException], ...] = (),
     lease_timeout_s: float | None = None,
+    tls: TLSFiles | None = None,
 ) -> tuple[grpc.Server, int]:
     """Start a TargetWorker gRPC server; returns (server, bound port). `unavailable_errors`: worker
     exceptions that mean "this target is gone" (answered UNAVAILABLE so the router fails over;
     workers.tp.TensorParallelError is always included once that module is loaded)."""
     servicer = TargetServicer(worker, executor, unavailable_errors, lease_timeout_s)
     return _serve(
-        worker_pb2_grpc.add_TargetWorkerServicer_to_server, servicer, host, port, max_workers
+        worker_pb2_grpc.add_TargetWorkerServicer_to_server, servicer, host, port, max_workers, tls
     )

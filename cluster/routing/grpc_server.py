@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-model", required=True, help="target checkpoint (tokenizer)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 = any free port (printed)")
+    parser.add_argument("--tls-ca", help="mutual TLS to the workers: the cluster's CA (PEM)")
+    parser.add_argument("--tls-cert", help="mutual TLS: this router's certificate (PEM)")
+    parser.add_argument("--tls-key", help="mutual TLS: this router's private key (PEM)")
     parser.add_argument(
         "--lease-renew-s",
         type=float,
@@ -74,9 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from cluster.routing.router import Router, WorkerMismatchError
-    from cluster.transport.grpc_workers import LeaseRenewal
+    from cluster.transport.grpc_workers import LeaseRenewal, configure_tls
+    from workers.tls import TLSFiles
 
     LeaseRenewal.set_period(args.lease_renew_s)
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        if not (args.tls_ca and args.tls_cert and args.tls_key):
+            parser.error("--tls-ca, --tls-cert and --tls-key go together")
+        configure_tls(TLSFiles(args.tls_ca, args.tls_cert, args.tls_key))
 
     lookup = replace(LookupConfig(), recent_tokens=args.lookup_recent_tokens)
     config = RouterConfig(

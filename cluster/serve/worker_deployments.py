@@ -131,7 +131,14 @@ class _WorkerReplica:
         from protos import worker_pb2, worker_pb2_grpc
 
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.address)
+            tls = self.cfg.workers.tls
+            if tls is None:
+                self._channel = grpc.aio.insecure_channel(self.address)
+            else:  # its own worker asks for a client certificate too
+                files = tls.files()
+                self._channel = grpc.aio.secure_channel(
+                    self.address, files.channel_credentials(), options=files.channel_options()
+                )
         stub_cls = (
             worker_pb2_grpc.DraftWorkerStub
             if self.kind == DRAFT
@@ -196,7 +203,9 @@ class DraftDeployment(_WorkerReplica):
     def _serve(self, worker: Any, host: str):
         from workers.service import serve_draft
 
-        return serve_draft(worker, host, 0, lease_timeout_s=self.cfg.workers.lease_timeout_s)
+        w = self.cfg.workers
+        tls = w.tls.files() if w.tls else None
+        return serve_draft(worker, host, 0, lease_timeout_s=w.lease_timeout_s, tls=tls)
 
 
 @serve.deployment(name="SpecDecodeTarget")
@@ -249,8 +258,11 @@ class TargetDeployment(_WorkerReplica):
 
         # One model thread for both callers: the gRPC API and this replica's own scheduler.
         self.executor = SerialExecutor(worker)
-        lease = self.cfg.workers.lease_timeout_s
-        return serve_target(worker, host, 0, executor=self.executor, lease_timeout_s=lease)
+        w = self.cfg.workers
+        tls = w.tls.files() if w.tls else None
+        return serve_target(
+            worker, host, 0, executor=self.executor, lease_timeout_s=w.lease_timeout_s, tls=tls
+        )
 
     def _start_scheduling(self, cfg: ClusterConfig, registry: DeploymentHandle) -> None:
         """The step scheduler of this replica's batch: a router whose one target is this
@@ -258,9 +270,11 @@ class TargetDeployment(_WorkerReplica):
         cluster/transport/same_process.py), with the draft pool from the registry."""
         from cluster.routing.config import RouterConfig
         from cluster.routing.router import Router
-        from cluster.transport.grpc_workers import LeaseRenewal
+        from cluster.transport.grpc_workers import LeaseRenewal, configure_tls
         from cluster.transport.same_process import ServedTarget
 
+        if cfg.workers.tls is not None:  # this scheduler's channels to the draft workers
+            configure_tls(cfg.workers.tls.files())
         if cfg.workers.lease_timeout_s:  # the draft workers keep this scheduler's rows
             LeaseRenewal.set_period(min(5.0, cfg.workers.lease_timeout_s / 4))
         own = ServedTarget.factory(self.address, self.worker, self.executor)

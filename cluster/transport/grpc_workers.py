@@ -33,6 +33,7 @@ from workers.batch import PrefillRow, ProposeRow, VerifyRow
 from workers.draft import Proposal
 from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
 from workers.leases import OWNER_KEY
+from workers.tls import TLSFiles
 from workers.types import Verdict
 from workers.wire import pack_q, sampling_to_proto, unpack_q
 
@@ -172,8 +173,21 @@ class _OwnerInterceptor(grpc.UnaryUnaryClientInterceptor):
         )
 
 
+_TLS: TLSFiles | None = None  # this process's worker channels use mutual TLS when set
+
+
+def configure_tls(files: TLSFiles | None) -> None:
+    """Mutual TLS (workers/tls.py) on every worker channel this process opens from now on."""
+    global _TLS
+    _TLS = files
+
+
 def open_channel(address: str) -> grpc.Channel:
-    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    if _TLS is None:
+        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    else:
+        options = CHANNEL_OPTIONS + _TLS.channel_options()
+        channel = grpc.secure_channel(address, _TLS.channel_credentials(), options=options)
     return grpc.intercept_channel(channel, _OwnerInterceptor())
 
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from cluster.routing.worker_processes import worker_process
 from protos import specdec_pb2 as pb
-from protos import specdec_pb2_grpc
+from protos import specdec_pb2_grpc, worker_pb2_grpc
+from protos import worker_pb2 as wpb
 from tests.cluster.grpc_procs import (
     ROOT,
     Proc,
@@ -270,6 +271,60 @@ def test_a_killed_router_leaves_no_sequence_on_the_workers_after_its_lease(ckpts
             live = wait_live_zero(roles, timeout=15)
             assert set(live.values()) == {0}, live
             print(f"\nfreed {time.monotonic() - t_kill:.1f}s after the router died (lease 3 s)")
+    finally:
+        stop_all(procs)
+
+
+def test_workers_with_mutual_tls_refuse_callers_without_a_certificate(ckpts, tmp_path):
+    """Workers and router with certificates from one CA: the cluster generates HF's greedy
+    output; a plaintext caller, a TLS caller without a certificate and one whose certificate
+    another CA signed are all refused."""
+    pytest.importorskip("cryptography")
+    from tests.cluster.certs import make_certs
+    from workers.tls import TLSFiles
+
+    certs = make_certs(tmp_path / "pki")
+    w, c = certs["worker"], certs["client"]
+    flags = ("--tls-ca", w.ca_file, "--tls-cert", w.cert_file, "--tls-key", w.key_file)
+    workers = start_all(
+        worker_process("target", ckpts["target"], extra=flags),
+        worker_process("draft", ckpts["near"], extra=flags),
+    )
+    procs = list(workers)
+    try:
+        client_flags = ("--tls-ca", c.ca_file, "--tls-cert", c.cert_file, "--tls-key", c.key_file)
+        front = start_all(
+            ingress(workers[0].address, workers[1].address, ckpts["target"], *client_flags)
+        )
+        procs += front
+        tok = load_tokenizer(ckpts["target"])
+        want = hf_greedy(ckpts["target"], tok.encode(PROMPT, add_special_tokens=False), 24)
+        spec = pb.SpeculationOptions(mode=ON, num_draft_tokens=2, drafter=pb.DRAFTER_MODEL)
+        with grpc.insecure_channel(front[0].address, options=[("grpc.enable_http_proxy", 0)]) as ch:
+            resp = specdec_pb2_grpc.SpecDecodeStub(ch).Generate(good(speculation=spec), timeout=60)
+        assert list(resp.token_ids) == want and resp.stats.rounds > 0
+
+        def probe(channel: grpc.Channel) -> grpc.StatusCode:
+            try:
+                worker_pb2_grpc.TargetWorkerStub(channel).Stats(wpb.StatsRequest(), timeout=5)
+            except grpc.RpcError as exc:
+                return exc.code()
+            finally:
+                channel.close()
+            return grpc.StatusCode.OK
+
+        target = workers[0].address
+        name = [("grpc.ssl_target_name_override", "specdec-worker")]
+        assert probe(grpc.insecure_channel(target)) == grpc.StatusCode.UNAVAILABLE
+        ca_only = grpc.ssl_channel_credentials(root_certificates=open(c.ca_file, "rb").read())
+        assert probe(grpc.secure_channel(target, ca_only, name)) == grpc.StatusCode.UNAVAILABLE
+        other = make_certs(tmp_path / "other", ca_name="another-ca")["client"]
+        stranger = TLSFiles(c.ca_file, other.cert_file, other.key_file)
+        creds = stranger.channel_credentials()
+        assert probe(grpc.secure_channel(target, creds, name)) == grpc.StatusCode.UNAVAILABLE
+        assert (
+            probe(grpc.secure_channel(target, c.channel_credentials(), name)) == grpc.StatusCode.OK
+        )
     finally:
         stop_all(procs)
 
