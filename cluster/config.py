@@ -341,6 +341,9 @@ class LimitsConfig(_Strict):
     max_prompt_chars: int = Field(
         1 << 20, ge=1, description="characters of a text prompt (refused before tokenizing)"
     )
+    max_request_bytes: int = Field(
+        4 << 20, ge=1024, description="bytes of an HTTP request body (more: 413, unread)"
+    )
     prefill_tokens_per_step: int = Field(
         2048, ge=1, description="prompt tokens admitted per step (bounds the stall of a burst)"
     )

@@ -122,9 +122,20 @@ def build_http_app(ingress: Any) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         return await _generate(request, chat=True)
 
+    cfg = getattr(ingress, "cfg", None)
+    max_bytes = cfg.limits.max_request_bytes if cfg is not None else 4 << 20
+
     async def _generate(request: Request, *, chat: bool) -> Response:
         try:
-            body = parse_json(await request.body())
+            size = int(request.headers.get("content-length") or 0)
+            raw = b"" if size > max_bytes else await request.body()
+            if max(size, len(raw)) > max_bytes:
+                raise APIError(
+                    413,
+                    f"the request body has {max(size, len(raw))} bytes; at most {max_bytes}",
+                    code="request_too_large",
+                )
+            body = parse_json(raw)
             if chat:
                 req, opts = chat_request(
                     body, model_id=ingress.model_id, tokenizer=ingress.router.tokenizer

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 import ray
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from ray import serve
 from tokenizers import decoders
 
@@ -459,6 +461,58 @@ def test_bad_requests_get_400_naming_the_parameter(cluster, stream):
         model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, extra_body=SPEC_ON
     )
     assert again.choices[0].text == want
+
+
+def _json_value():
+    leaf = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=12),
+    )
+    return st.recursive(leaf, lambda inner: st.lists(inner, max_size=3), max_leaves=6)
+
+
+PARAMS = [
+    "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
+    "top_p", "top_k", "seed", "stop", "stream", "stream_options", "n", "logprobs", "echo",
+    "user", "presence_penalty", "speculation",
+]  # fmt: skip
+
+
+def _bodies():
+    """JSON bodies as a careless or hostile client sends them: OpenAI's parameters with any
+    values (the right types now and then), and bytes that are no JSON at all."""
+    chosen = st.dictionaries(st.sampled_from(PARAMS), _json_value(), max_size=6)
+    sane = st.fixed_dictionaries(
+        {"model": st.just(MODEL), "prompt": st.just(PROMPT), "max_tokens": st.integers(1, 4)},
+        optional={k: _json_value() for k in ("temperature", "top_p", "stop", "seed", "stream")},
+    )
+    return st.one_of(
+        chosen.map(lambda d: json.dumps(d).encode()),
+        sane.map(lambda d: json.dumps(d).encode()),
+        st.binary(max_size=40),
+    )
+
+
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(body=_bodies(), chat=st.booleans())
+def test_fuzzed_bodies_get_a_client_error_or_an_answer_never_a_500(cluster, body, chat):
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    resp = cluster.post(path, body, raw=True)
+    assert resp.status_code in (200, 400, 404, 413, 429), (resp.status_code, resp.text, body)
+    if resp.status_code != 200:
+        err = resp.json()["error"]
+        assert "Traceback" not in err["message"] and "\n" not in err["message"]
+
+
+def test_a_body_over_the_size_limit_is_413_unread(cluster):
+    huge = json.dumps({"model": MODEL, "prompt": "x" * (5 << 20), "max_tokens": 1}).encode()
+    resp = cluster.post("/v1/completions", huge, raw=True)
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large"
 
 
 def test_the_same_request_over_grpc_names_the_same_field(cluster):
