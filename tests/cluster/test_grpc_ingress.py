@@ -166,16 +166,39 @@ def test_the_server_still_serves_after_the_fuzzing(cluster):
 BAD = {
     "prompt": [
         pb.GenerateRequest(max_new_tokens=4),  # no prompt at all
-        pb.GenerateRequest(prompt="x", prompt_token_ids=[5], max_new_tokens=4),
+        pb.GenerateRequest(prompt="x", prompt_token_ids=[5], max_new_tokens=4),  # both forms
         pb.GenerateRequest(prompt_token_ids=[5] * 300, max_new_tokens=4),  # context is 256
+        pb.GenerateRequest(prompt="def f():\n" * 200, max_new_tokens=4),  # text past the context
+        pb.GenerateRequest(prompt="x" * ((1 << 20) + 1), max_new_tokens=4),  # over max chars
     ],
-    "prompt_token_ids": [pb.GenerateRequest(prompt_token_ids=[5, 96], max_new_tokens=4)],
-    "max_new_tokens": [good(max_new_tokens=0), good(max_new_tokens=-3)],
-    "temperature": [good(temperature=-0.5)],
-    "top_p": [good(top_p=1.5), good(top_p=-0.1), good(top_p=0.0)],  # optional: 0 is explicit
-    "stop": [good(stop=["ok", ""]), good(stop=["x" * 300])],
-    "top_k": [good(top_k=-1)],
-    "seed": [good(seed=-1)],
+    "prompt_token_ids": [
+        pb.GenerateRequest(prompt_token_ids=[5, 96], max_new_tokens=4),  # the vocabulary is 96
+        pb.GenerateRequest(prompt_token_ids=[5, -1], max_new_tokens=4),
+        pb.GenerateRequest(prompt_token_ids=[2**31 - 1], max_new_tokens=4),
+    ],
+    "max_new_tokens": [
+        good(max_new_tokens=0),
+        good(max_new_tokens=-3),
+        good(max_new_tokens=2**31 - 1),  # over the limit
+    ],
+    "temperature": [
+        good(temperature=-0.5),
+        good(temperature=float("nan")),
+        good(temperature=float("inf")),
+    ],
+    "top_p": [
+        good(top_p=1.5),
+        good(top_p=-0.1),
+        good(top_p=0.0),  # optional: an explicit 0 is refused, not read as unset
+        good(top_p=float("nan")),
+    ],
+    "stop": [
+        good(stop=["ok", ""]),
+        good(stop=["x" * 300]),  # a stop string over max_stop_chars
+        good(stop=[f"s{i}" for i in range(17)]),  # more than max_stop_strings
+    ],
+    "top_k": [good(top_k=-1), good(top_k=-(2**31))],
+    "seed": [good(seed=-1), good(seed=-(2**63))],
     "speculation.num_draft_tokens": [
         good(speculation=pb.SpeculationOptions(num_draft_tokens=-1)),
         good(speculation=pb.SpeculationOptions(num_draft_tokens=9)),  # the ingress allows 8
@@ -183,6 +206,10 @@ BAD = {
     "speculation.mode": [good(speculation=pb.SpeculationOptions(mode=7))],
     "speculation.drafter": [good(speculation=pb.SpeculationOptions(drafter=9))],
 }
+
+
+def test_the_malformed_matrix_has_at_least_25_cases():
+    assert sum(len(v) for v in BAD.values()) + len(UNPARSABLE) >= 25
 
 
 @pytest.mark.parametrize("field", list(BAD))
