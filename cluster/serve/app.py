@@ -54,7 +54,10 @@ def deployment_options(cfg: ClusterConfig) -> dict[str, dict[str, Any]]:
             "placement_group_bundles": [t.pool.bundle() for _ in range(t.tp_size)],
             "placement_group_strategy": t.placement_strategy,
         }
-    target.update(replicas(t.replicas, t.autoscaling), max_ongoing_requests=t.max_ongoing_requests)
+    # A target replica's scheduler admits limits.max_in_flight requests and refuses the rest:
+    # Serve must not send it more, so that the excess waits for (or goes to) another replica.
+    ongoing = min(t.max_ongoing_requests, cfg.limits.max_in_flight)
+    target.update(replicas(t.replicas, t.autoscaling), max_ongoing_requests=ongoing)
     # Serve waits this long for a stopping replica: its drain, then its own teardown.
     workers = {**health, "graceful_shutdown_timeout_s": w.drain_s + 10}
     target.update(workers)

@@ -57,6 +57,13 @@ def test_build_app_rejects_unknown_keys_before_touching_anything():
         build_app(args)
 
 
+def test_serve_never_sends_a_target_replica_more_than_its_scheduler_admits():
+    cfg = ClusterConfig.load({"limits": {"max_in_flight": 48}})
+    assert deployment_options(cfg)["target"]["max_ongoing_requests"] == 48
+    cfg = ClusterConfig.load({"limits": {"max_in_flight": 500}})
+    assert deployment_options(cfg)["target"]["max_ongoing_requests"] == 256  # its own cap
+
+
 def test_deployment_options_put_each_kind_on_its_pool():
     cfg = ClusterConfig.load({"target": {"tp_size": 2, "replicas": 2}, "draft": {"replicas": 3}})
     opts = deployment_options(cfg)
