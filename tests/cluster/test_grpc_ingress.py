@@ -30,6 +30,7 @@ from tests.cluster.grpc_procs import (
     wait_live_zero,
     worker,
 )
+from tests.fuzzing import FUZZ_EXAMPLES
 from tests.tiny_models import make_model, make_tokenizer
 from workers.draft import DraftWorker
 from workers.model_runner import load_tokenizer
@@ -145,7 +146,9 @@ def _mutations():
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=FUZZ_EXAMPLES or 150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(data=_mutations())
 def test_fuzzed_bytes_get_ok_or_a_client_error_never_unknown_or_internal(cluster, data):

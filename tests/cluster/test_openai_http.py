@@ -27,6 +27,7 @@ from cluster.cli.client import build_request, call_generate
 from cluster.serve.app import APP_NAME, GRPC_SERVICERS, build_app
 from protos import specdec_pb2 as pb
 from tests.deploy.helpers import free_port, hf_greedy, init_ray, noisy_copy, tmpdir
+from tests.fuzzing import FUZZ_EXAMPLES
 from tests.tiny_models import VOCAB, make_model, make_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -497,7 +498,9 @@ def _bodies():
 
 
 @settings(
-    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=FUZZ_EXAMPLES or 120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(body=_bodies(), chat=st.booleans())
 def test_fuzzed_bodies_get_a_client_error_or_an_answer_never_a_500(cluster, body, chat):
