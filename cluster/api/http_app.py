@@ -152,6 +152,12 @@ def build_http_app(ingress: Any) -> FastAPI:
                 return error_response(to_api_error(exc, opts))
             return JSONResponse(response_json(resp, opts))
 
+        prompt_tokens = 0
+        if opts.continuous_usage:  # usage on every chunk needs the prompt's length up front
+            try:
+                prompt_tokens = len(router.validate(req).prompt_ids)
+            except Exception as exc:  # noqa: BLE001
+                return error_response(to_api_error(exc, opts))
         stream = router.generate_stream(req)
         # Wait for the first message before answering: bad input, overload and "no target"
         # then get their HTTP status (400 / 429 / 503) instead of an error inside a 200 stream.
@@ -166,7 +172,7 @@ def build_http_app(ingress: Any) -> FastAPI:
             await stream.aclose()
             return error_response(to_api_error(exc, opts))
         return StreamingResponse(
-            _events(stream, first, ChunkWriter(opts), opts),
+            _events(stream, first, ChunkWriter(opts, prompt_tokens=prompt_tokens), opts),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )

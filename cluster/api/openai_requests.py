@@ -32,6 +32,7 @@ class Options:
     include_usage: bool  # stream_options.include_usage
     chat: bool = False
     max_tokens_param: str = "max_tokens"  # the name to report for max_new_tokens errors
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage on every chunk
 
 
 # The parameters both endpoints take (some only to refuse them with a clear message).
@@ -53,6 +54,11 @@ _SHARED_PARAMS = frozenset(
         "frequency_penalty",
         "logit_bias",
         "speculation",
+        # vLLM's extensions, sent by the load and benchmark clients
+        "ignore_eos",
+        "min_tokens",
+        "stop_token_ids",
+        "include_stop_str_in_output",
     }
 )
 COMPLETION_PARAMS = _SHARED_PARAMS | {"prompt", "echo", "best_of", "suffix"}
@@ -79,7 +85,7 @@ _DRAFTERS = {"auto": pb.DRAFTER_AUTO, "model": pb.DRAFTER_MODEL, "lookup": pb.DR
 
 def _shared_params(
     body: Mapping[str, Any], req: pb.GenerateRequest, allowed: frozenset[str], model_id: str
-) -> tuple[str, bool, bool]:
+) -> tuple[str, bool, bool, bool]:
     """Model, sampling, stop, streaming and speculation: the parameters both endpoints share."""
     unknown = sorted(set(body) - allowed)
     if unknown:
@@ -121,6 +127,7 @@ def _shared_params(
             "stop", f"must be a string or a list of strings, got {json_type(stop)}", "invalid_type"
         )
 
+    _vllm_extensions(body, req)
     for name in ("presence_penalty", "frequency_penalty"):
         if read_number(body, name):
             raise refused(name, "only 0 is accepted")
@@ -137,7 +144,7 @@ def _shared_params(
         raise invalid("user", "must be a string", "invalid_type")
 
     stream = bool(read_bool(body, "stream"))
-    include_usage = False
+    include_usage = continuous = False
     opts = body.get("stream_options")
     if opts is not None:
         if not isinstance(opts, dict):
@@ -148,13 +155,39 @@ def _shared_params(
         if extra:
             raise invalid(f"stream_options.{extra[0]}", "unrecognized", "unknown_parameter")
         include_usage = bool(read_bool(opts, "include_usage"))
-        if read_bool(opts, "continuous_usage_stats"):
-            raise refused("stream_options.continuous_usage_stats", "usage comes at the end")
+        continuous = bool(read_bool(opts, "continuous_usage_stats"))
 
     spec = body.get("speculation")
     if spec is not None:
         _speculation(spec, req)
-    return model, stream, include_usage
+    return model, stream, include_usage, continuous
+
+
+def _vllm_extensions(body: Mapping[str, Any], req: pb.GenerateRequest) -> None:
+    """ignore_eos, stop_token_ids, include_stop_str_in_output as the proto's; min_tokens where
+    nothing but a stop string could end the text before it (ignore_eos, no stop_token_ids): there
+    it changes nothing, as in vLLM, whose min_tokens holds back EOS and stop ids only."""
+    req.ignore_eos = bool(read_bool(body, "ignore_eos"))
+    req.include_stop_str_in_output = bool(read_bool(body, "include_stop_str_in_output"))
+    ids = body.get("stop_token_ids")
+    if ids is not None:
+        if not isinstance(ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in ids
+        ):
+            raise invalid("stop_token_ids", "must be a list of token ids", "invalid_type")
+        if any(not 0 <= t < 2**31 for t in ids):
+            raise invalid("stop_token_ids", "token ids must be >= 0")
+        req.stop_token_ids.extend(ids)
+    min_tokens = read_int(body, "min_tokens")
+    if min_tokens is not None:
+        if min_tokens < 0:
+            raise invalid("min_tokens", f"must be >= 0, got {min_tokens}")
+        if min_tokens and (not req.ignore_eos or req.stop_token_ids):
+            raise refused(
+                "min_tokens",
+                "only with ignore_eos and without stop_token_ids (the end-of-sequence token is"
+                " not held back)",
+            )
 
 
 def _speculation(spec: Any, req: pb.GenerateRequest) -> None:
@@ -204,7 +237,9 @@ def completion_request(
 ) -> tuple[pb.GenerateRequest, Options]:
     """POST /v1/completions -> the proto request (values checked later by the router)."""
     req = pb.GenerateRequest()
-    model, stream, include_usage = _shared_params(body, req, COMPLETION_PARAMS, model_id)
+    model, stream, include_usage, continuous = _shared_params(
+        body, req, COMPLETION_PARAMS, model_id
+    )
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         req.prompt = prompt  # "" is refused by the router, as over gRPC
@@ -231,7 +266,7 @@ def completion_request(
         raise refused("best_of", "one candidate per request")
     if body.get("suffix") is not None:
         raise refused("suffix", "no insertion (fill-in-the-middle)")
-    return req, Options(model, stream, include_usage)
+    return req, Options(model, stream, include_usage, continuous_usage=continuous)
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -244,7 +279,7 @@ def chat_request(
     """POST /v1/chat/completions: the messages rendered by the target tokenizer's chat template
     (`apply_chat_template(..., add_generation_prompt=True)`) become the prompt text."""
     req = pb.GenerateRequest()
-    model, stream, include_usage = _shared_params(body, req, CHAT_PARAMS, model_id)
+    model, stream, include_usage, continuous = _shared_params(body, req, CHAT_PARAMS, model_id)
     if not has_chat_template(tokenizer):
         raise APIError(
             400,
@@ -286,7 +321,9 @@ def chat_request(
         )
     except Exception as exc:  # noqa: BLE001 - the template's own complaint (roles, ...)
         raise invalid("messages", f"the chat template refused them: {exc}") from None
-    return req, Options(model, stream, include_usage, chat=True, max_tokens_param=key)
+    return req, Options(
+        model, stream, include_usage, chat=True, max_tokens_param=key, continuous_usage=continuous
+    )
 
 
 def _message(m: Any, i: int) -> dict[str, str]:

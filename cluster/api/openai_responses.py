@@ -105,12 +105,20 @@ class ChunkWriter:
     include_usage a last chunk with `choices: []` and usage, then `data: [DONE]`."""
 
     def __init__(
-        self, opts: Options, *, rid: str | None = None, now: Callable[[], float] = time.time
+        self,
+        opts: Options,
+        *,
+        rid: str | None = None,
+        now: Callable[[], float] = time.time,
+        prompt_tokens: int = 0,
     ):
+        """prompt_tokens: for usage on every chunk (opts.continuous_usage)."""
         self.opts = opts
         self.rid = rid or new_id(opts.chat)
         self.created = int(now())
         self.started = False
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
 
     def _chunk(self, text: str | None, finish: str | None) -> dict[str, Any]:
         out = _head(self.opts, self.rid, self.created, chunk=True)
@@ -128,7 +136,10 @@ class ChunkWriter:
         choice["finish_reason"] = finish
         self.started = True
         out["choices"] = [choice]
-        if self.opts.include_usage:
+        if self.opts.continuous_usage:  # vLLM's continuous_usage_stats: the counts so far
+            p, c = self.prompt_tokens, self.completion_tokens
+            out["usage"] = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        elif self.opts.include_usage:
             out["usage"] = None  # OpenAI: null on every chunk but the last
         return out
 
@@ -136,6 +147,7 @@ class ChunkWriter:
         """The SSE lines for one router message (none for an empty, non-final one)."""
         out = []
         finish = finish_reason(msg)
+        self.completion_tokens += len(msg.token_ids)
         if self.opts.chat and not self.started:
             out.append(sse(self._chunk("", None)))
         if msg.text and finish is None:

@@ -16,7 +16,15 @@ class TextStream:
     start of a stop string. A matched stop string ends the text just before it.
     """
 
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stops: Sequence[str]) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_ids: Sequence[int],
+        stops: Sequence[str],
+        include_stop: bool = False,
+    ) -> None:
+        """include_stop: a matched stop string ends the text after it (vLLM's
+        include_stop_str_in_output), not before."""
         self.tok = tokenizer
         self.ids = list(prompt_ids[-DECODE_CONTEXT:])
         self.prefix = 0
@@ -24,6 +32,7 @@ class TextStream:
         self.text = ""  # the output text so far (cut at a stop string)
         self.sent = 0  # characters of text already handed out
         self.stops = tuple(stops)
+        self.include_stop = include_stop
         self.max_stop = max((len(s) for s in self.stops), default=0)
         self.stopped = False
 
@@ -45,9 +54,10 @@ class TextStream:
             return False
         start = max(0, len(self.text) - self.max_stop + 1)
         self.text += delta
-        hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
+        hits = [(i, len(s)) for s in self.stops if (i := self.text.find(s, start)) >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            at, length = min(hits)
+            self.text = self.text[: at + length if self.include_stop else at]
             self.stopped = True
         return self.stopped
 

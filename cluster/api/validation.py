@@ -94,6 +94,9 @@ class ValidRequest:
     mode: SpecMode
     k: int  # 0 = the policy's default (adaptive unless configured)
     drafter: Drafter | None = None  # None: the deployment's default
+    ignore_eos: bool = False  # vLLM's: generate past the end-of-sequence token
+    stop_token_ids: frozenset[int] = frozenset()
+    include_stop_str: bool = False  # a matched stop string stays in the text
 
 
 def validate_request(
@@ -157,6 +160,14 @@ def validate_request(
         raise invalid(
             "stop", f"a stop string has at most {limits.max_stop_chars} characters, got {longest}"
         )
+    try:
+        stop_ids = check_token_ids("stop_token_ids", request.stop_token_ids, vocab_size)
+    except TokenRangeError as exc:
+        raise invalid(exc.field, exc.message) from None
+    if len(stop_ids) > limits.max_stop_strings:
+        raise invalid(
+            "stop_token_ids", f"at most {limits.max_stop_strings} ids, got {len(stop_ids)}"
+        )
     spec = request.speculation
     mode = MODES.get(spec.mode)
     if mode is None:
@@ -175,7 +186,17 @@ def validate_request(
         temperature=float(temperature), top_k=int(request.top_k), top_p=top_p, seed=seed
     )
     return ValidRequest(
-        uuid.uuid4().hex, ids, params, int(max_new), stops, mode, int(k), DRAFTERS[spec.drafter]
+        uuid.uuid4().hex,
+        ids,
+        params,
+        int(max_new),
+        stops,
+        mode,
+        int(k),
+        DRAFTERS[spec.drafter],
+        ignore_eos=bool(request.ignore_eos),
+        stop_token_ids=frozenset(int(t) for t in stop_ids),
+        include_stop_str=bool(request.include_stop_str_in_output),
     )
 
 

@@ -313,7 +313,10 @@ class Router:
         rounds = SequenceRounds(
             req.prompt_ids,
             StopConditions(
-                req.max_new_tokens, self.model.eos_token_ids, frozenset(), self.model.max_context
+                req.max_new_tokens,
+                frozenset() if req.ignore_eos else self.model.eos_token_ids,
+                req.stop_token_ids,
+                self.model.max_context,
             ),
         )
         self._admit()
@@ -326,7 +329,7 @@ class Router:
                 raise RequestError(
                     grpc.StatusCode.UNAVAILABLE, "", "no target worker is available" + self._why()
                 )
-            text = TextStream(self.tokenizer, req.prompt_ids, req.stop)
+            text = TextStream(self.tokenizer, req.prompt_ids, req.stop, req.include_stop_str)
             sent = 0
             while True:
                 # One message for all that arrived since the last: steps the consumer fell

@@ -96,6 +96,32 @@ def test_generate_and_stream_over_grpc(cluster, ckpts):
     assert chunks[-1].stats.rounds == whole.stats.rounds
 
 
+def test_stop_token_ids_and_stop_strings_kept_in_the_output(cluster, ckpts):
+    """vLLM's stop_token_ids (the id is returned, finish STOP) and include_stop_str_in_output
+    (the matched stop string stays at the end of the text), under speculation."""
+    stub = cluster["stub"]
+    tok = load_tokenizer(ckpts["target"])
+    want = hf_greedy(ckpts["target"], tok.encode(PROMPT, add_special_tokens=False), 40)
+    spec = pb.SpeculationOptions(mode=ON, num_draft_tokens=3, drafter=pb.DRAFTER_MODEL)
+    t = want[12]
+    resp = stub.Generate(good(max_new_tokens=40, speculation=spec, stop_token_ids=[t]), timeout=60)
+    assert list(resp.token_ids) == want[: want.index(t) + 1]
+    assert resp.finish_reason == pb.FINISH_REASON_STOP
+    full = stub.Generate(good(max_new_tokens=40, speculation=spec), timeout=60).text
+    stop = full[8:11]
+    at = full.index(stop)
+    cut = stub.Generate(good(max_new_tokens=40, speculation=spec, stop=[stop]), timeout=60)
+    kept = stub.Generate(
+        good(max_new_tokens=40, speculation=spec, stop=[stop], include_stop_str_in_output=True),
+        timeout=60,
+    )
+    assert cut.text == full[:at] and kept.text == full[: at + len(stop)]
+    assert cut.finish_reason == kept.finish_reason == pb.FINISH_REASON_STOP
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(good(stop_token_ids=[96]), timeout=30)  # outside the vocabulary
+    assert err.value.details().startswith("stop_token_ids:")
+
+
 def test_the_standard_health_service_answers_serving(cluster):
     for service in ("", "specdec.v1.SpecDecode"):
         resp = cluster["health"].Check(health_pb2.HealthCheckRequest(service=service), timeout=10)

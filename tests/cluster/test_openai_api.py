@@ -269,3 +269,48 @@ def test_default_model_id_is_the_target_directory_name(tmp_path):
         "created": 5,
         "owned_by": "specdec",
     }
+
+
+def test_vllm_benchmark_fields_are_taken():
+    """What vLLM's benchmark and load clients send: ignore_eos with min_tokens = max_tokens,
+    stop: null, both stream_options flags, stop_token_ids, include_stop_str_in_output."""
+    req, opts = comp(
+        max_tokens=8,
+        ignore_eos=True,
+        min_tokens=8,
+        stop=None,
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        include_stop_str_in_output=True,
+    )
+    assert req.ignore_eos and req.include_stop_str_in_output and req.max_new_tokens == 8
+    assert opts.include_usage and opts.continuous_usage
+    req, _ = comp(stop_token_ids=[3, 7], min_tokens=0)
+    assert list(req.stop_token_ids) == [3, 7] and not req.ignore_eos
+    for body, param in (
+        ({"min_tokens": 4}, "min_tokens"),  # EOS is not held back: only with ignore_eos
+        ({"min_tokens": 4, "ignore_eos": True, "stop_token_ids": [3]}, "min_tokens"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"stop_token_ids": [1.5]}, "stop_token_ids"),
+        ({"stop_token_ids": [-2]}, "stop_token_ids"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
+    ):
+        with pytest.raises(APIError) as err:
+            comp(**body)
+        assert err.value.param == param, body
+
+
+def test_continuous_usage_is_on_every_chunk():
+    _, opts = comp(stream=True, stream_options={"continuous_usage_stats": True})
+    writer = ChunkWriter(opts, rid="cmpl-1", now=lambda: 0, prompt_tokens=5)
+    first = [
+        json.loads(e[6:]) for e in writer.events(pb.GenerateResponse(text="ab", token_ids=[1, 2]))
+    ]
+    last = [
+        json.loads(e[6:])
+        for e in writer.events(
+            pb.GenerateResponse(text="c", token_ids=[3], finish_reason=pb.FINISH_REASON_LENGTH)
+        )
+    ]
+    assert first[0]["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    assert last[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}

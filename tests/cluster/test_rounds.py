@@ -216,3 +216,12 @@ def test_tokens_from_equals_a_slice_of_all_tokens():
     r.on_plain(5)
     for start in range(7):
         assert r.tokens_from(start) == r.tokens[start:]
+
+
+def test_without_eos_ids_a_sequence_runs_past_the_end_of_sequence_token():
+    """ignore_eos: the router builds the stop conditions without the model's EOS ids."""
+    eos = StopConditions(5, frozenset({9}))
+    ignored = StopConditions(5, frozenset())
+    a, b = SequenceRounds([1, 2], eos), SequenceRounds([1, 2], ignored)
+    assert a.on_round([4, 9, 4], 3, 7) == [4, 9] and a.finish_reason is FinishReason.EOS
+    assert b.on_round([4, 9, 4], 3, 7) == [4, 9, 4, 7] and not b.finished
