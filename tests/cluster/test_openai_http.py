@@ -645,3 +645,28 @@ def test_a_killed_target_replica_is_a_503_or_a_moved_request_never_a_hang(cluste
         assert err["type"] == "service_unavailable_error" and "target" in err["message"]
         assert time.monotonic() - t0 < 300, "the target replica never came back"
         time.sleep(0.5)
+
+
+def test_the_request_a_vllm_benchmark_client_sends_succeeds(cluster):
+    """ignore_eos, min_tokens = max tokens, stop: null, max_completion_tokens and both
+    stream_options flags, through the real openai client, chat and completions."""
+    extra = {"ignore_eos": True, "min_tokens": 6, "speculation": {"mode": "on"}}
+    chunks = list(
+        cluster.client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_completion_tokens=6,
+            stop=None,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+            extra_body=extra,
+        )
+    )
+    usages = [c.usage for c in chunks if c.usage is not None]
+    assert usages and usages[-1].completion_tokens == 6  # usage on every chunk, the last full
+    assert [u.completion_tokens for u in usages] == sorted(u.completion_tokens for u in usages)
+    out = cluster.client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=6, stop=None, temperature=0, extra_body=extra
+    )
+    assert out.usage.completion_tokens == 6 and out.choices[0].finish_reason == "length"
