@@ -60,6 +60,18 @@ def cluster():
                     "look_back_period_s": 2,
                 },
             },
+            # Targets scale on the requests they hold: 6 streams stay on one, 12 need two.
+            "target": {
+                "autoscaling": {
+                    "min_replicas": 1,
+                    "max_replicas": 2,
+                    "target_rows": 8,
+                    "upscale_delay_s": 0,
+                    "downscale_delay_s": 4,
+                    "metrics_interval_s": 0.5,
+                    "look_back_period_s": 2,
+                },
+            },
             "ingress": {"num_cpus": 0},
             "workers": {"host": "127.0.0.1", "drain_s": 10},
         }
@@ -86,10 +98,14 @@ def running(deployment: str) -> int:
     return int(states.get("RUNNING", 0))
 
 
-def draft_rows_by_replica(url: str) -> dict[str, float]:
+def rows_by_replica(url: str, deployment: str = DRAFT) -> dict[str, float]:
     with urllib.request.urlopen(url, timeout=5) as resp:
         m = Samples.parse(resp.read().decode())
-    return m.by("ray_specdec_worker_sequences", "replica", deployment=DRAFT)
+    return m.by("ray_specdec_worker_sequences", "replica", deployment=deployment)
+
+
+def busy_replicas(url: str, deployment: str) -> int:
+    return sum(1 for v in rows_by_replica(url, deployment).values() if v > 0)
 
 
 class Load:
@@ -149,11 +165,7 @@ def test_the_draft_pool_scales_up_under_load_and_back_down_without_failing_a_req
         up_s = time.monotonic() - t0
         # The new replica registers and the schedulers lease it rows (least loaded first).
         wait_for(
-            lambda: (
-                sum(1 for v in draft_rows_by_replica(cluster["metrics"]).values() if v > 0) >= 2
-            ),
-            60,
-            "both draft replicas holding rows",
+            lambda: busy_replicas(cluster["metrics"], DRAFT) >= 2, 60, "both drafts holding rows"
         )
         assert running(TARGET) == 1  # the pools scale apart
         under_load = load.done
@@ -169,4 +181,23 @@ def test_the_draft_pool_scales_up_under_load_and_back_down_without_failing_a_req
     print(
         f"\nscaled up in {up_s:.1f}s and down in {down_s:.1f}s; "
         f"{load.done + trickle.done} requests, all equal to HF greedy"
+    )
+
+
+def test_the_target_pool_scales_on_the_requests_it_holds(cluster):
+    """12 streams: a second target replica starts, its scheduler takes new requests (its worker
+    holds sequences), and it goes when the load does; every request succeeds and equals HF
+    greedy."""
+    wait_for(lambda: running(DRAFT) == 1 and running(TARGET) == 1, 90, "one replica of each")
+    t0 = time.monotonic()
+    with Load(cluster["address"], cluster["oracle"], streams=12) as load:
+        wait_for(lambda: running(TARGET) == 2, 120, "a second target replica")
+        up_s = time.monotonic() - t0
+        wait_for(lambda: busy_replicas(cluster["metrics"], TARGET) >= 2, 60, "both targets serving")
+    assert load.errors == [], load.errors[:5]
+    t1 = time.monotonic()
+    wait_for(lambda: running(TARGET) == 1, 120, "the target pool back to one replica")
+    print(
+        f"\ntarget pool: up in {up_s:.1f}s, down in {time.monotonic() - t1:.1f}s; "
+        f"{load.done} requests, all equal to HF greedy"
     )
