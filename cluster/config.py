@@ -336,6 +336,12 @@ class LimitsConfig(_Strict):
     max_new_tokens: int = Field(512, ge=1, description="cap on a request's max_new_tokens")
     default_max_new_tokens: int = Field(128, ge=1, description="when a request leaves it unset")
     max_batch_rows: int = Field(64, ge=1, description="rows in one target's running batch")
+    max_in_flight_per_key: int = Field(
+        0,
+        ge=0,
+        description="requests one API key may have in flight on an ingress replica (0 = no"
+        " limit); more: RESOURCE_EXHAUSTED",
+    )
     max_stop_strings: int = Field(16, ge=0, description="stop strings one request may give")
     max_stop_chars: int = Field(256, ge=1, description="characters of one stop string")
     max_prompt_chars: int = Field(

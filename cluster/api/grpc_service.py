@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as aio_health
 
-from cluster.api.auth import check_metadata
+from cluster.api.auth import APIKeys, check_metadata, key_in_flight
 from cluster.api.validation import RequestError
 from protos import specdec_pb2, specdec_pb2_grpc
 
@@ -90,16 +90,17 @@ class SpecDecodeServicer(specdec_pb2_grpc.SpecDecodeServicer):
     """Maps RequestError to its status code and details; a client that cancels or runs past its
     deadline cancels the handler task, which releases the sequence on the workers."""
 
-    def __init__(self, router: GenerateBackend, api_key: str | None = None) -> None:
+    def __init__(self, router: GenerateBackend, api_keys: APIKeys | None = None) -> None:
         self.router = router
-        self.api_key = api_key  # None: no key required (cluster/api/auth.py)
+        self.api_keys = api_keys  # None: no key required (cluster/api/auth.py)
 
     async def Generate(
         self, request: specdec_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> specdec_pb2.GenerateResponse:
         try:
-            check_metadata(context.invocation_metadata(), self.api_key)
-            return await self.router.generate(parsed(request))
+            key = check_metadata(context.invocation_metadata(), self.api_keys)
+            with key_in_flight(self.api_keys, key):
+                return await self.router.generate(parsed(request))
         except RequestError as exc:
             await context.abort(exc.code, exc.details)
 
@@ -107,27 +108,25 @@ class SpecDecodeServicer(specdec_pb2_grpc.SpecDecodeServicer):
         self, request: specdec_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[specdec_pb2.GenerateResponse]:
         try:
-            check_metadata(context.invocation_metadata(), self.api_key)
-            stream = self.router.generate_stream(parsed(request))
+            key = check_metadata(context.invocation_metadata(), self.api_keys)
+            with key_in_flight(self.api_keys, key):
+                stream = self.router.generate_stream(parsed(request))
+                try:
+                    async for msg in stream:
+                        yield msg
+                finally:
+                    await stream.aclose()
         except RequestError as exc:
             await context.abort(exc.code, exc.details)
-            return
-        try:
-            async for msg in stream:
-                yield msg
-        except RequestError as exc:
-            await context.abort(exc.code, exc.details)
-        finally:
-            await stream.aclose()
 
 
 async def serve(
-    router: GenerateBackend, host: str, port: int, api_key: str | None = None
+    router: GenerateBackend, host: str, port: int, api_keys: APIKeys | None = None
 ) -> tuple[grpc.aio.Server, int]:
     """Start a grpc.aio server with the service on host:port (0: any free port); returns it and
     the bound port. Not Ray Serve: the standalone router process runs it."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    add_SpecDecodeServicer_to_server(SpecDecodeServicer(router, api_key), server)
+    add_SpecDecodeServicer_to_server(SpecDecodeServicer(router, api_keys), server)
     # grpc.health.v1: this process starts only once its workers checked out, so it serves.
     health = aio_health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -21,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import ExitStack
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from cluster.api.auth import HEADER, authorized
+from cluster.api.auth import HEADER, authorized, key_in_flight
 from cluster.api.openai_errors import APIError, error_from_router
 from cluster.api.openai_fields import parse_json
 from cluster.api.openai_models import models_list
@@ -75,11 +76,14 @@ OPEN_PATHS = ("/health", "/ready", "/version")  # probes: no API key
 def build_http_app(ingress: Any) -> FastAPI:
     app = FastAPI(title="specdec-cluster", docs_url=None, redoc_url=None, openapi_url=None)
 
+    keys = getattr(ingress, "api_keys", None)
+
     @app.middleware("http")
     async def require_key(request: Request, call_next):
-        key = getattr(ingress, "api_key", None)
-        if key is not None and not request.url.path.endswith(OPEN_PATHS):
-            if not authorized(request.headers.get(HEADER), key):
+        request.state.api_key = -1
+        if keys is not None and not request.url.path.endswith(OPEN_PATHS):
+            found = authorized(request.headers.get(HEADER), keys)
+            if found is None:
                 err = APIError(
                     401,
                     "a valid API key is required: send `Authorization: Bearer <key>`",
@@ -87,6 +91,7 @@ def build_http_app(ingress: Any) -> FastAPI:
                     code="invalid_api_key",
                 )
                 return error_response(err)
+            request.state.api_key = found
         return await call_next(request)
 
     @app.get("/specdec")
@@ -126,6 +131,21 @@ def build_http_app(ingress: Any) -> FastAPI:
     max_bytes = cfg.limits.max_request_bytes if cfg is not None else 4 << 20
 
     async def _generate(request: Request, *, chat: bool) -> Response:
+        # The key's request counts in flight until the answer is out (a stream: to its end).
+        held = ExitStack()
+        try:
+            held.enter_context(key_in_flight(keys, request.state.api_key))
+        except Exception as exc:  # noqa: BLE001 - the key's own limit: 429
+            return error_response(to_api_error(exc, None))
+        response = None
+        try:
+            response = await _respond(request, chat, held)
+            return response
+        finally:
+            if not isinstance(response, StreamingResponse):
+                held.close()
+
+    async def _respond(request: Request, chat: bool, held: ExitStack) -> Response:
         try:
             size = int(request.headers.get("content-length") or 0)
             raw = b"" if size > max_bytes else await request.body()
@@ -172,7 +192,7 @@ def build_http_app(ingress: Any) -> FastAPI:
             await stream.aclose()
             return error_response(to_api_error(exc, opts))
         return StreamingResponse(
-            _events(stream, first, ChunkWriter(opts, prompt_tokens=prompt_tokens), opts),
+            _events(stream, first, ChunkWriter(opts, prompt_tokens=prompt_tokens), opts, held),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
@@ -181,10 +201,10 @@ def build_http_app(ingress: Any) -> FastAPI:
 
 
 async def _events(
-    stream: AsyncIterator[Any], first: Any, writer: ChunkWriter, opts: Options
+    stream: AsyncIterator[Any], first: Any, writer: ChunkWriter, opts: Options, held: ExitStack
 ) -> AsyncIterator[str]:
     """SSE lines; a client that disconnects cancels this task, and closing the router's stream
-    (finally) releases the sequence on every worker."""
+    (finally) releases the sequence on every worker and the key's request in flight."""
     try:
         try:
             if first is not None:
@@ -199,4 +219,5 @@ async def _events(
             yield writer.error(to_api_error(exc, opts))
         yield DONE
     finally:
+        held.close()
         await stream.aclose()  # type: ignore[attr-defined]

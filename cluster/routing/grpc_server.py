@@ -19,7 +19,7 @@ import signal
 import sys
 from dataclasses import replace
 
-from cluster.api.auth import api_key_from_env
+from cluster.api.auth import APIKeys
 from cluster.api.grpc_service import serve
 
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.info("%s %s: %s %s", role, w["address"], w["state"], w["error"])
 
     async def run() -> None:
-        server, port = await serve(router, args.host, args.port, api_key_from_env())
+        server, port = await serve(router, args.host, args.port, APIKeys.from_env())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -21,7 +21,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.api.auth import api_key_from_env, check_metadata
+from cluster.api.auth import APIKeys, check_metadata, key_in_flight
 from cluster.api.grpc_service import parsed
 from cluster.config import ClusterConfig
 from cluster.observability.recorders import RequestRecorder
@@ -52,7 +52,9 @@ class IngressDeployment:
         self.drafts = drafts  # held so that `status` can ask the worker replicas where they run
         self.targets = targets
         self.model_id = self.cfg.models.model_id()
-        self.api_key = api_key_from_env(self.cfg.security.api_key_env)  # None: open
+        self.api_keys = APIKeys.from_env(  # None: open
+            self.cfg.security.api_key_env, self.cfg.limits.max_in_flight_per_key
+        )
         self.recorder = RequestRecorder(RaySink(self.model_id))
         self.router = make_router(self.cfg, targets, self.recorder)
         self.started = time.time()
@@ -70,24 +72,24 @@ class IngressDeployment:
 
     async def Generate(self, request, grpc_context=None):  # noqa: N802 - the gRPC method name
         try:
-            check_metadata(_metadata(grpc_context), self.api_key)
-            return await self.router.generate(parsed(request))
+            key = check_metadata(_metadata(grpc_context), self.api_keys)
+            with key_in_flight(self.api_keys, key):
+                return await self.router.generate(parsed(request))
         except Exception as exc:  # noqa: BLE001 - every failure gets a code and a clean message
             raise handler_failure(grpc_context, exc) from None
 
     async def GenerateStream(self, request, grpc_context=None):  # noqa: N802
         try:
-            check_metadata(_metadata(grpc_context), self.api_key)
-            stream = self.router.generate_stream(parsed(request))
+            key = check_metadata(_metadata(grpc_context), self.api_keys)
+            with key_in_flight(self.api_keys, key):
+                stream = self.router.generate_stream(parsed(request))
+                try:
+                    async for msg in stream:
+                        yield msg
+                finally:
+                    await stream.aclose()  # a cancelled client frees the sequence on the workers
         except Exception as exc:  # noqa: BLE001
             raise handler_failure(grpc_context, exc) from None
-        try:
-            async for msg in stream:
-                yield msg
-        except Exception as exc:  # noqa: BLE001
-            raise handler_failure(grpc_context, exc) from None
-        finally:
-            await stream.aclose()  # a cancelled client frees the sequence on the workers
 
     # -- grpc.health.v1 on the public port (Serve's proxy routes Check / Watch here) -----------
 

@@ -36,8 +36,9 @@ KEY_ENV = "SPECDEC_TEST_API_KEY"
 def cluster():
     root = tmpdir("sd-key-")
     target = make_model(root / "target", seed=1, tokenizer=make_tokenizer())
-    key = secrets.token_hex(16)
-    os.environ[KEY_ENV] = key  # the nodes' environment: the local Ray's processes inherit it
+    key, second = secrets.token_hex(16), secrets.token_hex(16)
+    # The nodes' environment (the local Ray's processes inherit it): two keys, as in a rotation.
+    os.environ[KEY_ENV] = f"{key}, {second}"
     init_ray()
     try:
         grpc_port, http_port = free_port(), free_port()
@@ -62,6 +63,7 @@ def cluster():
             "grpc": f"127.0.0.1:{grpc_port}",
             "http": f"http://127.0.0.1:{http_port}",
             "key": key,
+            "second": second,
             "logs": Path(ray._private.worker._global_node.get_session_dir_path()) / "logs",
         }
     finally:
@@ -107,8 +109,9 @@ def test_grpc_needs_the_key_and_serves_with_it(cluster):
             generate(cluster["grpc"], metadata)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert cluster["key"] not in err.value.details()
-    resp = generate(cluster["grpc"], (("authorization", f"Bearer {cluster['key']}"),))
-    assert len(resp.token_ids) == 4
+    for key in (cluster["key"], cluster["second"]):  # either key of the list
+        resp = generate(cluster["grpc"], (("authorization", f"Bearer {key}"),))
+        assert len(resp.token_ids) == 4
     # `specdec generate` and the bench's client send the key from SPECDEC_API_KEY.
     os.environ["SPECDEC_API_KEY"] = cluster["key"]
     try:
@@ -143,11 +146,30 @@ def test_http_needs_the_key_and_serves_with_it(cluster):
         openai.OpenAI(base_url=f"{base}/v1", api_key="wrong").models.list()
 
 
+def test_a_key_past_its_limit_in_flight_is_refused_and_others_are_not():
+    from cluster.api.auth import APIKeys, authorized
+    from cluster.api.validation import RequestError
+
+    keys = APIKeys(["a", "b"], max_in_flight_per_key=1)
+    assert authorized("Bearer b", keys) == 1 and authorized("Bearer c", keys) is None
+    assert authorized("b", keys) is None and authorized("Bearer a", None) == -1
+    with keys.in_flight(0):
+        with pytest.raises(RequestError) as err:
+            with keys.in_flight(0):
+                pass
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with keys.in_flight(1):  # another key is not held back
+            pass
+    with keys.in_flight(0):  # freed when the first left
+        pass
+
+
 def test_the_key_is_in_no_log_file(cluster):
     time.sleep(1.0)  # let the replicas flush their logs
     leaks = [
         str(p)
         for p in cluster["logs"].rglob("*")
-        if p.is_file() and cluster["key"].encode() in p.read_bytes()
+        if p.is_file()
+        and any(k.encode() in p.read_bytes() for k in (cluster["key"], cluster["second"]))
     ]
     assert leaks == []
