@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.tls_ca and args.tls_cert and args.tls_key):
             parser.error("--tls-ca, --tls-cert and --tls-key go together")
         tls = TLSFiles(args.tls_ca, args.tls_cert, args.tls_key)
+    served = {"max_workers": args.max_workers, "lease_timeout_s": lease, "tls": tls}
 
     if args.role == "draft":
         from workers.draft import DraftWorker
@@ -92,28 +93,14 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             max_kv_tokens=budget,
         )
-        server, port = serve_draft(
-            worker,
-            args.host,
-            args.port,
-            max_workers=args.max_workers,
-            lease_timeout_s=lease,
-            tls=tls,
-        )
+        server, port = serve_draft(worker, args.host, args.port, **served)
     else:
         from workers.target import TargetWorker
 
         worker = TargetWorker.from_path(
             args.model, dtype=args.dtype, device=args.device, max_kv_tokens=budget
         )
-        server, port = serve_target(
-            worker,
-            args.host,
-            args.port,
-            max_workers=args.max_workers,
-            lease_timeout_s=lease,
-            tls=tls,
-        )
+        server, port = serve_target(worker, args.host, args.port, **served)
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -73,6 +73,25 @@ def add_SpecDecodeServicer_to_server(servicer: Any, server: Any) -> None:  # noq
         add_registered(SERVICE, handlers)
 
 
+async def keyed_stream(
+    router: GenerateBackend,
+    request: specdec_pb2.GenerateRequest | UnparsableRequest,
+    metadata: Any,
+    keys: APIKeys | None,
+) -> AsyncIterator[specdec_pb2.GenerateResponse]:
+    """GenerateStream's messages for a call whose metadata carries a key (when keys are set),
+    the key counted in flight to the end; a client that leaves closes the router's stream,
+    which frees the sequence on the workers. Raises RequestError."""
+    key = check_metadata(metadata, keys)
+    with key_in_flight(keys, key):
+        stream = router.generate_stream(parsed(request))
+        try:
+            async for msg in stream:
+                yield msg
+        finally:
+            await stream.aclose()
+
+
 class GenerateBackend(Protocol):
     """The router's face, all the service calls: a `cluster.routing.router.Router` or the Serve
     ingress's `cluster.routing.forwarding.ForwardingRouter` (this room may not import them)."""
@@ -108,14 +127,9 @@ class SpecDecodeServicer(specdec_pb2_grpc.SpecDecodeServicer):
         self, request: specdec_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[specdec_pb2.GenerateResponse]:
         try:
-            key = check_metadata(context.invocation_metadata(), self.api_keys)
-            with key_in_flight(self.api_keys, key):
-                stream = self.router.generate_stream(parsed(request))
-                try:
-                    async for msg in stream:
-                        yield msg
-                finally:
-                    await stream.aclose()
+            metadata = context.invocation_metadata()
+            async for msg in keyed_stream(self.router, request, metadata, self.api_keys):
+                yield msg
         except RequestError as exc:
             await context.abort(exc.code, exc.details)
 

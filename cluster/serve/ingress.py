@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.api.auth import APIKeys, check_metadata, key_in_flight
-from cluster.api.grpc_service import parsed
+from cluster.api.grpc_service import keyed_stream, parsed
 from cluster.config import ClusterConfig
 from cluster.observability.recorders import RequestRecorder
 from cluster.serve.grpc_errors import handler_failure
@@ -80,14 +80,9 @@ class IngressDeployment:
 
     async def GenerateStream(self, request, grpc_context=None):  # noqa: N802
         try:
-            key = check_metadata(_metadata(grpc_context), self.api_keys)
-            with key_in_flight(self.api_keys, key):
-                stream = self.router.generate_stream(parsed(request))
-                try:
-                    async for msg in stream:
-                        yield msg
-                finally:
-                    await stream.aclose()  # a cancelled client frees the sequence on the workers
+            metadata = _metadata(grpc_context)
+            async for msg in keyed_stream(self.router, request, metadata, self.api_keys):
+                yield msg
         except Exception as exc:  # noqa: BLE001
             raise handler_failure(grpc_context, exc) from None
 

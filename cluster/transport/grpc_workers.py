@@ -18,7 +18,6 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
@@ -200,6 +199,7 @@ class LeaseRenewal:
     _sides: weakref.WeakSet = weakref.WeakSet()
     _thread: threading.Thread | None = None
     _lock = threading.Lock()
+    _wake = threading.Event()  # a new period applies at once, not after the current wait
 
     @classmethod
     def add(cls, side: _Remote) -> None:
@@ -214,11 +214,13 @@ class LeaseRenewal:
         if not period_s > 0:
             raise ValueError(f"lease renewal period must be > 0, got {period_s}")
         cls.period_s = float(period_s)
+        cls._wake.set()
 
     @classmethod
     def _loop(cls) -> None:
         while True:
-            time.sleep(cls.period_s)
+            cls._wake.wait(cls.period_s)
+            cls._wake.clear()
             for side in list(cls._sides):
                 if side.closed:
                     continue

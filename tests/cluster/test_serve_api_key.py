@@ -24,7 +24,7 @@ from cluster.cli.client import build_request, call_generate
 from cluster.serve.app import APP_NAME, GRPC_SERVICERS, build_app
 from protos import specdec_pb2 as pb
 from protos import specdec_pb2_grpc
-from tests.deploy.helpers import free_port, init_ray, tmpdir
+from tests.deploy.helpers import free_port, init_ray, tmpdir, wait_registered
 from tests.tiny_models import make_model, make_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -54,11 +54,7 @@ def cluster():
             "security": {"api_key_env": KEY_ENV},
         }
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-        handle = serve.get_app_handle(APP_NAME)
-        deadline = time.monotonic() + 90
-        while not handle.status.remote().result()["ready"]:
-            assert time.monotonic() < deadline, "workers never registered"
-            time.sleep(0.5)
+        wait_registered(APP_NAME)
         yield {
             "grpc": f"127.0.0.1:{grpc_port}",
             "http": f"http://127.0.0.1:{http_port}",

@@ -23,7 +23,7 @@ from cluster.cli.client import build_request, call_generate
 from cluster.observability.prometheus import Samples
 from cluster.serve.app import APP_NAME, GRPC_SERVICERS, build_app
 from protos import specdec_pb2 as pb
-from tests.deploy.helpers import free_port, hf_greedy, init_ray, noisy_copy, tmpdir
+from tests.deploy.helpers import free_port, hf_greedy, init_ray, noisy_copy, tmpdir, wait_registered
 from tests.tiny_models import make_model, make_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -76,11 +76,7 @@ def cluster():
             "workers": {"host": "127.0.0.1", "drain_s": 10},
         }
         serve.run(build_app(args), name=APP_NAME, route_prefix="/specdec")
-        handle = serve.get_app_handle(APP_NAME)
-        deadline = time.monotonic() + 90
-        while not handle.status.remote().result()["ready"]:
-            assert time.monotonic() < deadline, "workers never registered"
-            time.sleep(0.5)
+        wait_registered(APP_NAME)
         oracle = {i: hf_greedy(target, p, N) for i, p in enumerate(PROMPTS)}
         yield {
             "address": f"127.0.0.1:{grpc_port}",

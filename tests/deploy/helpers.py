@@ -84,3 +84,16 @@ def hf_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[in
             do_sample=False,
         )
     return out[0, len(prompt_ids) :].tolist()
+
+
+def wait_registered(app_name: str, timeout: float = 90.0) -> None:
+    """Until every configured worker replica of a Serve app has registered (its ingress says)."""
+    import time
+
+    from ray import serve
+
+    handle = serve.get_app_handle(app_name)
+    deadline = time.monotonic() + timeout
+    while not handle.status.remote().result()["ready"]:
+        assert time.monotonic() < deadline, "workers never registered"
+        time.sleep(0.5)
