@@ -221,27 +221,6 @@ def test_specdec_status_shows_the_pools_and_what_they_did(cluster, capsys):
     assert summary["drafters"]["model"][0] > 0  # rounds
 
 
-def test_a_one_minute_soak_sees_no_unexpected_code_and_bounded_growth(cluster, capsys):
-    """`specdec soak`: mixed traffic (spec, plain, streams, cancels, past deadlines, malformed
-    bytes, over-limit requests) for a minute: every request ends with a code its kind may have;
-    the cluster serves the oracle's output afterwards."""
-    from cluster.cli import main
-
-    argv = ["soak", "--address", cluster.address, "--minutes", "1", "--streams", "3", "--json"]
-    rc = main([*argv, "--max-new-tokens", "24"])
-    out = capsys.readouterr().out
-    report = json.loads(out[out.index("{") :])
-    assert rc == 0 and report["unexpected"] == {}, report
-    assert report["requests"] > 50 and set(report["codes"]) == {
-        "spec", "plain", "stream", "cancelled", "past_deadline", "malformed", "over_limit"
-    }  # fmt: skip
-    assert set(report["codes"]["malformed"]) == {"INVALID_ARGUMENT"}
-    growth, n = report["rss_growth_pct_max"], len(report["processes"])
-    print(f"\nsoak: {report['requests']} requests, max RSS growth {growth:.1f}% of {n} processes")
-    resp, _ = call_generate(cluster.address, request(30))
-    assert list(resp.token_ids) == cluster.oracle(30)
-
-
 def _health(address: str) -> int:
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)

@@ -10,6 +10,7 @@ output of a run without scaling. Which replica holds rows is read from the expor
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -197,3 +198,26 @@ def test_the_target_pool_scales_on_the_requests_it_holds(cluster):
         f"\ntarget pool: up in {up_s:.1f}s, down in {time.monotonic() - t1:.1f}s; "
         f"{load.done} requests, all equal to HF greedy"
     )
+
+
+def test_a_one_minute_soak_sees_no_unexpected_code_and_bounded_growth(cluster, capsys):
+    """`specdec soak`: mixed traffic (spec, plain, streams, cancels, past deadlines, malformed
+    bytes, over-limit requests) for a minute: every request ends with a code its kind may have;
+    the cluster (its draft pool scaling meanwhile) serves the oracle's output afterwards."""
+    from cluster.cli import main
+
+    argv = ["soak", "--address", cluster["address"], "--minutes", "1", "--streams", "3", "--json"]
+    rc = main([*argv, "--max-new-tokens", "24"])
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{\n") :])  # the report, after the progress lines
+    assert rc == 0 and report["unexpected"] == {}, report
+    assert report["requests"] > 50 and set(report["codes"]) == {
+        "spec", "plain", "stream", "cancelled", "past_deadline", "malformed", "over_limit"
+    }  # fmt: skip
+    assert set(report["codes"]["malformed"]) == {"INVALID_ARGUMENT"}
+    growth, n = report["rss_growth_pct_max"], len(report["processes"])
+    print(f"\nsoak: {report['requests']} requests, max RSS growth {growth:.1f}% of {n} processes")
+    req = build_request("", max_new_tokens=N)
+    req.prompt_token_ids.extend(PROMPTS[0])
+    resp, _ = call_generate(cluster["address"], req)
+    assert list(resp.token_ids) == cluster["oracle"][0]
