@@ -10,7 +10,8 @@ Rooms, and what each may import (tests/test_layout.py keeps the direction):
                  target; the ingress's forwarding router; local server processes
     observability/  the metric catalogue and recorders (pure; the Serve room exports them)
     serve/       the Ray Serve application: deployments, the builder, ports (wires everything)
-    config.py    the one validated cluster configuration (used by routing, serve and the CLI)
+    config.py    the one validated cluster configuration (used by routing, serve and the CLI);
+                 config_sections.py its operations sections (autoscaling, security, workers)
     engine.py    the in-process engine: the same scheduler with in-process workers
     cli/         `specdec`
 """
