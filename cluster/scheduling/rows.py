@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cluster.scheduling.lookup import RowLookup
-from cluster.scheduling.observer import DRAFT_DOWN
+from cluster.scheduling.observer import DRAFT_DOWN, LOAD, LOW_ACCEPTANCE, NO_MATCH
 from cluster.scheduling.policy import Drafter, SpecMode
 from cluster.scheduling.rounds import FinishReason, SequenceRounds
 from cluster.scheduling.row_policy import RowPolicy
@@ -93,6 +93,18 @@ class Row:
     def lag(self) -> list[int]:
         """Committed tokens the draft has not been told yet (sent with its next call)."""
         return self.rounds.tokens_from(self.draft_len)
+
+    def passed(self, plain: bool, alone: bool) -> str | None:
+        """A target pass of this row (plain or not, alone in the batch or not): why it fell
+        back from speculation to a plain step, when it did (observer's causes), else None."""
+        was, self.speculated = self.speculated, not plain
+        if not was or not plain:
+            return None
+        if not self.drafter.uses_model:
+            return NO_MATCH
+        if not self.policy.draft_available:
+            return self.draft_loss
+        return LOW_ACCEPTANCE if alone or self.deterministic else LOAD
 
     def lose_draft(self, cause: str = DRAFT_DOWN) -> None:
         """Plain mode at once; nothing committed is lost. A re-prefill is tried later."""

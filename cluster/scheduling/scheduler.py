@@ -35,14 +35,7 @@ from cluster.scheduling.admission import plan_admissions
 from cluster.scheduling.batch_policy import BatchPolicy, row_choices
 from cluster.scheduling.drafting import Drafting
 from cluster.scheduling.lookup_drafting import LOOKUP, LookupBlock, LookupDrafting
-from cluster.scheduling.observer import (
-    LOAD,
-    LOW_ACCEPTANCE,
-    NO_MATCH,
-    NoObserver,
-    SchedulerObserver,
-    StepRecord,
-)
+from cluster.scheduling.observer import NoObserver, SchedulerObserver, StepRecord
 from cluster.scheduling.pipelining import PipeliningChoice
 from cluster.scheduling.policy import PolicyConfig, SpecMode
 from cluster.scheduling.rounds import add_rounds
@@ -324,16 +317,11 @@ class StepScheduler(StepLoop):
         observer = self.observer
         if ahead:
             observer.pipeline(self.drafting.hits - hits, self.drafting.misses - misses)
-        observer.step(
-            StepRecord(
-                rows=len(rows),
-                plain_rows=sum(1 for v in vrows if v.plain),
-                draft_seconds=draft_seconds,
-                drafted=drafted_now.drafted,
-                verify_seconds=verify_seconds,
-                step_seconds=step_seconds,
-            )
+        plain_rows = sum(1 for v in vrows if v.plain)
+        record = StepRecord(
+            len(rows), plain_rows, draft_seconds, drafted_now.drafted, verify_seconds, step_seconds
         )
+        observer.step(record)
         # Prices: the target pass by its padded positions; the draft passes by rows drafting.
         if not shared:  # draft work beside it may share the cores: that time is not typical
             self.costs.observe_target(len(rows), width, verify_seconds)
@@ -348,22 +336,11 @@ class StepScheduler(StepLoop):
             self.batch_policy.realized.observe(len(rows), width > 1, committed, step_seconds)
 
     def _note_fallbacks(self, rows: Sequence[Row], vrows: Sequence[VerifyRow]) -> None:
-        """Tell the observer of each row that speculated in its previous pass and steps plain
-        in this one, and why."""
+        """Tell the observer of each row that falls back from speculation to a plain step."""
         alone = len(rows) == 1
         for row, vrow in zip(rows, vrows, strict=True):
-            was, row.speculated = row.speculated, not vrow.plain
-            if not was or not vrow.plain:
-                continue
-            if not row.policy.draft_available and row.drafter.uses_model:
-                cause = row.draft_loss
-            elif not row.drafter.uses_model:
-                cause = NO_MATCH
-            elif alone or row.deterministic:
-                cause = LOW_ACCEPTANCE
-            else:
-                cause = LOAD
-            self.observer.fallback(cause)
+            if (cause := row.passed(vrow.plain, alone)) is not None:
+                self.observer.fallback(cause)
 
     def _choose(self, rows: Sequence[Row]) -> list[int]:
         return self.batch_policy.choose(row_choices(rows, self.config.max_draft_tokens))
