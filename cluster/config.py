@@ -93,6 +93,13 @@ class ModelsConfig(_Strict):
         description="weights' dtype on the workers; auto = bfloat16 where the worker's device"
         " does it natively (CUDA with bf16, CPUs with avx512_bf16 or AMX), else float32",
     )
+    forward: Literal["auto", "lean", "hf"] = Field(
+        "auto",
+        description="which forward runs a model: lean = plain torch calls over the batched"
+        " cache, with bfloat16 matmuls through oneDNN on CPUs that have AMX or avx512_bf16"
+        " (Llama-family models, one device); hf = transformers' modules; auto = lean where it"
+        " supports the model, else hf (tensor-parallel targets run hf)",
+    )
     served_model_name: str | None = Field(
         None, description="model id of the HTTP API; empty = the target directory's name"
     )

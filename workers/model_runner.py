@@ -19,8 +19,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 import workers.checkpoints.subset_draft  # noqa: F401 - registers the reduced-vocabulary draft type
-from workers.batch_kv import BatchedKV
+from workers.batch_kv import BatchedKV, Step
 from workers.dtypes import resolve_dtype
+from workers.lean_forward import FORWARDS, LeanForward, unsupported
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
@@ -56,6 +57,7 @@ class ModelRunner:
         device: str = "cpu",
         tp_plan: str | None = None,
         max_kv_tokens: int | None = None,
+        forward: str = "auto",
     ) -> None:
         # A name (`models.dtype`, "auto" included) resolves here, on the device that runs it;
         # the default stays float32, where greedy decoding equals HF `generate` token for token.
@@ -78,10 +80,21 @@ class ModelRunner:
         self.vocab_size = int(self.model.config.vocab_size)
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         cfg = self.model.config
+        # Which forward runs the model: the lean one (workers/lean_forward.py) where it supports
+        # the architecture, else transformers' modules ("auto"); or one of them, by name.
+        if forward not in FORWARDS:
+            raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
+        why = unsupported(self.model) if tp_plan is None else "tensor-parallel weights"
+        if forward == "lean" and why is not None:
+            raise ValueError(f"forward: lean cannot run {self.path!r}: {why}")
+        self.lean: LeanForward | None = (
+            LeanForward(self.model) if forward != "hf" and why is None else None
+        )
+        self.forward = "hf" if self.lean is None else self.lean.name
         self.kv = BatchedKV(
             int(cfg.num_hidden_layers),
             device=self.device,
-            additive_mask=cfg._attn_implementation != "sdpa",
+            additive_mask=self.lean is None and cfg._attn_implementation != "sdpa",
             max_positions=self.max_context,
             max_kv_tokens=max_kv_tokens,
         )
@@ -161,26 +174,19 @@ class ModelRunner:
                 ids[rows[sid], : len(toks)] = torch.tensor(toks)
             # Where the head runs: nowhere useful (a prefill that needs no logits: one column),
             # at each row's last column (`last`: the columns the rows need, shared), or everywhere.
-            keep: dict = self._keep_kw if not logits else {}
+            keep: int | torch.Tensor | None = 0 if not logits else None
             ends: list[int] = []
-            if logits and last and self._keep_kw:
+            if logits and last and (self._keep_kw or self.lean is not None):
                 ends = sorted({len(toks) - 1 for _, toks in work})
-                keep = {"logits_to_keep": torch.tensor(ends)}
+                keep = torch.tensor(ends)
             try:
-                res = self.model(
-                    input_ids=ids.to(self.device),
-                    attention_mask=step.mask,
-                    position_ids=step.position_ids,
-                    use_cache=True,
-                    **{self._cache_kw: self.kv.cache},
-                    **keep,
-                )
+                lg = self._forward(ids.to(self.device), step, keep)
             except BaseException:
                 self.kv.abort()
                 raise
             self.kv.finish(step)
             if logits:
-                lg = res.logits.float()
+                lg = lg.float()
                 if lg.device.type != "cpu":
                     lg = lg.cpu()
                 if ends:
@@ -192,6 +198,30 @@ class ModelRunner:
                     out = {sid: lg[rows[sid], : len(toks)] for sid, toks in work}
         empty = torch.empty(0, self.vocab_size)
         return [out.get(sid, empty) for sid, _ in items]
+
+    def _forward(
+        self, ids: torch.Tensor, step: Step, keep: int | torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Logits of the step's new tokens (`keep` as LeanForward's: None all, 0 none, a
+        tensor of columns); the cache's layers take the new keys and values."""
+        if self.lean is not None:
+            layers = self.kv.cache.layers
+            return self.lean(ids, step.position_ids, step.mask, layers, keep)
+        if keep is None:
+            kw: dict = {}
+        elif isinstance(keep, int):  # no logits wanted: transformers' head runs on one column
+            kw = self._keep_kw
+        else:
+            kw = {"logits_to_keep": keep}
+        res = self.model(
+            input_ids=ids,
+            attention_mask=step.mask,
+            position_ids=step.position_ids,
+            use_cache=True,
+            **{self._cache_kw: self.kv.cache},
+            **kw,
+        )
+        return res.logits
 
     def rollback(self, seq_id: str, length: int) -> None:
         self.kv.rollback(seq_id, length)

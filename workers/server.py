@@ -17,6 +17,7 @@ import threading
 from typing import NoReturn
 
 from workers.dtypes import DTYPE_NAMES, dtype_name
+from workers.lean_forward import FORWARDS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         default="float32",
         help="weights' dtype (auto: bfloat16 where the device does it natively); float32 by"
         " default, where greedy decoding equals HF generate token for token",
+    )
+    parser.add_argument(
+        "--forward",
+        choices=FORWARDS,
+        default="auto",
+        help="lean (plain torch calls; oneDNN bfloat16 matmuls on CPUs with AMX/avx512_bf16),"
+        " hf (transformers' modules), or auto (lean where the model allows)",
     )
     parser.add_argument(
         "--max-kv-tokens", type=int, default=0, help="KV budget in held tokens (0 = none)"
@@ -90,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             top_m=args.top_m,
             confidence_stop=args.confidence_stop,
             dtype=args.dtype,
+            forward=args.forward,
             device=args.device,
             max_kv_tokens=budget,
         )
@@ -98,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         from workers.target import TargetWorker
 
         worker = TargetWorker.from_path(
-            args.model, dtype=args.dtype, device=args.device, max_kv_tokens=budget
+            args.model,
+            dtype=args.dtype,
+            forward=args.forward,
+            device=args.device,
+            max_kv_tokens=budget,
         )
         server, port = serve_target(worker, args.host, args.port, **served)
 
@@ -107,7 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     print(port, flush=True)
     logging.info(
-        "serving %s on %s:%d in %s", args.model, args.host, port, dtype_name(worker.runner.dtype)
+        "serving %s on %s:%d in %s (%s forward)",
+        args.model,
+        args.host,
+        port,
+        dtype_name(worker.runner.dtype),
+        worker.runner.forward,
     )
     stop.wait()
     logging.info("stopping")

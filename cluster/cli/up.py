@@ -140,14 +140,15 @@ def _wait_workers(name: str, timeout_s: float) -> dict[str, Any]:
 
 
 def _worker_dtypes(name: str, cfg) -> str:
-    """The dtype each kind of worker loaded (`auto` is resolved on the worker's device)."""
+    """The dtype and forward each kind of worker loaded (`auto` is resolved on its device)."""
     from ray import serve
 
     from cluster.serve.registry import DRAFT, TARGET
 
     handle = serve.get_app_handle(name)
     kinds = [TARGET] + ([DRAFT] if cfg.draft.replicas else [])
-    return ", ".join(f"{k} {handle.worker_info.remote(k).result()['dtype']}" for k in kinds)
+    infos = {k: handle.worker_info.remote(k).result() for k in kinds}
+    return ", ".join(f"{k} {i['dtype']} ({i['forward']} forward)" for k, i in infos.items())
 
 
 def cmd_up(args: argparse.Namespace) -> int:

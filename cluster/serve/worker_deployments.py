@@ -57,6 +57,8 @@ class _WorkerReplica:
         self.cfg = cfg
         self.worker = worker
         self.dtype = dtype  # models.dtype as resolved on this worker's device ("auto" never)
+        runner = getattr(worker, "runner", None)  # a tensor-parallel target has none here
+        self.forward = runner.forward if runner is not None else "hf"  # models.forward, resolved
         self.registry = registry
         host = cfg.workers.host or ray.util.get_node_ip_address()
         self.server, port = self._serve(worker, host)
@@ -72,11 +74,12 @@ class _WorkerReplica:
         self.sequences = 0  # sampled with the metrics: the draft pool's autoscaling signal
         self._sampler = loop.create_task(self._sample_loop())
         log.info(
-            "%s worker %s serving on %s (%s; models.dtype %s)",
+            "%s worker %s serving on %s (%s, %s forward; models.dtype %s)",
             self.kind,
             self.replica_id,
             self.address,
             dtype,
+            self.forward,
             cfg.models.dtype,
         )
 
@@ -160,6 +163,7 @@ class _WorkerReplica:
             "resources": ctx.get_assigned_resources(),
             "live_sequences": int(self.worker.live_sequences),
             "dtype": self.dtype,
+            "forward": self.forward,
         }
 
     def __del__(self) -> None:
@@ -195,6 +199,7 @@ class DraftDeployment(_WorkerReplica):
             top_m=cfg.draft.top_m,
             confidence_stop=cfg.confidence_stop(),
             dtype=cfg.models.dtype,  # "auto" resolves in the runner, on its device
+            forward=cfg.models.forward,
             device=device,
             max_kv_tokens=cfg.draft.max_kv_tokens or None,
         )
@@ -227,6 +232,7 @@ class TargetDeployment(_WorkerReplica):
             worker = TargetWorker.from_path(
                 cfg.models.target_path(),
                 dtype=cfg.models.dtype,  # "auto" resolves in the runner, on its device
+                forward=cfg.models.forward,
                 device=device,
                 max_kv_tokens=t.max_kv_tokens or None,
             )
