@@ -43,11 +43,17 @@ class _System:
 PROMPT_LOOKUP_TOKENS = 10
 
 
-def _hf_system(target: str, dtype: torch.dtype, lookup: bool = False) -> _System:
+def _hf_system(
+    target: str, dtype: torch.dtype, lookup: bool = False, assistant: str | None = None
+) -> _System:
     from transformers import AutoModelForCausalLM
 
+    import workers.checkpoints.subset_draft  # noqa: F401 - the pair's draft type, for HF
+
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).eval()
-    kw = {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS} if lookup else {}
+    kw: dict = {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS} if lookup else {}
+    if assistant is not None:  # HF assisted generation with the pair's draft model
+        kw["assistant_model"] = AutoModelForCausalLM.from_pretrained(assistant, dtype=dtype).eval()
 
     def run(ids: list[int], n: int) -> tuple[list[int], float, float]:
         # HF does not stream: its time to first token is a one-token generation, timed apart.
@@ -57,7 +63,7 @@ def _hf_system(target: str, dtype: torch.dtype, lookup: bool = False) -> _System
         out = hf_greedy(model, ids, n, **kw)
         return out, time.perf_counter() - t1, t1 - t0
 
-    kind = "prompt lookup" if lookup else "generate"
+    kind = "prompt lookup" if lookup else "assisted" if assistant else "generate"
     return _System(f"hf {kind} {str(dtype).removeprefix('torch.')}", run)
 
 
@@ -100,6 +106,7 @@ def _cluster_system(
 def bench_cluster_stream(
     address: str,
     target: str,
+    draft: str | None,
     prompts: list[list[int]],
     new_tokens: int,
     repeats: int,
@@ -112,6 +119,8 @@ def bench_cluster_stream(
     auto = pb.SPECULATION_MODE_AUTO
     systems = [_hf_system(target, d) for d in HF_DTYPES]
     systems += [_hf_system(target, d, lookup=True) for d in HF_DTYPES]
+    if draft:
+        systems += [_hf_system(target, d, assistant=draft) for d in HF_DTYPES]
     systems += [
         _cluster_system(address, "plain (mode OFF)", pb.SPECULATION_MODE_OFF),
         _cluster_system(address, "plain (mode OFF)", pb.SPECULATION_MODE_OFF, unary=True),
@@ -143,7 +152,13 @@ def bench_cluster_stream(
 def run_cluster_stream(args, prompts: list[list[int]]) -> int:
     only = re.compile(args.only) if args.only else None
     systems = bench_cluster_stream(
-        args.cluster, args.target, prompts, args.max_new_tokens, args.repeats_cluster, only
+        args.cluster,
+        args.target,
+        args.draft,
+        prompts,
+        args.max_new_tokens,
+        args.repeats_cluster,
+        only,
     )
     hf = systems[: len(HF_DTYPES)]
     best = max(hf, key=lambda s: statistics.median(s.rates))

@@ -171,10 +171,10 @@ def test_cluster_stream_against_a_running_router(tmp_path, capsys):
         stop_all([router, *workers])
     printed = capsys.readouterr().out
     assert rc == 0, printed
-    assert printed.count("repeat ") == 2 * 10
+    assert printed.count("repeat ") == 2 * 12
     rows = {}
     for line in printed.splitlines():
-        name = r"(hf (?:generate|prompt lookup) \w+|cluster .+?)"
+        name = r"(hf (?:generate|prompt lookup|assisted) \w+|cluster .+?)"
         m = re.match(name + r"\s+([\d.]+)\s+([\d.]+)x\s+(\d+|-)\s+(.*)$", line)
         if m:
             rows[m[1]] = (float(m[2]), float(m[3]), m[4], m[5])
@@ -183,6 +183,8 @@ def test_cluster_stream_against_a_running_router(tmp_path, capsys):
         "hf generate float32",
         "hf prompt lookup bfloat16",
         "hf prompt lookup float32",
+        "hf assisted bfloat16",
+        "hf assisted float32",
         "cluster plain (mode OFF)",
         "cluster plain (mode OFF), unary",
         "cluster AUTO",

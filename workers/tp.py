@@ -149,6 +149,7 @@ class TargetRank:
             "eos_token_ids": sorted(runner.eos_token_ids),
             "device": str(runner.device),
             "dtype": dtype_name(runner.dtype),
+            "forward": runner.forward,
             "resources": ray.get_runtime_context().get_assigned_resources(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
@@ -191,6 +192,7 @@ class RunnerInfo:
         self.vocab_size = int(info["vocab_size"])
         self.eos_token_ids = set(info["eos_token_ids"])
         self.device = info["device"]
+        self.forward = str(info["forward"])  # transformers' modules: the weights are sharded
 
 
 def default_backend(num_gpus: float) -> str:

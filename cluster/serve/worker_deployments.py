@@ -57,8 +57,7 @@ class _WorkerReplica:
         self.cfg = cfg
         self.worker = worker
         self.dtype = dtype  # models.dtype as resolved on this worker's device ("auto" never)
-        runner = getattr(worker, "runner", None)  # a tensor-parallel target has none here
-        self.forward = runner.forward if runner is not None else "hf"  # models.forward, resolved
+        self.forward = worker.runner.forward  # models.forward as resolved for this model
         self.registry = registry
         host = cfg.workers.host or ray.util.get_node_ip_address()
         self.server, port = self._serve(worker, host)
