@@ -328,6 +328,14 @@ class BatchedKV:
         vb[sel, :, s:e] = v
         return kb[sel, :, :e], vb[sel, :, :e]  # a gathered view copies (after the write)
 
+    def window(self, step: Step) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """Every layer's K and V buffers, for a forward that writes and reads them itself at the
+        step's rows and columns (a compiled one: workers/lean_forward.KVWindow), or None where
+        it cannot: the buffers come with the first forward, and a gathered row set is a copy."""
+        if not isinstance(step.sel, slice) or any(b is None for b in self._k):
+            return None
+        return self._k, self._v  # type: ignore[return-value]
+
     @staticmethod
     def _alloc(like: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         _, heads, _, dim = like.shape

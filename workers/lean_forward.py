@@ -22,6 +22,7 @@ otherwise) so that float32 results equal the modules' own. No ray, no grpc.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ _ARCHITECTURES = {"LlamaForCausalLM", "SubsetDraftForCausalLM"}
 
 # The names `models.forward` accepts (cluster/config.py spells the same list without torch).
 FORWARDS = ("auto", "lean", "hf")
+COMPILES = ("auto", "on", "off")  # `models.compile`
 
 
 def unsupported(model: torch.nn.Module) -> str | None:
@@ -63,42 +65,47 @@ def onednn_bf16_available() -> bool:
         return False
 
 
-class _Linear:
-    """y = x W^T, by `F.linear`, or by oneDNN over a weight reordered once (CPU bfloat16)."""
+class _Linear(torch.nn.Module):
+    """y = x W^T, by `F.linear`, or by oneDNN over a weight reordered once (CPU bfloat16).
 
-    __slots__ = ("weight", "packed")
+    A plain weight is a buffer, so that a compiled forward (`compile=True`) sees it as a
+    constant of the module and torch's CPU compiler can fold and prepack it ("freezing")."""
 
     def __init__(self, weight: torch.Tensor, pack: bool) -> None:
+        super().__init__()
         self.packed = pack
         w = weight.detach().contiguous()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(w, 1) if pack else w
+        if pack:
+            self.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        else:
+            self.register_buffer("weight", w, persistent=False)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, self.onednn_weight, None, "none", [], "")
         return F.linear(x, self.weight)
 
 
-class _Block:
-    __slots__ = ("qkv", "split", "o", "gate_up", "down", "inter", "norm1", "norm2", "eps1", "eps2")
-
-    def __init__(self, layer: torch.nn.Module, pack: bool) -> None:
+class _Block(torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module, pack: bool, fuse: bool) -> None:
+        super().__init__()
         att, mlp = layer.self_attn, layer.mlp
         q, k, v = att.q_proj.weight, att.k_proj.weight, att.v_proj.weight
-        # Fused projections only where oneDNN runs them: a float32 matmul of a different width
-        # may sum in a different order than transformers' three, and float32 must stay exact.
-        if pack:
-            self.qkv = [_Linear(torch.cat([q, k, v]), True)]
-            self.gate_up = [_Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), True)]
+        gate, up = mlp.gate_proj.weight, mlp.up_proj.weight
+        # Fused projections only where exactness is not the point (oneDNN, compiled): a float32
+        # matmul of another width may sum in another order than transformers' three.
+        if fuse:
+            self.qkv = torch.nn.ModuleList([_Linear(torch.cat([q, k, v]), pack)])
+            self.gate_up = torch.nn.ModuleList([_Linear(torch.cat([gate, up]), pack)])
         else:
-            self.qkv = [_Linear(w, False) for w in (q, k, v)]
-            self.gate_up = [_Linear(w, False) for w in (mlp.gate_proj.weight, mlp.up_proj.weight)]
+            self.qkv = torch.nn.ModuleList(_Linear(w, pack) for w in (q, k, v))
+            self.gate_up = torch.nn.ModuleList(_Linear(w, pack) for w in (gate, up))
         self.split = [q.shape[0], k.shape[0], v.shape[0]]
-        self.inter = mlp.gate_proj.weight.shape[0]
+        self.inter = gate.shape[0]
         self.o = _Linear(att.o_proj.weight, pack)
         self.down = _Linear(mlp.down_proj.weight, pack)
-        self.norm1 = layer.input_layernorm.weight
-        self.norm2 = layer.post_attention_layernorm.weight
+        self.register_buffer("norm1", layer.input_layernorm.weight.detach(), persistent=False)
+        self.register_buffer("norm2", layer.post_attention_layernorm.weight.detach(), False)
         self.eps1 = layer.input_layernorm.variance_epsilon
         self.eps2 = layer.post_attention_layernorm.variance_epsilon
 
@@ -115,27 +122,53 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class LeanForward:
-    """The forward of one loaded Llama-family model, over caller-owned KV layers.
+class KVWindow(NamedTuple):
+    """The batched cache's buffers as a compiled forward takes them: rows [lo, hi) of every
+    layer's K and V buffer, new tokens written at columns [start, end), attention over [0, end).
+    (workers/batch_kv.py's `_write` does the same through its layers, for eager forwards.)"""
 
-    `__call__(ids, positions, mask, layers, keep)`: ids and positions [rows, width]; mask a
-    bool [rows, 1, width, end] (True: attend) or None (every row's new tokens follow columns
-    [0, start) of its own, all valid); `layers[i].update(k, v)` stores layer i's new keys and
-    values and returns the keys and values to attend over (workers/batch_kv.py's layers do).
-    `keep`: None for every position's logits, an int n for the last n, a 1-D tensor of columns,
-    or 0 for none (a prefill that needs no head: returns None).
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    lo: int
+    hi: int
+    start: int
+    end: int
+
+
+class LeanForward(torch.nn.Module):
+    """The forward of one loaded Llama-family model, over caller-owned KV.
+
+    `forward(ids, positions, mask, kv, keep)`: ids and positions [rows, width]; mask a bool
+    [rows, 1, width, end] (True: attend) or None (every row's new tokens follow columns
+    [0, start) of its own, all valid). `kv`: the cache's layers (`kv[i].update(k, v)` stores
+    layer i's new keys and values and returns those to attend over: workers/batch_kv.py's
+    layers do), or a KVWindow. `keep`: None for every position's logits, an int n for the last
+    n, a 1-D tensor of columns, or 0 for none (a prefill that needs no head: returns None).
+
+    `compile=True` adds `compiled`: the same forward through `torch.compile` (dynamic shapes;
+    on a CPU with the weights frozen, so the compiler prepacks them for oneDNN itself), for
+    KVWindow calls. Each new shape class (rows 1 or more, width 1 or more, mask or none)
+    compiles once, ~30 s for SmolLM2 on 2 cores: `warm_up` pays for the common ones at load.
     """
 
-    def __init__(self, model: torch.nn.Module, *, pack: bool | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, *, pack: bool | None = None, compile: bool = False
+    ) -> None:
+        super().__init__()
         why = unsupported(model)
         if why is not None:
             raise ValueError(f"lean forward: unsupported model ({why})")
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
-        if pack is None:
-            pack = device.type == "cpu" and dtype == torch.bfloat16 and onednn_bf16_available()
+        if pack is None:  # oneDNN's packed weights cannot be traced: compiling packs its own
+            pack = (
+                not compile
+                and device.type == "cpu"
+                and dtype == torch.bfloat16
+                and onednn_bf16_available()
+            )
         self.packed = pack
-        self.name = "lean+onednn" if pack else "lean"
+        self.name = "lean+compiled" if compile else "lean+onednn" if pack else "lean"
         cfg = model.config
         inner = model.model
         self.heads = int(cfg.num_attention_heads)
@@ -143,23 +176,31 @@ class LeanForward:
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads)
         self.groups = self.heads // self.kv_heads
         self.scaling = self.head_dim**-0.5
-        self.embed = inner.embed_tokens.weight
+        self.register_buffer("embed", inner.embed_tokens.weight.detach(), persistent=False)
         self.rotary = inner.rotary_emb
-        self.blocks = [_Block(layer, pack) for layer in inner.layers]
-        self.norm = inner.norm.weight
+        self.blocks = torch.nn.ModuleList(
+            _Block(layer, pack, fuse=pack or compile) for layer in inner.layers
+        )
+        self.register_buffer("norm", inner.norm.weight.detach(), persistent=False)
         self.norm_eps = inner.norm.variance_epsilon
         self.head = _Linear(model.lm_head.weight, pack)
-        self.head_ids: torch.Tensor | None = getattr(model, "head_ids", None)
+        head_ids = getattr(model, "head_ids", None)
+        self.register_buffer("head_ids", head_ids, persistent=False)
         self.vocab_size = int(cfg.vocab_size)
         self._tril: dict[tuple[int, int], torch.Tensor] = {}
+        self.eval()
+        self.compiled = None
+        if compile:
+            options = {"freezing": True} if device.type == "cpu" else {}
+            mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs
+            self.compiled = torch.compile(self, dynamic=True, mode=mode, options=options or None)
 
-    @torch.inference_mode()
-    def __call__(
+    def forward(
         self,
         ids: torch.Tensor,
         positions: torch.Tensor,
         mask: torch.Tensor | None,
-        layers: Sequence,
+        kv: Sequence | KVWindow,
         keep: int | torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         rows, width = ids.shape
@@ -167,6 +208,10 @@ class LeanForward:
         cos, sin = self.rotary(x, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         hd = self.head_dim
+        if mask is None and width > 1:
+            end = kv.end if isinstance(kv, KVWindow) else None
+            if end is not None and end > width:
+                mask = self._offset_causal(width, end, ids.device)
         for i, blk in enumerate(self.blocks):
             h = _rms(x, blk.norm1, blk.eps1)
             if len(blk.qkv) == 1:
@@ -178,7 +223,13 @@ class LeanForward:
             v = v.view(rows, width, self.kv_heads, hd).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            keys, values = layers[i].update(k, v)
+            if isinstance(kv, KVWindow):
+                kb, vb = kv.keys[i], kv.values[i]
+                kb[kv.lo : kv.hi, :, kv.start : kv.end] = k
+                vb[kv.lo : kv.hi, :, kv.start : kv.end] = v
+                keys, values = kb[kv.lo : kv.hi, :, : kv.end], vb[kv.lo : kv.hi, :, : kv.end]
+            else:
+                keys, values = kv[i].update(k, v)
             a = self._attend(q, keys, values, mask)
             x = x + blk.o(a)
             h = _rms(x, blk.norm2, blk.eps2)
@@ -209,7 +260,7 @@ class LeanForward:
         if mask is None and width > 1 and end > width:
             # New tokens after a shared prefix: causal with an offset (transformers builds the
             # same mask for this case).
-            mask = self._offset_causal(width, end, q.device)[None, None]
+            mask = self._offset_causal(width, end, q.device)
         if mask is None:
             out = F.scaled_dot_product_attention(
                 q, k, v, scale=self.scaling, is_causal=width > 1, enable_gqa=self.groups > 1
@@ -227,10 +278,16 @@ class LeanForward:
         return out.reshape(rows, width, self.heads * hd)
 
     def _offset_causal(self, width: int, end: int, device: torch.device) -> torch.Tensor:
+        """[1, 1, width, end]: query i sees columns up to end - width + i."""
+        if torch.compiler.is_compiling():  # no Python-side cache inside a traced graph
+            return torch.ones(width, end, dtype=torch.bool, device=device).tril(end - width)[
+                None, None
+            ]
         key = (width, end)
         m = self._tril.get(key)
         if m is None:
             m = torch.ones(width, end, dtype=torch.bool, device=device).tril_(end - width)
+            m = m[None, None]
             if width <= 64:
                 if len(self._tril) > 256:
                     self._tril.clear()

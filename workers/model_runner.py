@@ -11,7 +11,9 @@ transformers 5.x renames the forward's `past_key_values=` to `cache=` (the old n
 from __future__ import annotations
 
 import inspect
+import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +23,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 import workers.checkpoints.subset_draft  # noqa: F401 - registers the reduced-vocabulary draft type
 from workers.batch_kv import BatchedKV, Step
 from workers.dtypes import resolve_dtype
-from workers.lean_forward import FORWARDS, LeanForward, unsupported
+from workers.lean_forward import COMPILES, FORWARDS, KVWindow, LeanForward, unsupported
+
+log = logging.getLogger(__name__)
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
@@ -58,6 +62,7 @@ class ModelRunner:
         tp_plan: str | None = None,
         max_kv_tokens: int | None = None,
         forward: str = "auto",
+        compile: str = "off",
     ) -> None:
         # A name (`models.dtype`, "auto" included) resolves here, on the device that runs it;
         # the default stays float32, where greedy decoding equals HF `generate` token for token.
@@ -87,9 +92,16 @@ class ModelRunner:
         why = unsupported(self.model) if tp_plan is None else "tensor-parallel weights"
         if forward == "lean" and why is not None:
             raise ValueError(f"forward: lean cannot run {self.path!r}: {why}")
-        self.lean: LeanForward | None = (
-            LeanForward(self.model) if forward != "hf" and why is None else None
-        )
+        if compile not in COMPILES:
+            raise ValueError(f"compile must be one of {COMPILES}, got {compile!r}")
+        lean = forward != "hf" and why is None
+        if compile == "on" and not lean:
+            raise ValueError(f"compile: on needs the lean forward; {self.path!r} runs hf")
+        # auto: where it pays at once. On a GPU a small model's step is kernel launches, which
+        # CUDA graphs remove; on this CPU it took SmolLM2's one-token step from 23 to 18 ms, but
+        # each new shape class compiles for ~30 s while requests wait: on a CPU it is opt-in.
+        compiled = compile == "on" or (compile == "auto" and lean and self.device.type == "cuda")
+        self.lean: LeanForward | None = LeanForward(self.model, compile=compiled) if lean else None
         self.forward = "hf" if self.lean is None else self.lean.name
         self.kv = BatchedKV(
             int(cfg.num_hidden_layers),
@@ -104,6 +116,24 @@ class ModelRunner:
         # SmolLM2) is wasted work, so only one position is kept (time to first token 327.5 ->
         # 277.6 ms for 118-token prompts: `specdec bench`'s ttft rows).
         self._keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.compile_seconds = self._warm_up() if compiled else 0.0
+
+    def _warm_up(self) -> float:
+        """Compile the step shapes one stream meets (a one-token step, a block after a
+        prefix, both again over holes after a rollback) before any request waits on them;
+        returns the seconds it took, also logged. Rows > 1 compile on first use."""
+        t0 = time.perf_counter()
+        sid = "__compile_warm_up__"
+        self.extend_batch([(sid, [1] * 6)], logits=False)
+        self.extend(sid, [1])  # one token, no mask
+        self.extend(sid, [1] * 3)  # a verify-sized block, causal after the prefix
+        self.rollback(sid, self.length(sid) - 2)  # holes: masks from here on
+        self.extend(sid, [1])
+        self.extend(sid, [1] * 3)
+        self.release(sid)
+        seconds = time.perf_counter() - t0
+        log.info("compiled %s's step forward in %.1f s", self.path, seconds)
+        return seconds
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -205,6 +235,11 @@ class ModelRunner:
         """Logits of the step's new tokens (`keep` as LeanForward's: None all, 0 none, a
         tensor of columns); the cache's layers take the new keys and values."""
         if self.lean is not None:
+            bufs = self.kv.window(step) if self.lean.compiled is not None else None
+            if bufs is not None and keep is None:  # decode and verify steps: shapes that recur
+                lo, hi = step.sel.start, step.sel.stop
+                win = KVWindow(*bufs, lo, hi, step.start, step.end)
+                return self.lean.compiled(ids, step.position_ids, step.mask, win, None)
             layers = self.kv.cache.layers
             return self.lean(ids, step.position_ids, step.mask, layers, keep)
         if keep is None:

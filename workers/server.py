@@ -17,7 +17,7 @@ import threading
 from typing import NoReturn
 
 from workers.dtypes import DTYPE_NAMES, dtype_name
-from workers.lean_forward import FORWARDS
+from workers.lean_forward import COMPILES, FORWARDS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         " hf (transformers' modules), or auto (lean where the model allows)",
     )
     parser.add_argument(
+        "--compile",
+        choices=COMPILES,
+        default="off",
+        help="torch.compile of the lean forward's steps, at load (auto: on for CUDA)",
+    )
+    parser.add_argument(
         "--max-kv-tokens", type=int, default=0, help="KV budget in held tokens (0 = none)"
     )
     parser.add_argument(
@@ -74,10 +80,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    from workers.service import load_threads, serve_draft, serve_target
 
-    from workers.service import serve_draft, serve_target
+    # The model runs on the servicer's model thread with --threads; loading here with one keeps
+    # this thread from starting an OpenMP team of its own (workers/service.SerialExecutor).
+    threads = args.threads if args.threads > 0 else torch.get_num_threads()
+    load_threads()
 
     budget = args.max_kv_tokens or None
     lease = args.lease_timeout_s or None
@@ -88,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.tls_ca and args.tls_cert and args.tls_key):
             parser.error("--tls-ca, --tls-cert and --tls-key go together")
         tls = TLSFiles(args.tls_ca, args.tls_cert, args.tls_key)
-    served = {"max_workers": args.max_workers, "lease_timeout_s": lease, "tls": tls}
+    served = {
+        "max_workers": args.max_workers,
+        "lease_timeout_s": lease,
+        "tls": tls,
+        "threads": threads,
+    }
 
     if args.role == "draft":
         from workers.draft import DraftWorker
@@ -99,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             confidence_stop=args.confidence_stop,
             dtype=args.dtype,
             forward=args.forward,
+            compile=args.compile,
             device=args.device,
             max_kv_tokens=budget,
         )
@@ -110,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model,
             dtype=args.dtype,
             forward=args.forward,
+            compile=args.compile,
             device=args.device,
             max_kv_tokens=budget,
         )

@@ -185,13 +185,13 @@ class DraftDeployment(_WorkerReplica):
     kind = DRAFT
 
     async def __init__(self, config: dict[str, Any], registry: DeploymentHandle) -> None:
-        import torch
 
         from workers.draft import DraftWorker
         from workers.dtypes import dtype_name
+        from workers.service import load_threads
 
         cfg = ClusterConfig.load(config)
-        torch.set_num_threads(cfg.draft.pool.threads)
+        load_threads()  # the model runs on the servicer's model thread, with the pool's threads
         device = "cuda" if cfg.draft.pool.num_gpus > 0 else "cpu"
         worker = DraftWorker.from_path(
             cfg.models.draft_path(),
@@ -199,6 +199,7 @@ class DraftDeployment(_WorkerReplica):
             confidence_stop=cfg.confidence_stop(),
             dtype=cfg.models.dtype,  # "auto" resolves in the runner, on its device
             forward=cfg.models.forward,
+            compile=cfg.models.compile,
             device=device,
             max_kv_tokens=cfg.draft.max_kv_tokens or None,
         )
@@ -209,7 +210,10 @@ class DraftDeployment(_WorkerReplica):
 
         w = self.cfg.workers
         tls = w.tls.files() if w.tls else None
-        return serve_draft(worker, host, 0, lease_timeout_s=w.lease_timeout_s, tls=tls)
+        threads = self.cfg.draft.pool.threads
+        return serve_draft(
+            worker, host, 0, lease_timeout_s=w.lease_timeout_s, tls=tls, threads=threads
+        )
 
 
 @serve.deployment(name="SpecDecodeTarget")
@@ -217,13 +221,13 @@ class TargetDeployment(_WorkerReplica):
     kind = TARGET
 
     async def __init__(self, config: dict[str, Any], registry: DeploymentHandle) -> None:
-        import torch
 
         from workers.dtypes import dtype_name
+        from workers.service import load_threads
 
         cfg = ClusterConfig.load(config)
         t = cfg.target
-        torch.set_num_threads(t.pool.threads)
+        load_threads()  # the model runs on the model thread (SerialExecutor), with the pool's
         if t.tp_size == 1:
             from workers.target import TargetWorker
 
@@ -232,6 +236,7 @@ class TargetDeployment(_WorkerReplica):
                 cfg.models.target_path(),
                 dtype=cfg.models.dtype,  # "auto" resolves in the runner, on its device
                 forward=cfg.models.forward,
+                compile=cfg.models.compile,
                 device=device,
                 max_kv_tokens=t.max_kv_tokens or None,
             )
@@ -262,7 +267,7 @@ class TargetDeployment(_WorkerReplica):
         from workers.service import SerialExecutor, serve_target
 
         # One model thread for both callers: the gRPC API and this replica's own scheduler.
-        self.executor = SerialExecutor(worker)
+        self.executor = SerialExecutor(worker, self.cfg.target.pool.threads)
         w = self.cfg.workers
         tls = w.tls.files() if w.tls else None
         return serve_target(
