@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from cluster.config_sections import (
     AutoscalingSettings,
@@ -110,6 +110,14 @@ class ModelsConfig(_Strict):
     served_model_name: str | None = Field(
         None, description="model id of the HTTP API; empty = the target directory's name"
     )
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: object) -> object:
+        # YAML 1.1 reads a bare on/off as a boolean: `compile: on` means "on".
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
 
     def target_path(self) -> Path:
         return _model_path(self.target, "target")

@@ -144,3 +144,17 @@ def test_the_compiled_forward_decodes_as_the_eager_one(path):
         ModelRunner(path, compile="yes")
     with pytest.raises(ValueError, match="compile: on needs the lean forward"):
         ModelRunner(path, forward="hf", compile="on")
+
+
+def test_the_config_names_the_forward_and_reads_yaml_switches():
+    import yaml
+
+    from cluster.config import ClusterConfig, ConfigError
+
+    cfg = ClusterConfig.load({})
+    assert (cfg.models.forward, cfg.models.compile) == ("auto", "auto")
+    # YAML 1.1 reads a bare on/off as a boolean; the manifests' users write them bare.
+    for text, want in (("compile: on", "on"), ("compile: off", "off"), ("compile: auto", "auto")):
+        assert ClusterConfig.load({"models": yaml.safe_load(text)}).models.compile == want
+    with pytest.raises(ConfigError, match="models.forward"):
+        ClusterConfig.load({"models": {"forward": "fast"}})
