@@ -148,7 +148,8 @@ class LeanForward(torch.nn.Module):
     `compile=True` adds `compiled`: the same forward through `torch.compile` (dynamic shapes;
     on a CPU with the weights frozen, so the compiler prepacks them for oneDNN itself), for
     KVWindow calls. Each new shape class (rows 1 or more, width 1 or more, mask or none)
-    compiles once, ~30 s for SmolLM2 on 2 cores: `warm_up` pays for the common ones at load.
+    compiles once, ~30 s for SmolLM2 on 2 cores: the runner's warm-up pays for the ones one
+    stream meets at load, and after it a call of any other class runs eager.
     """
 
     def __init__(

@@ -116,7 +116,9 @@ class ModelRunner:
         # SmolLM2) is wasted work, so only one position is kept (time to first token 327.5 ->
         # 277.6 ms for 118-token prompts: `specdec bench`'s ttft rows).
         self._keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self._warming = True
         self.compile_seconds = self._warm_up() if compiled else 0.0
+        self._warming = False
 
     def _warm_up(self) -> float:
         """Compile the step shapes one stream meets (a one-token step, a block after a
@@ -239,7 +241,11 @@ class ModelRunner:
             if bufs is not None and keep is None:  # decode and verify steps: shapes that recur
                 lo, hi = step.sel.start, step.sel.stop
                 win = KVWindow(*bufs, lo, hi, step.start, step.end)
-                return self.lean.compiled(ids, step.position_ids, step.mask, win, None)
+                # After the warm-up, a shape class it did not meet runs eager instead of
+                # compiling for ~30 s under a request (that outlived the target's timeout).
+                stance = "default" if self._warming else "eager_on_recompile"
+                with torch.compiler.set_stance(stance):
+                    return self.lean.compiled(ids, step.position_ids, step.mask, win, None)
             layers = self.kv.cache.layers
             return self.lean(ids, step.position_ids, step.mask, layers, keep)
         if keep is None:
