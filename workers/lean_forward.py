@@ -153,7 +153,12 @@ class LeanForward(torch.nn.Module):
     """
 
     def __init__(
-        self, model: torch.nn.Module, *, pack: bool | None = None, compile: bool = False
+        self,
+        model: torch.nn.Module,
+        *,
+        pack: bool | None = None,
+        compile: bool = False,
+        fuse: bool | None = None,
     ) -> None:
         super().__init__()
         why = unsupported(model)
@@ -161,13 +166,8 @@ class LeanForward(torch.nn.Module):
             raise ValueError(f"lean forward: unsupported model ({why})")
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
-        if pack is None:  # oneDNN's packed weights cannot be traced: compiling packs its own
-            pack = (
-                not compile
-                and device.type == "cpu"
-                and dtype == torch.bfloat16
-                and onednn_bf16_available()
-            )
+        if pack is None:
+            pack = device.type == "cpu" and dtype == torch.bfloat16 and onednn_bf16_available()
         self.packed = pack
         self.name = "lean+compiled" if compile else "lean+onednn" if pack else "lean"
         cfg = model.config
@@ -180,7 +180,8 @@ class LeanForward(torch.nn.Module):
         self.register_buffer("embed", inner.embed_tokens.weight.detach(), persistent=False)
         self.rotary = inner.rotary_emb
         self.blocks = torch.nn.ModuleList(
-            _Block(layer, pack, fuse=pack or compile) for layer in inner.layers
+            _Block(layer, pack, fuse=pack or compile if fuse is None else fuse)
+            for layer in inner.layers
         )
         self.register_buffer("norm", inner.norm.weight.detach(), persistent=False)
         self.norm_eps = inner.norm.variance_epsilon
@@ -192,9 +193,13 @@ class LeanForward(torch.nn.Module):
         self.eval()
         self.compiled = None
         if compile:
+            # oneDNN's packed weights cannot be traced, so the compiled steps run a sibling over
+            # plain weights (the compiler prepacks its own) and this module stays packed for
+            # what runs eager: prefills, gathered rows, shape classes the warm-up did not meet.
+            traced = LeanForward(model, pack=False, fuse=True) if pack else self
             options = {"freezing": True} if device.type == "cpu" else {}
             mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs
-            self.compiled = torch.compile(self, dynamic=True, mode=mode, options=options or None)
+            self.compiled = torch.compile(traced, dynamic=True, mode=mode, options=options or None)
 
     def forward(
         self,
