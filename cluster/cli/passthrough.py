@@ -22,6 +22,16 @@ COMMANDS = {
         "main",
         "distill the SmolLM2-135M-Instruct draft",
     ),
+    "train-feature-head": (
+        "pairs.feature_recipe",
+        "main",
+        "train the SmolLM2 feature head (EAGLE-style draft over the target's features)",
+    ),
+    "eval-feature-head": (
+        "pairs.feature_eval",
+        "main",
+        "online acceptance of a feature head beside the model draft",
+    ),
     "bench": ("bench.run", "main", "benchmarks: spec vs plain vs reference tools"),
 }
 
