@@ -15,7 +15,11 @@ from pathlib import Path
 import torch
 
 from workers.checkpoints import smollm2
-from workers.checkpoints.subset_draft import SubsetDraftConfig, SubsetDraftForCausalLM
+from workers.checkpoints.subset_draft import (
+    SubsetDraftConfig,
+    SubsetDraftForCausalLM,
+    write_remote_code,
+)
 
 
 def head_vocab(records: list[dict], size: int, eos: int) -> torch.Tensor:
@@ -61,5 +65,6 @@ def save_draft(draft: SubsetDraftForCausalLM, tok, out: Path) -> None:
     state = {k: v for k, v in half.state_dict().items() if k != "model.embed_tokens.weight"}
     half.save_pretrained(tmp, state_dict=state, max_shard_size="20MB")
     tok.save_pretrained(tmp)
+    write_remote_code(tmp)  # loadable by plain transformers (trust_remote_code)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -12,8 +12,11 @@ saved with the draft, but read from the target's checkpoint at load time (`embed
 pair name or a checkpoint directory), so it is shipped once, by the target.
 
 Importing this module registers the model type with transformers' Auto classes, so
-`AutoModelForCausalLM.from_pretrained(path)` loads such a draft like any checkpoint (no
-trust_remote_code: the code is ours, already installed).
+`AutoModelForCausalLM.from_pretrained(path)` loads such a draft like any checkpoint. Without this
+package, a saved draft carries this very file as its modeling code and an `auto_map` in its
+config (the Hub's convention, `write_remote_code`): `AutoModelForCausalLM.from_pretrained(path,
+trust_remote_code=True, embeddings_from=TARGET_DIR)` loads it offline, for HF assisted
+generation. This module must therefore import nothing of ours at module level.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 MODEL_TYPE = "specdec_subset_llama"
 EMBED_KEY = "model.embed_tokens.weight"
+MODELING_FILE = "modeling_specdec_subset_llama.py"  # this file, as a checkpoint carries it
+AUTO_MAP = {
+    "AutoConfig": f"{MODELING_FILE[:-3]}.SubsetDraftConfig",
+    "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.SubsetDraftForCausalLM",
+}
 
 
 class SubsetDraftConfig(LlamaConfig):
@@ -104,9 +112,29 @@ class SubsetDraftForCausalLM(LlamaForCausalLM):
 
 def resolve_embeddings_source(source: str) -> Path:
     """A pair name (its target, converted if needed) or a checkpoint directory."""
-    from workers.checkpoints.registry import resolve_checkpoint
-
+    try:
+        from workers.checkpoints.registry import resolve_checkpoint
+    except ImportError:  # loaded as a checkpoint's remote code, without this package
+        path = Path(source).expanduser()
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"embeddings_from: {source!r} is not a checkpoint directory; pass the target's "
+                "path, e.g. from_pretrained(draft, trust_remote_code=True, "
+                "embeddings_from='/path/to/target')"
+            ) from None
+        return path
     return resolve_checkpoint(source, "target")
+
+
+def write_remote_code(checkpoint: Path) -> None:
+    """Ship this module with a saved draft and point its config's `auto_map` at it, so plain
+    transformers loads the draft with trust_remote_code=True (no import of this package)."""
+    checkpoint = Path(checkpoint)
+    (checkpoint / MODELING_FILE).write_text(Path(__file__).read_text())
+    cfg_path = checkpoint / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["auto_map"] = AUTO_MAP
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def read_tensor(checkpoint: Path, key: str) -> torch.Tensor:
