@@ -190,6 +190,8 @@ class LeanForward(torch.nn.Module):
         self.register_buffer("head_ids", head_ids, persistent=False)
         self.vocab_size = int(cfg.vocab_size)
         self._tril: dict[tuple[int, int], torch.Tensor] = {}
+        # Set to a list, `forward` appends the last layer's output (before the final norm).
+        self.capture: list[torch.Tensor] | None = None
         self.eval()
         self.compiled = None
         if compile:
@@ -244,6 +246,8 @@ class LeanForward(torch.nn.Module):
             else:
                 g, u = (lin(h) for lin in blk.gate_up)
             x = x + blk.down(F.silu(g) * u)
+        if self.capture is not None:  # the target's features, for a draft that reads them
+            self.capture.append(x)
         if isinstance(keep, int) and keep == 0:
             return None
         if keep is None:

@@ -172,9 +172,31 @@ class ModelRunner:
         """Append tokens to the sequence's cache (created if new); returns their logits [n, V]."""
         return self.extend_batch([(seq_id, token_ids)])[0]
 
+    def extend_batch_features(
+        self, items: Sequence[tuple[str, Sequence[int]]], last: bool = False
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """As extend_batch, and also each item's features: the last decoder layer's output
+        (before the final norm) at every new token, [n_i, hidden] in the model's dtype (what a
+        feature draft reads). Runs eager: a compiled step does not hand them out."""
+        sink: list[torch.Tensor] = []
+        logits = self.extend_batch(items, last=last, _sink=sink)
+        if not sink:
+            return logits, [torch.empty(0, self.hidden_size) for _ in items]
+        hidden, rows = sink
+        feats = [hidden[rows[sid], : len(toks)] if toks else hidden[:0, 0] for sid, toks in items]
+        return logits, [f.detach().clone() for f in feats]
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
     @torch.inference_mode()
     def extend_batch(
-        self, items: Sequence[tuple[str, Sequence[int]]], logits: bool = True, last: bool = False
+        self,
+        items: Sequence[tuple[str, Sequence[int]]],
+        logits: bool = True,
+        last: bool = False,
+        _sink: list | None = None,
     ) -> list[torch.Tensor]:
         """Append tokens_i to each sequence (created if new) in one forward; returns logits [n_i, V]
         per item (with `logits=False`, a prefill that needs none: empty tensors; with `last=True`,
@@ -212,10 +234,12 @@ class ModelRunner:
                 ends = sorted({len(toks) - 1 for _, toks in work})
                 keep = torch.tensor(ends)
             try:
-                lg = self._forward(ids.to(self.device), step, keep)
+                lg = self._forward(ids.to(self.device), step, keep, _sink)
             except BaseException:
                 self.kv.abort()
                 raise
+            if _sink:  # [hidden] -> [hidden on the CPU, each item's row]
+                _sink[:] = [_sink[0].cpu(), rows]
             self.kv.finish(step)
             if logits:
                 lg = lg.float()
@@ -232,10 +256,17 @@ class ModelRunner:
         return [out.get(sid, empty) for sid, _ in items]
 
     def _forward(
-        self, ids: torch.Tensor, step: Step, keep: int | torch.Tensor | None
+        self,
+        ids: torch.Tensor,
+        step: Step,
+        keep: int | torch.Tensor | None,
+        sink: list | None = None,
     ) -> torch.Tensor | None:
         """Logits of the step's new tokens (`keep` as LeanForward's: None all, 0 none, a
-        tensor of columns); the cache's layers take the new keys and values."""
+        tensor of columns); the cache's layers take the new keys and values. With a `sink`,
+        the last layer's output at every column is appended to it."""
+        if sink is not None:
+            return self._forward_capturing(ids, step, keep, sink)
         if self.lean is not None:
             bufs = self.kv.window(step) if self.lean.compiled is not None else None
             if bufs is not None and keep is None:  # decode and verify steps: shapes that recur
@@ -263,6 +294,25 @@ class ModelRunner:
             **kw,
         )
         return res.logits
+
+    def _forward_capturing(
+        self, ids: torch.Tensor, step: Step, keep: int | torch.Tensor | None, sink: list
+    ) -> torch.Tensor | None:
+        if self.lean is not None:
+            self.lean.capture = sink
+            try:
+                return self.lean(ids, step.position_ids, step.mask, self.kv.cache.layers, keep)
+            finally:
+                self.lean.capture = None
+
+        def hook(_mod, _inp, out) -> None:
+            sink.append(out[0] if isinstance(out, tuple) else out)
+
+        handle = self.model.model.layers[-1].register_forward_hook(hook)
+        try:
+            return self._forward(ids, step, keep)
+        finally:
+            handle.remove()
 
     def rollback(self, seq_id: str, length: int) -> None:
         self.kv.rollback(seq_id, length)
