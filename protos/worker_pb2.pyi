@@ -29,36 +29,42 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "sampling")
+    __slots__ = ("seq_id", "token_ids", "sampling", "features")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
-    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    features: bool
+    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., features: _Optional[bool] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("committed_len", "token")
+    __slots__ = ("committed_len", "token", "features")
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     committed_len: int
     token: int
-    def __init__(self, committed_len: _Optional[int] = ..., token: _Optional[int] = ...) -> None: ...
+    features: bytes
+    def __init__(self, committed_len: _Optional[int] = ..., token: _Optional[int] = ..., features: _Optional[bytes] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
-    __slots__ = ("seq_id", "committed_len", "k", "commit", "start")
+    __slots__ = ("seq_id", "committed_len", "k", "commit", "start", "commit_features")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FEATURES_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     committed_len: int
     k: int
     commit: _containers.RepeatedScalarFieldContainer[int]
     start: int
-    def __init__(self, seq_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., k: _Optional[int] = ..., commit: _Optional[_Iterable[int]] = ..., start: _Optional[int] = ...) -> None: ...
+    commit_features: bytes
+    def __init__(self, seq_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., k: _Optional[int] = ..., commit: _Optional[_Iterable[int]] = ..., start: _Optional[int] = ..., commit_features: _Optional[bytes] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
     __slots__ = ("start", "tokens", "q", "committed_len", "unsure_last")
@@ -75,30 +81,34 @@ class ProposeResponse(_message.Message):
     def __init__(self, start: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., q: _Optional[bytes] = ..., committed_len: _Optional[int] = ..., unsure_last: _Optional[bool] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("seq_id", "committed_len", "draft_tokens", "q", "one_hot")
+    __slots__ = ("seq_id", "committed_len", "draft_tokens", "q", "one_hot", "features")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
     ONE_HOT_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     committed_len: int
     draft_tokens: _containers.RepeatedScalarFieldContainer[int]
     q: bytes
     one_hot: bool
-    def __init__(self, seq_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., q: _Optional[bytes] = ..., one_hot: _Optional[bool] = ...) -> None: ...
+    features: bool
+    def __init__(self, seq_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., q: _Optional[bytes] = ..., one_hot: _Optional[bool] = ..., features: _Optional[bool] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("accepted", "token", "bonus", "committed_len")
+    __slots__ = ("accepted", "token", "bonus", "committed_len", "features")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     BONUS_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     token: int
     bonus: bool
     committed_len: int
-    def __init__(self, accepted: _Optional[int] = ..., token: _Optional[int] = ..., bonus: _Optional[bool] = ..., committed_len: _Optional[int] = ...) -> None: ...
+    features: bytes
+    def __init__(self, accepted: _Optional[int] = ..., token: _Optional[int] = ..., bonus: _Optional[bool] = ..., committed_len: _Optional[int] = ..., features: _Optional[bytes] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("seq_id",)

@@ -48,6 +48,7 @@ class PrefillRow:
     seq_id: str
     token_ids: Sequence[int]
     params: SamplingParams
+    features: bool = False  # target: also hand out every prompt position's features
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,9 @@ class ProposeRow:
     k: int
     commit: Sequence[int] = ()
     start: int | None = None
+    # A feature draft's input: the target's packed features (workers/wire.py) of the positions
+    # before each committed token it has not read yet (see FeatureDraftWorker).
+    commit_features: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +78,7 @@ class VerifyRow:
     draft_tokens: Sequence[int] = ()
     q: SparseQ | None = None
     one_hot: bool = False
+    features: bool = False  # the Verdict also carries the committed positions' features
 
     @property
     def plain(self) -> bool:
@@ -84,8 +89,21 @@ class VerifyRow:
 RowResult = object
 
 
-def plain_verdict(token: int) -> Verdict:
-    return Verdict(0, int(token), bonus=False)
+def plain_verdict(token: int, features: bytes = b"") -> Verdict:
+    return Verdict(0, int(token), bonus=False, features=features)
+
+
+class FeaturedToken(int):
+    """A target prefill's next token that also carries the prompt's packed features (asked
+    by PrefillRow.features): an int everywhere a token is expected."""
+
+    features: bytes = b""
+
+    @classmethod
+    def of(cls, token: int, features: bytes) -> FeaturedToken:
+        out = cls(token)
+        out.features = features
+        return out
 
 
 def run_row(fn, *args) -> object:

@@ -230,7 +230,8 @@ class _ServicerBase:
 
     @staticmethod
     def _prefill_row(req) -> PrefillRow:
-        return PrefillRow(_seq_id(req), list(req.token_ids), sampling_from_proto(req.sampling))
+        params = sampling_from_proto(req.sampling)
+        return PrefillRow(_seq_id(req), list(req.token_ids), params, features=req.features)
 
     def _batch(self, method: str, rows: Sequence, decode: Callable, encode: Callable, result):
         """One batched call: decode each row (a bad row fails alone), one executor job for the
@@ -301,7 +302,14 @@ class DraftServicer(_ServicerBase, worker_pb2_grpc.DraftWorkerServicer):
     @staticmethod
     def _propose_row(req) -> ProposeRow:
         start = req.start if req.HasField("start") else None
-        return ProposeRow(_seq_id(req), req.committed_len, req.k, tuple(req.commit), start)
+        return ProposeRow(
+            _seq_id(req),
+            req.committed_len,
+            req.k,
+            tuple(req.commit),
+            start,
+            commit_features=req.commit_features,
+        )
 
     @staticmethod
     def _proposal(req, proposal: Proposal) -> worker_pb2.ProposeResponse:
@@ -337,6 +345,7 @@ class TargetServicer(_ServicerBase, worker_pb2_grpc.TargetWorkerServicer):
             list(req.draft_tokens),
             unpack_q(req.q),
             one_hot=req.one_hot,
+            features=req.features,
         )
 
     @staticmethod
@@ -346,6 +355,7 @@ class TargetServicer(_ServicerBase, worker_pb2_grpc.TargetWorkerServicer):
             token=verdict.token,
             bonus=verdict.bonus,
             committed_len=req.committed_len + verdict.accepted + 1,
+            features=verdict.features,
         )
 
     @_rpc
@@ -360,7 +370,11 @@ def _prefilled(req, token: int | None) -> worker_pb2.PrefillResponse:
     """A prefilled row: the target's answer carries its next token, the draft's none."""
     if token is None:
         return worker_pb2.PrefillResponse(committed_len=len(req.token_ids))
-    return worker_pb2.PrefillResponse(committed_len=len(req.token_ids) + 1, token=int(token))
+    return worker_pb2.PrefillResponse(
+        committed_len=len(req.token_ids) + 1,
+        token=int(token),
+        features=getattr(token, "features", b""),  # a FeaturedToken's, when asked
+    )
 
 
 def _seq_id(req) -> str:

@@ -10,17 +10,25 @@ the batched cache). A batched call runs all its rows in one forward.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from workers.batch import PrefillRow, VerifyRow, plain_verdict, run_row, split_prefill
+from workers.batch import (
+    FeaturedToken,
+    PrefillRow,
+    VerifyRow,
+    plain_verdict,
+    run_row,
+    split_prefill,
+)
 from workers.errors import StaleSequenceError, UnknownSequenceError
 from workers.model_runner import ModelRunner
 from workers.sampling import PositionalRng, next_token, warp_probs
 from workers.token_range import check_id_bounds, check_length, check_token_ids
 from workers.types import SamplingParams, Verdict
 from workers.verification import one_hot_q, verify_greedy, verify_sampled
+from workers.wire import pack_features
 
 TARGET_STREAM = 0
 
@@ -79,7 +87,8 @@ class TargetWorker:
         out, work, later = split_prefill(rows, self.runner, self._check_prompt, holds_last=True)
         for i in work:
             self.release(rows[i].seq_id)
-        res = self._forward([(rows[i].seq_id, list(rows[i].token_ids)) for i in work], last=True)
+        items = [(rows[i].seq_id, list(rows[i].token_ids)) for i in work]
+        res, feats = self._forward(items, last=True, features=any(rows[i].features for i in work))
         for j, i in enumerate(work):
             r = rows[i]
             if isinstance(res, BaseException):
@@ -91,7 +100,7 @@ class TargetWorker:
             token = next_token(res[j][-1], r.params, rng.at(n))
             # The cache now holds all committed tokens but the new last one, as after a step.
             self._seqs[r.seq_id] = _TargetSeq([*r.token_ids, token], r.params, rng)
-            out[i] = token
+            out[i] = FeaturedToken.of(token, pack_features(feats[j])) if r.features else token
         for i in later:
             out[i] = self.prefill_batch([rows[i]])[0]
         return out
@@ -127,12 +136,13 @@ class TargetWorker:
             else:
                 work.append((i, seq, key))
         items = [(rows[i].seq_id, [seq.tokens[-1], *rows[i].draft_tokens]) for i, seq, _ in work]
-        res = self._forward(items)
+        res, feats = self._forward(items, features=any(rows[i].features for i, _, _ in work))
         for j, (i, seq, key) in enumerate(work):
             if isinstance(res, BaseException):
                 out[i] = res
                 continue
-            out[i] = run_row(self._finish, rows[i], seq, key, res[j])
+            f = feats[j] if rows[i].features else None
+            out[i] = run_row(self._finish, rows[i], seq, key, res[j], f)
         for i in later:
             out[i] = self.verify_batch([rows[i]])[0]
         return out
@@ -145,8 +155,7 @@ class TargetWorker:
         n = r.committed_len
         key = ("plain", n) if r.plain else ("verify", n, tuple(r.draft_tokens))
         if seq.last_call is not None and seq.last_call[0] == key:  # a retry: answer again
-            cached = seq.last_call[1]
-            return seq, key, plain_verdict(cached) if r.plain else cached
+            return seq, key, seq.last_call[1]
         self._check(r.seq_id, seq, n)
         if r.plain:
             self.runner.check_extend(r.seq_id, 1)
@@ -171,13 +180,23 @@ class TargetWorker:
         if r.q.indices.numel():
             check_id_bounds("q", int(r.q.indices.min()), int(r.q.indices.max()), vocab)
 
-    def _finish(self, r: VerifyRow, seq: _TargetSeq, key: tuple, logits: torch.Tensor) -> Verdict:
+    def _finish(
+        self,
+        r: VerifyRow,
+        seq: _TargetSeq,
+        key: tuple,
+        logits: torch.Tensor,
+        feats: torch.Tensor | None = None,
+    ) -> Verdict:
+        """The round's verdict; `feats` (the fed positions' features) when the row asked:
+        the verdict carries those of the positions now committed."""
         n = r.committed_len
         if r.plain:
             token = next_token(logits[-1], seq.params, seq.rng.at(n))
             seq.tokens.append(token)
-            seq.last_call = (key, token)
-            return plain_verdict(token)
+            verdict = plain_verdict(token, pack_features(feats))
+            seq.last_call = (key, verdict)
+            return verdict
         draft = list(r.draft_tokens)
         drafted = torch.tensor(draft, dtype=torch.long)
         if seq.params.greedy:
@@ -185,21 +204,26 @@ class TargetWorker:
         else:
             q = one_hot_q(drafted) if r.q is None else r.q  # r.one_hot (checked in _begin)
             verdict = verify_sampled(warp_probs(logits, seq.params), drafted, q, seq.rng, n)
+        if feats is not None:  # the last committed token's and the accepted ones'
+            verdict = replace(verdict, features=pack_features(feats[: verdict.accepted + 1]))
         seq.tokens.extend(verdict.committed(draft))
         self.runner.rollback(r.seq_id, len(seq.tokens) - 1)  # rejected positions become holes
         seq.last_call = (key, verdict)
         return verdict
 
     def _forward(
-        self, items: list[tuple[str, list[int]]], last: bool = False
-    ) -> list[torch.Tensor] | BaseException:
-        """One batched forward, or the exception that failed it (then every row it carried)."""
+        self, items: list[tuple[str, list[int]]], last: bool = False, features: bool = False
+    ) -> tuple[list[torch.Tensor] | BaseException, list[torch.Tensor]]:
+        """One batched forward: (per row logits, per row features when asked, else []), or
+        the exception that failed it (then every row it carried) in place of the logits."""
         if not items:
-            return []
+            return [], []
         try:
-            return self.runner.extend_batch(items, last=last)
+            if features:
+                return self.runner.extend_batch_features(items, last=last)
+            return self.runner.extend_batch(items, last=last), []
         except Exception as exc:  # noqa: BLE001 - answered per row by the caller
-            return exc
+            return exc, []
 
     def _get(self, seq_id: str) -> _TargetSeq:
         try:

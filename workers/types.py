@@ -66,6 +66,10 @@ class Verdict:
     accepted: int
     token: int
     bonus: bool = False  # True when all k were accepted and `token` came from p_{k+1}
+    # Packed features (workers/wire.py) of the positions this round fed and committed: the
+    # last committed token before it and the accepted ones (accepted + 1), for a feature draft;
+    # b"" unless the row asked.
+    features: bytes = b""
 
     def committed(self, draft_tokens: list[int]) -> list[int]:
         return list(draft_tokens[: self.accepted]) + [self.token]

@@ -4,6 +4,10 @@
   msgpack-packed in a bytes field: a map {"v": 1, "k": k, "m": m, "indices": <int32 LE bytes>,
   "probs": <float32 LE bytes>}. float32 is what both sides compute in, so the trip is exact and a
   seeded request samples the same over gRPC as in-process. Greedy sends b"" (no q).
+* The target's features (a feature draft's input: the last layer's output at committed
+  positions, [n, hidden]) travel as packed bfloat16: a map {"v": 1, "n": n, "d": d, "bf16":
+  <uint16 LE bytes>}, ~1.2 KB a token for SmolLM2. Opaque bytes to the scheduler, which only
+  carries them from a verify to the next propose of the same row.
 * `SamplingParams` <-> the worker proto's SamplingParams message (top_p 0 reads as 1.0, unset).
 * `tokenizer_fingerprint`: a digest of a tokenizer's vocabulary and EOS id, so the router can check
   that draft and target workers tokenize exactly like it does without shipping vocabularies.
@@ -65,6 +69,41 @@ def unpack_q(data: bytes) -> SparseQ | None:
         torch.from_numpy(indices.astype(np.int64).reshape(k, m)),
         torch.from_numpy(probs.astype(np.float32).reshape(k, m)),
     )
+
+
+def pack_features(feats) -> bytes:
+    """[n, d] features -> packed bfloat16 bytes (b"" for none)."""
+    if feats is None or feats.numel() == 0:
+        return b""
+    n, d = feats.shape
+    raw = feats.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+    return msgpack.packb(
+        {"v": _Q_VERSION, "n": int(n), "d": int(d), "bf16": raw.astype("<i2").tobytes()},
+        use_bin_type=True,
+    )
+
+
+def unpack_features(data: bytes, hidden: int, field: str = "features") -> torch.Tensor:
+    """The inverse of pack_features ([0, hidden] for b""); ValueError naming `field` on
+    anything malformed or of another width."""
+    if not data:
+        return torch.empty(0, hidden, dtype=torch.bfloat16)
+    try:
+        obj = msgpack.unpackb(data, raw=False)
+        n, d = int(obj["n"]), int(obj["d"])
+        if obj.get("v") != _Q_VERSION:
+            raise ValueError(f"unsupported version {obj.get('v')!r}")
+        raw = np.frombuffer(obj["bf16"], dtype="<i2")
+        if n < 1 or d != hidden or raw.size != n * d:
+            raise ValueError(f"[{n}, {d}] with {raw.size} values, for width {hidden}")
+    except ValueError as exc:
+        raise ValueError(f"{field}: malformed packed features ({exc})") from None
+    except (KeyError, TypeError, msgpack.UnpackException) as exc:
+        raise ValueError(f"{field}: malformed packed features ({exc!r})") from None
+    out = torch.from_numpy(raw.astype(np.int16).reshape(n, d)).view(torch.bfloat16)
+    if not torch.isfinite(out).all():
+        raise ValueError(f"{field}: features must be finite")
+    return out
 
 
 def sampling_to_proto(params: SamplingParams) -> worker_pb2.SamplingParams:

@@ -28,7 +28,7 @@ import grpc
 
 from cluster.scheduling.worker_api import WorkerUnavailable
 from protos import worker_pb2, worker_pb2_grpc
-from workers.batch import PrefillRow, ProposeRow, VerifyRow
+from workers.batch import FeaturedToken, PrefillRow, ProposeRow, VerifyRow
 from workers.draft import Proposal
 from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
 from workers.leases import OWNER_KEY
@@ -114,13 +114,20 @@ def row_result(status: worker_pb2.RowStatus, value: Callable[[], Any], address: 
 
 def prefill_request(row: PrefillRow) -> worker_pb2.PrefillRequest:
     return worker_pb2.PrefillRequest(
-        seq_id=row.seq_id, token_ids=list(row.token_ids), sampling=sampling_to_proto(row.params)
+        seq_id=row.seq_id,
+        token_ids=list(row.token_ids),
+        sampling=sampling_to_proto(row.params),
+        features=row.features,
     )
 
 
 def propose_request(row: ProposeRow) -> worker_pb2.ProposeRequest:
     req = worker_pb2.ProposeRequest(
-        seq_id=row.seq_id, committed_len=row.committed_len, k=row.k, commit=list(row.commit)
+        seq_id=row.seq_id,
+        committed_len=row.committed_len,
+        k=row.k,
+        commit=list(row.commit),
+        commit_features=row.commit_features,
     )
     if row.start is not None:
         req.start = row.start
@@ -134,11 +141,16 @@ def verify_request(row: VerifyRow) -> worker_pb2.VerifyRequest:
         draft_tokens=list(row.draft_tokens),
         q=pack_q(row.q),
         one_hot=row.one_hot,
+        features=row.features,
     )
 
 
 def _next_token(resp: worker_pb2.PrefillResponse) -> int | None:
-    return int(resp.token) if resp.HasField("token") else None
+    if not resp.HasField("token"):
+        return None
+    if resp.features:  # asked for: the token carries the prompt's features
+        return FeaturedToken.of(resp.token, resp.features)
+    return int(resp.token)
 
 
 # This process's name on the workers: every call carries it, so a worker knows whose sequences
@@ -379,7 +391,7 @@ class GrpcTarget(_Remote):
         req = worker_pb2.VerifyBatchRequest(rows=[verify_request(r) for r in rows])
 
         def verdict(r) -> Verdict:
-            return Verdict(r.accepted, r.token, bonus=r.bonus)
+            return Verdict(r.accepted, r.token, bonus=r.bonus, features=r.features)
 
         return self._future(
             self.stub.VerifyBatch, req, lambda resp: self._rows(resp, len(rows), verdict)

@@ -614,3 +614,54 @@ def test_the_lease_book_expires_only_owners_not_heard_from():
     assert book.expired() == [] and book.owned == 1
     now[0] = 9.5
     assert book.expired() == ["b1"]
+
+
+def test_the_targets_features_travel_with_prefill_verify_and_plain_rows(servers, ckpts, local):
+    """Rows that ask get the features of the positions their call fed and committed (packed
+    bfloat16), equal to a from-scratch forward's; rows that do not ask get none."""
+    from transformers import AutoModelForCausalLM
+
+    from pairs.feature_recipe import last_layer_features
+    from workers.wire import unpack_features
+
+    ref_model = AutoModelForCausalLM.from_pretrained(ckpts["target"], dtype=torch.float32).eval()
+    hidden = ref_model.config.hidden_size
+
+    def ref(tokens: list[int]) -> torch.Tensor:
+        return last_layer_features(ref_model, torch.tensor([tokens]))[0]
+
+    def close(packed: bytes, want: torch.Tensor) -> None:
+        got = unpack_features(packed, hidden).float()
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)  # bfloat16 on the wire
+
+    target = GrpcTarget(servers["target"])
+    try:
+        rows = [
+            PrefillRow("feat-a", PROMPT, SamplingParams(), features=True),
+            PrefillRow("feat-b", PROMPT[:9], SamplingParams()),
+        ]
+        a, b = target.prefill_batch(rows).result()
+        assert a.features and not getattr(b, "features", b"")
+        close(a.features, ref(PROMPT))
+        tokens = [*PROMPT, int(a)]
+        draft = local[1]
+        draft.prefill_batch([PrefillRow("feat-a", tokens, SamplingParams())])
+        for _ in range(3):
+            block = draft.propose_batch([ProposeRow("feat-a", len(tokens), 3)])[0].tokens
+            vrow = VerifyRow("feat-a", len(tokens), block, features=True)
+            (verdict,) = target.verify_batch([vrow]).result()
+            committed = verdict.committed(block)
+            draft.propose_batch([ProposeRow("feat-a", len(tokens), 1, commit=committed)])
+            full = tokens + committed
+            # fed: the last committed token and the block; committed: it and the accepted
+            close(verdict.features, ref(full)[len(tokens) - 1 : len(tokens) + verdict.accepted])
+            tokens = full
+        plain_row = VerifyRow("feat-a", len(tokens), [], features=True)
+        (plain,) = target.verify_batch([plain_row]).result()
+        close(plain.features, ref(tokens)[-1:])
+    finally:
+        target.release("feat-a")
+        target.release("feat-b")
+        local[1].release("feat-a")
+        target.close()
