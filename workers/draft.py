@@ -208,24 +208,11 @@ class DraftWorker:
         return new_len
 
     def _draw(self, seq: _DraftSeq, logits: torch.Tensor, idx: list, prob: list) -> int:
-        """The next draft token from one row of logits (greedy: argmax; else from the top-m)."""
-        if seq.params.greedy:
-            return int(logits.argmax())
-        probs = warp_probs(logits, seq.params)
-        m = min(self.top_m, probs.shape[-1])
-        top = torch.topk(probs, m)
-        top_p = top.values / top.values.sum()
-        choice = int(torch.multinomial(top_p, 1, generator=seq.rng.at(len(seq.tokens))))
-        idx.append(top.indices)
-        prob.append(top_p)
-        return int(top.indices[choice])
+        return draw_token(seq.params, seq.rng.at(len(seq.tokens)), logits, self.top_m, idx, prob)
 
     @staticmethod
     def _confidence(seq: _DraftSeq, logits: torch.Tensor, tok: int, idx: list, prob: list) -> float:
-        """The draft's probability of the token it just drafted (of its q, when sampling)."""
-        if seq.params.greedy:
-            return float(torch.softmax(logits.float(), dim=-1)[tok])
-        return float(prob[-1][idx[-1] == tok].sum())
+        return confidence(seq.params, logits, tok, idx, prob)
 
     def _get(self, seq_id: str) -> _DraftSeq:
         try:
@@ -240,3 +227,35 @@ class DraftWorker:
                 f"sequence {seq_id!r}: draft holds committed length {seq.committed_len}, "
                 f"caller assumed {committed_len}"
             )
+
+
+def draw_token(
+    params: SamplingParams,
+    gen: torch.Generator,
+    logits: torch.Tensor,
+    top_m: int,
+    idx: list,
+    prob: list,
+) -> int:
+    """The next draft token from one row of full-vocabulary logits (greedy: argmax; else drawn
+    from the warped top-m, whose indices and renormalized probabilities, the row's q, are
+    appended to idx / prob)."""
+    if params.greedy:
+        return int(logits.argmax())
+    probs = warp_probs(logits, params)
+    m = min(top_m, probs.shape[-1])
+    top = torch.topk(probs, m)
+    top_p = top.values / top.values.sum()
+    choice = int(torch.multinomial(top_p, 1, generator=gen))
+    idx.append(top.indices)
+    prob.append(top_p)
+    return int(top.indices[choice])
+
+
+def confidence(
+    params: SamplingParams, logits: torch.Tensor, tok: int, idx: list, prob: list
+) -> float:
+    """The draft's probability of the token it just drafted (of its q, when sampling)."""
+    if params.greedy:
+        return float(torch.softmax(logits.float(), dim=-1)[tok])
+    return float(prob[-1][idx[-1] == tok].sum())

@@ -71,6 +71,13 @@ class FeatureHead(nn.Module):
         [rows, width, d] at `positions`; `mask` (bool, True attends) or None for causal;
         `past` a transformers cache holding earlier positions' keys and values."""
         x = self.fc(torch.cat([F.embedding(ids, self.embed), feats.to(self.embed.dtype)], -1))
+        width = ids.shape[1]
+        done = past.get_seq_length() if past is not None else 0
+        if mask is None and width > 1 and done:
+            # SDPA's is_causal aligns the triangle top-left; after cached positions it must
+            # end bottom-right: each new position sees every cached one and its own past.
+            mask = torch.ones(width, done + width, dtype=torch.bool, device=ids.device)
+            mask = mask.tril(done)[None, None]
         pos_emb = self.rotary(x, positions)
         out = self.layer(
             x,
