@@ -5,6 +5,7 @@ steps). A strict pydantic model like every section: an unknown key is an error t
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,13 @@ class ModelsConfig(_Strict):
         description="draft checkpoint directory or pair name (must share the target's tokenizer);"
         " empty = the target pair's draft",
     )
+    draft_kind: Literal["auto", "model", "feature"] = Field(
+        "auto",
+        description="which of a pair's drafts the draft pool runs (a draft given as a directory"
+        " is what it is): model = its draft model; feature = its feature head, one layer over"
+        " the target's features, which the target then hands out with every verify; auto = the"
+        " feature head where the pair prefers it (it beat the model draft on held-out prompts)",
+    )
     # The names of workers/dtypes.py (no torch here); each worker resolves "auto" on its device.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
@@ -46,8 +54,8 @@ class ModelsConfig(_Strict):
         "auto",
         description="torch.compile of the lean forward's steps (CUDA graphs on a GPU; frozen"
         " weights on a CPU), compiled at load: auto = on for CUDA workers, off on CPUs (there it"
-        " took SmolLM2's one-token step from 23 to 18 ms, but every new batch shape compiles for"
-        " ~30 s while requests wait)",
+        " compiles for minutes and, through the cluster, runs slower than the eager oneDNN"
+        " path: docs/benchmarks.md)",
     )
     served_model_name: str | None = Field(
         None, description="model id of the HTTP API; empty = the target directory's name"
@@ -65,7 +73,23 @@ class ModelsConfig(_Strict):
         return _model_path(self.target, "target")
 
     def draft_path(self) -> Path:
+        pair = self.pair_name("draft")
+        if pair is not None and self.draft_kind != "model":
+            from workers.checkpoints.registry import PAIRS
+
+            p = PAIRS[pair]
+            if self.draft_kind == "feature" or (p.prefer_feature and p.feature_head()):
+                return p.path("feature")
         return _model_path(self.draft, "draft", self.target)
+
+    def draft_reads_features(self) -> bool:
+        """Whether the draft is a feature head (its config's model_type, as
+        workers/checkpoints/feature_head.py writes it), so the target hands out features."""
+        cfg = self.draft_path() / "config.json"
+        try:
+            return json.loads(cfg.read_text()).get("model_type") == "specdec_feature_head"
+        except (OSError, ValueError):
+            return False
 
     def model_id(self) -> str:
         """The served model's id (the OpenAI API's model, the metrics' `model` label): the

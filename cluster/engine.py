@@ -15,7 +15,7 @@ import itertools
 import os
 import queue
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cluster.scheduling.policy import Drafter, PolicyConfig, SpecMode
 from cluster.scheduling.rounds import FinishReason, GenerationStats, SequenceRounds, StopConditions
@@ -23,6 +23,8 @@ from cluster.scheduling.rows import Row, RowRequest
 from cluster.scheduling.scheduler import SchedulerOptions, StepScheduler
 from cluster.transport.in_process import LocalDraft, LocalDraftPool, LocalTarget
 from workers.draft import DraftWorker
+from workers.draft_loading import load_draft
+from workers.feature_draft import FeatureDraftWorker
 from workers.model_runner import check_same_tokenizer
 from workers.target import TargetWorker
 from workers.token_range import check_length, check_token_ids
@@ -93,13 +95,15 @@ class SpecEngine:
     def __init__(
         self,
         target: TargetWorker,
-        draft: DraftWorker | None,
+        draft: DraftWorker | FeatureDraftWorker | None,
         *,
         policy: PolicyConfig = PolicyConfig(),
         options: SchedulerOptions = SchedulerOptions(),
     ) -> None:
         if draft is not None:
             check_same_tokenizer(draft.runner.tokenizer, target.runner.tokenizer)
+        if isinstance(draft, FeatureDraftWorker):  # its rows carry the target's features
+            options = replace(options, draft_features=True)
         self.target = LocalTarget(target)
         self.draft = LocalDraft(draft) if draft is not None else None
         self.policy = policy
@@ -123,7 +127,7 @@ class SpecEngine:
         target = TargetWorker.from_path(target_path)
         draft = None
         if draft_path:
-            draft = DraftWorker.from_path(draft_path, top_m=top_m, confidence_stop=confidence_stop)
+            draft = load_draft(draft_path, top_m=top_m, confidence_stop=confidence_stop)
         return cls(target, draft, **kw)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:

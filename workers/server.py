@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     if args.role == "draft":
-        from workers.draft import DraftWorker
+        from workers.draft_loading import load_draft
 
-        worker = DraftWorker.from_path(
+        worker = load_draft(
             args.model,
             top_m=args.top_m,
             confidence_stop=args.confidence_stop,

@@ -5,9 +5,9 @@
   "probs": <float32 LE bytes>}. float32 is what both sides compute in, so the trip is exact and a
   seeded request samples the same over gRPC as in-process. Greedy sends b"" (no q).
 * The target's features (a feature draft's input: the last layer's output at committed
-  positions, [n, hidden]) travel as packed bfloat16: a map {"v": 1, "n": n, "d": d, "bf16":
-  <uint16 LE bytes>}, ~1.2 KB a token for SmolLM2. Opaque bytes to the scheduler, which only
-  carries them from a verify to the next propose of the same row.
+  positions, [n, hidden]) travel as raw little-endian bfloat16, row after row (the receiver
+  knows the width): ~1.2 KB a token for SmolLM2. Opaque bytes to the scheduler, which appends
+  each answer's to its row's and sends the draft what it has not had yet.
 * `SamplingParams` <-> the worker proto's SamplingParams message (top_p 0 reads as 1.0, unset).
 * `tokenizer_fingerprint`: a digest of a tokenizer's vocabulary and EOS id, so the router can check
   that draft and target workers tokenize exactly like it does without shipping vocabularies.
@@ -72,35 +72,24 @@ def unpack_q(data: bytes) -> SparseQ | None:
 
 
 def pack_features(feats) -> bytes:
-    """[n, d] features -> packed bfloat16 bytes (b"" for none)."""
+    """[n, d] features -> raw little-endian bfloat16 bytes, row after row (b"" for none).
+    No header: packed chunks concatenate into the packing of their rows, so the scheduler
+    carries a row's features as one growing byte string without reading them."""
     if feats is None or feats.numel() == 0:
         return b""
-    n, d = feats.shape
     raw = feats.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy()
-    return msgpack.packb(
-        {"v": _Q_VERSION, "n": int(n), "d": int(d), "bf16": raw.astype("<i2").tobytes()},
-        use_bin_type=True,
-    )
+    return raw.astype("<i2").tobytes()
 
 
 def unpack_features(data: bytes, hidden: int, field: str = "features") -> torch.Tensor:
-    """The inverse of pack_features ([0, hidden] for b""); ValueError naming `field` on
-    anything malformed or of another width."""
-    if not data:
-        return torch.empty(0, hidden, dtype=torch.bfloat16)
-    try:
-        obj = msgpack.unpackb(data, raw=False)
-        n, d = int(obj["n"]), int(obj["d"])
-        if obj.get("v") != _Q_VERSION:
-            raise ValueError(f"unsupported version {obj.get('v')!r}")
-        raw = np.frombuffer(obj["bf16"], dtype="<i2")
-        if n < 1 or d != hidden or raw.size != n * d:
-            raise ValueError(f"[{n}, {d}] with {raw.size} values, for width {hidden}")
-    except ValueError as exc:
-        raise ValueError(f"{field}: malformed packed features ({exc})") from None
-    except (KeyError, TypeError, msgpack.UnpackException) as exc:
-        raise ValueError(f"{field}: malformed packed features ({exc!r})") from None
-    out = torch.from_numpy(raw.astype(np.int16).reshape(n, d)).view(torch.bfloat16)
+    """The inverse of pack_features for rows of width `hidden` ([0, hidden] for b"");
+    ValueError naming `field` for a length that is not whole rows, or a non-finite value."""
+    if len(data) % (2 * hidden):
+        raise ValueError(
+            f"{field}: {len(data)} bytes are not whole rows of {hidden} bfloat16 features"
+        )
+    raw = np.frombuffer(data, dtype="<i2").astype(np.int16)
+    out = torch.from_numpy(raw.reshape(-1, hidden)).view(torch.bfloat16)
     if not torch.isfinite(out).all():
         raise ValueError(f"{field}: features must be finite")
     return out

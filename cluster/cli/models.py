@@ -32,7 +32,11 @@ def cmd_models(args: argparse.Namespace) -> int:
         )
         return DEFAULT_NOT_AVAILABLE
     pairs = {
-        name: {"target": str(p.target(convert=False)), "draft": str(p.draft())}
+        name: {
+            "target": str(p.target(convert=False)),
+            "draft": str(p.draft()),  # a model: HF users load it as an assistant model
+            "feature_head": str(p.feature_head()) if p.feature_head() else None,
+        }
         for name, p in registry.PAIRS.items()
     }
     device, dtype = auto_dtype()
@@ -46,6 +50,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{name}{mark}: {p.description}{state}")
         print(f"    target: {pairs[name]['target']}")
         print(f"    draft:  {pairs[name]['draft']}")
+        if pairs[name]["feature_head"]:
+            print(f"    feature head: {pairs[name]['feature_head']}")
     print(f"models.dtype auto on this machine: {dtype} ({device})")
     return 0
 

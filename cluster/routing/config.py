@@ -42,6 +42,7 @@ class RouterConfig:
     health_recheck_s: float = _default(WorkersNetConfig, "health_check_period_s")
     probe_timeout_s: float = 2.0  # Stats call used as a health check
     stream_interval: int = _default(IngressConfig, "stream_interval")  # Serve ingress only
+    draft_features: bool = False  # the draft is a feature head (SchedulerOptions.draft_features)
 
     def __post_init__(self) -> None:
         if not self.target_model_path:
@@ -83,6 +84,7 @@ class RouterConfig:
             kv_budget_tokens=cfg.target.max_kv_tokens,
             health_recheck_s=cfg.workers.health_check_period_s,
             stream_interval=cfg.ingress.stream_interval,
+            draft_features=cfg.models.draft_reads_features(),
         )
 
     def policy_config(self) -> PolicyConfig:
@@ -96,6 +98,7 @@ class RouterConfig:
             prefill_tokens_per_step=self.prefill_tokens_per_step,
             pipelined=self.pipelined,
             kv_budget_tokens=self.kv_budget_tokens,
+            draft_features=self.draft_features,
         )
 
     def limits(self) -> Limits:

@@ -36,8 +36,10 @@ class Drafting:
         max_draft_tokens: int,
         ahead_min_whole: float,
         name: str = "scheduler",
+        features: bool = False,
     ) -> None:
         self.drafts = pool
+        self.features = features  # the drafts read the target's features: none drafts ahead
         self.timeout_s = timeout_s
         self.max_draft_tokens = max_draft_tokens
         self.ahead_min_whole = ahead_min_whole
@@ -75,6 +77,7 @@ class Drafting:
             for row, res in zip(group, results, strict=True):
                 if res is None:
                     row.draft_len = row.rounds.committed_len
+                    row.features_sent = 0
                     row.ready = None
                     row.policy.draft_restored()
                 else:
@@ -119,6 +122,7 @@ class Drafting:
                 self._release_lease(row.seq_id, lease, held=res is None)
             elif res is None:
                 row.draft_len = n
+                row.features_sent = 0
                 row.ready = None
                 row.policy.draft_restored()
             else:
@@ -169,7 +173,14 @@ class Drafting:
             by_key.setdefault(row.lease.key, []).append((row, k))
         for group in by_key.values():
             reqs = [
-                ProposeRow(r.seq_id, r.draft_len, k, r.lag(), r.rounds.committed_len)
+                ProposeRow(
+                    r.seq_id,
+                    r.draft_len,
+                    k,
+                    r.lag(),
+                    r.rounds.committed_len,
+                    bytes(r.features[r.features_sent :]) if self.features else b"",
+                )
                 for r, k in group
             ]
             calls.append((group, self._call(group[0][0], lambda s, q=reqs: s.propose_batch(q))))
@@ -179,6 +190,7 @@ class Drafting:
             for (row, _k), res in zip(group, results, strict=True):
                 if isinstance(res, Proposal) and res.tokens:
                     row.draft_len = row.rounds.committed_len
+                    row.features_sent = len(row.features)
                     proposals[row.seq_id] = res
                     passes = max(passes, len(res.tokens))
                 else:
@@ -186,7 +198,10 @@ class Drafting:
         return DraftStep(proposals, len(asks), timed, passes)
 
     def ahead(self, rows: Sequence[Row], proposals: dict[str, Proposal], default: bool) -> Calls:
-        """Pipelining: draft the guessed bonus plus the next block while the target verifies."""
+        """Pipelining: draft the guessed bonus plus the next block while the target verifies
+        (not from features: the target has not seen the tokens it would need them of)."""
+        if self.features:
+            return []
         pick = []
         for row in rows:
             p = proposals.get(row.seq_id)

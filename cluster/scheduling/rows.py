@@ -64,6 +64,11 @@ class Row:
         self.draft_len = 0  # committed tokens the draft holds (0: none)
         self.draft_pending = False  # a background draft prefill is on its way
         self.ready: Proposal | None = None  # drafted ahead and confirmed: the next block
+        # A feature draft's input (scheduler.draft_features): the target's packed features of
+        # every committed position but the last, as they came; the draft holds the first
+        # `features_sent` bytes of them.
+        self.features = bytearray()
+        self.features_sent = 0
         self.on_target = False  # the current target holds the committed tokens
         self.target_failovers = 0
         self.speculated = False  # its previous target pass verified a draft (for fallbacks)
@@ -112,6 +117,7 @@ class Row:
         self.rounds.stats.draft_failures += 1
         self.ready = None
         self.draft_len = 0
+        self.features_sent = 0
         if self.policy is not None:
             self.policy.draft_failed()
 

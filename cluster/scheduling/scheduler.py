@@ -63,6 +63,9 @@ class SchedulerOptions:
     # ever hold (prompt + max_new_tokens + a block) fits beside the running rows' most, so an
     # admitted row is never refused later and the worker never passes its budget.
     kv_budget_tokens: int = 0
+    # The draft pool drafts from the target's features (a feature head): rows that may draft
+    # by model ask the target for them and carry them to their draft; nothing drafts ahead.
+    draft_features: bool = False
 
     def __post_init__(self) -> None:
         if self.max_rows < 1 or self.prefill_tokens_per_step < 1:
@@ -115,6 +118,7 @@ class StepScheduler(StepLoop):
             max_draft_tokens=policy.max_draft_tokens,
             ahead_min_whole=options.ahead_min_whole,
             name=name,
+            features=options.draft_features,
         )
         self.lookups = LookupDrafting(policy, self.costs)
         self.running: list[Row] = []
@@ -234,7 +238,10 @@ class StepScheduler(StepLoop):
         t0 = self.clock()
         target_f = self._target_call(
             lambda t: t.prefill_batch(
-                [PrefillRow(r.seq_id, r.rounds.tokens, r.params) for r in batch]
+                [
+                    PrefillRow(r.seq_id, r.rounds.tokens, r.params, features=self._features(r))
+                    for r in batch
+                ]
             )
         )
         results = self._target_wait(target_f)
@@ -245,6 +252,7 @@ class StepScheduler(StepLoop):
         for row, res in zip(batch, results, strict=True):
             if isinstance(res, int):  # the prefill pass decoded the next token: a plain step
                 row.on_target = True
+                row.features = bytearray(getattr(res, "features", b""))  # every prompt position's
                 self.running.append(row)
                 self._commit_token(row, res)
             elif isinstance(res, KVBudgetExceeded) and (self.running or refused):
@@ -281,11 +289,14 @@ class StepScheduler(StepLoop):
         for row in rows:
             p = proposals.get(row.seq_id)
             committed = row.rounds.committed_len
+            feats = self._features(row)
             if p is None:
-                vrows.append(VerifyRow(row.seq_id, committed))
+                vrows.append(VerifyRow(row.seq_id, committed, features=feats))
             else:
                 one_hot = p.drafter == LOOKUP
-                vrows.append(VerifyRow(row.seq_id, committed, p.tokens, p.q, one_hot=one_hot))
+                vrows.append(
+                    VerifyRow(row.seq_id, committed, p.tokens, p.q, one_hot=one_hot, features=feats)
+                )
         t1 = self.clock()
         verify_f = self._target_call(lambda t: t.verify_batch(vrows))
         ahead = self.drafting.ahead(rows, model_proposals, self.pipelining.now)
@@ -335,6 +346,14 @@ class StepScheduler(StepLoop):
         if width == 1 or 2 * len(proposals) >= len(rows):  # plain, or most rows speculated
             self.batch_policy.realized.observe(len(rows), width > 1, committed, step_seconds)
 
+    def _features(self, row: Row) -> bool:
+        """Whether the row asks the target for features: its draft reads them."""
+        return (
+            self.options.draft_features
+            and row.drafter.uses_model
+            and (row.policy is None or row.policy.mode is not SpecMode.OFF)
+        )
+
     def _note_fallbacks(self, rows: Sequence[Row], vrows: Sequence[VerifyRow]) -> None:
         """Tell the observer of each row that falls back from speculation to a plain step."""
         alone = len(rows) == 1
@@ -358,6 +377,8 @@ class StepScheduler(StepLoop):
             if isinstance(res, BaseException):
                 self._row_target_error(row, res)
                 continue
+            if vrow.features:
+                row.features += res.features
             if vrow.plain:
                 committed += self._commit_token(row, res.token)
                 continue

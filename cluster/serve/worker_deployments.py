@@ -186,14 +186,14 @@ class DraftDeployment(_WorkerReplica):
 
     async def __init__(self, config: dict[str, Any], registry: DeploymentHandle) -> None:
 
-        from workers.draft import DraftWorker
+        from workers.draft_loading import load_draft
         from workers.dtypes import dtype_name
         from workers.service import load_threads
 
         cfg = ClusterConfig.load(config)
         load_threads()  # the model runs on the servicer's model thread, with the pool's threads
         device = "cuda" if cfg.draft.pool.num_gpus > 0 else "cpu"
-        worker = DraftWorker.from_path(
+        worker = load_draft(
             cfg.models.draft_path(),
             top_m=cfg.draft.top_m,
             confidence_stop=cfg.confidence_stop(),

@@ -2,7 +2,8 @@
 one batched verify a step), and the tokens they emit are distributed exactly as the target's own
 warped distribution p. The oracle is p computed from the target alone (HF forward + the same
 temperature / top-k / top-p warp); the check is the TV distance bound of the verifier's own
-distribution tests. Run on tiny random models (p spread wide) and on the SmolLM2-135M-Instruct
+distribution tests. Run on tiny random models (p spread wide; a model draft, and a feature head
+whose vocabulary is half the target's) and on the SmolLM2-135M-Instruct
 pair (a real target and its distilled reduced-vocabulary draft, whose q is sparse)."""
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ PROMPTS = ["def f(x):", "class Stack:\n    pass"]  # interleaved: a mixed-up row
 PARAMS = SamplingParams(temperature=1.3, top_k=40, top_p=0.95)
 SMOLLM2 = registry.PAIRS[registry.SMOLLM2]
 # samples (sequences of two tokens) per pair: the real pair's steps cost ~10x the tiny ones'
-SAMPLES = {"tiny": 3000, "smollm2": 1500}
+SAMPLES = {"tiny": 3000, "tiny-feature": 3000, "smollm2": 1500}
 
 
 @pytest.fixture(
     scope="module",
     params=[
         "tiny",
+        "tiny-feature",
         pytest.param(
             "smollm2",
             marks=[
@@ -48,6 +50,14 @@ def setup(request, tmp_path_factory):
         make_model(d / "target", seed=0)
         make_model(d / "draft", seed=2)
         target, draft = d / "target", d / "draft"
+    elif request.param == "tiny-feature":  # a head over the target's features, half the words
+        from pairs.feature_recipe import new_head
+
+        d = tmp_path_factory.mktemp("batched_sampling_feature")
+        target = make_model(d / "target", seed=0)
+        model = AutoModelForCausalLM.from_pretrained(target, local_files_only=True).eval()
+        new_head(model, torch.arange(0, 96, 2)).save(d / "head", target=str(target))
+        draft = d / "head"
     else:
         target, draft = SMOLLM2.target(), SMOLLM2.draft()
     engine = SpecEngine.from_paths(target, draft)

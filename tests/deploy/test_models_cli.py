@@ -52,8 +52,11 @@ def test_models_json_is_exactly_default_pairs_and_auto_dtype(capsys):
     assert data["default"] == registry.default_pair_name() and data["default"] in data["pairs"]
     assert set(data["pairs"]) >= {registry.STDLIB, registry.SMOLLM2}
     for paths in data["pairs"].values():
-        assert set(paths) == {"target", "draft"}
-        assert all(Path(p).is_absolute() for p in paths.values())
+        # `draft` stays the pair's draft model (an assistant model for HF); a feature head,
+        # where the pair ships one, under a key of its own (null otherwise)
+        assert set(paths) == {"target", "draft", "feature_head"}
+        assert all(Path(p).is_absolute() for p in paths.values() if p is not None)
+    assert data["pairs"][registry.STDLIB]["feature_head"] is None
     # The default is usable once the command returns (converted first if needed).
     default = data["pairs"][data["default"]]
     assert (Path(default["target"]) / "config.json").is_file()

@@ -22,6 +22,7 @@ from workers.checkpoints import SHIPPED_PAIR_DIR
 STDLIB = "stdlib"
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_DRAFT_DIR: Path = SHIPPED_PAIR_DIR / "smollm2-135m-instruct-draft"
+SMOLLM2_FEATURE_DIR: Path = SHIPPED_PAIR_DIR / "smollm2-135m-instruct-feature-head"
 
 
 def _smollm2_target(convert: bool) -> Path:
@@ -40,6 +41,16 @@ class Pair:
     # The draft ends a block after a token it gave less than this (0 = never): where its
     # confidence says when to stop (measured per pair: docs/pairs.md, "The SmolLM2 draft").
     confidence_stop: float = 0.0
+    # A feature head over the target's features (workers/checkpoints/feature_head.py), when the
+    # pair ships one; `models.draft_kind: auto` drafts with it where `prefer_feature` (it beat
+    # the model draft on held-out prompts: docs/pairs.md).
+    _feature_head: Callable[[], Path] | None = None
+    prefer_feature: bool = False
+
+    def feature_head(self) -> Path | None:
+        """The shipped head's directory, or None where the pair has none (or it is absent)."""
+        path = None if self._feature_head is None else self._feature_head()
+        return path if path is not None and (path / "config.json").is_file() else None
 
     def target(self, convert: bool = True) -> Path:
         """The target's checkpoint directory; convert=False only says where it would be."""
@@ -49,8 +60,13 @@ class Pair:
         return self._draft()
 
     def path(self, which: str, convert: bool = True) -> Path:
-        if which not in ("target", "draft"):
-            raise ValueError(f"which must be 'target' or 'draft', got {which!r}")
+        if which not in ("target", "draft", "feature"):
+            raise ValueError(f"which must be 'target', 'draft' or 'feature', got {which!r}")
+        if which == "feature":
+            head = self.feature_head()
+            if head is None:
+                raise KeyError(f"pair {self.name!r} ships no feature head")
+            return head
         return self.target(convert) if which == "target" else self.draft()
 
     def available(self) -> bool:
@@ -81,6 +97,7 @@ PAIRS: dict[str, Pair] = {
         _smollm2_target,
         lambda: SMOLLM2_DRAFT_DIR,
         confidence_stop=0.4,
+        _feature_head=lambda: SMOLLM2_FEATURE_DIR,
     ),
 }
 
