@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from cluster.engine import SpecEngine
 from cluster.scheduling.policy import Drafter, PolicyConfig, SpecMode
-from pairs.feature_recipe import new_head
 from tests.cluster.test_engine_greedy import hf_greedy
+from tests.feature_heads import trained_head
 from tests.tiny_models import make_model
 from workers.types import SamplingParams
 
@@ -24,9 +24,8 @@ def engine(tmp_path_factory):
     d = tmp_path_factory.mktemp("engine_feature")
     target = make_model(d / "target", seed=0)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
-    head = new_head(model, torch.arange(0, 96))
-    head.save(d / "head", target=str(target))
-    eng = SpecEngine.from_paths(target, d / "head", policy=PolicyConfig(drafter=Drafter.MODEL))
+    head = trained_head(target, d / "head")  # accepts some, rejects some
+    eng = SpecEngine.from_paths(target, head, policy=PolicyConfig(drafter=Drafter.MODEL))
     yield eng, model
     eng.close()
 
@@ -36,6 +35,7 @@ def engine(tmp_path_factory):
 def test_greedy_with_the_feature_draft_is_the_targets_own(engine, k, pipelined):
     eng, model = engine
     assert eng.scheduler.options.draft_features
+    proposed = accepted = 0
     for prompt in PROMPTS:
         res = eng.generate(
             prompt, max_new_tokens=MAX_NEW, mode=SpecMode.ON, k=k, pipelined=pipelined
@@ -43,6 +43,9 @@ def test_greedy_with_the_feature_draft_is_the_targets_own(engine, k, pipelined):
         assert res.token_ids == hf_greedy(model, eng.encode(prompt), MAX_NEW), prompt
         assert res.stats.rounds > 0 and res.stats.draft_failures == 0
         assert res.stats.pipeline_hits == res.stats.pipeline_misses == 0
+        proposed += res.stats.draft_tokens
+        accepted += res.stats.accepted_tokens
+    assert 0 < accepted < proposed  # both paths of the acceptance rule ran
     assert eng.target.worker.live_sequences == 0 and eng.draft.worker.live_sequences == 0
 
 
