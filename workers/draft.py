@@ -38,10 +38,7 @@ class DraftWorker:
         probability (0 = always k tokens). Lossless: where a block stops depends only on the
         draft's own distributions. Why: on a CPU target a wider verify costs more (5 tokens
         ~1.6x one on SmolLM2-135M), so low-confidence tails cost more than they return."""
-        if top_m < 1:
-            raise ValueError(f"top_m must be >= 1, got {top_m}")
-        if not 0.0 <= confidence_stop < 1.0:
-            raise ValueError(f"confidence_stop must be in [0, 1), got {confidence_stop}")
+        check_draft_options(top_m, confidence_stop)
         self.runner = runner
         self.top_m = top_m
         self.confidence_stop = confidence_stop
@@ -227,6 +224,14 @@ class DraftWorker:
                 f"sequence {seq_id!r}: draft holds committed length {seq.committed_len}, "
                 f"caller assumed {committed_len}"
             )
+
+
+def check_draft_options(top_m: int, confidence_stop: float) -> None:
+    """Every draft worker's knobs: q's support size and where a block stops."""
+    if top_m < 1:
+        raise ValueError(f"top_m must be >= 1, got {top_m}")
+    if not 0.0 <= confidence_stop < 1.0:
+        raise ValueError(f"confidence_stop must be in [0, 1), got {confidence_stop}")
 
 
 def draw_token(

@@ -32,7 +32,7 @@ from transformers import DynamicCache
 
 from workers.batch import PrefillRow, Proposal, ProposeRow
 from workers.checkpoints.feature_head import FeatureHead, load_feature_head
-from workers.draft import DRAFT_STREAM, confidence, draw_token
+from workers.draft import DRAFT_STREAM, check_draft_options, confidence, draw_token
 from workers.errors import StaleSequenceError, UnknownSequenceError
 from workers.sampling import PositionalRng
 from workers.token_range import check_length, check_token_ids
@@ -76,10 +76,7 @@ class FeatureDraftWorker:
         top_m: int = 64,
         confidence_stop: float = 0.0,
     ) -> None:
-        if top_m < 1:
-            raise ValueError(f"top_m must be >= 1, got {top_m}")
-        if not 0.0 <= confidence_stop < 1.0:
-            raise ValueError(f"confidence_stop must be in [0, 1), got {confidence_stop}")
+        check_draft_options(top_m, confidence_stop)
         self.head = head
         self.runner = info
         self.top_m = top_m
