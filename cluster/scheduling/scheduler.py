@@ -28,7 +28,6 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 from cluster.scheduling.admission import plan_admissions
@@ -43,9 +42,10 @@ from cluster.scheduling.row_policy import RowPolicy, deployment_acceptance
 from cluster.scheduling.rows import Row
 from cluster.scheduling.step_costs import StepCosts
 from cluster.scheduling.step_loop import StepLoop
-from cluster.scheduling.worker_api import BatchTarget, DraftPool, is_worker_loss
+from cluster.scheduling.target_faults import TargetFaults, TargetLostHandler, _TargetLost
+from cluster.scheduling.worker_api import BatchTarget, DraftPool
 from workers.batch import PrefillRow, Proposal, VerifyRow
-from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
+from workers.errors import KVBudgetExceeded
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +74,7 @@ class SchedulerOptions:
             raise ValueError(f'pipelined must be true, false or "auto", got {self.pipelined!r}')
 
 
-class _TargetLost(Exception):
-    pass
-
-
-# (rows to move, the error) -> None; called on the scheduler thread, once, when the target fails.
-TargetLostHandler = Callable[[list[Row], BaseException], None]
-
-
-class StepScheduler(StepLoop):
+class StepScheduler(TargetFaults, StepLoop):
     """The running batch of one target. `submit(row)` from any thread; the loop runs on its own
     thread (`start()`), or step by step (`step()`) in tests."""
 
@@ -225,16 +217,15 @@ class StepScheduler(StepLoop):
             self.lookups.admit(row)
         fresh = [r for r in batch if r.policy.mode is not SpecMode.OFF and r.lease is None]
         # A seeded row's k must not depend on timing, and an ON row asked for speculation: their
-        # drafts prefill beside the target's, waited for. An AUTO row's does not hold the batch
+        # drafts prefill before the next step, waited for. An AUTO row's does not hold the batch
         # up: it prefills in the background, and only when the batch speculates (under load,
-        # when every step is plain, never).
+        # when every step is plain, never). Where draft work beside a target pass pays (pools of
+        # their own, measured) the drafts prefill beside the target's; where they share cores,
+        # after it: beside it they would slow the pass that makes every first token.
         now = [r for r in fresh if r.deterministic or r.mode is SpecMode.ON]
         later = [r for r in fresh if r not in now]
-        if later and self.batch_policy.would_speculate(
-            row_choices([*self.running, *batch], self.config.max_draft_tokens, decide_own=False)
-        ):
-            self.drafting.start_prefill(later)
-        draft_calls = self.drafting.prefill(now)
+        beside = self.pipelining.overlap_pays
+        draft_calls = self.drafting.prefill(now) if beside else []
         t0 = self.clock()
         target_f = self._target_call(
             lambda t: t.prefill_batch(
@@ -261,6 +252,18 @@ class StepScheduler(StepLoop):
                 wrong = TypeError(f"the target's prefill answered {res!r}, not the next token")
                 self._fail(row, res if isinstance(res, BaseException) else wrong)
         self.waiting.extendleft(reversed(refused))
+        # The first tokens are out. Drafts for the rows still running (not done at one token).
+        if not beside:
+            self.drafting.settle_prefill(self.drafting.prefill(self._still_running(now)))
+        later = self._still_running(later)
+        if later and self.batch_policy.would_speculate(
+            row_choices(self.running, self.config.max_draft_tokens, decide_own=False)
+        ):
+            self.drafting.start_prefill(later)
+
+    def _still_running(self, rows: Sequence[Row]) -> list[Row]:
+        running = {id(r) for r in self.running}
+        return [r for r in rows if id(r) in running]
 
     def _retry_drafts(self) -> None:
         self.drafting.poll()
@@ -410,67 +413,3 @@ class StepScheduler(StepLoop):
             self._release(row)
             row.sink.finished()
         return len(out)
-
-    # -- failures -----------------------------------------------------------------------------
-
-    def _row_target_error(self, row: Row, exc: BaseException) -> None:
-        if isinstance(exc, UnknownSequenceError | StaleSequenceError):
-            # The target lost (or disagrees on) this row: recover by re-prefilling it.
-            log.warning("%s: re-prefilling %s on the target (%s)", self.name, row.seq_id, exc)
-            self.running.remove(row)
-            row.on_target = False
-            row.ready = None
-            self.waiting.appendleft(row)
-            return
-        self.running.remove(row)
-        self._fail(row, exc)
-
-    def _fail(self, row: Row, exc: BaseException) -> None:
-        self._release(row)
-        row.sink.failed(exc)
-
-    def _target_lost(self, exc: BaseException) -> None:
-        log.warning("%s: target lost (%s); moving %d rows", self.name, exc, self.load)
-        self._take_inbox()
-        self.drafting.poll(wait=True)  # the rows take their draft state along
-        rows = [*self.running, *self.waiting]
-        self.running.clear()
-        self.waiting.clear()
-        self.alive = False
-        for row in rows:
-            row.on_target = False
-            row.ready = None
-        if self.on_target_lost is not None:
-            self.on_target_lost(rows, exc)
-        else:
-            for row in rows:
-                self._release(row)
-                row.sink.failed(exc)
-
-    def _target_call(self, call: Callable[[BatchTarget], Future]) -> Future:
-        try:
-            return call(self.target)
-        except Exception as exc:
-            if is_worker_loss(exc):
-                raise _TargetLost() from exc
-            raise
-
-    def _target_wait(self, fut: Future) -> list:
-        try:
-            return fut.result(timeout=self.options.target_timeout_s)
-        except Exception as exc:
-            if is_worker_loss(exc):
-                raise _TargetLost() from exc
-            raise
-
-    def _release(self, row: Row) -> None:
-        """Free the row on every worker (also after errors and cancellation)."""
-        if row.on_target:
-            try:
-                self.target.release(row.seq_id)
-            except Exception:  # noqa: BLE001 - a dead target has nothing left to free
-                pass
-            row.on_target = False
-        self.drafting.drop_lease(row)
-        row.ready = None
-        row.released.set()
