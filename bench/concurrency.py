@@ -184,6 +184,7 @@ def sweep(
     from cluster.routing.config import RouterConfig
     from cluster.routing.router import Router
     from cluster.routing.worker_processes import start_all, stop_all, worker_process
+    from workers.checkpoints.feature_head import is_feature_head
 
     stop = ["--confidence-stop", str(confidence_stop)]
     procs = start_all(
@@ -200,7 +201,10 @@ def sweep(
             # ratios compare cells run next to each other (this box's speed drifts by minutes).
             router = Router(
                 RouterConfig(
-                    target_model_path=target_path, max_in_flight=256, policy=bench_policy()
+                    target_model_path=target_path,
+                    max_in_flight=256,
+                    policy=bench_policy(),
+                    draft_features=is_feature_head(Path(draft_path)),  # a head: features flow
                 )
             )
             router.set_workers(drafts=[procs[1].address], targets=[procs[0].address])

@@ -197,3 +197,42 @@ def test_tp2_is_refused_for_this_target(converted):
     cfg = ClusterConfig.load({"models": {"target": registry.SMOLLM2}, "target": {"tp_size": 2}})
     with pytest.raises(ConfigError, match="num_attention_heads=9"):
         check_models(cfg)
+
+
+def test_the_shipped_feature_head_drafts_from_the_targets_features(converted):
+    """The pair's feature head loads by `models.draft_kind: feature` with the target's parts,
+    and drafting from the target's own features agrees with the target's greedy next tokens on
+    a good share of positions (held-out figures: docs/pairs.md)."""
+    from cluster.config import ClusterConfig
+    from pairs.feature_recipe import last_layer_features
+    from workers.batch import PrefillRow, ProposeRow
+    from workers.draft_loading import load_draft
+    from workers.feature_draft import FeatureDraftWorker
+    from workers.types import SamplingParams
+    from workers.wire import pack_features
+
+    pair = {"target": registry.SMOLLM2}
+    cfg = ClusterConfig.load({"models": {**pair, "draft_kind": "feature"}})
+    head_dir = cfg.models.draft_path()
+    assert head_dir == registry.SMOLLM2_FEATURE_DIR and cfg.models.draft_reads_features()
+    auto = ClusterConfig.load({"models": pair}).models  # auto keeps the model draft here
+    assert auto.draft_path() == registry.SMOLLM2_DRAFT_DIR and not auto.draft_reads_features()
+    _, model, tok = converted
+    worker = load_draft(head_dir, dtype="float32")
+    assert isinstance(worker, FeatureDraftWorker)
+    ids = tok.encode("def fibonacci(n):\n    if n <= 1:\n        return n\n    return")
+    with torch.inference_mode():
+        greedy = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0]
+    feats = last_layer_features(model, greedy[None])[0]
+    agree = 0
+    n = len(ids)
+    worker.prefill_batch([PrefillRow("s", greedy[:n].tolist(), SamplingParams())])
+    commit, fs, c = [int(greedy[n])], feats[:n], n
+    for _ in range(30):
+        (p,) = worker.propose_batch(
+            [ProposeRow("s", c, 1, commit=commit, commit_features=pack_features(fs))]
+        )
+        c += len(commit)
+        agree += p.tokens[0] == int(greedy[c])
+        commit, fs = [int(greedy[c])], feats[c - 1 : c]
+    assert agree >= 10, agree  # ~0.5 per position on held-out text; random: ~0
