@@ -28,7 +28,10 @@ def _assert_lists_every_pair(out: str, default: str) -> None:
         i = next(i for i, line in enumerate(lines) if line.startswith(head))
         assert lines[i + 1] == f"    target: {pair.target(convert=False)}"
         assert lines[i + 2] == f"    draft:  {pair.draft()}"
-    assert len(lines) == 3 * len(registry.PAIRS) + 1
+        if pair.feature_head() is not None:
+            assert lines[i + 3] == f"    feature head: {pair.feature_head()}"
+    heads = sum(p.feature_head() is not None for p in registry.PAIRS.values())
+    assert len(lines) == 3 * len(registry.PAIRS) + heads + 1
     auto = r"models\.dtype auto on this machine: (bfloat16|float32) \((cpu|cuda)\)"
     assert re.fullmatch(auto, lines[-1])
 
