@@ -59,8 +59,10 @@ class _FeatSeq:
     committed_len: int
     params: SamplingParams
     rng: PositionalRng
-    feats: list[torch.Tensor] = field(default_factory=list)  # [n_i, d] chunks, in order
-    n_feats: int = 0
+    # The target's features not fed to the head yet ([n_i, d] chunks, in order): positions
+    # fed .. n_feats - 1. Fed ones are never needed again (a rollback keeps every fed pair).
+    pending: list[torch.Tensor] = field(default_factory=list)
+    n_feats: int = 0  # features received in all
     cache: DynamicCache = field(default_factory=DynamicCache)
     fed: int = 0  # pairs in the cache with the target's features: positions 1..fed
     last: torch.Tensor | None = None  # the head's f' at position `fed` (drafts d1 from it)
@@ -181,7 +183,7 @@ class FeatureDraftWorker:
             seq.tokens.extend(commit)
             seq.committed_len = c
             if len(feats):
-                seq.feats.append(feats.to(self.head.fc.weight.dtype))
+                seq.pending.append(feats.to(self.head.fc.weight.dtype))
                 seq.n_feats += len(feats)
         if r.k < 1:
             raise ValueError(f"k must be >= 1, got {r.k}")
@@ -209,12 +211,12 @@ class FeatureDraftWorker:
         c = seq.committed_len
         if seq.fed == c - 1:
             return
-        feats = torch.cat(seq.feats) if len(seq.feats) > 1 else seq.feats[0]
-        seq.feats = [feats]
+        feats = torch.cat(seq.pending) if len(seq.pending) > 1 else seq.pending[0]
+        seq.pending = []
         lo, hi = seq.fed + 1, c  # positions of the tokens to feed
         ids = torch.tensor([seq.tokens[lo:hi]])
         pos = torch.arange(lo, hi)[None]
-        f_out = self.head(ids, feats[lo - 1 : hi - 1][None], pos, past=seq.cache)
+        f_out = self.head(ids, feats[None], pos, past=seq.cache)  # f[fed .. c-2]
         seq.fed = c - 1
         seq.last = f_out[:, -1:]
 
