@@ -183,8 +183,10 @@ class ModelRunner:
         if not sink:
             return logits, [torch.empty(0, self.hidden_size) for _ in items]
         hidden, rows = sink
-        feats = [hidden[rows[sid], : len(toks)] if toks else hidden[:0, 0] for sid, toks in items]
-        return logits, [f.detach().clone() for f in feats]
+        # Views of this call's own hidden states: the caller packs them at once, no copy here.
+        return logits, [
+            hidden[rows[sid], : len(toks)] if toks else hidden[:0, 0] for sid, toks in items
+        ]
 
     @property
     def hidden_size(self) -> int:
