@@ -28,7 +28,7 @@ from workers.feature_draft import FeatureDraftWorker
 from workers.model_runner import check_same_tokenizer
 from workers.target import TargetWorker
 from workers.token_range import check_length, check_token_ids
-from workers.types import SamplingParams
+from workers.types import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +37,8 @@ class GenerationResult:
     finish_reason: FinishReason
     prompt_tokens: int
     stats: GenerationStats
+    # The target's log-probabilities of token_ids, when the sampling asked (else empty).
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 _DONE = object()
@@ -47,8 +49,10 @@ class _QueueSink:
 
     def __init__(self) -> None:
         self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.logprobs: list[TokenLogprob] = []  # written by the scheduler before it emits
 
-    def tokens(self, tokens: list[int]) -> None:
+    def tokens(self, tokens: list[int], logprobs: tuple[TokenLogprob, ...] = ()) -> None:
+        self.logprobs.extend(logprobs)
         self.q.put(tokens)
 
     def finished(self) -> None:
@@ -86,7 +90,13 @@ class Generation:
 
     def result(self) -> GenerationResult:
         r = self.rounds
-        return GenerationResult(list(r.generated), r.finish_reason, len(r.prompt_ids), r.stats)
+        return GenerationResult(
+            list(r.generated),
+            r.finish_reason,
+            len(r.prompt_ids),
+            r.stats,
+            tuple(self.sink.logprobs),
+        )
 
 
 class SpecEngine:

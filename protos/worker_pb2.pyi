@@ -17,16 +17,18 @@ ROLE_DRAFT: Role
 ROLE_TARGET: Role
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_k", "top_p", "seed")
+    __slots__ = ("temperature", "top_k", "top_p", "seed", "logprobs")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_k: int
     top_p: float
     seed: int
-    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    logprobs: int
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("seq_id", "token_ids", "sampling", "features")
@@ -41,14 +43,16 @@ class PrefillRequest(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., features: _Optional[bool] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("committed_len", "token", "features")
+    __slots__ = ("committed_len", "token", "features", "logprobs")
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     committed_len: int
     token: int
     features: bytes
-    def __init__(self, committed_len: _Optional[int] = ..., token: _Optional[int] = ..., features: _Optional[bytes] = ...) -> None: ...
+    logprobs: bytes
+    def __init__(self, committed_len: _Optional[int] = ..., token: _Optional[int] = ..., features: _Optional[bytes] = ..., logprobs: _Optional[bytes] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
     __slots__ = ("seq_id", "committed_len", "k", "commit", "start", "commit_features")
@@ -97,18 +101,20 @@ class VerifyRequest(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., q: _Optional[bytes] = ..., one_hot: _Optional[bool] = ..., features: _Optional[bool] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("accepted", "token", "bonus", "committed_len", "features")
+    __slots__ = ("accepted", "token", "bonus", "committed_len", "features", "logprobs")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     BONUS_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     token: int
     bonus: bool
     committed_len: int
     features: bytes
-    def __init__(self, accepted: _Optional[int] = ..., token: _Optional[int] = ..., bonus: _Optional[bool] = ..., committed_len: _Optional[int] = ..., features: _Optional[bytes] = ...) -> None: ...
+    logprobs: bytes
+    def __init__(self, accepted: _Optional[int] = ..., token: _Optional[int] = ..., bonus: _Optional[bool] = ..., committed_len: _Optional[int] = ..., features: _Optional[bytes] = ..., logprobs: _Optional[bytes] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("seq_id",)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from workers.types import SamplingParams, SparseQ, Verdict
+from workers.types import SamplingParams, SparseQ, TokenLogprob, Verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,20 +89,28 @@ class VerifyRow:
 RowResult = object
 
 
-def plain_verdict(token: int, features: bytes = b"") -> Verdict:
-    return Verdict(0, int(token), bonus=False, features=features)
+def plain_verdict(
+    token: int, features: bytes = b"", logprobs: tuple[TokenLogprob, ...] = ()
+) -> Verdict:
+    return Verdict(0, int(token), bonus=False, features=features, logprobs=logprobs)
 
 
-class FeaturedToken(int):
-    """A target prefill's next token that also carries the prompt's packed features (asked
-    by PrefillRow.features): an int everywhere a token is expected."""
+class PrefillToken(int):
+    """A target prefill's next token that also carries what the row asked for beside it: the
+    prompt's packed features (PrefillRow.features) and the token's log-probability
+    (SamplingParams.logprobs). An int everywhere a token is expected."""
 
     features: bytes = b""
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     @classmethod
-    def of(cls, token: int, features: bytes) -> FeaturedToken:
+    def of(cls, token: int, features: bytes = b"", logprobs: tuple[TokenLogprob, ...] = ()) -> int:
+        """The token itself when it carries nothing."""
+        if not features and not logprobs:
+            return int(token)
         out = cls(token)
         out.features = features
+        out.logprobs = logprobs
         return out
 
 

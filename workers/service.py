@@ -42,7 +42,13 @@ from workers.leases import OWNER_KEY, LeaseBook
 from workers.protocols import DraftModel, TargetModel
 from workers.tls import TLSFiles
 from workers.types import Verdict
-from workers.wire import pack_q, sampling_from_proto, tokenizer_fingerprint, unpack_q
+from workers.wire import (
+    pack_logprobs,
+    pack_q,
+    sampling_from_proto,
+    tokenizer_fingerprint,
+    unpack_q,
+)
 
 log = logging.getLogger(__name__)
 
@@ -356,6 +362,7 @@ class TargetServicer(_ServicerBase, worker_pb2_grpc.TargetWorkerServicer):
             bonus=verdict.bonus,
             committed_len=req.committed_len + verdict.accepted + 1,
             features=verdict.features,
+            logprobs=pack_logprobs(verdict.logprobs),
         )
 
     @_rpc
@@ -373,7 +380,8 @@ def _prefilled(req, token: int | None) -> worker_pb2.PrefillResponse:
     return worker_pb2.PrefillResponse(
         committed_len=len(req.token_ids) + 1,
         token=int(token),
-        features=getattr(token, "features", b""),  # a FeaturedToken's, when asked
+        features=getattr(token, "features", b""),  # a PrefillToken's, when asked
+        logprobs=pack_logprobs(getattr(token, "logprobs", ())),
     )
 
 

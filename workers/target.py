@@ -15,14 +15,15 @@ from dataclasses import dataclass, replace
 import torch
 
 from workers.batch import (
-    FeaturedToken,
     PrefillRow,
+    PrefillToken,
     VerifyRow,
     plain_verdict,
     run_row,
     split_prefill,
 )
 from workers.errors import StaleSequenceError, UnknownSequenceError
+from workers.logprobs import token_logprobs
 from workers.model_runner import ModelRunner
 from workers.sampling import PositionalRng, next_token, warp_probs
 from workers.token_range import check_id_bounds, check_length, check_token_ids
@@ -100,7 +101,11 @@ class TargetWorker:
             token = next_token(res[j][-1], r.params, rng.at(n))
             # The cache now holds all committed tokens but the new last one, as after a step.
             self._seqs[r.seq_id] = _TargetSeq([*r.token_ids, token], r.params, rng)
-            out[i] = FeaturedToken.of(token, pack_features(feats[j])) if r.features else token
+            out[i] = PrefillToken.of(
+                token,
+                pack_features(feats[j]) if r.features else b"",
+                _logprobs(res[j][-1:], [token], r.params),
+            )
         for i in later:
             out[i] = self.prefill_batch([rows[i]])[0]
         return out
@@ -194,7 +199,9 @@ class TargetWorker:
         if r.plain:
             token = next_token(logits[-1], seq.params, seq.rng.at(n))
             seq.tokens.append(token)
-            verdict = plain_verdict(token, pack_features(feats))
+            verdict = plain_verdict(
+                token, pack_features(feats), _logprobs(logits[-1:], [token], seq.params)
+            )
             seq.last_call = (key, verdict)
             return verdict
         draft = list(r.draft_tokens)
@@ -206,7 +213,10 @@ class TargetWorker:
             verdict = verify_sampled(warp_probs(logits, seq.params), drafted, q, seq.rng, n)
         if feats is not None:  # the last committed token's and the accepted ones'
             verdict = replace(verdict, features=pack_features(feats[: verdict.accepted + 1]))
-        seq.tokens.extend(verdict.committed(draft))
+        committed = verdict.committed(draft)
+        if seq.params.logprobs is not None:
+            verdict = replace(verdict, logprobs=_logprobs(logits, committed, seq.params))
+        seq.tokens.extend(committed)
         self.runner.rollback(r.seq_id, len(seq.tokens) - 1)  # rejected positions become holes
         seq.last_call = (key, verdict)
         return verdict
@@ -238,3 +248,10 @@ class TargetWorker:
                 f"sequence {seq_id!r}: target holds committed length {len(seq.tokens)}, "
                 f"caller assumed {committed_len}"
             )
+
+
+def _logprobs(logits: torch.Tensor, tokens: list[int], params: SamplingParams) -> tuple:
+    """The committed tokens' log-probabilities when the sequence asked, else ()."""
+    if params.logprobs is None:
+        return ()
+    return token_logprobs(logits, tokens, params.logprobs)

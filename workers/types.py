@@ -13,6 +13,21 @@ if TYPE_CHECKING:
     import torch
 
 
+MAX_TOP_LOGPROBS = 20  # top alternatives per token at most (OpenAI's and vLLM's default cap)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """The target's log-probability of one committed token, and its `top` alternatives as
+    (token id, log-probability), most likely first. Raw: log_softmax of the target's logits at
+    that position, before temperature, top-k and top-p (vLLM's default `raw_logprobs`), so a
+    speculative run's equal a plain run's to the dtype's rounding."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How one request samples. temperature == 0 means greedy (argmax)."""
@@ -21,6 +36,9 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k filter
     top_p: float = 1.0  # 1.0 = no nucleus filter
     seed: int | None = None
+    # The target also answers with each committed token's log-probability and this many top
+    # alternatives (0: the token's own only); None: no log-probabilities.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperature, int | float) or not 0 <= self.temperature < math.inf:
@@ -31,6 +49,12 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS
+        ):
+            raise ValueError(
+                f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -70,6 +94,8 @@ class Verdict:
     # last committed token before it and the accepted ones (accepted + 1), for a feature draft;
     # b"" unless the row asked.
     features: bytes = b""
+    # One per committed token (accepted + 1) when the sequence asked (SamplingParams.logprobs).
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     def committed(self, draft_tokens: list[int]) -> list[int]:
         return list(draft_tokens[: self.accepted]) + [self.token]

@@ -8,6 +8,8 @@
   positions, [n, hidden]) travel as raw little-endian bfloat16, row after row (the receiver
   knows the width): ~1.2 KB a token for SmolLM2. Opaque bytes to the scheduler, which appends
   each answer's to its row's and sends the draft what it has not had yet.
+* The target's log-probabilities of committed tokens (`TokenLogprob`s) travel msgpack-packed:
+  a list of [token, logprob, [top ids], [top logprobs]], one per token.
 * `SamplingParams` <-> the worker proto's SamplingParams message (top_p 0 reads as 1.0, unset).
 * `tokenizer_fingerprint`: a digest of a tokenizer's vocabulary and EOS id, so the router can check
   that draft and target workers tokenize exactly like it does without shipping vocabularies.
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 from protos import worker_pb2
-from workers.types import SamplingParams, SparseQ
+from workers.types import MAX_TOP_LOGPROBS, SamplingParams, SparseQ, TokenLogprob
 
 _Q_VERSION = 1
 
@@ -95,12 +97,39 @@ def unpack_features(data: bytes, hidden: int, field: str = "features") -> torch.
     return out
 
 
+def pack_logprobs(logprobs: tuple[TokenLogprob, ...]) -> bytes:
+    if not logprobs:
+        return b""
+    return msgpack.packb(
+        [[t.token, t.logprob, [i for i, _ in t.top], [v for _, v in t.top]] for t in logprobs],
+        use_bin_type=True,
+    )
+
+
+def unpack_logprobs(data: bytes) -> tuple[TokenLogprob, ...]:
+    """The inverse of pack_logprobs; ValueError ("logprobs: ...") on anything malformed."""
+    if not data:
+        return ()
+    try:
+        out = []
+        for token, logprob, ids, values in msgpack.unpackb(data, raw=False):
+            if len(ids) != len(values) or len(ids) > MAX_TOP_LOGPROBS:
+                raise ValueError("top ids and values differ in length or exceed the cap")
+            top = tuple((int(i), float(v)) for i, v in zip(ids, values, strict=True))
+            out.append(TokenLogprob(int(token), float(logprob), top))
+    except (TypeError, ValueError, msgpack.UnpackException) as exc:
+        raise ValueError(f"logprobs: malformed packed log-probabilities ({exc})") from None
+    return tuple(out)
+
+
 def sampling_to_proto(params: SamplingParams) -> worker_pb2.SamplingParams:
     msg = worker_pb2.SamplingParams(
         temperature=params.temperature, top_k=params.top_k, top_p=params.top_p
     )
     if params.seed is not None:
         msg.seed = params.seed
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
     return msg
 
 
@@ -111,6 +140,7 @@ def sampling_from_proto(msg: worker_pb2.SamplingParams) -> SamplingParams:
         top_k=int(msg.top_k),
         top_p=float(msg.top_p) if msg.top_p != 0 else 1.0,
         seed=int(msg.seed) if msg.HasField("seed") else None,
+        logprobs=int(msg.logprobs) if msg.HasField("logprobs") else None,
     )
 
 

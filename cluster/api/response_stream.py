@@ -7,11 +7,12 @@ Proto messages only; their OpenAI JSON is cluster/api/openai_responses.py.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from cluster.scheduling.rounds import FinishReason, GenerationStats
 from cluster.scheduling.rows import Row
 from protos import specdec_pb2
+from workers.types import TokenLogprob
 
 FINISH = {
     FinishReason.LENGTH: specdec_pb2.FINISH_REASON_LENGTH,
@@ -19,6 +20,17 @@ FINISH = {
     FinishReason.EOS: specdec_pb2.FINISH_REASON_EOS,
     FinishReason.CANCELLED: specdec_pb2.FINISH_REASON_CANCELLED,
 }
+
+
+def logprobs_to_proto(logprobs: Sequence[TokenLogprob]) -> list[specdec_pb2.TokenLogprob]:
+    return [
+        specdec_pb2.TokenLogprob(
+            token_id=t.token,
+            logprob=t.logprob,
+            top=[specdec_pb2.TopLogprob(token_id=i, logprob=v) for i, v in t.top],
+        )
+        for t in logprobs
+    ]
 
 
 def mode_switches(stats: GenerationStats) -> int:
@@ -68,6 +80,7 @@ def merge(into: specdec_pb2.GenerateResponse, msg: specdec_pb2.GenerateResponse)
     """Append one message of a stream to `into` (text and tokens; the last one's finish)."""
     into.text += msg.text
     into.token_ids.extend(msg.token_ids)
+    into.logprobs.extend(msg.logprobs)
     if msg.finish_reason:
         into.finish_reason = msg.finish_reason
         into.usage.CopyFrom(msg.usage)

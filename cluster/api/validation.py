@@ -23,7 +23,7 @@ import grpc
 from cluster.scheduling.policy import Drafter, SpecMode
 from protos import specdec_pb2
 from workers.token_range import TokenRangeError, check_length, check_token_ids
-from workers.types import SamplingParams
+from workers.types import MAX_TOP_LOGPROBS, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,18 @@ def validate_request(
         raise invalid(
             "speculation.drafter", f"unknown value {spec.drafter} (use AUTO, MODEL or LOOKUP)"
         )
+    logprobs = request.logprobs if request.HasField("logprobs") else None
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise invalid(
+            "logprobs",
+            f"must be in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got {logprobs}",
+        )
     params = SamplingParams(
-        temperature=float(temperature), top_k=int(request.top_k), top_p=top_p, seed=seed
+        temperature=float(temperature),
+        top_k=int(request.top_k),
+        top_p=top_p,
+        seed=seed,
+        logprobs=logprobs,
     )
     return ValidRequest(
         uuid.uuid4().hex,

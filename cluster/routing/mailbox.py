@@ -12,11 +12,19 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from cluster.scheduling.rows import Row
+from workers.types import TokenLogprob
 
 END = object()  # the row finished: nothing follows
+
+
+class Emitted(NamedTuple):
+    """Tokens a step committed for a row, with their log-probabilities when it asked."""
+
+    tokens: list[int]
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class LoopMailbox:
@@ -52,9 +60,9 @@ class LoopMailbox:
 
 
 class LoopSink:
-    """A row's output into its consumer's queue (the scheduler thread never blocks): token lists,
-    then END, or the error `to_error(exc)` made of a failure. `on_done(row)` runs on the
-    scheduler thread when the row ends either way."""
+    """A row's output into its consumer's queue (the scheduler thread never blocks): `Emitted`
+    token lists, then END, or the error `to_error(exc)` made of a failure. `on_done(row)` runs
+    on the scheduler thread when the row ends either way."""
 
     def __init__(
         self,
@@ -75,8 +83,8 @@ class LoopSink:
             if self.row is not None:
                 self.row.cancel()
 
-    def tokens(self, tokens: list[int]) -> None:
-        self._put(tokens)
+    def tokens(self, tokens: list[int], logprobs: tuple[TokenLogprob, ...] = ()) -> None:
+        self._put(Emitted(tokens, logprobs))
 
     def finished(self) -> None:
         self.on_done(self.row)

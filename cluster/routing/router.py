@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from cluster.api.response_stream import collect, finish
+from cluster.api.response_stream import collect, finish, logprobs_to_proto
 from cluster.api.text_stream import TextStream
 from cluster.api.validation import Admission, RequestError, ValidRequest, internal_error
 from cluster.routing.config import RouterConfig
@@ -42,6 +42,7 @@ from cluster.scheduling.worker_api import TargetUnavailable
 from cluster.transport.pools import Endpoint, EndpointState, LocalSide, WorkerPool
 from protos import specdec_pb2, worker_pb2
 from workers.errors import KVBudgetExceeded
+from workers.types import TokenLogprob
 from workers.wire import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -338,29 +339,29 @@ class Router:
                 while not sink.queue.empty():
                     items.append(sink.queue.get_nowait())
                 tokens: list[int] = []
+                logprobs: list[TokenLogprob] = []
                 for item in items:
                     if isinstance(item, RequestError):
                         if tokens:  # what was committed before the failure still goes out
-                            yield specdec_pb2.GenerateResponse(
-                                text=text.take(False), token_ids=tokens
-                            )
+                            yield _message(text, False, tokens, logprobs)
                         raise item
                     if item is END:
                         reason = rounds.finish_reason or FinishReason.CANCELLED
-                        msg = specdec_pb2.GenerateResponse(text=text.take(True), token_ids=tokens)
-                        yield finish(msg, row, reason, sent)
+                        yield finish(_message(text, True, tokens, logprobs), row, reason, sent)
                         return
-                    for tok in item:
+                    for i, tok in enumerate(item.tokens):
                         tokens.append(tok)
+                        logprobs.extend(item.logprobs[i : i + 1])
                         sent += 1
                         if text.feed(tok):
                             break
                     if text.stopped:  # a stop string: the row leaves the batch at the next step
                         row.cancel()
-                        msg = specdec_pb2.GenerateResponse(text=text.take(True), token_ids=tokens)
-                        yield finish(msg, row, FinishReason.STOP, sent)
+                        yield finish(
+                            _message(text, True, tokens, logprobs), row, FinishReason.STOP, sent
+                        )
                         return
-                yield specdec_pb2.GenerateResponse(text=text.take(False), token_ids=tokens)
+                yield _message(text, False, tokens, logprobs)
         finally:
             if not row.released.is_set():
                 row.cancel()  # the consumer is gone (or done): the row leaves the batch
@@ -412,3 +413,13 @@ class Router:
             self._health.join(timeout=5)
         self._drafts.close()
         self._targets.close()
+
+
+def _message(
+    text: TextStream, last: bool, tokens: list[int], logprobs: list[TokenLogprob]
+) -> specdec_pb2.GenerateResponse:
+    """A stream message of `tokens` (and their log-probabilities, when asked) and the text they
+    complete (`last`: all the rest of it)."""
+    return specdec_pb2.GenerateResponse(
+        text=text.take(last), token_ids=tokens, logprobs=logprobs_to_proto(logprobs)
+    )

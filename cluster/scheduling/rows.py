@@ -20,13 +20,14 @@ from cluster.scheduling.rounds import FinishReason, SequenceRounds
 from cluster.scheduling.row_policy import RowPolicy
 from cluster.scheduling.worker_api import DraftLease
 from workers.batch import Proposal
-from workers.types import SamplingParams
+from workers.types import SamplingParams, TokenLogprob
 
 
 class RowSink(Protocol):
     """Where a row's output goes. Called on the scheduler thread: must not block."""
 
-    def tokens(self, tokens: list[int]) -> None: ...
+    # `logprobs`: one per token when the row asked for them (SamplingParams.logprobs), else ().
+    def tokens(self, tokens: list[int], logprobs: tuple[TokenLogprob, ...] = ()) -> None: ...
 
     def finished(self) -> None: ...  # rounds.finish_reason is set; the row is released
 

@@ -46,6 +46,7 @@ from cluster.scheduling.target_faults import TargetFaults, TargetLostHandler, _T
 from cluster.scheduling.worker_api import BatchTarget, DraftPool
 from workers.batch import PrefillRow, Proposal, VerifyRow
 from workers.errors import KVBudgetExceeded
+from workers.types import TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ class StepScheduler(TargetFaults, StepLoop):
                 row.on_target = True
                 row.features = bytearray(getattr(res, "features", b""))  # every prompt position's
                 self.running.append(row)
-                self._commit_token(row, res)
+                self._commit_token(row, res, getattr(res, "logprobs", ()))
             elif isinstance(res, KVBudgetExceeded) and (self.running or refused):
                 refused.append(row)  # waits for room: rows leave as they finish
             else:
@@ -383,7 +384,7 @@ class StepScheduler(TargetFaults, StepLoop):
             if vrow.features:
                 row.features += res.features
             if vrow.plain:
-                committed += self._commit_token(row, res.token)
+                committed += self._commit_token(row, res.token, res.logprobs)
                 continue
             p = proposals[row.seq_id]
             out = row.rounds.on_round(list(vrow.draft_tokens), res.accepted, res.token, p.drafter)
@@ -394,19 +395,21 @@ class StepScheduler(TargetFaults, StepLoop):
                 self.lookups.observe(row, block, res.accepted)
             else:
                 row.policy.observe_round(len(vrow.draft_tokens), res.accepted, p.unsure_last)
-            committed += self._emit(row, out)
+            committed += self._emit(row, out, res.logprobs)
         return committed
 
-    def _commit_token(self, row: Row, token: int) -> int:
+    def _commit_token(self, row: Row, token: int, logprobs: Sequence[TokenLogprob] = ()) -> int:
         """A plain step's token (or the one a prefill pass decoded)."""
         out = row.rounds.on_plain(token)
         row.policy.observe_plain()
-        return self._emit(row, out)
+        return self._emit(row, out, logprobs)
 
-    def _emit(self, row: Row, out: list[int]) -> int:
+    def _emit(self, row: Row, out: list[int], logprobs: Sequence[TokenLogprob] = ()) -> int:
+        """`logprobs`: the target's, one per token the round committed (when the row asked);
+        those of the tokens that go out go with them."""
         if out:
             self.lookups.committed(row, out)
-            row.sink.tokens(out)
+            row.sink.tokens(out, tuple(logprobs[: len(out)]))
         if row.rounds.finished:
             self.lookups.finished(row)
             self.running.remove(row)

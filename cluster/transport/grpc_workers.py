@@ -28,13 +28,13 @@ import grpc
 
 from cluster.scheduling.worker_api import WorkerUnavailable
 from protos import worker_pb2, worker_pb2_grpc
-from workers.batch import FeaturedToken, PrefillRow, ProposeRow, VerifyRow
+from workers.batch import PrefillRow, PrefillToken, ProposeRow, VerifyRow
 from workers.draft import Proposal
 from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
 from workers.leases import OWNER_KEY
 from workers.tls import TLSFiles
 from workers.types import Verdict
-from workers.wire import pack_q, sampling_to_proto, unpack_q
+from workers.wire import pack_q, sampling_to_proto, unpack_logprobs, unpack_q
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +148,8 @@ def verify_request(row: VerifyRow) -> worker_pb2.VerifyRequest:
 def _next_token(resp: worker_pb2.PrefillResponse) -> int | None:
     if not resp.HasField("token"):
         return None
-    if resp.features:  # asked for: the token carries the prompt's features
-        return FeaturedToken.of(resp.token, resp.features)
-    return int(resp.token)
+    # What the row asked for rides on the token: the prompt's features, its log-probability.
+    return PrefillToken.of(resp.token, resp.features, unpack_logprobs(resp.logprobs))
 
 
 # This process's name on the workers: every call carries it, so a worker knows whose sequences
@@ -391,7 +390,13 @@ class GrpcTarget(_Remote):
         req = worker_pb2.VerifyBatchRequest(rows=[verify_request(r) for r in rows])
 
         def verdict(r) -> Verdict:
-            return Verdict(r.accepted, r.token, bonus=r.bonus, features=r.features)
+            return Verdict(
+                r.accepted,
+                r.token,
+                bonus=r.bonus,
+                features=r.features,
+                logprobs=unpack_logprobs(r.logprobs),
+            )
 
         return self._future(
             self.stub.VerifyBatch, req, lambda resp: self._rows(resp, len(rows), verdict)

@@ -228,6 +228,7 @@ BAD = {
     ],
     "top_k": [good(top_k=-1), good(top_k=-(2**31))],
     "seed": [good(seed=-1), good(seed=-(2**63))],
+    "logprobs": [good(logprobs=-1), good(logprobs=21)],
     "speculation.num_draft_tokens": [
         good(speculation=pb.SpeculationOptions(num_draft_tokens=-1)),
         good(speculation=pb.SpeculationOptions(num_draft_tokens=9)),  # the ingress allows 8

@@ -13,6 +13,8 @@ import time
 
 import grpc
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from cluster.api.validation import RequestError
 from cluster.engine import SpecEngine
@@ -211,6 +213,43 @@ def test_seeded_sampling_repeats(ckpts, addr):
 
 
 # -- 2. pipelining ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sampling", [{}, {"temperature": 0.9, "seed": 5}], ids=["greedy", "sampled"]
+)
+def test_logprobs_under_speculation_are_the_targets_own(ckpts, addr, tok, sampling):
+    """Each returned token's log-probability (and its top 4) is log_softmax of the target's own
+    logits at that position, whether the token was accepted from a block, recovered, a bonus or
+    a plain step's; streamed and unary alike. Model blocks and lookup blocks."""
+    model = AutoModelForCausalLM.from_pretrained(ckpts["target"], dtype=torch.float32).eval()
+    router = make_router(ckpts, [addr["near"]], [addr["target"]])
+    try:
+        prompt = tok.encode(PROMPTS[0], add_special_tokens=False)
+        for drafter in (pb.DRAFTER_MODEL, pb.DRAFTER_AUTO):
+            req = request(PROMPTS[0], ON, 3, drafter=drafter, logprobs=4, **sampling)
+            whole = generate(router, req)
+            assert whole.stats.rounds > 0 and whole.stats.accepted_tokens > 0
+            chunks = stream(router, req)
+            streamed = [t for c in chunks for t in c.token_ids]
+            for tokens, logprobs in (
+                (list(whole.token_ids), list(whole.logprobs)),
+                (streamed, [e for c in chunks for e in c.logprobs]),
+            ):
+                with torch.inference_mode():
+                    logits = model(torch.tensor([prompt + tokens])).logits[0]
+                logp = torch.log_softmax(logits, -1)
+                assert len(logprobs) == len(tokens)
+                for j, e in enumerate(logprobs):
+                    row = logp[len(prompt) + j - 1]
+                    assert e.token_id == tokens[j]
+                    assert e.logprob == pytest.approx(float(row[e.token_id]), abs=1e-4)
+                    values, ids = torch.topk(row, 4)
+                    assert [t.token_id for t in e.top] == ids.tolist()
+                    assert [t.logprob for t in e.top] == pytest.approx(values.tolist(), abs=1e-4)
+        assert not generate(router, request(PROMPTS[0], ON, 3)).logprobs  # not asked: none
+    finally:
+        router.close()
 
 
 def test_pipelining_overlaps_draft_and_verify(ckpts, addr, oracle):
