@@ -32,7 +32,13 @@ from cluster.api.openai_errors import APIError, error_from_router
 from cluster.api.openai_fields import parse_json
 from cluster.api.openai_models import models_list
 from cluster.api.openai_requests import Options, chat_request, completion_request
-from cluster.api.openai_responses import DONE, ChunkWriter, response_json
+from cluster.api.openai_responses import (
+    DONE,
+    ChunkWriter,
+    TokenText,
+    response_json,
+    token_texts,
+)
 from cluster.api.validation import internal_error
 
 log = logging.getLogger("ray.serve")
@@ -127,6 +133,14 @@ def build_http_app(ingress: Any) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         return await _generate(request, chat=True)
 
+    text_cache: dict[int, TokenText] = {}
+
+    def texts_of(tokenizer: Any) -> TokenText:
+        """One memo of token texts per tokenizer the router holds."""
+        if id(tokenizer) not in text_cache:
+            text_cache[id(tokenizer)] = token_texts(tokenizer)
+        return text_cache[id(tokenizer)]
+
     cfg = getattr(ingress, "cfg", None)
     max_bytes = cfg.limits.max_request_bytes if cfg is not None else 4 << 20
 
@@ -165,12 +179,13 @@ def build_http_app(ingress: Any) -> FastAPI:
         except APIError as err:
             return error_response(err)
         router = ingress.router
+        text_of = texts_of(router.tokenizer)
         if not opts.stream:
             try:
                 resp = await router.generate(req)
             except Exception as exc:  # noqa: BLE001 - every failure gets OpenAI's error shape
                 return error_response(to_api_error(exc, opts))
-            return JSONResponse(response_json(resp, opts))
+            return JSONResponse(response_json(resp, opts, text_of=text_of))
 
         prompt_tokens = 0
         if opts.continuous_usage:  # usage on every chunk needs the prompt's length up front
@@ -192,7 +207,13 @@ def build_http_app(ingress: Any) -> FastAPI:
             await stream.aclose()
             return error_response(to_api_error(exc, opts))
         return StreamingResponse(
-            _events(stream, first, ChunkWriter(opts, prompt_tokens=prompt_tokens), opts, held),
+            _events(
+                stream,
+                first,
+                ChunkWriter(opts, prompt_tokens=prompt_tokens, text_of=text_of),
+                opts,
+                held,
+            ),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )

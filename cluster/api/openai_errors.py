@@ -94,6 +94,8 @@ def error_from_router(
     param = _PARAMS.get(field, field) or None
     if chat and param == "prompt":
         param = "messages"  # the prompt of a chat request is the rendered messages
+    if chat and param == "logprobs":
+        param = "top_logprobs"  # chat's count of alternatives (its logprobs is a flag)
     if param == "max_tokens" and max_tokens_param:
         param = max_tokens_param  # chat: whichever of max_tokens / max_completion_tokens was sent
     text = f"{param}: {message}" if param else message

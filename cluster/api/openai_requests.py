@@ -8,8 +8,8 @@ outside (0, 1], negative seed, too many stop strings, k out of range, ...) are c
 router on the proto, as for gRPC (cluster/api/validation.py), and its refusals are said in
 OpenAI's terms by `openai_errors.error_from_router`. What is checked here is only what a proto
 cannot express: JSON types and shapes, unknown parameters, the model name, and the OpenAI
-parameters this server refuses (n > 1, logprobs, echo, best_of, suffix, penalties, ...) with a
-400 that names them, never silently ignored. Pure: no I/O, neither ray nor grpc.
+parameters this server refuses (n > 1, echo, best_of, suffix, penalties, ...) with a 400 that
+names them, never silently ignored. Pure: no I/O, neither ray nor grpc.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class Options:
     chat: bool = False
     max_tokens_param: str = "max_tokens"  # the name to report for max_new_tokens errors
     continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage on every chunk
+    logprobs: bool = False  # the choices carry the tokens' log-probabilities (req.logprobs: top-N)
 
 
 # The parameters both endpoints take (some only to refuse them with a clear message).
@@ -257,8 +258,9 @@ def completion_request(
     else:
         raise invalid("prompt", "must be a string or a list of token ids", "invalid_type")
     _max_tokens(body, req, "max_tokens")
-    if body.get("logprobs") is not None:
-        raise refused("logprobs", "no log probabilities are returned")
+    top = read_int(body, "logprobs")  # legacy: the N most likely, beside the chosen token
+    if top is not None:
+        req.logprobs = top  # its range is the router's check, as over gRPC
     if read_bool(body, "echo"):
         raise refused("echo", "the prompt is not echoed")
     best_of = read_int(body, "best_of")
@@ -266,7 +268,9 @@ def completion_request(
         raise refused("best_of", "one candidate per request")
     if body.get("suffix") is not None:
         raise refused("suffix", "no insertion (fill-in-the-middle)")
-    return req, Options(model, stream, include_usage, continuous_usage=continuous)
+    return req, Options(
+        model, stream, include_usage, continuous_usage=continuous, logprobs=top is not None
+    )
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -298,11 +302,12 @@ def chat_request(
     if body.get("max_tokens") is not None and key == "max_completion_tokens":
         raise invalid("max_tokens", "set max_tokens or max_completion_tokens, not both")
     _max_tokens(body, req, key)
-    if read_bool(body, "logprobs") or body.get("top_logprobs") is not None:
-        raise refused(
-            "logprobs" if body.get("logprobs") else "top_logprobs",
-            "no log probabilities are returned",
-        )
+    logprobs = bool(read_bool(body, "logprobs"))
+    top = read_int(body, "top_logprobs")
+    if top is not None and not logprobs:
+        raise invalid("top_logprobs", "only with logprobs: true")
+    if logprobs:
+        req.logprobs = top or 0  # its range is the router's check, as over gRPC
     for name in ("tools", "functions"):
         if body.get(name):
             raise refused(name, "no tool calling")
@@ -322,7 +327,13 @@ def chat_request(
     except Exception as exc:  # noqa: BLE001 - the template's own complaint (roles, ...)
         raise invalid("messages", f"the chat template refused them: {exc}") from None
     return req, Options(
-        model, stream, include_usage, chat=True, max_tokens_param=key, continuous_usage=continuous
+        model,
+        stream,
+        include_usage,
+        chat=True,
+        max_tokens_param=key,
+        continuous_usage=continuous,
+        logprobs=logprobs,
     )
 
 

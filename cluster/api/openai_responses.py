@@ -2,15 +2,18 @@
 server-sent events of a stream (text chunks, the finish chunk, usage, `data: [DONE]`).
 
 Besides OpenAI's fields every response carries `metrics.speculative_decoding`: vLLM's per-request
-speculation shape plus this server's own figures (`speculation_metrics`). Pure: no I/O.
+speculation shape plus this server's own figures (`speculation_metrics`). Log-probabilities, when
+asked, in each endpoint's shape: chat's `logprobs.content` entries, completions' legacy parallel
+lists (`text_offset` counts from the start of the completion's text). Pure: no I/O.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cluster.api.openai_errors import APIError
@@ -68,6 +71,56 @@ def speculation_metrics(stats: pb.SpeculationStats) -> dict[str, Any]:
     }
 
 
+TokenText = Callable[[int], str]  # a token id -> its text (the tokenizer's decode of it alone)
+
+
+def token_texts(tokenizer: Any) -> TokenText:
+    """Each token's text, decoded alone (as vLLM's), memoized per server."""
+    return functools.lru_cache(maxsize=1 << 16)(lambda i: tokenizer.decode([i]))
+
+
+class LogprobWriter:
+    """The `logprobs` of a choice, or of a chunk's choice, from the router's entries."""
+
+    def __init__(self, chat: bool, text_of: TokenText) -> None:
+        self.chat = chat
+        self.text_of = text_of
+        self.offset = 0  # completions: where the next token's text starts in the completion
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.text_of(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def json(self, entries: Sequence[pb.TokenLogprob]) -> dict[str, Any]:
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        **self._entry(e.token_id, e.logprob),
+                        "top_logprobs": [self._entry(t.token_id, t.logprob) for t in e.top],
+                    }
+                    for e in entries
+                ]
+            }
+        out: dict[str, Any] = {
+            "tokens": [],
+            "token_logprobs": [],
+            "top_logprobs": [],
+            "text_offset": [],
+        }
+        for e in entries:
+            text = self.text_of(e.token_id)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(e.logprob)
+            # The legacy shape: the N most likely and the chosen token, text -> log-probability.
+            top = {self.text_of(t.token_id): t.logprob for t in e.top}
+            top.setdefault(text, e.logprob)
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+        return out
+
+
 def new_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
 
@@ -80,18 +133,24 @@ def _head(opts: Options, rid: str, created: int, chunk: bool) -> dict[str, Any]:
 
 
 def response_json(
-    resp: pb.GenerateResponse, opts: Options, *, rid: str | None = None, created: int | None = None
+    resp: pb.GenerateResponse,
+    opts: Options,
+    *,
+    rid: str | None = None,
+    created: int | None = None,
+    text_of: TokenText | None = None,
 ) -> dict[str, Any]:
-    """The whole (unary) response."""
+    """The whole (unary) response. `text_of`: token texts, for log-probabilities when asked."""
     rid = rid or new_id(opts.chat)
     out = _head(opts, rid, int(time.time()) if created is None else created, chunk=False)
     choice: dict[str, Any] = {"index": 0}
     if opts.chat:
         choice["message"] = {"role": "assistant", "content": resp.text}
-        choice["logprobs"] = None
     else:
         choice["text"] = resp.text
-        choice["logprobs"] = None
+    choice["logprobs"] = None
+    if opts.logprobs and text_of is not None:
+        choice["logprobs"] = LogprobWriter(opts.chat, text_of).json(resp.logprobs)
     choice["finish_reason"] = finish_reason(resp)
     out["choices"] = [choice]
     out["usage"] = usage(resp)
@@ -111,16 +170,23 @@ class ChunkWriter:
         rid: str | None = None,
         now: Callable[[], float] = time.time,
         prompt_tokens: int = 0,
+        text_of: TokenText | None = None,
     ):
-        """prompt_tokens: for usage on every chunk (opts.continuous_usage)."""
+        """prompt_tokens: for usage on every chunk (opts.continuous_usage); text_of: token
+        texts, for log-probabilities (opts.logprobs)."""
         self.opts = opts
+        self.logprobs = (
+            LogprobWriter(opts.chat, text_of) if opts.logprobs and text_of is not None else None
+        )
         self.rid = rid or new_id(opts.chat)
         self.created = int(now())
         self.started = False
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
 
-    def _chunk(self, text: str | None, finish: str | None) -> dict[str, Any]:
+    def _chunk(
+        self, text: str | None, finish: str | None, logprobs: Sequence[pb.TokenLogprob] = ()
+    ) -> dict[str, Any]:
         out = _head(self.opts, self.rid, self.created, chunk=True)
         choice: dict[str, Any] = {"index": 0}
         if self.opts.chat:
@@ -133,6 +199,8 @@ class ChunkWriter:
         else:
             choice["text"] = text or ""
         choice["logprobs"] = None
+        if self.logprobs is not None and logprobs:
+            choice["logprobs"] = self.logprobs.json(logprobs)
         choice["finish_reason"] = finish
         self.started = True
         out["choices"] = [choice]
@@ -150,10 +218,11 @@ class ChunkWriter:
         self.completion_tokens += len(msg.token_ids)
         if self.opts.chat and not self.started:
             out.append(sse(self._chunk("", None)))
-        if msg.text and finish is None:
-            out.append(sse(self._chunk(msg.text, None)))
+        if (msg.text or msg.logprobs) and finish is None:
+            out.append(sse(self._chunk(msg.text, None, msg.logprobs)))
         if finish is not None:
-            last = self._chunk(msg.text if msg.text else None if self.opts.chat else "", finish)
+            text = msg.text if msg.text else None if self.opts.chat else ""
+            last = self._chunk(text, finish, msg.logprobs)
             metrics = {"speculative_decoding": speculation_metrics(msg.stats)}
             last["metrics"] = metrics
             out.append(sse(last))

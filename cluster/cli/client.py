@@ -27,6 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=("auto", "model", "lookup"),
         help="who drafts (default: the deployment's speculation.drafter)",
     )
+    gen.add_argument(
+        "--logprobs",
+        type=int,
+        help="return each token's log-probability and N top alternatives (with --json)",
+    )
     gen.add_argument("--stream", action="store_true", help="print tokens as they are committed")
     gen.add_argument("--json", action="store_true", help="print the whole response as JSON")
     gen.add_argument("--app", default=None, help="Serve application name (several apps only)")
@@ -47,6 +52,7 @@ def build_request(
     k: int = 0,
     prompt_token_ids: list[int] | None = None,
     drafter: str | None = None,
+    logprobs: int | None = None,
 ):
     """A `specdec.v1.GenerateRequest`; token ids, when given, are sent instead of the text."""
     from protos import specdec_pb2 as pb
@@ -68,6 +74,8 @@ def build_request(
         req.max_new_tokens = max_new_tokens
     if seed is not None:
         req.seed = seed
+    if logprobs is not None:
+        req.logprobs = logprobs
     return req
 
 
@@ -145,6 +153,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         spec=not args.no_spec,
         k=args.k,
         drafter=args.drafter,
+        logprobs=args.logprobs,
     )
     try:
         if args.stream:

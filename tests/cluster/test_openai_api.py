@@ -99,7 +99,7 @@ def test_defaults_follow_openai_and_unset_stays_unset():
         ),
         ({"frobnicate": 1}, "frobnicate", "unknown_parameter"),
         ({"n": 3}, "n", "unsupported_parameter"),
-        ({"logprobs": 0}, "logprobs", "unsupported_parameter"),
+        ({"logprobs": True}, "logprobs", "invalid_type"),
         ({"echo": True}, "echo", "unsupported_parameter"),
         ({"best_of": 3}, "best_of", "unsupported_parameter"),
         ({"suffix": ""}, "suffix", "unsupported_parameter"),
@@ -191,7 +191,8 @@ def test_chat_request_renders_the_template_and_refuses_without_one():
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
          "messages[0].content[0]"),
         ({"tools": [{"type": "function"}]}, "tools"),
-        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # only with logprobs: true
+        ({"logprobs": 1}, "logprobs"),
         ({"max_tokens": 3, "max_completion_tokens": 3}, "max_tokens"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
     ]:  # fmt: skip
@@ -222,6 +223,55 @@ def test_unary_response_and_the_vllm_metrics_shape():
     chat = response_json(final_message(), Options(M, False, False, chat=True))
     assert chat["object"] == "chat.completion"
     assert chat["choices"][0]["message"] == {"role": "assistant", "content": "b"}
+
+
+def with_logprobs(msg: pb.GenerateResponse, *entries: tuple) -> pb.GenerateResponse:
+    """entries: (token id, logprob, [(top id, top logprob), ...])"""
+    for token, lp, top in entries:
+        e = msg.logprobs.add(token_id=token, logprob=lp)
+        for i, v in top:
+            e.top.add(token_id=i, logprob=v)
+    return msg
+
+
+TEXTS = {5: "b", 6: "é", 7: "c"}.__getitem__
+
+
+def test_logprobs_in_each_endpoints_shape():
+    msg = with_logprobs(final_message("bé"), (5, -0.5, [(5, -0.5), (7, -1.0)]), (6, -2.0, []))
+    chat = response_json(msg, Options(M, False, False, chat=True, logprobs=True), text_of=TEXTS)
+    assert chat["choices"][0]["logprobs"] == {
+        "content": [
+            {
+                "token": "b",
+                "logprob": -0.5,
+                "bytes": [98],
+                "top_logprobs": [
+                    {"token": "b", "logprob": -0.5, "bytes": [98]},
+                    {"token": "c", "logprob": -1.0, "bytes": [99]},
+                ],
+            },
+            {"token": "é", "logprob": -2.0, "bytes": [195, 169], "top_logprobs": []},
+        ]
+    }
+    text = response_json(msg, Options(M, False, False, logprobs=True), text_of=TEXTS)
+    assert text["choices"][0]["logprobs"] == {
+        "tokens": ["b", "é"],
+        "token_logprobs": [-0.5, -2.0],
+        "top_logprobs": [{"b": -0.5, "c": -1.0}, {"é": -2.0}],  # the chosen token always in
+        "text_offset": [0, 1],
+    }
+    assert (
+        response_json(msg, Options(M, False, False), text_of=TEXTS)["choices"][0]["logprobs"]
+        is None
+    )  # not asked
+    # Streamed: each chunk carries its own tokens' entries; offsets run on across chunks.
+    w = ChunkWriter(Options(M, True, False, logprobs=True), text_of=TEXTS)
+    first = with_logprobs(pb.GenerateResponse(text="b", token_ids=[5]), (5, -0.5, []))
+    last = with_logprobs(final_message("c"), (7, -1.0, []))
+    got = events(w, first, last)
+    assert [c["choices"][0]["logprobs"]["tokens"] for c in got] == [["b"], ["c"]]
+    assert [c["choices"][0]["logprobs"]["text_offset"] for c in got] == [[0], [1]]
 
 
 def events(writer: ChunkWriter, *msgs: pb.GenerateResponse) -> list[dict]:

@@ -413,7 +413,7 @@ BAD = {
     "missing-model": ("model", {"model": None}),
     # refused OpenAI parameters
     "n=2": ("n", {"n": 2}),
-    "logprobs": ("logprobs", {"logprobs": 1}),
+    "logprobs-over-20": ("logprobs", {"logprobs": 21}),
     "echo": ("echo", {"echo": True}),
     "best_of": ("best_of", {"best_of": 2}),
     "suffix": ("suffix", {"suffix": "x"}),
@@ -578,6 +578,77 @@ def test_chat_greedy_equals_hf_on_the_rendered_template(cluster):
     assert_error(r, 400, "messages[0].content")
     r = cluster.post("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "tools": [1]})
     assert_error(r, 400, "tools")
+
+
+def target_logp(cluster, ids: list[int]):
+    """[len(ids), V] float32 log-probabilities of the target after each prefix of ids."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cluster.target, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+
+
+def test_logprobs_through_the_openai_client_are_the_targets_own(cluster):
+    """Completions' legacy shape (logprobs=N) and chat's (logprobs, top_logprobs), unary and
+    streamed, with speculation on: each entry is the target's log_softmax at that position."""
+    prompt = cluster.ids(PROMPT)
+    unary = cluster.client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, logprobs=3, extra_body=SPEC_ON
+    )
+    assert spec(unary)["num_spec_steps"] > 0
+    lp = unary.choices[0].logprobs
+    ids = hf_greedy(cluster.target, prompt, 24)
+    logp = target_logp(cluster, prompt + ids)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids)
+    assert "".join(lp.tokens) == unary.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:j]) for j in range(len(ids))]
+    for j, token in enumerate(ids):
+        row = logp[len(prompt) + j - 1]
+        assert lp.token_logprobs[j] == pytest.approx(float(row[token]), abs=1e-4)
+        assert lp.tokens[j] == cluster.tok.decode([token])
+        best = row.topk(3)
+        assert sorted(lp.top_logprobs[j].values(), reverse=True)[:3] == pytest.approx(
+            best.values.tolist(), abs=1e-4
+        )
+
+    chunks = list(
+        cluster.client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=16,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=2,
+            stream=True,
+            extra_body=SPEC_ON,
+        )
+    )
+    content = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "".join(e.token for e in content) == text and len(content) > 0
+    chat_ids = cluster.tok.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True)
+    chat_ids = list(chat_ids["input_ids"] if hasattr(chat_ids, "keys") else chat_ids)
+    out = hf_greedy(cluster.target, chat_ids, len(content))
+    logp = target_logp(cluster, chat_ids + out)
+    for j, e in enumerate(content):
+        row = logp[len(chat_ids) + j - 1]
+        assert e.logprob == pytest.approx(float(row[out[j]]), abs=1e-4)
+        assert bytes(e.bytes).decode("utf-8", "replace") == e.token
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx(
+            row.topk(2).values.tolist(), abs=1e-4
+        )
+    r = cluster.post(
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": MESSAGES, "logprobs": True, "top_logprobs": 21},
+    )
+    assert_error(r, 400, "top_logprobs")
 
 
 def test_chat_with_a_model_without_a_template_is_a_400(cluster):
