@@ -25,6 +25,7 @@ from cluster.transport.in_process import LocalDraft, LocalDraftPool, LocalTarget
 from workers.draft import DraftWorker
 from workers.draft_loading import load_draft
 from workers.feature_draft import FeatureDraftWorker
+from workers.logits_processing import with_held_ids
 from workers.model_runner import check_same_tokenizer
 from workers.target import TargetWorker
 from workers.token_range import check_length, check_token_ids
@@ -182,6 +183,7 @@ class SpecEngine:
             mode = SpecMode.OFF
         sink = _QueueSink()
         request = RowRequest(mode, k, pipelined, drafter)
+        sampling = with_held_ids(sampling, stop.eos_token_ids | stop.stop_token_ids)
         row = Row(f"local-{next(self._ids)}", rounds, sampling, sink, request)
         return Generation(self.scheduler, row, sink)
 

@@ -49,6 +49,9 @@ class PrefillRow:
     token_ids: Sequence[int]
     params: SamplingParams
     features: bool = False  # target: also hand out every prompt position's features
+    # token_ids[:prompt_len] are the request's prompt, the rest its output so far (a re-prefill
+    # after a fault); None: all prompt. The target's penalties count the output.
+    prompt_len: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

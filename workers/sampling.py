@@ -41,7 +41,8 @@ class PositionalRng:
 
 
 def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Probabilities after temperature, top-k, then top-p (the order HF `generate` applies them).
+    """Probabilities after temperature, top-k, top-p, then min_p (the order HF `generate`
+    applies them).
 
     Works on [..., V] float logits; returns float32 probabilities of the same shape, with masked
     tokens at exactly 0. For greedy params it returns a one-hot of the argmax.
@@ -62,7 +63,11 @@ def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         drop_sorted[..., -1] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return logits.softmax(-1)
+    probs = logits.softmax(-1)
+    if params.min_p > 0.0:  # below min_p times the most likely token's probability: dropped
+        keep = probs >= params.min_p * probs.max(-1, keepdim=True).values
+        probs = (probs * keep) / (probs * keep).sum(-1, keepdim=True)
+    return probs
 
 
 def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

@@ -237,7 +237,13 @@ class _ServicerBase:
     @staticmethod
     def _prefill_row(req) -> PrefillRow:
         params = sampling_from_proto(req.sampling)
-        return PrefillRow(_seq_id(req), list(req.token_ids), params, features=req.features)
+        return PrefillRow(
+            _seq_id(req),
+            list(req.token_ids),
+            params,
+            features=req.features,
+            prompt_len=req.prompt_len if req.HasField("prompt_len") else None,
+        )
 
     def _batch(self, method: str, rows: Sequence, decode: Callable, encode: Callable, result):
         """One batched call: decode each row (a bad row fails alone), one executor job for the

@@ -23,6 +23,7 @@ from workers.batch import (
     split_prefill,
 )
 from workers.errors import StaleSequenceError, UnknownSequenceError
+from workers.logits_processing import process_logits
 from workers.logprobs import token_logprobs
 from workers.model_runner import ModelRunner
 from workers.sampling import PositionalRng, next_token, warp_probs
@@ -39,6 +40,7 @@ class _TargetSeq:
     tokens: list[int]  # committed tokens; the KV cache holds tokens[:-1]
     params: SamplingParams
     rng: PositionalRng
+    prompt_len: int  # tokens[:prompt_len] are the request's prompt (penalties count the rest)
     last_call: tuple | None = None  # (key, result) of the last verify/plain step, for retries
 
 
@@ -98,9 +100,11 @@ class TargetWorker:
                 continue
             rng = PositionalRng(r.params.seed, TARGET_STREAM)
             n = len(r.token_ids)
-            token = next_token(res[j][-1], r.params, rng.at(n))
+            prompt_len = n if r.prompt_len is None else r.prompt_len
+            last = process_logits(res[j][-1:], r.token_ids, prompt_len, (), r.params)
+            token = next_token(last[0], r.params, rng.at(n))
             # The cache now holds all committed tokens but the new last one, as after a step.
-            self._seqs[r.seq_id] = _TargetSeq([*r.token_ids, token], r.params, rng)
+            self._seqs[r.seq_id] = _TargetSeq([*r.token_ids, token], r.params, rng, prompt_len)
             out[i] = PrefillToken.of(
                 token,
                 pack_features(feats[j]) if r.features else b"",
@@ -111,8 +115,13 @@ class TargetWorker:
         return out
 
     def _check_prompt(self, r: PrefillRow) -> None:
-        check_token_ids("token_ids", r.token_ids, self.runner.vocab_size)
+        vocab = self.runner.vocab_size
+        check_token_ids("token_ids", r.token_ids, vocab)
         check_length("prompt", len(r.token_ids), self.runner.max_context, new_tokens=1)
+        if r.prompt_len is not None and not 1 <= r.prompt_len <= len(r.token_ids):
+            raise ValueError(f"prompt_len: must be in [1, {len(r.token_ids)}], got {r.prompt_len}")
+        check_token_ids("logit_bias", [t for t, _ in r.params.logit_bias], vocab)
+        check_token_ids("held_ids", r.params.held_ids, vocab)
 
     def verify_batch(self, rows: list[VerifyRow]) -> list[object]:
         """Per row: a Verdict (a plain row: accepted 0 and the next token), or the row's error.
@@ -196,15 +205,17 @@ class TargetWorker:
         """The round's verdict; `feats` (the fed positions' features) when the row asked:
         the verdict carries those of the positions now committed."""
         n = r.committed_len
+        draft = list(r.draft_tokens)
+        raw = logits
+        logits = process_logits(logits, seq.tokens, seq.prompt_len, draft, seq.params)
         if r.plain:
             token = next_token(logits[-1], seq.params, seq.rng.at(n))
             seq.tokens.append(token)
             verdict = plain_verdict(
-                token, pack_features(feats), _logprobs(logits[-1:], [token], seq.params)
+                token, pack_features(feats), _logprobs(raw[-1:], [token], seq.params)
             )
             seq.last_call = (key, verdict)
             return verdict
-        draft = list(r.draft_tokens)
         drafted = torch.tensor(draft, dtype=torch.long)
         if seq.params.greedy:
             verdict = verify_greedy(logits, drafted)
@@ -215,7 +226,7 @@ class TargetWorker:
             verdict = replace(verdict, features=pack_features(feats[: verdict.accepted + 1]))
         committed = verdict.committed(draft)
         if seq.params.logprobs is not None:
-            verdict = replace(verdict, logprobs=_logprobs(logits, committed, seq.params))
+            verdict = replace(verdict, logprobs=_logprobs(raw, committed, seq.params))
         seq.tokens.extend(committed)
         self.runner.rollback(r.seq_id, len(seq.tokens) - 1)  # rejected positions become holes
         seq.last_call = (key, verdict)

@@ -39,6 +39,17 @@ class SamplingParams:
     # The target also answers with each committed token's log-probability and this many top
     # alternatives (0: the token's own only); None: no log-probabilities.
     logprobs: int | None = None
+    # The target's logits are processed before sampling (OpenAI's and vLLM's parameters), the
+    # same at every position, verified or decoded plainly (workers/logits_processing.py); all
+    # off by default. The draft ignores them: its q stays as it is, which keeps verification
+    # exact for the processed distribution (any q whose support holds the drafted token does).
+    presence_penalty: float = 0.0  # [-2, 2]: subtracted once from every token the output holds
+    frequency_penalty: float = 0.0  # [-2, 2]: subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # (0, 2]: HF's and vLLM's, over prompt and output
+    min_p: float = 0.0  # [0, 1]: drops tokens below min_p times the most likely one's probability
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit in [-100, 100])
+    min_tokens: int = 0  # `held_ids` cannot be drawn before the output holds this many tokens
+    held_ids: tuple[int, ...] = ()  # the ids that would end the output: EOS and stop token ids
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperature, int | float) or not 0 <= self.temperature < math.inf:
@@ -55,10 +66,45 @@ class SamplingParams:
             raise ValueError(
                 f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}"
             )
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_range(name, getattr(self, name), -2.0, 2.0)
+        _check_range("repetition_penalty", self.repetition_penalty, 0.0, 2.0, open_low=True)
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        for token, bias in self.logit_bias:
+            if not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias: token ids must be integers >= 0, got {token!r}")
+            _check_range("logit_bias", bias, -100.0, 100.0)
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+
+    @property
+    def processed(self) -> bool:
+        """Whether the target's logits are changed before sampling (beyond temperature, top-k,
+        top-p and min_p, which shape the distribution without looking at the text)."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or (self.min_tokens and self.held_ids)
+        )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _check_range(
+    name: str, value: object, low: float, high: float, *, open_low: bool = False
+) -> None:
+    ok = (
+        isinstance(value, int | float)
+        and (low < value if open_low else low <= value)
+        and (value <= high)
+    )
+    if not ok:
+        lo = "(" if open_low else "["
+        raise ValueError(f"{name} must be a number in {lo}{low:g}, {high:g}], got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -130,6 +130,14 @@ def sampling_to_proto(params: SamplingParams) -> worker_pb2.SamplingParams:
         msg.seed = params.seed
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    msg.presence_penalty = params.presence_penalty
+    msg.frequency_penalty = params.frequency_penalty
+    if params.repetition_penalty != 1.0:
+        msg.repetition_penalty = params.repetition_penalty
+    msg.min_p = params.min_p
+    msg.logit_bias.update(dict(params.logit_bias))
+    msg.min_tokens = params.min_tokens
+    msg.held_ids.extend(params.held_ids)
     return msg
 
 
@@ -141,6 +149,15 @@ def sampling_from_proto(msg: worker_pb2.SamplingParams) -> SamplingParams:
         top_p=float(msg.top_p) if msg.top_p != 0 else 1.0,
         seed=int(msg.seed) if msg.HasField("seed") else None,
         logprobs=int(msg.logprobs) if msg.HasField("logprobs") else None,
+        presence_penalty=float(msg.presence_penalty),
+        frequency_penalty=float(msg.frequency_penalty),
+        repetition_penalty=(
+            float(msg.repetition_penalty) if msg.HasField("repetition_penalty") else 1.0
+        ),
+        min_p=float(msg.min_p),
+        logit_bias=tuple(sorted((int(t), float(b)) for t, b in msg.logit_bias.items())),
+        min_tokens=int(msg.min_tokens),
+        held_ids=tuple(int(t) for t in msg.held_ids),
     )
 
 

@@ -53,7 +53,10 @@ def read_number(body: Mapping[str, Any], key: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise invalid(key, f"must be a number, got {json_type(value)}", "invalid_type")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer literal of hundreds of digits
+        raise invalid(key, "is out of range", "invalid_value") from None
 
 
 def read_bool(body: Mapping[str, Any], key: str) -> bool | None:

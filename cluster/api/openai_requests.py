@@ -8,8 +8,8 @@ outside (0, 1], negative seed, too many stop strings, k out of range, ...) are c
 router on the proto, as for gRPC (cluster/api/validation.py), and its refusals are said in
 OpenAI's terms by `openai_errors.error_from_router`. What is checked here is only what a proto
 cannot express: JSON types and shapes, unknown parameters, the model name, and the OpenAI
-parameters this server refuses (n > 1, echo, best_of, suffix, penalties, ...) with a 400 that
-names them, never silently ignored. Pure: no I/O, neither ray nor grpc.
+parameters this server refuses (n > 1, echo, best_of, suffix, tools, ...) with a 400 that names
+them, never silently ignored. Pure: no I/O, neither ray nor grpc.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ _SHARED_PARAMS = frozenset(
         "min_tokens",
         "stop_token_ids",
         "include_stop_str_in_output",
+        "repetition_penalty",
+        "min_p",
     }
 )
 COMPLETION_PARAMS = _SHARED_PARAMS | {"prompt", "echo", "best_of", "suffix"}
@@ -129,14 +131,7 @@ def _shared_params(
         )
 
     _vllm_extensions(body, req)
-    for name in ("presence_penalty", "frequency_penalty"):
-        if read_number(body, name):
-            raise refused(name, "only 0 is accepted")
-    bias = body.get("logit_bias")
-    if bias is not None and not isinstance(bias, dict):
-        raise invalid("logit_bias", "must be an object", "invalid_type")
-    if bias:
-        raise refused("logit_bias", "it would change the target's distribution")
+    _processing(body, req)
     n = read_int(body, "n")
     if n is not None and n != 1:
         raise refused("n", "one choice per request; send n requests")
@@ -165,9 +160,7 @@ def _shared_params(
 
 
 def _vllm_extensions(body: Mapping[str, Any], req: pb.GenerateRequest) -> None:
-    """ignore_eos, stop_token_ids, include_stop_str_in_output as the proto's; min_tokens where
-    nothing but a stop string could end the text before it (ignore_eos, no stop_token_ids): there
-    it changes nothing, as in vLLM, whose min_tokens holds back EOS and stop ids only."""
+    """ignore_eos, stop_token_ids, include_stop_str_in_output, min_tokens as the proto's."""
     req.ignore_eos = bool(read_bool(body, "ignore_eos"))
     req.include_stop_str_in_output = bool(read_bool(body, "include_stop_str_in_output"))
     ids = body.get("stop_token_ids")
@@ -181,14 +174,32 @@ def _vllm_extensions(body: Mapping[str, Any], req: pb.GenerateRequest) -> None:
         req.stop_token_ids.extend(ids)
     min_tokens = read_int(body, "min_tokens")
     if min_tokens is not None:
-        if min_tokens < 0:
-            raise invalid("min_tokens", f"must be >= 0, got {min_tokens}")
-        if min_tokens and (not req.ignore_eos or req.stop_token_ids):
-            raise refused(
-                "min_tokens",
-                "only with ignore_eos and without stop_token_ids (the end-of-sequence token is"
-                " not held back)",
-            )
+        req.min_tokens = min_tokens  # its range is the router's check, as over gRPC
+
+
+def _processing(body: Mapping[str, Any], req: pb.GenerateRequest) -> None:
+    """The logits-processing parameters (OpenAI's penalties and logit_bias; vLLM's
+    repetition_penalty and min_p); their ranges are the router's checks, as over gRPC."""
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+        value = read_number(body, name)
+        if value is not None:
+            setattr(req, name, value)
+    bias = body.get("logit_bias")
+    if bias is None:
+        return
+    if not isinstance(bias, dict):
+        raise invalid("logit_bias", "must be an object of token id -> bias", "invalid_type")
+    for key, value in bias.items():
+        try:
+            token = int(key)  # JSON keys are strings: "1234"
+        except ValueError:
+            raise invalid("logit_bias", f"keys must be token ids, got {key!r}") from None
+        if not INT32[0] <= token <= INT32[1]:
+            raise invalid("logit_bias", f"token id {token} is out of range")
+        try:
+            req.logit_bias[token] = read_number({"logit_bias": value}, "logit_bias")
+        except APIError as err:
+            raise invalid("logit_bias", f"token {key}: {err.message.split(': ', 1)[1]}") from None
 
 
 def _speculation(spec: Any, req: pb.GenerateRequest) -> None:

@@ -194,6 +194,7 @@ def validate_request(
         top_p=top_p,
         seed=seed,
         logprobs=logprobs,
+        **_processing(request, vocab_size, int(max_new)),
     )
     return ValidRequest(
         uuid.uuid4().hex,
@@ -208,6 +209,47 @@ def validate_request(
         stop_token_ids=frozenset(int(t) for t in stop_ids),
         include_stop_str=bool(request.include_stop_str_in_output),
     )
+
+
+MAX_LOGIT_BIAS = 1024  # tokens a request may bias
+
+
+def _processing(
+    request: specdec_pb2.GenerateRequest, vocab_size: int, max_new: int
+) -> dict[str, Any]:
+    """The logits-processing parameters, checked (SamplingParams' fields; held_ids, which
+    depend on the model's EOS, are the router's to add)."""
+    out: dict[str, Any] = {}
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(request, name)
+        if not (math.isfinite(value) and -2.0 <= value <= 2.0):
+            raise invalid(name, f"must be in [-2, 2] (0 = off), got {value}")
+        out[name] = float(value)
+    if request.HasField("repetition_penalty"):
+        value = request.repetition_penalty
+        if not (math.isfinite(value) and 0.0 < value <= 2.0):
+            raise invalid("repetition_penalty", f"must be in (0, 2] (1 = off), got {value}")
+        out["repetition_penalty"] = float(value)
+    if not (math.isfinite(request.min_p) and 0.0 <= request.min_p <= 1.0):
+        raise invalid("min_p", f"must be in [0, 1] (0 = off), got {request.min_p}")
+    out["min_p"] = float(request.min_p)
+    bias = dict(request.logit_bias)
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise invalid("logit_bias", f"at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}")
+    try:
+        check_token_ids("logit_bias", bias, vocab_size)
+    except TokenRangeError as exc:
+        raise invalid(exc.field, exc.message) from None
+    for token, value in bias.items():
+        if not (math.isfinite(value) and -100.0 <= value <= 100.0):
+            raise invalid("logit_bias", f"token {token}: must be in [-100, 100], got {value}")
+    out["logit_bias"] = tuple(sorted((int(t), float(v)) for t, v in bias.items()))
+    if not 0 <= request.min_tokens <= max_new:
+        raise invalid(
+            "min_tokens", f"must be in [0, max_new_tokens = {max_new}], got {request.min_tokens}"
+        )
+    out["min_tokens"] = int(request.min_tokens)
+    return out
 
 
 class Admission:

@@ -42,6 +42,7 @@ from cluster.scheduling.worker_api import TargetUnavailable
 from cluster.transport.pools import Endpoint, EndpointState, LocalSide, WorkerPool
 from protos import specdec_pb2, worker_pb2
 from workers.errors import KVBudgetExceeded
+from workers.logits_processing import with_held_ids
 from workers.types import TokenLogprob
 from workers.wire import tokenizer_fingerprint
 
@@ -311,19 +312,16 @@ class Router:
     ) -> AsyncIterator[specdec_pb2.GenerateResponse]:
         """Stream the generation; see the class docstring. Raises RequestError."""
         req = self.validate(request)
+        eos = frozenset() if req.ignore_eos else self.model.eos_token_ids
         rounds = SequenceRounds(
             req.prompt_ids,
-            StopConditions(
-                req.max_new_tokens,
-                frozenset() if req.ignore_eos else self.model.eos_token_ids,
-                req.stop_token_ids,
-                self.model.max_context,
-            ),
+            StopConditions(req.max_new_tokens, eos, req.stop_token_ids, self.model.max_context),
         )
         self._admit()
         sink = LoopSink(self._mailbox(), self._row_done, _request_error)
         request = RowRequest(req.mode, req.k or None, None, req.drafter)
-        row = Row(req.seq_id, rounds, req.params, sink, request)
+        params = with_held_ids(req.params, eos | req.stop_token_ids)
+        row = Row(req.seq_id, rounds, params, sink, request)
         sink.row = row
         try:
             if not self._place(row, set()):

@@ -231,7 +231,13 @@ class StepScheduler(TargetFaults, StepLoop):
         target_f = self._target_call(
             lambda t: t.prefill_batch(
                 [
-                    PrefillRow(r.seq_id, r.rounds.tokens, r.params, features=self._features(r))
+                    PrefillRow(
+                        r.seq_id,
+                        r.rounds.tokens,
+                        r.params,
+                        features=self._features(r),
+                        prompt_len=len(r.rounds.prompt_ids),
+                    )
                     for r in batch
                 ]
             )

@@ -113,12 +113,15 @@ def row_result(status: worker_pb2.RowStatus, value: Callable[[], Any], address: 
 
 
 def prefill_request(row: PrefillRow) -> worker_pb2.PrefillRequest:
-    return worker_pb2.PrefillRequest(
+    req = worker_pb2.PrefillRequest(
         seq_id=row.seq_id,
         token_ids=list(row.token_ids),
         sampling=sampling_to_proto(row.params),
         features=row.features,
     )
+    if row.prompt_len is not None:
+        req.prompt_len = row.prompt_len
+    return req
 
 
 def propose_request(row: ProposeRow) -> worker_pb2.ProposeRequest:

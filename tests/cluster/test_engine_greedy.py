@@ -514,3 +514,56 @@ def test_lookup_drafting_without_a_draft_model_is_exact(model_dir, reference):
         )
     finally:
         engine.close()
+
+
+# -- processed logits: penalties, bias, min_tokens ----------------------------------------------
+
+
+def hf_processed(model, ids: list[int], max_new: int, **kw) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=0,
+            **kw,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("drafter", [Drafter.MODEL, Drafter.AUTO])
+def test_processed_greedy_under_speculation_equals_hf_and_a_plain_run(
+    self_engine, hf_target, drafter
+):
+    """The self draft proposes the unprocessed target's argmax: wherever a penalty moves the
+    argmax, its block is rejected there, and the output is still exactly the processed target's.
+    HF has repetition_penalty, min_new_tokens and a bias (sequence_bias); presence and frequency
+    penalties are checked against a plain run of ours."""
+    boost_eos = ((0, 6.0),)  # EOS likely, so that min_tokens has something to hold back
+    for prompt in PROMPTS[:3]:
+        ids = self_engine.encode(prompt)
+        cases = [
+            (SamplingParams(repetition_penalty=1.8), {"repetition_penalty": 1.8}),
+            (
+                SamplingParams(logit_bias=boost_eos, min_tokens=9),
+                {"sequence_bias": {(0,): 6.0}, "min_new_tokens": 9},
+            ),
+            (SamplingParams(presence_penalty=1.5, frequency_penalty=0.8), None),
+        ]
+        for params, hf_kw in cases:
+            spec = self_engine.generate(
+                ids, max_new_tokens=MAX_NEW, sampling=params, mode=SpecMode.ON, k=4, drafter=drafter
+            )
+            plain = self_engine.generate(
+                ids, max_new_tokens=MAX_NEW, sampling=params, mode=SpecMode.OFF
+            )
+            assert spec.token_ids == plain.token_ids, (prompt, params)
+            assert spec.stats.rounds > 0 and plain.stats.rounds == 0
+            if hf_kw is not None:
+                assert spec.token_ids == hf_processed(hf_target, ids, MAX_NEW, **hf_kw)
+            if params.min_tokens:  # EOS held back for 9 tokens, then (boosted) it ends the text
+                assert 0 not in spec.token_ids[:9] and spec.token_ids[-1] == 0
+            unprocessed = self_engine.generate(ids, max_new_tokens=MAX_NEW, mode=SpecMode.OFF)
+            assert spec.token_ids != unprocessed.token_ids  # the processing changed something
+    assert_no_live(self_engine)

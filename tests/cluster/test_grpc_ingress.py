@@ -229,6 +229,12 @@ BAD = {
     "top_k": [good(top_k=-1), good(top_k=-(2**31))],
     "seed": [good(seed=-1), good(seed=-(2**63))],
     "logprobs": [good(logprobs=-1), good(logprobs=21)],
+    "presence_penalty": [good(presence_penalty=2.5), good(presence_penalty=float("nan"))],
+    "frequency_penalty": [good(frequency_penalty=-3)],
+    "repetition_penalty": [good(repetition_penalty=0), good(repetition_penalty=2.5)],
+    "min_p": [good(min_p=-0.1), good(min_p=1.01)],
+    "logit_bias": [good(logit_bias={96: 1.0}), good(logit_bias={5: 101.0})],
+    "min_tokens": [good(min_tokens=-1), good(min_tokens=25)],  # good() asks for 24 tokens
     "speculation.num_draft_tokens": [
         good(speculation=pb.SpeculationOptions(num_draft_tokens=-1)),
         good(speculation=pb.SpeculationOptions(num_draft_tokens=9)),  # the ingress allows 8

@@ -103,8 +103,11 @@ def test_defaults_follow_openai_and_unset_stays_unset():
         ({"echo": True}, "echo", "unsupported_parameter"),
         ({"best_of": 3}, "best_of", "unsupported_parameter"),
         ({"suffix": ""}, "suffix", "unsupported_parameter"),
-        ({"frequency_penalty": 0.1}, "frequency_penalty", "unsupported_parameter"),
-        ({"logit_bias": {"1": 100}}, "logit_bias", "unsupported_parameter"),
+        ({"frequency_penalty": "0.1"}, "frequency_penalty", "invalid_type"),
+        ({"logit_bias": [1]}, "logit_bias", "invalid_type"),
+        ({"logit_bias": {"x": 1}}, "logit_bias", "invalid_value"),
+        ({"logit_bias": {"1": True}}, "logit_bias", "invalid_value"),
+        ({"temperature": 10**400}, "temperature", "invalid_value"),
     ],
 )
 def test_json_shapes_and_refused_parameters_are_400s_naming_them(body, param, code):
@@ -321,6 +324,20 @@ def test_default_model_id_is_the_target_directory_name(tmp_path):
     }
 
 
+def test_penalties_bias_and_min_p_translate_to_the_proto():
+    req, _ = comp(
+        presence_penalty=0.5,
+        frequency_penalty=-1,
+        repetition_penalty=1.2,
+        min_p=0.1,
+        logit_bias={"5": -100, "7": 2.5},
+    )
+    assert (req.presence_penalty, req.frequency_penalty) == (0.5, -1.0)
+    assert req.HasField("repetition_penalty") and req.repetition_penalty == pytest.approx(1.2)
+    assert req.min_p == pytest.approx(0.1) and dict(req.logit_bias) == {5: -100.0, 7: 2.5}
+    assert not comp()[0].HasField("repetition_penalty")  # unset: off, not 0
+
+
 def test_vllm_benchmark_fields_are_taken():
     """What vLLM's benchmark and load clients send: ignore_eos with min_tokens = max_tokens,
     stop: null, both stream_options flags, stop_token_ids, include_stop_str_in_output."""
@@ -335,12 +352,11 @@ def test_vllm_benchmark_fields_are_taken():
     )
     assert req.ignore_eos and req.include_stop_str_in_output and req.max_new_tokens == 8
     assert opts.include_usage and opts.continuous_usage
-    req, _ = comp(stop_token_ids=[3, 7], min_tokens=0)
-    assert list(req.stop_token_ids) == [3, 7] and not req.ignore_eos
+    assert req.min_tokens == 8
+    req, _ = comp(stop_token_ids=[3, 7], min_tokens=4)
+    assert list(req.stop_token_ids) == [3, 7] and not req.ignore_eos and req.min_tokens == 4
     for body, param in (
-        ({"min_tokens": 4}, "min_tokens"),  # EOS is not held back: only with ignore_eos
-        ({"min_tokens": 4, "ignore_eos": True, "stop_token_ids": [3]}, "min_tokens"),
-        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 2**40}, "min_tokens"),
         ({"stop_token_ids": [1.5]}, "stop_token_ids"),
         ({"stop_token_ids": [-2]}, "stop_token_ids"),
         ({"ignore_eos": "yes"}, "ignore_eos"),

@@ -417,8 +417,12 @@ BAD = {
     "echo": ("echo", {"echo": True}),
     "best_of": ("best_of", {"best_of": 2}),
     "suffix": ("suffix", {"suffix": "x"}),
-    "presence_penalty": ("presence_penalty", {"presence_penalty": 0.5}),
-    "logit_bias": ("logit_bias", {"logit_bias": {"5": 1}}),
+    "presence_penalty": ("presence_penalty", {"presence_penalty": 2.5}),
+    "repetition_penalty": ("repetition_penalty", {"repetition_penalty": 0}),
+    "min_p": ("min_p", {"min_p": 1.5}),
+    "logit_bias-value": ("logit_bias", {"logit_bias": {"5": 101}}),
+    "logit_bias-token": ("logit_bias", {"logit_bias": {"100000": 1}}),
+    "min_tokens-over-max": ("min_tokens", {"min_tokens": 9, "max_tokens": 4}),
 }
 
 
@@ -649,6 +653,41 @@ def test_logprobs_through_the_openai_client_are_the_targets_own(cluster):
         {"model": MODEL, "messages": MESSAGES, "logprobs": True, "top_logprobs": 21},
     )
     assert_error(r, 400, "top_logprobs")
+
+
+def test_penalties_bias_and_min_tokens_under_speculation_equal_a_plain_run(cluster):
+    """OpenAI's penalties and logit_bias, vLLM's repetition_penalty, min_p and min_tokens, with
+    the openai client: greedy with speculation on is exactly the plain run's output."""
+    eos = cluster.tok.eos_token_id
+    kw = {
+        "presence_penalty": 0.8,
+        "frequency_penalty": 0.4,
+        "logit_bias": {str(eos): 8},  # EOS very likely: min_tokens has work to do
+    }
+    extra = {"repetition_penalty": 1.3, "min_p": 0.05, "min_tokens": 10}
+    texts = []
+    for mode in ("on", "off"):
+        resp = cluster.client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=24,
+            temperature=0,
+            extra_body={**extra, "speculation": {"mode": mode, "num_draft_tokens": 3}},
+            **kw,
+        )
+        texts.append((resp.choices[0].text, resp.usage.completion_tokens))
+        assert resp.usage.completion_tokens >= 10  # EOS was held back for 10 tokens
+    assert texts[0] == texts[1]
+    sampled = cluster.client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=8,
+        temperature=0.8,
+        seed=3,
+        extra_body={**extra, "min_tokens": 8},
+        **kw,
+    )
+    assert sampled.usage.completion_tokens == 8  # min_tokens = max_tokens: never EOS
 
 
 def test_chat_with_a_model_without_a_template_is_a_400(cluster):
