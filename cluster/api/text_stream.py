@@ -22,9 +22,11 @@ class TextStream:
         prompt_ids: Sequence[int],
         stops: Sequence[str],
         include_stop: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         """include_stop: a matched stop string ends the text after it (vLLM's
-        include_stop_str_in_output), not before."""
+        include_stop_str_in_output), not before. min_tokens: no stop string ends the text
+        before that many tokens (vLLM's; the target holds back EOS and stop ids as long)."""
         self.tok = tokenizer
         self.ids = list(prompt_ids[-DECODE_CONTEXT:])
         self.prefix = 0
@@ -35,6 +37,8 @@ class TextStream:
         self.include_stop = include_stop
         self.max_stop = max((len(s) for s in self.stops), default=0)
         self.stopped = False
+        self.min_tokens = min_tokens
+        self.fed = 0  # output tokens fed
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -42,6 +46,7 @@ class TextStream:
     def feed(self, token: int) -> bool:
         """Add one token; True when a stop string matched (the text now ends before it)."""
         self.ids.append(int(token))
+        self.fed += 1
         before = self._decode(self.ids[self.prefix : self.read])
         after = self._decode(self.ids[self.prefix :])
         if len(after) <= len(before) or after.endswith("\ufffd"):
@@ -54,6 +59,8 @@ class TextStream:
             return False
         start = max(0, len(self.text) - self.max_stop + 1)
         self.text += delta
+        if self.fed < self.min_tokens:  # too early for a stop string to end the text
+            return False
         hits = [(i, len(s)) for s in self.stops if (i := self.text.find(s, start)) >= 0]
         if hits:
             at, length = min(hits)

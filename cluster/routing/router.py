@@ -328,7 +328,13 @@ class Router:
                 raise RequestError(
                     grpc.StatusCode.UNAVAILABLE, "", "no target worker is available" + self._why()
                 )
-            text = TextStream(self.tokenizer, req.prompt_ids, req.stop, req.include_stop_str)
+            text = TextStream(
+                self.tokenizer,
+                req.prompt_ids,
+                req.stop,
+                req.include_stop_str,
+                min_tokens=params.min_tokens,
+            )
             sent = 0
             while True:
                 # One message for all that arrived since the last: steps the consumer fell
