@@ -52,6 +52,9 @@ class PrefillRow:
     # token_ids[:prompt_len] are the request's prompt, the rest its output so far (a re-prefill
     # after a fault); None: all prompt. The target's penalties count the output.
     prompt_len: int | None = None
+    # The seq_id of an earlier row of the same call with the same token ids (one of n samples
+    # of a prompt): the target copies its KV instead of computing it again.
+    fork_of: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

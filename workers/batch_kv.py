@@ -190,6 +190,24 @@ class BatchedKV:
         self._len[row] = 0
 
     @torch.inference_mode()
+    def fork(self, source: str, seq_id: str, length: int) -> None:
+        """A new sequence holding a copy of `source`'s first `length` positions (n samples of
+        one prompt: the prompt is computed once). The caller checks the budget."""
+        src = self._get(source)
+        if not 0 <= length <= self._len[src]:
+            raise ValueError(f"cannot fork {length} of a {self._len[src]}-token cache")
+        self.create(seq_id)
+        dst, c = self._row[seq_id], self._cols
+        for bufs in (self._k, self._v):
+            for buf in bufs:
+                if buf is not None:
+                    buf[dst, :, :c] = buf[src, :, :c]
+        self.pos[dst, :c] = self.pos[src, :c]
+        self.valid[dst, :c] = self.valid[src, :c] & (self.pos[src, :c] < length)
+        self._len[dst] = length
+        self._held += length
+
+    @torch.inference_mode()
     def rollback(self, seq_id: str, length: int) -> None:
         """Forget every position >= length (holes). Rolling forward is an error."""
         row = self._get(seq_id)

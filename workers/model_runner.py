@@ -316,6 +316,10 @@ class ModelRunner:
         finally:
             handle.remove()
 
+    def fork(self, source: str, seq_id: str, length: int) -> None:
+        """seq_id starts with a copy of source's first `length` cached positions."""
+        self.kv.fork(source, seq_id, length)
+
     def rollback(self, seq_id: str, length: int) -> None:
         self.kv.rollback(seq_id, length)
 

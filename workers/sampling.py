@@ -40,6 +40,14 @@ class PositionalRng:
         return gen
 
 
+def child_seed(seed: int | None, index: int) -> int | None:
+    """The seed of the index-th of n samples of one seeded request (0 keeps the request's own,
+    so n = 1 samples as before): each sample repeats on its own, and differs from the others."""
+    if seed is None or index == 0:
+        return seed
+    return (seed * 0x2545F491 + index * 0x9E3779B97F4A7C15) % (2**62)
+
+
 def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Probabilities after temperature, top-k, top-p, then min_p (the order HF `generate`
     applies them).

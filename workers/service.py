@@ -243,6 +243,7 @@ class _ServicerBase:
             params,
             features=req.features,
             prompt_len=req.prompt_len if req.HasField("prompt_len") else None,
+            fork_of=req.fork_of or None,
         )
 
     def _batch(self, method: str, rows: Sequence, decode: Callable, encode: Callable, result):

@@ -10,6 +10,7 @@ the batched cache). A batched call runs all its rows in one forward.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -23,6 +24,7 @@ from workers.batch import (
     split_prefill,
 )
 from workers.errors import StaleSequenceError, UnknownSequenceError
+from workers.grammar import OutputGrammar
 from workers.logits_processing import process_logits
 from workers.logprobs import token_logprobs
 from workers.model_runner import ModelRunner
@@ -41,6 +43,7 @@ class _TargetSeq:
     params: SamplingParams
     rng: PositionalRng
     prompt_len: int  # tokens[:prompt_len] are the request's prompt (penalties count the rest)
+    grammar: OutputGrammar | None = None  # the structured output's state over the output
     last_call: tuple | None = None  # (key, result) of the last verify/plain step, for retries
 
 
@@ -50,6 +53,7 @@ class TargetWorker:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self._seqs: dict[str, _TargetSeq] = {}
+        self.prefilled_tokens = 0  # prompt tokens run through prefill forwards (forks: none)
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, **kw) -> TargetWorker:
@@ -86,33 +90,51 @@ class TargetWorker:
         """Per row: the next token, or the exception that refused that row (KVBudgetExceeded
         when the budget is full). All admitted prompts are prefilled in one forward, which also
         decodes each row's next token from its last position (the head runs there only): the
-        first token costs no pass of its own. The token is committed, as a plain step's is."""
+        first token costs no pass of its own. The token is committed, as a plain step's is.
+        A row that forks an earlier row of the call with the same tokens (n samples of one
+        prompt) copies its KV and logits instead of computing them, and draws its own token."""
         out, work, later = split_prefill(rows, self.runner, self._check_prompt, holds_last=True)
         for i in work:
             self.release(rows[i].seq_id)
-        items = [(rows[i].seq_id, list(rows[i].token_ids)) for i in work]
-        res, feats = self._forward(items, last=True, features=any(rows[i].features for i in work))
-        for j, i in enumerate(work):
-            r = rows[i]
-            if isinstance(res, BaseException):
+        sources = _fork_sources(rows, work)
+        computed = [i for i in work if i not in sources]
+        items = [(rows[i].seq_id, list(rows[i].token_ids)) for i in computed]
+        want = any(rows[i].features for i in computed)
+        res, feats = self._forward(items, last=True, features=want)
+        if not isinstance(res, BaseException):
+            self.prefilled_tokens += sum(len(t) for _, t in items)
+        at = {i: j for j, i in enumerate(computed)}
+        for i in work:
+            r, j = rows[i], at[sources.get(i, i)]
+            if isinstance(res, BaseException) or isinstance(out[sources.get(i, i)], BaseException):
                 self.runner.release(r.seq_id)
-                out[i] = res
+                out[i] = res if isinstance(res, BaseException) else out[sources[i]]
                 continue
-            rng = PositionalRng(r.params.seed, TARGET_STREAM)
-            n = len(r.token_ids)
-            prompt_len = n if r.prompt_len is None else r.prompt_len
-            last = process_logits(res[j][-1:], r.token_ids, prompt_len, (), r.params)
-            token = next_token(last[0], r.params, rng.at(n))
-            # The cache now holds all committed tokens but the new last one, as after a step.
-            self._seqs[r.seq_id] = _TargetSeq([*r.token_ids, token], r.params, rng, prompt_len)
-            out[i] = PrefillToken.of(
-                token,
-                pack_features(feats[j]) if r.features else b"",
-                _logprobs(res[j][-1:], [token], r.params),
-            )
+            if i in sources:
+                self.runner.fork(rows[sources[i]].seq_id, r.seq_id, len(r.token_ids))
+            out[i] = run_row(self._first_token, r, res[j][-1:], feats[j] if r.features else None)
+            if isinstance(out[i], BaseException):
+                self.runner.release(r.seq_id)
         for i in later:
             out[i] = self.prefill_batch([rows[i]])[0]
         return out
+
+    def _first_token(self, r: PrefillRow, logits: torch.Tensor, feats: torch.Tensor | None) -> int:
+        """Decode a prefilled row's next token from its last position's logits [1, V] and start
+        its sequence; ValueError for a grammar the matcher refuses (the row fails alone)."""
+        n = len(r.token_ids)
+        prompt_len = n if r.prompt_len is None else r.prompt_len
+        grammar = self._grammar(r.params, r.token_ids[prompt_len:])
+        last = process_logits(logits, r.token_ids, prompt_len, (), r.params)
+        if grammar is not None:
+            last = grammar.mask(last, ())
+        rng = PositionalRng(r.params.seed, TARGET_STREAM)
+        token = next_token(last[0], r.params, rng.at(n))
+        if grammar is not None:
+            grammar.commit([token])
+        # The cache now holds all committed tokens but the new last one, as after a step.
+        self._seqs[r.seq_id] = _TargetSeq([*r.token_ids, token], r.params, rng, prompt_len, grammar)
+        return PrefillToken.of(token, pack_features(feats), _logprobs(logits, [token], r.params))
 
     def _check_prompt(self, r: PrefillRow) -> None:
         vocab = self.runner.vocab_size
@@ -208,8 +230,12 @@ class TargetWorker:
         draft = list(r.draft_tokens)
         raw = logits
         logits = process_logits(logits, seq.tokens, seq.prompt_len, draft, seq.params)
+        if seq.grammar is not None:
+            logits = seq.grammar.mask(logits, draft)
         if r.plain:
             token = next_token(logits[-1], seq.params, seq.rng.at(n))
+            if seq.grammar is not None:
+                seq.grammar.commit([token])
             seq.tokens.append(token)
             verdict = plain_verdict(
                 token, pack_features(feats), _logprobs(raw[-1:], [token], seq.params)
@@ -227,6 +253,8 @@ class TargetWorker:
         committed = verdict.committed(draft)
         if seq.params.logprobs is not None:
             verdict = replace(verdict, logprobs=_logprobs(raw, committed, seq.params))
+        if seq.grammar is not None:
+            seq.grammar.commit(committed)
         seq.tokens.extend(committed)
         self.runner.rollback(r.seq_id, len(seq.tokens) - 1)  # rejected positions become holes
         seq.last_call = (key, verdict)
@@ -245,6 +273,12 @@ class TargetWorker:
             return self.runner.extend_batch(items, last=last), []
         except Exception as exc:  # noqa: BLE001 - answered per row by the caller
             return exc, []
+
+    def _grammar(self, params: SamplingParams, output: Sequence[int]) -> OutputGrammar | None:
+        """The sequence's grammar state over its output so far (a re-prefill's too)."""
+        if not params.grammar:
+            return None
+        return OutputGrammar(self.runner.tokenizer, params.grammar, self.runner.vocab_size, output)
 
     def _get(self, seq_id: str) -> _TargetSeq:
         try:
@@ -266,3 +300,16 @@ def _logprobs(logits: torch.Tensor, tokens: list[int], params: SamplingParams) -
     if params.logprobs is None:
         return ()
     return token_logprobs(logits, tokens, params.logprobs)
+
+
+def _fork_sources(rows: Sequence[PrefillRow], work: list[int]) -> dict[int, int]:
+    """row index -> the index of the earlier row of this call it forks (same token ids, both
+    prefilled now); rows whose source is not there are computed as any other."""
+    first: dict[str, int] = {rows[i].seq_id: i for i in work}
+    out: dict[int, int] = {}
+    for i in work:
+        src = first.get(rows[i].fork_of or "")
+        if src is not None and src < i and src not in out:
+            if list(rows[src].token_ids) == list(rows[i].token_ids):
+                out[i] = src
+    return out

@@ -50,6 +50,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit in [-100, 100])
     min_tokens: int = 0  # `held_ids` cannot be drawn before the output holds this many tokens
     held_ids: tuple[int, ...] = ()  # the ids that would end the output: EOS and stop token ids
+    # Structured output: llguidance's grammar (workers/grammar.py) the output must follow; the
+    # target masks what it refuses at every position. "": none.
+    grammar: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperature, int | float) or not 0 <= self.temperature < math.inf:
@@ -74,6 +77,8 @@ class SamplingParams:
             if not isinstance(token, int) or token < 0:
                 raise ValueError(f"logit_bias: token ids must be integers >= 0, got {token!r}")
             _check_range("logit_bias", bias, -100.0, 100.0)
+        if not isinstance(self.grammar, str):
+            raise ValueError(f"grammar must be a string, got {type(self.grammar).__name__}")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
 

@@ -138,6 +138,7 @@ def sampling_to_proto(params: SamplingParams) -> worker_pb2.SamplingParams:
     msg.logit_bias.update(dict(params.logit_bias))
     msg.min_tokens = params.min_tokens
     msg.held_ids.extend(params.held_ids)
+    msg.grammar = params.grammar
     return msg
 
 
@@ -158,6 +159,7 @@ def sampling_from_proto(msg: worker_pb2.SamplingParams) -> SamplingParams:
         logit_bias=tuple(sorted((int(t), float(b)) for t, b in msg.logit_bias.items())),
         min_tokens=int(msg.min_tokens),
         held_ids=tuple(int(t) for t in msg.held_ids),
+        grammar=msg.grammar,
     )
 
 

@@ -56,6 +56,7 @@ def to_api_error(exc: BaseException, opts: Options | None) -> APIError:
             getattr(exc, "message", str(exc)),
             chat=bool(opts and opts.chat),
             max_tokens_param=opts.max_tokens_param if opts else "",
+            structured_param=opts.structured_param if opts else "",
         )
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return APIError(408, f"deadline exceeded: {exc}", type="timeout_error", code="timeout")

@@ -80,7 +80,13 @@ _PARAMS = {
 
 
 def error_from_router(
-    code: Any, field: str, message: str, *, chat: bool = False, max_tokens_param: str = ""
+    code: Any,
+    field: str,
+    message: str,
+    *,
+    chat: bool = False,
+    max_tokens_param: str = "",
+    structured_param: str = "",
 ) -> APIError:
     """The OpenAI error for a router `RequestError(code, field, message)`."""
     name = getattr(code, "name", str(code))
@@ -94,6 +100,9 @@ def error_from_router(
     param = _PARAMS.get(field, field) or None
     if chat and param == "prompt":
         param = "messages"  # the prompt of a chat request is the rendered messages
+    if param and param.startswith("structured_output."):
+        # what the client sent it as: response_format or one of vLLM's guided_* fields
+        param = structured_param or "response_format"
     if chat and param == "logprobs":
         param = "top_logprobs"  # chat's count of alternatives (its logprobs is a flag)
     if param == "max_tokens" and max_tokens_param:

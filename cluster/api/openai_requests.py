@@ -8,12 +8,13 @@ outside (0, 1], negative seed, too many stop strings, k out of range, ...) are c
 router on the proto, as for gRPC (cluster/api/validation.py), and its refusals are said in
 OpenAI's terms by `openai_errors.error_from_router`. What is checked here is only what a proto
 cannot express: JSON types and shapes, unknown parameters, the model name, and the OpenAI
-parameters this server refuses (n > 1, echo, best_of, suffix, tools, ...) with a 400 that names
+parameters this server refuses (echo, best_of, suffix, tools, ...) with a 400 that names
 them, never silently ignored. Pure: no I/O, neither ray nor grpc.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,8 @@ class Options:
     max_tokens_param: str = "max_tokens"  # the name to report for max_new_tokens errors
     continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage on every chunk
     logprobs: bool = False  # the choices carry the tokens' log-probabilities (req.logprobs: top-N)
+    structured_param: str = ""  # the parameter that asked for a structured output, for errors
+    n: int = 1  # choices (samples of the prompt)
 
 
 # The parameters both endpoints take (some only to refuse them with a clear message).
@@ -62,6 +65,11 @@ _SHARED_PARAMS = frozenset(
         "include_stop_str_in_output",
         "repetition_penalty",
         "min_p",
+        # structured outputs: OpenAI's response_format, vLLM's guided_* extensions
+        "response_format",
+        "guided_json",
+        "guided_regex",
+        "guided_grammar",
     }
 )
 COMPLETION_PARAMS = _SHARED_PARAMS | {"prompt", "echo", "best_of", "suffix"}
@@ -72,7 +80,6 @@ CHAT_PARAMS = _SHARED_PARAMS | {
     "tools",
     "tool_choice",
     "parallel_tool_calls",
-    "response_format",
     "functions",
     "function_call",
     "chat_template_kwargs",
@@ -132,9 +139,10 @@ def _shared_params(
 
     _vllm_extensions(body, req)
     _processing(body, req)
+    _structured_output(body, req)
     n = read_int(body, "n")
-    if n is not None and n != 1:
-        raise refused("n", "one choice per request; send n requests")
+    if n is not None:
+        req.n = n  # its range is the router's check, as over gRPC
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise invalid("user", "must be a string", "invalid_type")
@@ -200,6 +208,56 @@ def _processing(body: Mapping[str, Any], req: pb.GenerateRequest) -> None:
             req.logit_bias[token] = read_number({"logit_bias": value}, "logit_bias")
         except APIError as err:
             raise invalid("logit_bias", f"token {key}: {err.message.split(': ', 1)[1]}") from None
+
+
+STRUCTURED_PARAMS = ("response_format", "guided_json", "guided_regex", "guided_grammar")
+
+
+def _structured_param(body: Mapping[str, Any]) -> str:
+    return next((k for k in STRUCTURED_PARAMS if body.get(k) is not None), "")
+
+
+def _structured_output(body: Mapping[str, Any], req: pb.GenerateRequest) -> None:
+    """OpenAI's response_format ({"type": "text" | "json_object" | "json_schema", "json_schema":
+    {"name", "schema", "strict"}}) and vLLM's guided_json / guided_regex / guided_grammar (Lark),
+    one of them at most. Whether a schema, expression or grammar compiles is the router's check."""
+    out = req.structured_output
+    given = [k for k in STRUCTURED_PARAMS if body.get(k) is not None]
+    if len(given) > 1:
+        raise invalid(given[1], f"set one of {', '.join(given)}, not several")
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict):
+            raise invalid("response_format", "must be an object", "invalid_type")
+        kind = fmt.get("type")
+        if kind == "json_object":
+            out.json_object = True
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise invalid("response_format.json_schema.schema", "must be an object (a schema)")
+            out.json_schema = json.dumps(schema)
+        elif kind != "text":
+            raise invalid(
+                "response_format.type", f"must be text, json_object or json_schema; got {kind!r}"
+            )
+    schema = body.get("guided_json")
+    if schema is not None:
+        if isinstance(schema, str):
+            out.json_schema = schema
+        elif isinstance(schema, dict):
+            out.json_schema = json.dumps(schema)
+        else:
+            raise invalid(
+                "guided_json", "must be a schema (an object or its JSON text)", "invalid_type"
+            )
+    for key, field in (("guided_regex", "regex"), ("guided_grammar", "lark")):
+        value = body.get(key)
+        if value is not None:
+            if not isinstance(value, str):
+                raise invalid(key, "must be a string", "invalid_type")
+            setattr(out, field, value)
 
 
 def _speculation(spec: Any, req: pb.GenerateRequest) -> None:
@@ -280,7 +338,13 @@ def completion_request(
     if body.get("suffix") is not None:
         raise refused("suffix", "no insertion (fill-in-the-middle)")
     return req, Options(
-        model, stream, include_usage, continuous_usage=continuous, logprobs=top is not None
+        model,
+        stream,
+        include_usage,
+        continuous_usage=continuous,
+        logprobs=top is not None,
+        structured_param=_structured_param(body),
+        n=max(1, req.n),
     )
 
 
@@ -325,9 +389,6 @@ def chat_request(
     for name in ("tool_choice", "function_call"):
         if body.get(name) not in (None, "none", "auto"):
             raise refused(name, "no tool calling")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise refused("response_format", "only {'type': 'text'}")
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise invalid("chat_template_kwargs", "must be an object", "invalid_type")
@@ -345,6 +406,8 @@ def chat_request(
         max_tokens_param=key,
         continuous_usage=continuous,
         logprobs=logprobs,
+        structured_param=_structured_param(body),
+        n=max(1, req.n),
     )
 
 

@@ -32,8 +32,10 @@ def finish_reason(resp: pb.GenerateResponse) -> str | None:
     return _FINISH.get(resp.finish_reason)
 
 
-def usage(resp: pb.GenerateResponse) -> dict[str, int]:
-    p, c = int(resp.usage.prompt_tokens), int(resp.usage.completion_tokens)
+def usage(resp: pb.GenerateResponse, completion: int | None = None) -> dict[str, int]:
+    """OpenAI's usage: the prompt once, `completion` tokens (default: this message's)."""
+    p = int(resp.usage.prompt_tokens)
+    c = int(resp.usage.completion_tokens) if completion is None else completion
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
@@ -140,10 +142,22 @@ def response_json(
     created: int | None = None,
     text_of: TokenText | None = None,
 ) -> dict[str, Any]:
-    """The whole (unary) response. `text_of`: token texts, for log-probabilities when asked."""
+    """The whole (unary) response. `text_of`: token texts, for log-probabilities when asked.
+    n > 1: a choice per sample (resp.choices); usage adds their completions up; the metrics
+    are sample 0's."""
     rid = rid or new_id(opts.chat)
     out = _head(opts, rid, int(time.time()) if created is None else created, chunk=False)
-    choice: dict[str, Any] = {"index": 0}
+    parts = list(resp.choices) or [resp]
+    out["choices"] = [_choice(part, i, opts, text_of) for i, part in enumerate(parts)]
+    out["usage"] = usage(resp, sum(int(p.usage.completion_tokens) for p in parts))
+    out["metrics"] = {"speculative_decoding": speculation_metrics(resp.stats)}
+    return out
+
+
+def _choice(
+    resp: pb.GenerateResponse, index: int, opts: Options, text_of: TokenText | None
+) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": index}
     if opts.chat:
         choice["message"] = {"role": "assistant", "content": resp.text}
     else:
@@ -152,10 +166,7 @@ def response_json(
     if opts.logprobs and text_of is not None:
         choice["logprobs"] = LogprobWriter(opts.chat, text_of).json(resp.logprobs)
     choice["finish_reason"] = finish_reason(resp)
-    out["choices"] = [choice]
-    out["usage"] = usage(resp)
-    out["metrics"] = {"speculative_decoding": speculation_metrics(resp.stats)}
-    return out
+    return choice
 
 
 class ChunkWriter:
@@ -175,23 +186,28 @@ class ChunkWriter:
         """prompt_tokens: for usage on every chunk (opts.continuous_usage); text_of: token
         texts, for log-probabilities (opts.logprobs)."""
         self.opts = opts
-        self.logprobs = (
-            LogprobWriter(opts.chat, text_of) if opts.logprobs and text_of is not None else None
-        )
+        self.text_of = text_of if opts.logprobs else None
+        self.logprobs: dict[int, LogprobWriter] = {}  # by sample index
         self.rid = rid or new_id(opts.chat)
         self.created = int(now())
-        self.started = False
+        self.started: set[int] = set()  # samples whose first chunk went out
+        self.finished = 0
+        self.completed = 0  # the finished samples' completion tokens, as their usage says
         self.prompt_tokens = prompt_tokens
-        self.completion_tokens = 0
+        self.completion_tokens = 0  # all samples'
 
     def _chunk(
-        self, text: str | None, finish: str | None, logprobs: Sequence[pb.TokenLogprob] = ()
+        self,
+        index: int,
+        text: str | None,
+        finish: str | None,
+        logprobs: Sequence[pb.TokenLogprob] = (),
     ) -> dict[str, Any]:
         out = _head(self.opts, self.rid, self.created, chunk=True)
-        choice: dict[str, Any] = {"index": 0}
+        choice: dict[str, Any] = {"index": index}
         if self.opts.chat:
             delta: dict[str, Any] = {}
-            if not self.started:
+            if index not in self.started:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
@@ -199,10 +215,11 @@ class ChunkWriter:
         else:
             choice["text"] = text or ""
         choice["logprobs"] = None
-        if self.logprobs is not None and logprobs:
-            choice["logprobs"] = self.logprobs.json(logprobs)
+        if self.text_of is not None and logprobs:
+            writer = self.logprobs.setdefault(index, LogprobWriter(self.opts.chat, self.text_of))
+            choice["logprobs"] = writer.json(logprobs)
         choice["finish_reason"] = finish
-        self.started = True
+        self.started.add(index)
         out["choices"] = [choice]
         if self.opts.continuous_usage:  # vLLM's continuous_usage_stats: the counts so far
             p, c = self.prompt_tokens, self.completion_tokens
@@ -212,23 +229,27 @@ class ChunkWriter:
         return out
 
     def events(self, msg: pb.GenerateResponse) -> list[str]:
-        """The SSE lines for one router message (none for an empty, non-final one)."""
+        """The SSE lines for one router message (none for an empty, non-final one). n > 1: each
+        sample's chunks carry its index; the usage chunk follows the last sample's finish."""
         out = []
+        i = int(msg.index)
         finish = finish_reason(msg)
         self.completion_tokens += len(msg.token_ids)
-        if self.opts.chat and not self.started:
-            out.append(sse(self._chunk("", None)))
+        if self.opts.chat and i not in self.started:
+            out.append(sse(self._chunk(i, "", None)))
         if (msg.text or msg.logprobs) and finish is None:
-            out.append(sse(self._chunk(msg.text, None, msg.logprobs)))
+            out.append(sse(self._chunk(i, msg.text, None, msg.logprobs)))
         if finish is not None:
             text = msg.text if msg.text else None if self.opts.chat else ""
-            last = self._chunk(text, finish, msg.logprobs)
+            last = self._chunk(i, text, finish, msg.logprobs)
             metrics = {"speculative_decoding": speculation_metrics(msg.stats)}
             last["metrics"] = metrics
             out.append(sse(last))
-            if self.opts.include_usage:
+            self.finished += 1
+            self.completed += int(msg.usage.completion_tokens)
+            if self.opts.include_usage and self.finished == self.opts.n:
                 tail = _head(self.opts, self.rid, self.created, chunk=True)
-                tail.update(choices=[], usage=usage(msg), metrics=metrics)
+                tail.update(choices=[], usage=usage(msg, self.completed), metrics=metrics)
                 out.append(sse(tail))
         return out
 

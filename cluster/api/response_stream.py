@@ -101,22 +101,28 @@ async def coalesce(
 
     Why: each message crosses two Serve hops (target replica -> ingress -> proxy), a few ms of CPU
     each way, on the cores the forward needs; a unary request needs none of them."""
-    pending: specdec_pb2.GenerateResponse | None = None
-    sent = False
+    pending: dict[int, specdec_pb2.GenerateResponse] = {}  # by sample index
+    sent: set[int] = set()
     last = time.monotonic()
     try:
         async for msg in stream:
-            if pending is None:
-                pending = msg
+            i = msg.index
+            if i in pending:
+                merge(pending[i], msg)
             else:
-                merge(pending, msg)
-            due = every > 0 and (not sent or len(pending.token_ids) >= every)
-            late = max_delay_s is not None and time.monotonic() - last >= max_delay_s
-            if due or late or pending.finish_reason:
-                yield pending
-                pending, sent, last = None, True, time.monotonic()
-        if pending is not None:
-            yield pending
+                pending[i] = msg
+            due = every > 0 and (i not in sent or len(pending[i].token_ids) >= every)
+            if due or pending[i].finish_reason:
+                sent.add(i)
+                yield pending.pop(i)
+            if max_delay_s is not None and time.monotonic() - last >= max_delay_s:
+                for j in sorted(pending):  # a live stream still says so
+                    sent.add(j)
+                    yield pending.pop(j)
+            if not pending:
+                last = time.monotonic()
+        for j in sorted(pending):
+            yield pending.pop(j)
     finally:
         await stream.aclose()
 
@@ -124,8 +130,15 @@ async def coalesce(
 async def collect(
     stream: AsyncIterator[specdec_pb2.GenerateResponse],
 ) -> specdec_pb2.GenerateResponse:
-    """A whole stream as one response (the unary Generate); closes the stream in any case."""
-    out = specdec_pb2.GenerateResponse()
+    """A whole stream as one response (the unary Generate); closes the stream in any case. The
+    samples of an n > 1 request are merged each on its own, into `choices` (by index); the
+    message's own fields repeat sample 0's."""
+    parts: dict[int, specdec_pb2.GenerateResponse] = {}
     async for msg in coalesce(stream, 0):
-        merge(out, msg)
+        merge(parts.setdefault(msg.index, specdec_pb2.GenerateResponse(index=msg.index)), msg)
+    out = specdec_pb2.GenerateResponse()
+    if 0 in parts:
+        out.CopyFrom(parts[0])
+    if len(parts) > 1:
+        out.choices.extend(parts[i] for i in sorted(parts))
     return out

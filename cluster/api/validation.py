@@ -22,6 +22,7 @@ import grpc
 
 from cluster.scheduling.policy import Drafter, SpecMode
 from protos import specdec_pb2
+from workers.grammar import compile_grammar
 from workers.token_range import TokenRangeError, check_length, check_token_ids
 from workers.types import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -97,6 +98,8 @@ class ValidRequest:
     ignore_eos: bool = False  # vLLM's: generate past the end-of-sequence token
     stop_token_ids: frozenset[int] = frozenset()
     include_stop_str: bool = False  # a matched stop string stays in the text
+    n: int = 1  # samples of the prompt
+    resumed: int = 0  # prompt_ids[-resumed:] are the request's own output (a moved sequence)
 
 
 def validate_request(
@@ -182,6 +185,9 @@ def validate_request(
         raise invalid(
             "speculation.drafter", f"unknown value {spec.drafter} (use AUTO, MODEL or LOOKUP)"
         )
+    resumed = request.resumed_tokens
+    if resumed >= len(ids):
+        raise invalid("resumed_tokens", f"must be below the prompt's {len(ids)} tokens")
     logprobs = request.logprobs if request.HasField("logprobs") else None
     if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
         raise invalid(
@@ -194,7 +200,7 @@ def validate_request(
         top_p=top_p,
         seed=seed,
         logprobs=logprobs,
-        **_processing(request, vocab_size, int(max_new)),
+        **_processing(request, vocab_size, int(max_new) + resumed),
     )
     return ValidRequest(
         uuid.uuid4().hex,
@@ -208,10 +214,19 @@ def validate_request(
         ignore_eos=bool(request.ignore_eos),
         stop_token_ids=frozenset(int(t) for t in stop_ids),
         include_stop_str=bool(request.include_stop_str_in_output),
+        n=_samples(request.n),
+        resumed=resumed,
     )
 
 
 MAX_LOGIT_BIAS = 1024  # tokens a request may bias
+MAX_N = 16  # samples of one prompt
+
+
+def _samples(n: int) -> int:
+    if not 0 <= n <= MAX_N:
+        raise invalid("n", f"must be in [1, {MAX_N}] (0 = 1), got {n}")
+    return max(1, n)
 
 
 def _processing(
@@ -244,11 +259,20 @@ def _processing(
         if not (math.isfinite(value) and -100.0 <= value <= 100.0):
             raise invalid("logit_bias", f"token {token}: must be in [-100, 100], got {value}")
     out["logit_bias"] = tuple(sorted((int(t), float(v)) for t, v in bias.items()))
-    if not 0 <= request.min_tokens <= max_new:
+    if not 0 <= request.min_tokens <= max_new:  # (a moved sequence's: with what it has)
         raise invalid(
             "min_tokens", f"must be in [0, max_new_tokens = {max_new}], got {request.min_tokens}"
         )
     out["min_tokens"] = int(request.min_tokens)
+    kind = request.structured_output.WhichOneof("kind")
+    if kind is not None:
+        source = getattr(request.structured_output, kind)
+        if kind == "json_object" and not source:
+            raise invalid("structured_output.json_object", "must be true when set")
+        try:
+            out["grammar"] = compile_grammar(kind, "" if kind == "json_object" else source)
+        except ValueError as exc:
+            raise invalid(f"structured_output.{kind}", str(exc)) from None
     return out
 
 

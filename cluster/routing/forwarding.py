@@ -133,35 +133,39 @@ class ForwardingRouter:
             del forward.prompt_token_ids[:]
             forward.prompt_token_ids.extend(req.prompt_ids)
             forward.max_new_tokens = req.max_new_tokens
-            received: list[int] = []
+            received: dict[int, list[int]] = {}  # by sample index
             failovers = 0
             while True:
                 try:
                     async for msg in self._attempt(forward, every):
-                        received.extend(msg.token_ids)
+                        got = received.setdefault(msg.index, [])
+                        got.extend(msg.token_ids)
                         if msg.finish_reason:
                             msg.usage.prompt_tokens = len(req.prompt_ids)
-                            msg.usage.completion_tokens = len(received)
+                            msg.usage.completion_tokens = len(got)
                             msg.stats.target_failovers += failovers
                         yield msg
                     return
                 except _ReplicaLost as lost:
                     failovers += 1
-                    if failovers > self.max_failovers:
+                    # n samples move only together with their prompt's prefill: not built
+                    if failovers > self.max_failovers or req.n > 1:
                         raise RequestError(
                             grpc.StatusCode.UNAVAILABLE,
                             "",
                             f"no target replica could serve the request ({lost})",
                         ) from None
                     log.warning("target replica lost (%s): moving the sequence", lost)
-                    if len(received) >= req.max_new_tokens:  # lost just before its last message
-                        yield _length_finish(len(req.prompt_ids), len(received), failovers)
+                    done = received.get(0, [])
+                    if len(done) >= req.max_new_tokens:  # lost just before its last message
+                        yield _length_finish(len(req.prompt_ids), len(done), failovers)
                         return
                     await asyncio.sleep(0.2 * failovers)  # let Serve see the replica gone
                     # The committed tokens go along: the next replica re-prefills and goes on.
                     del forward.prompt_token_ids[:]
-                    forward.prompt_token_ids.extend(req.prompt_ids + received)
-                    forward.max_new_tokens = req.max_new_tokens - len(received)
+                    forward.prompt_token_ids.extend(req.prompt_ids + done)
+                    forward.max_new_tokens = req.max_new_tokens - len(done)
+                    forward.resumed_tokens = len(done)  # output: penalties, grammar count it
         finally:
             self._admission.leave()
 

@@ -61,24 +61,28 @@ class LoopMailbox:
 
 class LoopSink:
     """A row's output into its consumer's queue (the scheduler thread never blocks): `Emitted`
-    token lists, then END, or the error `to_error(exc)` made of a failure. `on_done(row)` runs
-    on the scheduler thread when the row ends either way."""
+    token lists, then END, or the error `to_error(exc)` made of a failure, each as (index,
+    item), so that one queue can gather the n sequences of a request. `on_done(row)` runs on
+    the scheduler thread when the row ends either way."""
 
     def __init__(
         self,
         mailbox: LoopMailbox,
         on_done: Callable[[Row | None], None],
         to_error: Callable[[BaseException], Any],
+        queue: asyncio.Queue | None = None,
+        index: int = 0,
     ) -> None:
         self.mailbox = mailbox
         self.on_done = on_done
         self.to_error = to_error
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue: asyncio.Queue = asyncio.Queue() if queue is None else queue
+        self.index = index
         self.row: Row | None = None
 
     def _put(self, item: Any) -> None:
         try:
-            self.mailbox.put(self.queue, item)
+            self.mailbox.put(self.queue, (self.index, item))
         except RuntimeError:  # the loop is closed: nobody is listening any more
             if self.row is not None:
                 self.row.cancel()

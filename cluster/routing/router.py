@@ -24,18 +24,20 @@ import logging
 import threading
 import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import grpc
 
-from cluster.api.response_stream import collect, finish, logprobs_to_proto
+from cluster.api.response_stream import collect
 from cluster.api.text_stream import TextStream
 from cluster.api.validation import Admission, RequestError, ValidRequest, internal_error
 from cluster.routing.config import RouterConfig
-from cluster.routing.mailbox import END, LoopMailbox, LoopSink
+from cluster.routing.mailbox import LoopMailbox, LoopSink
+from cluster.routing.sequence_stream import SequenceStream, stream_sequences
 from cluster.routing.target_model import TargetModel
 from cluster.scheduling.observer import SchedulerObserver
-from cluster.scheduling.rounds import FinishReason, SequenceRounds, StopConditions
+from cluster.scheduling.rounds import SequenceRounds, StopConditions
 from cluster.scheduling.rows import Row, RowRequest
 from cluster.scheduling.scheduler import StepScheduler
 from cluster.scheduling.worker_api import TargetUnavailable
@@ -43,7 +45,7 @@ from cluster.transport.pools import Endpoint, EndpointState, LocalSide, WorkerPo
 from protos import specdec_pb2, worker_pb2
 from workers.errors import KVBudgetExceeded
 from workers.logits_processing import with_held_ids
-from workers.types import TokenLogprob
+from workers.sampling import child_seed
 from workers.wire import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -247,6 +249,29 @@ class Router:
                 self._schedulers[ep.address] = sched
             return sched
 
+    def _place_group(self, rows: list[Row]) -> bool:
+        """Put a request's rows on one target's scheduler, submitted together so that they are
+        admitted in one step (the first one's prefill is then copied, not computed again);
+        False when there is no target."""
+        if len(rows) == 1:
+            return self._place(rows[0], set())
+        tried: set[str] = set()
+        while True:
+            ep = self._targets.acquire(exclude=tried)
+            if ep is None:
+                return False
+            held = [ep] + [self._targets.hold(ep) for _ in rows[1:]]
+            for row, home in zip(rows, held, strict=True):
+                row.home = home
+            try:
+                self._scheduler_for(ep).submit_many(rows)
+                return True
+            except RuntimeError:  # that scheduler just stopped: try another
+                tried.add(ep.address)
+                for row, home in zip(rows, held, strict=True):
+                    self._targets.release(home)
+                    row.home = None
+
     def _place(self, row: Row, tried: set[str]) -> bool:
         """Put the row on the least-loaded target's scheduler; False when there is none."""
         while True:
@@ -313,64 +338,41 @@ class Router:
         """Stream the generation; see the class docstring. Raises RequestError."""
         req = self.validate(request)
         eos = frozenset() if req.ignore_eos else self.model.eos_token_ids
-        rounds = SequenceRounds(
-            req.prompt_ids,
-            StopConditions(req.max_new_tokens, eos, req.stop_token_ids, self.model.max_context),
-        )
-        self._admit()
-        sink = LoopSink(self._mailbox(), self._row_done, _request_error)
-        request = RowRequest(req.mode, req.k or None, None, req.drafter)
+        stop = StopConditions(req.max_new_tokens, eos, req.stop_token_ids, self.model.max_context)
         params = with_held_ids(req.params, eos | req.stop_token_ids)
-        row = Row(req.seq_id, rounds, params, sink, request)
-        sink.row = row
+        request_kind = RowRequest(req.mode, req.k or None, None, req.drafter)
+        queue: asyncio.Queue = asyncio.Queue()
+        seqs: list[SequenceStream] = []
         try:
-            if not self._place(row, set()):
+            for i in range(req.n):  # n samples of one prompt: n rows, one queue
+                self._admit()
+                sink = LoopSink(self._mailbox(), self._row_done, _request_error, queue, i)
+                seq_id = req.seq_id if i == 0 else f"{req.seq_id}-{i}"
+                own = params if i == 0 else replace(params, seed=child_seed(params.seed, i))
+                row = Row(seq_id, SequenceRounds(req.prompt_ids, stop), own, sink, request_kind)
+                row.fork_of = seqs[0].row.seq_id if i else None  # its prefill is copied
+                row.resumed = req.resumed
+                sink.row = row
+                text = TextStream(
+                    self.tokenizer,
+                    req.prompt_ids,
+                    req.stop,
+                    req.include_stop_str,
+                    min_tokens=max(0, params.min_tokens - req.resumed),
+                )
+                seqs.append(SequenceStream(i, row, text))
+            if not self._place_group([seq.row for seq in seqs]):
                 raise RequestError(
                     grpc.StatusCode.UNAVAILABLE, "", "no target worker is available" + self._why()
                 )
-            text = TextStream(
-                self.tokenizer,
-                req.prompt_ids,
-                req.stop,
-                req.include_stop_str,
-                min_tokens=params.min_tokens,
-            )
-            sent = 0
-            while True:
-                # One message for all that arrived since the last: steps the consumer fell
-                # behind on, and a row's last tokens with its finish (one message fewer each).
-                items = [await sink.queue.get()]
-                while not sink.queue.empty():
-                    items.append(sink.queue.get_nowait())
-                tokens: list[int] = []
-                logprobs: list[TokenLogprob] = []
-                for item in items:
-                    if isinstance(item, RequestError):
-                        if tokens:  # what was committed before the failure still goes out
-                            yield _message(text, False, tokens, logprobs)
-                        raise item
-                    if item is END:
-                        reason = rounds.finish_reason or FinishReason.CANCELLED
-                        yield finish(_message(text, True, tokens, logprobs), row, reason, sent)
-                        return
-                    for i, tok in enumerate(item.tokens):
-                        tokens.append(tok)
-                        logprobs.extend(item.logprobs[i : i + 1])
-                        sent += 1
-                        if text.feed(tok):
-                            break
-                    if text.stopped:  # a stop string: the row leaves the batch at the next step
-                        row.cancel()
-                        yield finish(
-                            _message(text, True, tokens, logprobs), row, FinishReason.STOP, sent
-                        )
-                        return
-                yield _message(text, False, tokens, logprobs)
+            async for msg in stream_sequences(queue, seqs):
+                yield msg
         finally:
-            if not row.released.is_set():
-                row.cancel()  # the consumer is gone (or done): the row leaves the batch
-                self._wake(row)
-            self._leave()
+            for seq in seqs:
+                if not seq.row.released.is_set():
+                    seq.row.cancel()  # the consumer is gone (or done): the row leaves the batch
+                    self._wake(seq.row)
+                self._leave()
 
     async def generate(self, request: specdec_pb2.GenerateRequest) -> specdec_pb2.GenerateResponse:
         """The whole generation as one response. Raises RequestError."""
@@ -417,13 +419,3 @@ class Router:
             self._health.join(timeout=5)
         self._drafts.close()
         self._targets.close()
-
-
-def _message(
-    text: TextStream, last: bool, tokens: list[int], logprobs: list[TokenLogprob]
-) -> specdec_pb2.GenerateResponse:
-    """A stream message of `tokens` (and their log-probabilities, when asked) and the text they
-    complete (`last`: all the rest of it)."""
-    return specdec_pb2.GenerateResponse(
-        text=text.take(last), token_ids=tokens, logprobs=logprobs_to_proto(logprobs)
-    )

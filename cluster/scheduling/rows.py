@@ -59,6 +59,12 @@ class Row:
         self.sink = sink
         self.request = request
         self.policy: RowPolicy | None = None  # made on admission, on the scheduler thread
+        # One of n samples of a prompt: the seq_id of the first, whose prefill this row copies
+        # when both are admitted in the same step (then cleared: a re-prefill computes).
+        self.fork_of: str | None = None
+        # The last `resumed` prompt tokens are the request's own output (a sequence an ingress
+        # moved here): the target's penalties, min_tokens and grammar count them as output.
+        self.resumed = 0
         self.drafter: Drafter = request.drafter or Drafter.AUTO  # the scheduler's, on admission
         self.lookup: RowLookup | None = None  # its own text indexed, when it drafts by lookup
         self.lease: DraftLease | None = None  # the draft worker holding this row's draft state

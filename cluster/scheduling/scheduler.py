@@ -236,7 +236,8 @@ class StepScheduler(TargetFaults, StepLoop):
                         r.rounds.tokens,
                         r.params,
                         features=self._features(r),
-                        prompt_len=len(r.rounds.prompt_ids),
+                        prompt_len=len(r.rounds.prompt_ids) - r.resumed,
+                        fork_of=r.fork_of,
                     )
                     for r in batch
                 ]
@@ -248,6 +249,7 @@ class StepScheduler(TargetFaults, StepLoop):
         self.drafting.poll()
         refused: list[Row] = []
         for row, res in zip(batch, results, strict=True):
+            row.fork_of = None  # copied or computed: any later prefill computes
             if isinstance(res, int):  # the prefill pass decoded the next token: a plain step
                 row.on_target = True
                 row.features = bytearray(getattr(res, "features", b""))  # every prompt position's

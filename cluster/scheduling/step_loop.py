@@ -47,10 +47,14 @@ class StepLoop(abc.ABC):
         """The loop ends: end every row held, release it, mark the scheduler not alive."""
 
     def submit(self, row: Row) -> None:
+        self.submit_many([row])
+
+    def submit_many(self, rows: list[Row]) -> None:
+        """Rows that arrive together (a request's n samples): the loop takes them in one go."""
         with self._wake:
             if self._closing or not self.alive:
                 raise RuntimeError(f"{self.name} is not running")
-            self._inbox.append(row)
+            self._inbox.extend(rows)
             self._wake.notify()
 
     def wake(self) -> None:

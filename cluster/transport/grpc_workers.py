@@ -121,6 +121,8 @@ def prefill_request(row: PrefillRow) -> worker_pb2.PrefillRequest:
     )
     if row.prompt_len is not None:
         req.prompt_len = row.prompt_len
+    if row.fork_of:
+        req.fork_of = row.fork_of
     return req
 
 

@@ -150,6 +150,12 @@ class WorkerPool:
                     return ep
         return None
 
+    def hold(self, ep: Endpoint) -> Endpoint:
+        """Count one more use of an endpoint already acquired (rows placed together)."""
+        with self._lock:
+            ep.in_flight += 1
+        return ep
+
     def release(self, ep: Endpoint) -> None:
         close = False
         with self._lock:

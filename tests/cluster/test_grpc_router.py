@@ -443,6 +443,50 @@ def test_a_served_target_called_in_process_equals_hf_and_fails_over_when_gone(ck
         executor.shutdown()
 
 
+def test_n_samples_share_one_prefill_and_each_repeats(ckpts, addr, tok):
+    """n = 4 seeded: four different samples, each repeating exactly on a second call, sample 0
+    what n = 1 gives, the prompt prefilled once on the target; streamed messages carry their
+    sample's index and add up to the unary choices."""
+    worker = TargetWorker.from_path(ckpts["target"])
+    executor = SerialExecutor(worker)
+    server, port = serve_target(worker, "127.0.0.1", 0, executor=executor)
+    own = f"127.0.0.1:{port}"
+    served = ServedTarget.factory(own, worker, executor)
+    router = Router(
+        RouterConfig(str(ckpts["target"])),
+        drafts=[addr["near"]],
+        targets=[own],
+        local_targets={own: served},
+    )
+    try:
+        sampled = {"temperature": 0.9, "seed": 11, "max_new": 24}
+        req = request(PROMPTS[0], ON, 3, n=4, **sampled)
+        before = worker.prefilled_tokens
+        first = generate(router, req)
+        assert worker.prefilled_tokens - before == len(tok.encode(PROMPTS[0]))
+        assert [c.index for c in first.choices] == [0, 1, 2, 3]
+        samples = [list(c.token_ids) for c in first.choices]
+        assert len({tuple(s) for s in samples}) == 4
+        assert all(c.finish_reason and c.usage.completion_tokens == len(c.token_ids)
+                   for c in first.choices)  # fmt: skip
+        assert list(first.token_ids) == samples[0] and first.stats.rounds > 0
+        assert [list(c.token_ids) for c in generate(router, req).choices] == samples
+        assert (
+            list(generate(router, request(PROMPTS[0], ON, 3, **sampled)).token_ids) == (samples[0])
+        )
+        chunks = stream(router, req)
+        for i in range(4):
+            assert [t for c in chunks if c.index == i for t in c.token_ids] == samples[i]
+        assert sorted(c.index for c in chunks if c.finish_reason) == [0, 1, 2, 3]
+        greedy = generate(router, request(PROMPTS[1], ON, 3, n=3))
+        assert len({tuple(c.token_ids) for c in greedy.choices}) == 1  # greedy: one answer
+        assert worker.live_sequences == 0
+    finally:
+        router.close()
+        server.stop(None)
+        executor.shutdown()
+
+
 # -- admission, stop strings, cancellation, start-up checks ---------------------------------------
 
 

@@ -98,7 +98,7 @@ def test_defaults_follow_openai_and_unset_stays_unset():
             "invalid_type",
         ),
         ({"frobnicate": 1}, "frobnicate", "unknown_parameter"),
-        ({"n": 3}, "n", "unsupported_parameter"),
+        ({"n": "3"}, "n", "invalid_type"),
         ({"logprobs": True}, "logprobs", "invalid_type"),
         ({"echo": True}, "echo", "unsupported_parameter"),
         ({"best_of": 3}, "best_of", "unsupported_parameter"),
@@ -197,7 +197,9 @@ def test_chat_request_renders_the_template_and_refuses_without_one():
         ({"top_logprobs": 2}, "top_logprobs"),  # only with logprobs: true
         ({"logprobs": 1}, "logprobs"),
         ({"max_tokens": 3, "max_completion_tokens": 3}, "max_tokens"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
+        ({"guided_regex": "a", "response_format": {"type": "text"}}, "guided_regex"),
     ]:  # fmt: skip
         with pytest.raises(APIError) as info:
             chat_request({**body, **bad}, model_id=M, tokenizer=tok)
@@ -336,6 +338,24 @@ def test_penalties_bias_and_min_p_translate_to_the_proto():
     assert req.HasField("repetition_penalty") and req.repetition_penalty == pytest.approx(1.2)
     assert req.min_p == pytest.approx(0.1) and dict(req.logit_bias) == {5: -100.0, 7: 2.5}
     assert not comp()[0].HasField("repetition_penalty")  # unset: off, not 0
+
+
+def test_structured_outputs_translate_to_the_proto():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    req, opts = comp(response_format=fmt)
+    assert json.loads(req.structured_output.json_schema) == schema
+    assert opts.structured_param == "response_format"
+    assert comp(response_format={"type": "json_object"})[0].structured_output.json_object
+    assert not comp(response_format={"type": "text"})[0].HasField("structured_output")
+    assert json.loads(comp(guided_json=schema)[0].structured_output.json_schema) == schema
+    req, opts = comp(guided_regex="[0-9]+")
+    assert req.structured_output.regex == "[0-9]+" and opts.structured_param == "guided_regex"
+    assert comp(guided_grammar='start: "x"')[0].structured_output.lark == 'start: "x"'
+    err = error_from_router(
+        "INVALID_ARGUMENT", "structured_output.regex", "bad", structured_param="guided_regex"
+    )
+    assert err.param == "guided_regex"
 
 
 def test_vllm_benchmark_fields_are_taken():

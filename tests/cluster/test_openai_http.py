@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -412,7 +413,7 @@ BAD = {
     "unknown-model": ("model", {"model": "gpt-4"}),
     "missing-model": ("model", {"model": None}),
     # refused OpenAI parameters
-    "n=2": ("n", {"n": 2}),
+    "n=17": ("n", {"n": 17}),
     "logprobs-over-20": ("logprobs", {"logprobs": 21}),
     "echo": ("echo", {"echo": True}),
     "best_of": ("best_of", {"best_of": 2}),
@@ -688,6 +689,100 @@ def test_penalties_bias_and_min_tokens_under_speculation_equal_a_plain_run(clust
         **kw,
     )
     assert sampled.usage.completion_tokens == 8  # min_tokens = max_tokens: never EOS
+
+
+def test_structured_outputs_through_the_openai_client(cluster):
+    """response_format json_schema (chat and completions, speculation on and off: the same
+    greedy text, and it validates), json_object, vLLM's guided_regex; a schema that does not
+    compile is a 400 naming the parameter that carried it."""
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    texts = []
+    for mode in ("on", "off"):
+        resp = cluster.client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=64,
+            temperature=0,
+            response_format=fmt,
+            extra_body={"speculation": {"mode": mode, "num_draft_tokens": 3}},
+        )
+        assert resp.choices[0].finish_reason == "stop"
+        texts.append(resp.choices[0].message.content)
+    assert texts[0] == texts[1]
+    jsonschema.validate(json.loads(texts[0]), schema)
+    for seed in range(3):
+        sampled = cluster.client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=64,
+            temperature=1.0,
+            seed=seed,
+            extra_body={"response_format": fmt, **SPEC_ON},
+        )
+        jsonschema.validate(json.loads(sampled.choices[0].text), schema)
+    obj = cluster.client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=200,
+        temperature=0,
+        extra_body={"response_format": {"type": "json_object"}, **SPEC_ON},
+    )
+    if obj.choices[0].finish_reason == "stop":  # a random model may write a long object
+        assert isinstance(json.loads(obj.choices[0].text), dict)
+    regex = cluster.client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=16,
+        temperature=0.9,
+        seed=1,
+        extra_body={"guided_regex": "(yes|no)-[0-9]{3}", **SPEC_ON},
+    )
+    assert re.fullmatch("(yes|no)-[0-9]{3}", regex.choices[0].text)
+    bad = {"model": MODEL, "prompt": PROMPT, "guided_regex": "a(b"}
+    assert_error(cluster.post("/v1/completions", bad), 400, "guided_regex")
+    bad = {"model": MODEL, "prompt": PROMPT, "response_format": {"type": "json_schema",
+           "json_schema": {"schema": {"type": "nonsense"}}}}  # fmt: skip
+    assert_error(cluster.post("/v1/completions", bad), 400, "response_format")
+
+
+def test_n_choices_through_the_openai_client(cluster):
+    """n = 3 seeded: three choices by index, usage adding their completions up, each repeating
+    on a second call; streamed, each chunk names its choice and every choice finishes."""
+    kw = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "seed": 5}
+    unary = cluster.client.completions.create(n=3, extra_body=SPEC_ON, **kw)
+    assert [c.index for c in unary.choices] == [0, 1, 2]
+    texts = [c.text for c in unary.choices]
+    assert len(set(texts)) == 3
+    assert unary.usage.completion_tokens == 36 and unary.usage.prompt_tokens == len(
+        cluster.ids(PROMPT)
+    )
+    again = cluster.client.completions.create(n=3, extra_body=SPEC_ON, **kw)
+    assert [c.text for c in again.choices] == texts
+    chunks = list(
+        cluster.client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=8,
+            temperature=1.0,
+            seed=2,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    finishes = sorted(
+        c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason
+    )
+    assert finishes == [0, 1]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
 
 
 def test_chat_with_a_model_without_a_template_is_a_400(cluster):
