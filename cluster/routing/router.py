@@ -249,20 +249,18 @@ class Router:
                 self._schedulers[ep.address] = sched
             return sched
 
-    def _place_group(self, rows: list[Row]) -> bool:
-        """Put a request's rows on one target's scheduler, submitted together so that they are
-        admitted in one step (the first one's prefill is then copied, not computed again);
-        False when there is no target."""
-        if len(rows) == 1:
-            return self._place(rows[0], set())
-        tried: set[str] = set()
+    def _place_group(self, rows: list[Row], tried: set[str] | None = None) -> bool:
+        """Put rows on the least-loaded target's scheduler (not one in `tried`), submitted
+        together: a request's n samples are then admitted in one step, and the first one's
+        prefill is copied, not computed again. False when there is no target."""
+        tried = set() if tried is None else tried
         while True:
             ep = self._targets.acquire(exclude=tried)
             if ep is None:
                 return False
             held = [ep] + [self._targets.hold(ep) for _ in rows[1:]]
-            for row, home in zip(rows, held, strict=True):
-                row.home = home
+            for row in rows:
+                row.home = ep
             try:
                 self._scheduler_for(ep).submit_many(rows)
                 return True
@@ -274,18 +272,7 @@ class Router:
 
     def _place(self, row: Row, tried: set[str]) -> bool:
         """Put the row on the least-loaded target's scheduler; False when there is none."""
-        while True:
-            ep = self._targets.acquire(exclude=tried)
-            if ep is None:
-                return False
-            row.home = ep
-            try:
-                self._scheduler_for(ep).submit(row)
-                return True
-            except RuntimeError:  # that scheduler just stopped: try another
-                tried.add(ep.address)
-                self._targets.release(ep)
-                row.home = None
+        return self._place_group([row], tried)
 
     def _mailbox(self) -> LoopMailbox:
         """The running loop's mailbox (one wake-up a step for all its streams)."""

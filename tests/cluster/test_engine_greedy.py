@@ -38,7 +38,9 @@ def hf_target(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir / "target", local_files_only=True).eval()
 
 
-def hf_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
+def hf_greedy(model, ids: list[int], max_new_tokens: int, **processing) -> list[int]:
+    """HF's greedy decoding; `processing`: its logits processors' arguments
+    (repetition_penalty, min_new_tokens, sequence_bias, ...)."""
     with torch.inference_mode():
         out = model.generate(
             torch.tensor([ids]),
@@ -46,6 +48,7 @@ def hf_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=0,
+            **processing,
         )
     return out[0, len(ids) :].tolist()
 
@@ -519,19 +522,6 @@ def test_lookup_drafting_without_a_draft_model_is_exact(model_dir, reference):
 # -- processed logits: penalties, bias, min_tokens ----------------------------------------------
 
 
-def hf_processed(model, ids: list[int], max_new: int, **kw) -> list[int]:
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=max_new,
-            do_sample=False,
-            pad_token_id=0,
-            **kw,
-        )
-    return out[0, len(ids) :].tolist()
-
-
 @pytest.mark.parametrize("drafter", [Drafter.MODEL, Drafter.AUTO])
 def test_processed_greedy_under_speculation_equals_hf_and_a_plain_run(
     self_engine, hf_target, drafter
@@ -561,7 +551,7 @@ def test_processed_greedy_under_speculation_equals_hf_and_a_plain_run(
             assert spec.token_ids == plain.token_ids, (prompt, params)
             assert spec.stats.rounds > 0 and plain.stats.rounds == 0
             if hf_kw is not None:
-                assert spec.token_ids == hf_processed(hf_target, ids, MAX_NEW, **hf_kw)
+                assert spec.token_ids == hf_greedy(hf_target, ids, MAX_NEW, **hf_kw)
             if params.min_tokens:  # EOS held back for 9 tokens, then (boosted) it ends the text
                 assert 0 not in spec.token_ids[:9] and spec.token_ids[-1] == 0
             unprocessed = self_engine.generate(ids, max_new_tokens=MAX_NEW, mode=SpecMode.OFF)

@@ -398,20 +398,28 @@ class _DyingTarget(TargetWorker):
         return super().verify_batch(rows)
 
 
+def served_router(ckpts, worker, drafts, unavailable=()):
+    """A router whose one target is `worker`, called in-process (as in a Serve target replica)
+    and served over gRPC too: (router, server, executor)."""
+    executor = SerialExecutor(worker)
+    server, port = serve_target(worker, "127.0.0.1", 0, executor=executor)
+    own = f"127.0.0.1:{port}"
+    served = ServedTarget.factory(own, worker, executor, unavailable_errors=unavailable)
+    router = Router(
+        RouterConfig(str(ckpts["target"])),
+        drafts=drafts,
+        targets=[own],
+        local_targets={own: served},
+    )
+    return router, server, executor
+
+
 def test_a_served_target_called_in_process_equals_hf_and_fails_over_when_gone(ckpts, addr, oracle):
     """What a Serve target replica does: its scheduler calls the worker it also serves over gRPC
     on the worker's one model thread, no RPC; a lost worker moves the sequence elsewhere."""
     worker = _DyingTarget.from_path(ckpts["target"])
-    executor = SerialExecutor(worker)
-    server, port = serve_target(worker, "127.0.0.1", 0, executor=executor)
-    own = f"127.0.0.1:{port}"
-    served = ServedTarget.factory(own, worker, executor, unavailable_errors=(_RankLost,))
-    router = Router(
-        RouterConfig(str(ckpts["target"])),
-        drafts=[addr["near"]],
-        targets=[own],
-        local_targets={own: served},
-    )
+    router, server, executor = served_router(ckpts, worker, [addr["near"]], (_RankLost,))
+    own = router.worker_status()["targets"][0]["address"]
     try:
         for prompt in PROMPTS:
             for mode, k in ((ON, 3), (AUTO, 0), (OFF, 0)):
@@ -448,16 +456,7 @@ def test_n_samples_share_one_prefill_and_each_repeats(ckpts, addr, tok):
     what n = 1 gives, the prompt prefilled once on the target; streamed messages carry their
     sample's index and add up to the unary choices."""
     worker = TargetWorker.from_path(ckpts["target"])
-    executor = SerialExecutor(worker)
-    server, port = serve_target(worker, "127.0.0.1", 0, executor=executor)
-    own = f"127.0.0.1:{port}"
-    served = ServedTarget.factory(own, worker, executor)
-    router = Router(
-        RouterConfig(str(ckpts["target"])),
-        drafts=[addr["near"]],
-        targets=[own],
-        local_targets={own: served},
-    )
+    router, server, executor = served_router(ckpts, worker, [addr["near"]])
     try:
         sampled = {"temperature": 0.9, "seed": 11, "max_new": 24}
         req = request(PROMPTS[0], ON, 3, n=4, **sampled)
