@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/specdec.proto\x12\nspecdec.v1\"\x7f\n\x12SpeculationOptions\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.specdec.v1.SpeculationMode\x12\x18\n\x10num_draft_tokens\x18\x02 \x01(\x05\x12$\n\x07\x64rafter\x18\x03 \x01(\x0e\x32\x13.specdec.v1.Drafter\"\xde\x05\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x33\n\x0bspeculation\x18\t \x01(\x0b\x32\x1e.specdec.v1.SpeculationOptions\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\"\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\x05H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0e \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0f \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x10 \x01(\x01H\x04\x88\x01\x01\x12\r\n\x05min_p\x18\x11 \x01(\x01\x12>\n\nlogit_bias\x18\x12 \x03(\x0b\x32*.specdec.v1.GenerateRequest.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x13 \x01(\x05\x12\x37\n\x11structured_output\x18\x14 \x01(\x0b\x32\x1c.specdec.v1.StructuredOutput\x12\t\n\x01n\x18\x15 \x01(\x05\x12\x16\n\x0eresumed_tokens\x18\x16 \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penalty\"i\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04lark\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x80\x03\n\x10SpeculationStats\x12\x0e\n\x06rounds\x18\x01 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\x12\x1c\n\x14mean_accepted_length\x18\x04 \x01(\x01\x12\x13\n\x0bplain_steps\x18\x05 \x01(\r\x12\x15\n\rpipeline_hits\x18\x06 \x01(\r\x12\x17\n\x0fpipeline_misses\x18\x07 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x08 \x01(\x01\x12\x1e\n\x16tokens_per_target_pass\x18\t \x01(\x01\x12\x16\n\x0e\x64raft_failures\x18\n \x01(\r\x12\x18\n\x10target_failovers\x18\x0b \x01(\r\x12\x15\n\rmode_switches\x18\x0c \x01(\r\x12\x1c\n\x14\x61\x63\x63\x65ptance_histogram\x18\r \x03(\r\x12*\n\x08\x64rafters\x18\x0e \x03(\x0b\x32\x18.specdec.v1.DrafterStats\"^\n\x0c\x44rafterStats\x12\x0f\n\x07\x64rafter\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x04 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.specdec.v1.TopLogprob\"\x9d\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.specdec.v1.Usage\x12+\n\x05stats\x18\x05 \x01(\x0b\x32\x1c.specdec.v1.SpeculationStats\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.specdec.v1.TokenLogprob\x12\r\n\x05index\x18\x07 \x01(\r\x12-\n\x07\x63hoices\x18\x08 \x03(\x0b\x32\x1c.specdec.v1.GenerateResponse*\x81\x01\n\x0fSpeculationMode\x12 \n\x1cSPECULATION_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15SPECULATION_MODE_AUTO\x10\x01\x12\x17\n\x13SPECULATION_MODE_ON\x10\x02\x12\x18\n\x14SPECULATION_MODE_OFF\x10\x03*[\n\x07\x44rafter\x12\x17\n\x13\x44RAFTER_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x44RAFTER_AUTO\x10\x01\x12\x11\n\rDRAFTER_MODEL\x10\x02\x12\x12\n\x0e\x44RAFTER_LOOKUP\x10\x03*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xa2\x01\n\nSpecDecode\x12\x45\n\x08Generate\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/specdec.proto\x12\nspecdec.v1\"\x7f\n\x12SpeculationOptions\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.specdec.v1.SpeculationMode\x12\x18\n\x10num_draft_tokens\x18\x02 \x01(\x05\x12$\n\x07\x64rafter\x18\x03 \x01(\x0e\x32\x13.specdec.v1.Drafter\"\x90\x06\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x33\n\x0bspeculation\x18\t \x01(\x0b\x32\x1e.specdec.v1.SpeculationOptions\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\"\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\x05H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0e \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0f \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x10 \x01(\x01H\x04\x88\x01\x01\x12\r\n\x05min_p\x18\x11 \x01(\x01\x12>\n\nlogit_bias\x18\x12 \x03(\x0b\x32*.specdec.v1.GenerateRequest.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x13 \x01(\x05\x12\x37\n\x11structured_output\x18\x14 \x01(\x0b\x32\x1c.specdec.v1.StructuredOutput\x12\t\n\x01n\x18\x15 \x01(\x05\x12\x16\n\x0eresumed_tokens\x18\x16 \x01(\r\x12\x1c\n\x0fprompt_logprobs\x18\x17 \x01(\x05H\x05\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x12\n\x10_prompt_logprobs\"i\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04lark\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x80\x03\n\x10SpeculationStats\x12\x0e\n\x06rounds\x18\x01 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\x12\x1c\n\x14mean_accepted_length\x18\x04 \x01(\x01\x12\x13\n\x0bplain_steps\x18\x05 \x01(\r\x12\x15\n\rpipeline_hits\x18\x06 \x01(\r\x12\x17\n\x0fpipeline_misses\x18\x07 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x08 \x01(\x01\x12\x1e\n\x16tokens_per_target_pass\x18\t \x01(\x01\x12\x16\n\x0e\x64raft_failures\x18\n \x01(\r\x12\x18\n\x10target_failovers\x18\x0b \x01(\r\x12\x15\n\rmode_switches\x18\x0c \x01(\r\x12\x1c\n\x14\x61\x63\x63\x65ptance_histogram\x18\r \x03(\r\x12*\n\x08\x64rafters\x18\x0e \x03(\x0b\x32\x18.specdec.v1.DrafterStats\"^\n\x0c\x44rafterStats\x12\x0f\n\x07\x64rafter\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x04 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.specdec.v1.TopLogprob\"\xd0\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.specdec.v1.Usage\x12+\n\x05stats\x18\x05 \x01(\x0b\x32\x1c.specdec.v1.SpeculationStats\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.specdec.v1.TokenLogprob\x12\r\n\x05index\x18\x07 \x01(\r\x12-\n\x07\x63hoices\x18\x08 \x03(\x0b\x32\x1c.specdec.v1.GenerateResponse\x12\x31\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x18.specdec.v1.TokenLogprob*\x81\x01\n\x0fSpeculationMode\x12 \n\x1cSPECULATION_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15SPECULATION_MODE_AUTO\x10\x01\x12\x17\n\x13SPECULATION_MODE_ON\x10\x02\x12\x18\n\x14SPECULATION_MODE_OFF\x10\x03*[\n\x07\x44rafter\x12\x17\n\x13\x44RAFTER_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x44RAFTER_AUTO\x10\x01\x12\x11\n\rDRAFTER_MODEL\x10\x02\x12\x12\n\x0e\x44RAFTER_LOOKUP\x10\x03*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xa2\x01\n\nSpecDecode\x12\x45\n\x08Generate\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_SPECULATIONMODE']._serialized_start=1977
-  _globals['_SPECULATIONMODE']._serialized_end=2106
-  _globals['_DRAFTER']._serialized_start=2108
-  _globals['_DRAFTER']._serialized_end=2199
-  _globals['_FINISHREASON']._serialized_start=2202
-  _globals['_FINISHREASON']._serialized_end=2349
+  _globals['_SPECULATIONMODE']._serialized_start=2078
+  _globals['_SPECULATIONMODE']._serialized_end=2207
+  _globals['_DRAFTER']._serialized_start=2209
+  _globals['_DRAFTER']._serialized_end=2300
+  _globals['_FINISHREASON']._serialized_start=2303
+  _globals['_FINISHREASON']._serialized_end=2450
   _globals['_SPECULATIONOPTIONS']._serialized_start=36
   _globals['_SPECULATIONOPTIONS']._serialized_end=163
   _globals['_GENERATEREQUEST']._serialized_start=166
-  _globals['_GENERATEREQUEST']._serialized_end=900
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=778
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=826
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=902
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=1007
-  _globals['_USAGE']._serialized_start=1009
-  _globals['_USAGE']._serialized_end=1066
-  _globals['_SPECULATIONSTATS']._serialized_start=1069
-  _globals['_SPECULATIONSTATS']._serialized_end=1453
-  _globals['_DRAFTERSTATS']._serialized_start=1455
-  _globals['_DRAFTERSTATS']._serialized_end=1549
-  _globals['_TOPLOGPROB']._serialized_start=1551
-  _globals['_TOPLOGPROB']._serialized_end=1598
-  _globals['_TOKENLOGPROB']._serialized_start=1600
-  _globals['_TOKENLOGPROB']._serialized_end=1686
-  _globals['_GENERATERESPONSE']._serialized_start=1689
-  _globals['_GENERATERESPONSE']._serialized_end=1974
-  _globals['_SPECDECODE']._serialized_start=2352
-  _globals['_SPECDECODE']._serialized_end=2514
+  _globals['_GENERATEREQUEST']._serialized_end=950
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=808
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=856
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=952
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1057
+  _globals['_USAGE']._serialized_start=1059
+  _globals['_USAGE']._serialized_end=1116
+  _globals['_SPECULATIONSTATS']._serialized_start=1119
+  _globals['_SPECULATIONSTATS']._serialized_end=1503
+  _globals['_DRAFTERSTATS']._serialized_start=1505
+  _globals['_DRAFTERSTATS']._serialized_end=1599
+  _globals['_TOPLOGPROB']._serialized_start=1601
+  _globals['_TOPLOGPROB']._serialized_end=1648
+  _globals['_TOKENLOGPROB']._serialized_start=1650
+  _globals['_TOKENLOGPROB']._serialized_end=1736
+  _globals['_GENERATERESPONSE']._serialized_start=1739
+  _globals['_GENERATERESPONSE']._serialized_end=2075
+  _globals['_SPECDECODE']._serialized_start=2453
+  _globals['_SPECDECODE']._serialized_end=2615
 # @@protoc_insertion_point(module_scope)

@@ -103,20 +103,29 @@ def plain_verdict(
 
 class PrefillToken(int):
     """A target prefill's next token that also carries what the row asked for beside it: the
-    prompt's packed features (PrefillRow.features) and the token's log-probability
-    (SamplingParams.logprobs). An int everywhere a token is expected."""
+    prompt's packed features (PrefillRow.features), the token's log-probability
+    (SamplingParams.logprobs) and the prompt's (SamplingParams.prompt_logprobs: one per prompt
+    token after the first). An int everywhere a token is expected."""
 
     features: bytes = b""
     logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
     @classmethod
-    def of(cls, token: int, features: bytes = b"", logprobs: tuple[TokenLogprob, ...] = ()) -> int:
+    def of(
+        cls,
+        token: int,
+        features: bytes = b"",
+        logprobs: tuple[TokenLogprob, ...] = (),
+        prompt_logprobs: tuple[TokenLogprob, ...] = (),
+    ) -> int:
         """The token itself when it carries nothing."""
-        if not features and not logprobs:
+        if not features and not logprobs and not prompt_logprobs:
             return int(token)
         out = cls(token)
         out.features = features
         out.logprobs = logprobs
+        out.prompt_logprobs = prompt_logprobs
         return out
 
 

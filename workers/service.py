@@ -389,6 +389,7 @@ def _prefilled(req, token: int | None) -> worker_pb2.PrefillResponse:
         token=int(token),
         features=getattr(token, "features", b""),  # a PrefillToken's, when asked
         logprobs=pack_logprobs(getattr(token, "logprobs", ())),
+        prompt_logprobs=pack_logprobs(getattr(token, "prompt_logprobs", ())),
     )
 
 

@@ -98,34 +98,60 @@ class TargetWorker:
             self.release(rows[i].seq_id)
         sources = _fork_sources(rows, work)
         computed = [i for i in work if i not in sources]
-        items = [(rows[i].seq_id, list(rows[i].token_ids)) for i in computed]
-        want = any(rows[i].features for i in computed)
-        res, feats = self._forward(items, last=True, features=want)
-        if not isinstance(res, BaseException):
-            self.prefilled_tokens += sum(len(t) for _, t in items)
-        at = {i: j for j, i in enumerate(computed)}
+        # Rows that want their prompt's log-probabilities need every position's logits: a
+        # forward of their own; the others run the head at their last position only.
+        whole = [i for i in computed if rows[i].params.prompt_logprobs is not None]
+        logits: dict[int, torch.Tensor | BaseException] = {}
+        feats: dict[int, torch.Tensor] = {}
+        for group, last in (([i for i in computed if i not in whole], True), (whole, False)):
+            self._prefill_forward(rows, group, last, logits, feats)
         for i in work:
-            r, j = rows[i], at[sources.get(i, i)]
-            if isinstance(res, BaseException) or isinstance(out[sources.get(i, i)], BaseException):
+            r, src = rows[i], sources.get(i, i)
+            failed = logits[src] if isinstance(logits[src], BaseException) else out[src]
+            if isinstance(failed, BaseException):
                 self.runner.release(r.seq_id)
-                out[i] = res if isinstance(res, BaseException) else out[sources[i]]
+                out[i] = failed
                 continue
             if i in sources:
-                self.runner.fork(rows[sources[i]].seq_id, r.seq_id, len(r.token_ids))
-            out[i] = run_row(self._first_token, r, res[j][-1:], feats[j] if r.features else None)
+                self.runner.fork(rows[src].seq_id, r.seq_id, len(r.token_ids))
+            out[i] = run_row(self._first_token, r, logits[src], feats.get(src))
             if isinstance(out[i], BaseException):
                 self.runner.release(r.seq_id)
         for i in later:
             out[i] = self.prefill_batch([rows[i]])[0]
         return out
 
+    def _prefill_forward(
+        self,
+        rows: Sequence[PrefillRow],
+        group: list[int],
+        last: bool,
+        logits: dict[int, torch.Tensor | BaseException],
+        feats: dict[int, torch.Tensor],
+    ) -> None:
+        """One prefill forward of rows[i] for i in group: each row's logits (its last
+        position's, or every position's) or the exception that failed the forward, into
+        `logits`; the features of the rows that asked, into `feats`."""
+        if not group:
+            return
+        items = [(rows[i].seq_id, list(rows[i].token_ids)) for i in group]
+        res, fs = self._forward(items, last=last, features=any(rows[i].features for i in group))
+        if not isinstance(res, BaseException):
+            self.prefilled_tokens += sum(len(t) for _, t in items)
+        for j, i in enumerate(group):
+            logits[i] = res if isinstance(res, BaseException) else res[j]
+            if rows[i].features and not isinstance(res, BaseException):
+                feats[i] = fs[j]
+
     def _first_token(self, r: PrefillRow, logits: torch.Tensor, feats: torch.Tensor | None) -> int:
-        """Decode a prefilled row's next token from its last position's logits [1, V] and start
+        """Decode a prefilled row's next token from its logits ([1, V] at its last position,
+        or [n, V] at every position when it asked for its prompt's log-probabilities) and start
         its sequence; ValueError for a grammar the matcher refuses (the row fails alone)."""
         n = len(r.token_ids)
         prompt_len = n if r.prompt_len is None else r.prompt_len
         grammar = self._grammar(r.params, r.token_ids[prompt_len:])
-        last = process_logits(logits, r.token_ids, prompt_len, (), r.params)
+        final = logits[-1:]
+        last = process_logits(final, r.token_ids, prompt_len, (), r.params)
         if grammar is not None:
             last = grammar.mask(last, ())
         rng = PositionalRng(r.params.seed, TARGET_STREAM)
@@ -134,7 +160,12 @@ class TargetWorker:
             grammar.commit([token])
         # The cache now holds all committed tokens but the new last one, as after a step.
         self._seqs[r.seq_id] = _TargetSeq([*r.token_ids, token], r.params, rng, prompt_len, grammar)
-        return PrefillToken.of(token, pack_features(feats), _logprobs(logits, [token], r.params))
+        prompt = ()
+        if r.params.prompt_logprobs is not None and logits.shape[0] == n:
+            prompt = token_logprobs(logits[:-1], r.token_ids[1:], r.params.prompt_logprobs)
+        return PrefillToken.of(
+            token, pack_features(feats), _logprobs(final, [token], r.params), prompt
+        )
 
     def _check_prompt(self, r: PrefillRow) -> None:
         vocab = self.runner.vocab_size

@@ -39,6 +39,9 @@ class SamplingParams:
     # The target also answers with each committed token's log-probability and this many top
     # alternatives (0: the token's own only); None: no log-probabilities.
     logprobs: int | None = None
+    # The prefill also answers with each prompt token's log-probability (after the first) and
+    # this many top alternatives; None: none.
+    prompt_logprobs: int | None = None
     # The target's logits are processed before sampling (OpenAI's and vLLM's parameters), the
     # same at every position, verified or decoded plainly (workers/logits_processing.py); all
     # off by default. The draft ignores them: its q stays as it is, which keeps verification
@@ -68,6 +71,14 @@ class SamplingParams:
         ):
             raise ValueError(
                 f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}"
+            )
+        if self.prompt_logprobs is not None and (
+            not isinstance(self.prompt_logprobs, int)
+            or not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS
+        ):
+            raise ValueError(
+                f"prompt_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], "
+                f"got {self.prompt_logprobs!r}"
             )
         for name in ("presence_penalty", "frequency_penalty"):
             _check_range(name, getattr(self, name), -2.0, 2.0)

@@ -139,6 +139,8 @@ def sampling_to_proto(params: SamplingParams) -> worker_pb2.SamplingParams:
     msg.min_tokens = params.min_tokens
     msg.held_ids.extend(params.held_ids)
     msg.grammar = params.grammar
+    if params.prompt_logprobs is not None:
+        msg.prompt_logprobs = params.prompt_logprobs
     return msg
 
 
@@ -160,6 +162,7 @@ def sampling_from_proto(msg: worker_pb2.SamplingParams) -> SamplingParams:
         min_tokens=int(msg.min_tokens),
         held_ids=tuple(int(t) for t in msg.held_ids),
         grammar=msg.grammar,
+        prompt_logprobs=(int(msg.prompt_logprobs) if msg.HasField("prompt_logprobs") else None),
     )
 
 

@@ -36,6 +36,7 @@ from cluster.api.openai_responses import (
     DONE,
     ChunkWriter,
     TokenText,
+    echo_of,
     response_json,
     token_texts,
 )
@@ -186,7 +187,9 @@ def build_http_app(ingress: Any) -> FastAPI:
                 resp = await router.generate(req)
             except Exception as exc:  # noqa: BLE001 - every failure gets OpenAI's error shape
                 return error_response(to_api_error(exc, opts))
-            return JSONResponse(response_json(resp, opts, text_of=text_of))
+            # echo: the prompt is tokenized again once the router took it (its limits checked)
+            echo = echo_of(req, router.tokenizer) if opts.echo else None
+            return JSONResponse(response_json(resp, opts, text_of=text_of, echo=echo))
 
         prompt_tokens = 0
         if opts.continuous_usage:  # usage on every chunk needs the prompt's length up front
@@ -207,11 +210,12 @@ def build_http_app(ingress: Any) -> FastAPI:
         except Exception as exc:  # noqa: BLE001
             await stream.aclose()
             return error_response(to_api_error(exc, opts))
+        echo = echo_of(req, router.tokenizer) if opts.echo else None
         return StreamingResponse(
             _events(
                 stream,
                 first,
-                ChunkWriter(opts, prompt_tokens=prompt_tokens, text_of=text_of),
+                ChunkWriter(opts, prompt_tokens=prompt_tokens, text_of=text_of, echo=echo),
                 opts,
                 held,
             ),

@@ -8,7 +8,7 @@ outside (0, 1], negative seed, too many stop strings, k out of range, ...) are c
 router on the proto, as for gRPC (cluster/api/validation.py), and its refusals are said in
 OpenAI's terms by `openai_errors.error_from_router`. What is checked here is only what a proto
 cannot express: JSON types and shapes, unknown parameters, the model name, and the OpenAI
-parameters this server refuses (echo, best_of, suffix, tools, ...) with a 400 that names
+parameters this server refuses (best_of, suffix, tools, ...) with a 400 that names
 them, never silently ignored. Pure: no I/O, neither ray nor grpc.
 """
 
@@ -37,6 +37,7 @@ class Options:
     logprobs: bool = False  # the choices carry the tokens' log-probabilities (req.logprobs: top-N)
     structured_param: str = ""  # the parameter that asked for a structured output, for errors
     n: int = 1  # choices (samples of the prompt)
+    echo: bool = False  # completions: the text (and its log-probabilities) start with the prompt
 
 
 # The parameters both endpoints take (some only to refuse them with a clear message).
@@ -330,8 +331,9 @@ def completion_request(
     top = read_int(body, "logprobs")  # legacy: the N most likely, beside the chosen token
     if top is not None:
         req.logprobs = top  # its range is the router's check, as over gRPC
-    if read_bool(body, "echo"):
-        raise refused("echo", "the prompt is not echoed")
+    echo = bool(read_bool(body, "echo"))
+    if echo and top is not None:
+        req.prompt_logprobs = top  # the echoed prompt's log-probabilities too
     best_of = read_int(body, "best_of")
     if best_of is not None and best_of != 1:
         raise refused("best_of", "one candidate per request")
@@ -345,6 +347,7 @@ def completion_request(
         logprobs=top is not None,
         structured_param=_structured_param(body),
         n=max(1, req.n),
+        echo=echo,
     )
 
 

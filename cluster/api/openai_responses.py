@@ -14,6 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from cluster.api.openai_errors import APIError
@@ -81,6 +82,24 @@ def token_texts(tokenizer: Any) -> TokenText:
     return functools.lru_cache(maxsize=1 << 16)(lambda i: tokenizer.decode([i]))
 
 
+@dataclass(frozen=True, slots=True)
+class Echo:
+    """Completions' echo: the text starts with the prompt (and, with logprobs, so do the
+    log-probabilities)."""
+
+    text: str  # the prompt as text
+    first_token: int  # its first token id
+
+
+def echo_of(req: pb.GenerateRequest, tokenizer: Any) -> Echo | None:
+    """The prompt a completions request echoes, as the router will tokenize it (None for an
+    empty one: the router refuses it)."""
+    ids = list(req.prompt_token_ids) or tokenizer.encode(req.prompt, add_special_tokens=False)
+    if not ids:
+        return None
+    return Echo(req.prompt or tokenizer.decode(ids), int(ids[0]))
+
+
 class LogprobWriter:
     """The `logprobs` of a choice, or of a chunk's choice, from the router's entries."""
 
@@ -93,7 +112,14 @@ class LogprobWriter:
         text = self.text_of(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-    def json(self, entries: Sequence[pb.TokenLogprob]) -> dict[str, Any]:
+    def json(
+        self,
+        entries: Sequence[pb.TokenLogprob],
+        echo: Echo | None = None,
+        prompt: Sequence[pb.TokenLogprob] = (),
+    ) -> dict[str, Any]:
+        """entries: the tokens'; completions with `echo`: the prompt's first, its first token
+        with no log-probability (nothing predicts it), then `prompt` (the rest of it)."""
         if self.chat:
             return {
                 "content": [
@@ -110,6 +136,12 @@ class LogprobWriter:
             "top_logprobs": [],
             "text_offset": [],
         }
+        if echo is not None:
+            text = self.text_of(echo.first_token)
+            for key, value in zip(out, (text, None, None, self.offset), strict=True):
+                out[key].append(value)
+            self.offset += len(text)
+            entries = [*prompt, *entries]
         for e in entries:
             text = self.text_of(e.token_id)
             out["tokens"].append(text)
@@ -141,30 +173,37 @@ def response_json(
     rid: str | None = None,
     created: int | None = None,
     text_of: TokenText | None = None,
+    echo: Echo | None = None,
 ) -> dict[str, Any]:
-    """The whole (unary) response. `text_of`: token texts, for log-probabilities when asked.
+    """The whole (unary) response. `text_of`: token texts, for log-probabilities when asked;
+    `echo`: completions' prompt, when the request echoes it.
     n > 1: a choice per sample (resp.choices); usage adds their completions up; the metrics
     are sample 0's."""
     rid = rid or new_id(opts.chat)
     out = _head(opts, rid, int(time.time()) if created is None else created, chunk=False)
     parts = list(resp.choices) or [resp]
-    out["choices"] = [_choice(part, i, opts, text_of) for i, part in enumerate(parts)]
+    out["choices"] = [_choice(part, i, opts, text_of, echo) for i, part in enumerate(parts)]
     out["usage"] = usage(resp, sum(int(p.usage.completion_tokens) for p in parts))
     out["metrics"] = {"speculative_decoding": speculation_metrics(resp.stats)}
     return out
 
 
 def _choice(
-    resp: pb.GenerateResponse, index: int, opts: Options, text_of: TokenText | None
+    resp: pb.GenerateResponse,
+    index: int,
+    opts: Options,
+    text_of: TokenText | None,
+    echo: Echo | None,
 ) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": index}
     if opts.chat:
         choice["message"] = {"role": "assistant", "content": resp.text}
     else:
-        choice["text"] = resp.text
+        choice["text"] = (echo.text if echo else "") + resp.text
     choice["logprobs"] = None
     if opts.logprobs and text_of is not None:
-        choice["logprobs"] = LogprobWriter(opts.chat, text_of).json(resp.logprobs)
+        writer = LogprobWriter(opts.chat, text_of)
+        choice["logprobs"] = writer.json(resp.logprobs, echo, resp.prompt_logprobs)
     choice["finish_reason"] = finish_reason(resp)
     return choice
 
@@ -182,10 +221,13 @@ class ChunkWriter:
         now: Callable[[], float] = time.time,
         prompt_tokens: int = 0,
         text_of: TokenText | None = None,
+        echo: Echo | None = None,
     ):
         """prompt_tokens: for usage on every chunk (opts.continuous_usage); text_of: token
-        texts, for log-probabilities (opts.logprobs)."""
+        texts, for log-probabilities (opts.logprobs); echo: completions' prompt, which each
+        choice's first chunk starts with."""
         self.opts = opts
+        self.echo = echo
         self.text_of = text_of if opts.logprobs else None
         self.logprobs: dict[int, LogprobWriter] = {}  # by sample index
         self.rid = rid or new_id(opts.chat)
@@ -202,9 +244,13 @@ class ChunkWriter:
         text: str | None,
         finish: str | None,
         logprobs: Sequence[pb.TokenLogprob] = (),
+        prompt: Sequence[pb.TokenLogprob] = (),
     ) -> dict[str, Any]:
         out = _head(self.opts, self.rid, self.created, chunk=True)
         choice: dict[str, Any] = {"index": index}
+        echo = self.echo if index not in self.started and not self.opts.chat else None
+        if echo is not None:
+            text = echo.text + (text or "")
         if self.opts.chat:
             delta: dict[str, Any] = {}
             if index not in self.started:
@@ -215,9 +261,9 @@ class ChunkWriter:
         else:
             choice["text"] = text or ""
         choice["logprobs"] = None
-        if self.text_of is not None and logprobs:
+        if self.text_of is not None and (logprobs or echo is not None):
             writer = self.logprobs.setdefault(index, LogprobWriter(self.opts.chat, self.text_of))
-            choice["logprobs"] = writer.json(logprobs)
+            choice["logprobs"] = writer.json(logprobs, echo, prompt)
         choice["finish_reason"] = finish
         self.started.add(index)
         out["choices"] = [choice]
@@ -238,10 +284,10 @@ class ChunkWriter:
         if self.opts.chat and i not in self.started:
             out.append(sse(self._chunk(i, "", None)))
         if (msg.text or msg.logprobs) and finish is None:
-            out.append(sse(self._chunk(i, msg.text, None, msg.logprobs)))
+            out.append(sse(self._chunk(i, msg.text, None, msg.logprobs, msg.prompt_logprobs)))
         if finish is not None:
             text = msg.text if msg.text else None if self.opts.chat else ""
-            last = self._chunk(i, text, finish, msg.logprobs)
+            last = self._chunk(i, text, finish, msg.logprobs, msg.prompt_logprobs)
             metrics = {"speculative_decoding": speculation_metrics(msg.stats)}
             last["metrics"] = metrics
             out.append(sse(last))

@@ -81,6 +81,7 @@ def merge(into: specdec_pb2.GenerateResponse, msg: specdec_pb2.GenerateResponse)
     into.text += msg.text
     into.token_ids.extend(msg.token_ids)
     into.logprobs.extend(msg.logprobs)
+    into.prompt_logprobs.extend(msg.prompt_logprobs)
     if msg.finish_reason:
         into.finish_reason = msg.finish_reason
         into.usage.CopyFrom(msg.usage)

@@ -194,12 +194,19 @@ def validate_request(
             "logprobs",
             f"must be in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got {logprobs}",
         )
+    prompt_logprobs = request.prompt_logprobs if request.HasField("prompt_logprobs") else None
+    if prompt_logprobs is not None and not 0 <= prompt_logprobs <= MAX_TOP_LOGPROBS:
+        raise invalid(
+            "prompt_logprobs",
+            f"must be in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got {prompt_logprobs}",
+        )
     params = SamplingParams(
         temperature=float(temperature),
         top_k=int(request.top_k),
         top_p=top_p,
         seed=seed,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         **_processing(request, vocab_size, int(max_new) + resumed),
     )
     return ValidRequest(

@@ -166,6 +166,7 @@ class ForwardingRouter:
                     forward.prompt_token_ids.extend(req.prompt_ids + done)
                     forward.max_new_tokens = req.max_new_tokens - len(done)
                     forward.resumed_tokens = len(done)  # output: penalties, grammar count it
+                    forward.ClearField("prompt_logprobs")  # the client has them already
         finally:
             self._admission.leave()
 

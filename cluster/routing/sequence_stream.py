@@ -31,6 +31,7 @@ class SequenceStream:
         self.done = False
         self._tokens: list[int] = []
         self._logprobs: list[TokenLogprob] = []
+        self._first = True  # the first message also carries the prompt's log-probabilities
 
     def add(self, item: Emitted | object) -> specdec_pb2.GenerateResponse | None:
         """Fold one sink item in (Emitted or END); the final message when the sequence ends
@@ -66,6 +67,9 @@ class SequenceStream:
             logprobs=logprobs_to_proto(self._logprobs),
             index=self.index,
         )
+        if self._first:
+            msg.prompt_logprobs.extend(logprobs_to_proto(self.row.prompt_logprobs))
+            self._first = False
         self._tokens, self._logprobs = [], []
         return msg
 

@@ -65,6 +65,9 @@ class Row:
         # The last `resumed` prompt tokens are the request's own output (a sequence an ingress
         # moved here): the target's penalties, min_tokens and grammar count them as output.
         self.resumed = 0
+        # The target's log-probabilities of the prompt (after its first token), when the
+        # params asked: set by the first prefill, before the row's first tokens go out.
+        self.prompt_logprobs: tuple = ()
         self.drafter: Drafter = request.drafter or Drafter.AUTO  # the scheduler's, on admission
         self.lookup: RowLookup | None = None  # its own text indexed, when it drafts by lookup
         self.lease: DraftLease | None = None  # the draft worker holding this row's draft state

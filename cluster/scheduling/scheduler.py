@@ -28,7 +28,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cluster.scheduling.admission import plan_admissions
 from cluster.scheduling.batch_policy import BatchPolicy, row_choices
@@ -252,6 +252,9 @@ class StepScheduler(TargetFaults, StepLoop):
             row.fork_of = None  # copied or computed: any later prefill computes
             if isinstance(res, int):  # the prefill pass decoded the next token: a plain step
                 row.on_target = True
+                if row.params.prompt_logprobs is not None:  # once: a re-prefill asks none
+                    row.prompt_logprobs = getattr(res, "prompt_logprobs", ())
+                    row.params = replace(row.params, prompt_logprobs=None)
                 row.features = bytearray(getattr(res, "features", b""))  # every prompt position's
                 self.running.append(row)
                 self._commit_token(row, res, getattr(res, "logprobs", ()))

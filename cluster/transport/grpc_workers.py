@@ -154,7 +154,12 @@ def _next_token(resp: worker_pb2.PrefillResponse) -> int | None:
     if not resp.HasField("token"):
         return None
     # What the row asked for rides on the token: the prompt's features, its log-probability.
-    return PrefillToken.of(resp.token, resp.features, unpack_logprobs(resp.logprobs))
+    return PrefillToken.of(
+        resp.token,
+        resp.features,
+        unpack_logprobs(resp.logprobs),
+        unpack_logprobs(resp.prompt_logprobs),
+    )
 
 
 # This process's name on the workers: every call carries it, so a worker knows whose sequences

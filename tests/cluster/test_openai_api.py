@@ -16,7 +16,7 @@ from cluster.api.openai_errors import APIError, error_from_router
 from cluster.api.openai_fields import parse_json
 from cluster.api.openai_models import default_model_id, models_list
 from cluster.api.openai_requests import Options, chat_request, completion_request
-from cluster.api.openai_responses import DONE, ChunkWriter, response_json
+from cluster.api.openai_responses import DONE, ChunkWriter, Echo, response_json
 from cluster.api.validation import RequestError
 from cluster.scheduling.rounds import GenerationStats, RoundRecord
 from protos import specdec_pb2 as pb
@@ -100,7 +100,7 @@ def test_defaults_follow_openai_and_unset_stays_unset():
         ({"frobnicate": 1}, "frobnicate", "unknown_parameter"),
         ({"n": "3"}, "n", "invalid_type"),
         ({"logprobs": True}, "logprobs", "invalid_type"),
-        ({"echo": True}, "echo", "unsupported_parameter"),
+        ({"echo": "yes"}, "echo", "invalid_type"),
         ({"best_of": 3}, "best_of", "unsupported_parameter"),
         ({"suffix": ""}, "suffix", "unsupported_parameter"),
         ({"frequency_penalty": "0.1"}, "frequency_penalty", "invalid_type"),
@@ -277,6 +277,32 @@ def test_logprobs_in_each_endpoints_shape():
     got = events(w, first, last)
     assert [c["choices"][0]["logprobs"]["tokens"] for c in got] == [["b"], ["c"]]
     assert [c["choices"][0]["logprobs"]["text_offset"] for c in got] == [[0], [1]]
+
+
+def test_echo_starts_the_text_and_the_logprobs_with_the_prompt():
+    msg = with_logprobs(final_message("c"), (7, -1.0, []))
+    msg.prompt_logprobs.add(token_id=6, logprob=-2.0)  # the prompt is "bé": 5, 6
+    echo = Echo("bé", 5)
+    opts = Options(M, False, False, logprobs=True, echo=True)
+    out = response_json(msg, opts, text_of=TEXTS, echo=echo)["choices"][0]
+    assert out["text"] == "béc"
+    assert out["logprobs"] == {
+        "tokens": ["b", "é", "c"],
+        "token_logprobs": [None, -2.0, -1.0],  # nothing predicts the first prompt token
+        "top_logprobs": [None, {"é": -2.0}, {"c": -1.0}],
+        "text_offset": [0, 1, 2],
+    }
+    stream = ChunkWriter(
+        Options(M, True, False, logprobs=True, echo=True), text_of=TEXTS, echo=echo
+    )
+    first = with_logprobs(pb.GenerateResponse(text="c", token_ids=[7]), (7, -1.0, []))
+    first.prompt_logprobs.add(token_id=6, logprob=-2.0)
+    got = events(stream, first, final_message(""))
+    assert got[0]["choices"][0]["text"] == "béc" and got[1]["choices"][0]["text"] == ""
+    assert got[0]["choices"][0]["logprobs"]["tokens"] == ["b", "é", "c"]
+    req, opts = comp(echo=True, logprobs=2)
+    assert opts.echo and req.prompt_logprobs == 2
+    assert not comp(echo=True)[0].HasField("prompt_logprobs")  # text only: none computed
 
 
 def events(writer: ChunkWriter, *msgs: pb.GenerateResponse) -> list[dict]:

@@ -415,7 +415,7 @@ BAD = {
     # refused OpenAI parameters
     "n=17": ("n", {"n": 17}),
     "logprobs-over-20": ("logprobs", {"logprobs": 21}),
-    "echo": ("echo", {"echo": True}),
+    "echo-string": ("echo", {"echo": "yes"}),
     "best_of": ("best_of", {"best_of": 2}),
     "suffix": ("suffix", {"suffix": "x"}),
     "presence_penalty": ("presence_penalty", {"presence_penalty": 2.5}),
@@ -617,6 +617,19 @@ def test_logprobs_through_the_openai_client_are_the_targets_own(cluster):
         assert sorted(lp.top_logprobs[j].values(), reverse=True)[:3] == pytest.approx(
             best.values.tolist(), abs=1e-4
         )
+
+    echoed = cluster.client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2, echo=True
+    )
+    lp = echoed.choices[0].logprobs
+    assert echoed.choices[0].text.startswith(PROMPT) and lp.token_logprobs[0] is None
+    assert lp.tokens[: len(prompt)] == [cluster.tok.decode([t]) for t in prompt]
+    for pos in range(1, len(prompt)):  # the prompt's own, from the prefill
+        want = float(logp[pos - 1][prompt[pos]])
+        assert lp.token_logprobs[pos] == pytest.approx(want, abs=1e-4)
+    assert lp.token_logprobs[len(prompt) :] == pytest.approx(
+        unary.choices[0].logprobs.token_logprobs[:4], abs=1e-4
+    )
 
     chunks = list(
         cluster.client.chat.completions.create(

@@ -98,3 +98,28 @@ def test_logprobs_survive_the_wire_and_malformed_bytes_are_named():
 def test_sampling_params_refuse_a_bad_logprobs(bad):
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=bad)
+
+
+def test_the_prompts_logprobs_come_from_the_prefill_beside_rows_that_do_not_ask(path, reference):
+    worker = TargetWorker.from_path(path)
+    prompt = [5, 17, 40, 2, 9, 33]
+    asks = SamplingParams(prompt_logprobs=2, logprobs=0)
+    before = worker.prefilled_tokens
+    out = worker.prefill_batch(
+        [
+            PrefillRow("plain", prompt, SamplingParams()),
+            PrefillRow("asks", prompt, asks),
+            PrefillRow("fork", prompt, asks, fork_of="asks"),  # copies the prompt's too
+        ]
+    )
+    assert worker.prefilled_tokens - before == 2 * len(prompt)  # two forwards, the fork none
+    assert int(out[0]) == int(out[1]) == int(out[2])  # greedy: the same first token
+    logp = reference(prompt)
+    for entries in (out[1].prompt_logprobs, out[2].prompt_logprobs):
+        assert [e.token for e in entries] == prompt[1:]
+        for pos, e in enumerate(entries, start=1):
+            assert e.logprob == pytest.approx(float(logp[pos - 1][prompt[pos]]), abs=1e-4)
+            assert [i for i, _ in e.top] == torch.topk(logp[pos - 1], 2).indices.tolist()
+    assert not getattr(out[0], "prompt_logprobs", ())
+    (first,) = out[1].logprobs  # the first token's own, from the same forward's last row
+    assert first.logprob == pytest.approx(float(logp[-1][int(out[1])]), abs=1e-4)
