@@ -72,18 +72,20 @@ class PrefillRequest(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., features: _Optional[bool] = ..., prompt_len: _Optional[int] = ..., fork_of: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("committed_len", "token", "features", "logprobs", "prompt_logprobs")
+    __slots__ = ("committed_len", "token", "features", "logprobs", "prompt_logprobs", "forced")
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    FORCED_FIELD_NUMBER: _ClassVar[int]
     committed_len: int
     token: int
     features: bytes
     logprobs: bytes
     prompt_logprobs: bytes
-    def __init__(self, committed_len: _Optional[int] = ..., token: _Optional[int] = ..., features: _Optional[bytes] = ..., logprobs: _Optional[bytes] = ..., prompt_logprobs: _Optional[bytes] = ...) -> None: ...
+    forced: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, committed_len: _Optional[int] = ..., token: _Optional[int] = ..., features: _Optional[bytes] = ..., logprobs: _Optional[bytes] = ..., prompt_logprobs: _Optional[bytes] = ..., forced: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
     __slots__ = ("seq_id", "committed_len", "k", "commit", "start", "commit_features")
@@ -132,20 +134,22 @@ class VerifyRequest(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., committed_len: _Optional[int] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., q: _Optional[bytes] = ..., one_hot: _Optional[bool] = ..., features: _Optional[bool] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("accepted", "token", "bonus", "committed_len", "features", "logprobs")
+    __slots__ = ("accepted", "token", "bonus", "committed_len", "features", "logprobs", "forced")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     BONUS_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    FORCED_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     token: int
     bonus: bool
     committed_len: int
     features: bytes
     logprobs: bytes
-    def __init__(self, accepted: _Optional[int] = ..., token: _Optional[int] = ..., bonus: _Optional[bool] = ..., committed_len: _Optional[int] = ..., features: _Optional[bytes] = ..., logprobs: _Optional[bytes] = ...) -> None: ...
+    forced: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, accepted: _Optional[int] = ..., token: _Optional[int] = ..., bonus: _Optional[bool] = ..., committed_len: _Optional[int] = ..., features: _Optional[bytes] = ..., logprobs: _Optional[bytes] = ..., forced: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("seq_id",)

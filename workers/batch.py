@@ -110,6 +110,7 @@ class PrefillToken(int):
     features: bytes = b""
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    forced: tuple[int, ...] = ()  # a structured output's next tokens, forced by its grammar
 
     @classmethod
     def of(
@@ -118,14 +119,16 @@ class PrefillToken(int):
         features: bytes = b"",
         logprobs: tuple[TokenLogprob, ...] = (),
         prompt_logprobs: tuple[TokenLogprob, ...] = (),
+        forced: tuple[int, ...] = (),
     ) -> int:
         """The token itself when it carries nothing."""
-        if not features and not logprobs and not prompt_logprobs:
+        if not (features or logprobs or prompt_logprobs or forced):
             return int(token)
         out = cls(token)
         out.features = features
         out.logprobs = logprobs
         out.prompt_logprobs = prompt_logprobs
+        out.forced = forced
         return out
 
 

@@ -370,6 +370,7 @@ class TargetServicer(_ServicerBase, worker_pb2_grpc.TargetWorkerServicer):
             committed_len=req.committed_len + verdict.accepted + 1,
             features=verdict.features,
             logprobs=pack_logprobs(verdict.logprobs),
+            forced=verdict.forced,
         )
 
     @_rpc
@@ -390,6 +391,7 @@ def _prefilled(req, token: int | None) -> worker_pb2.PrefillResponse:
         features=getattr(token, "features", b""),  # a PrefillToken's, when asked
         logprobs=pack_logprobs(getattr(token, "logprobs", ())),
         prompt_logprobs=pack_logprobs(getattr(token, "prompt_logprobs", ())),
+        forced=getattr(token, "forced", ()),
     )
 
 

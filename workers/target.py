@@ -163,8 +163,9 @@ class TargetWorker:
         prompt = ()
         if r.params.prompt_logprobs is not None and logits.shape[0] == n:
             prompt = token_logprobs(logits[:-1], r.token_ids[1:], r.params.prompt_logprobs)
+        forced = grammar.forced() if grammar is not None else ()
         return PrefillToken.of(
-            token, pack_features(feats), _logprobs(final, [token], r.params), prompt
+            token, pack_features(feats), _logprobs(final, [token], r.params), prompt, forced
         )
 
     def _check_prompt(self, r: PrefillRow) -> None:
@@ -271,6 +272,8 @@ class TargetWorker:
             verdict = plain_verdict(
                 token, pack_features(feats), _logprobs(raw[-1:], [token], seq.params)
             )
+            if seq.grammar is not None:
+                verdict = replace(verdict, forced=seq.grammar.forced())
             seq.last_call = (key, verdict)
             return verdict
         drafted = torch.tensor(draft, dtype=torch.long)
@@ -286,6 +289,7 @@ class TargetWorker:
             verdict = replace(verdict, logprobs=_logprobs(raw, committed, seq.params))
         if seq.grammar is not None:
             seq.grammar.commit(committed)
+            verdict = replace(verdict, forced=seq.grammar.forced())
         seq.tokens.extend(committed)
         self.runner.rollback(r.seq_id, len(seq.tokens) - 1)  # rejected positions become holes
         seq.last_call = (key, verdict)

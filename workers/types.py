@@ -158,6 +158,9 @@ class Verdict:
     features: bytes = b""
     # One per committed token (accepted + 1) when the sequence asked (SamplingParams.logprobs).
     logprobs: tuple[TokenLogprob, ...] = ()
+    # A structured output's next tokens, forced by its grammar after this round (see
+    # workers/grammar.py): the scheduler's next block for the row, when there are any.
+    forced: tuple[int, ...] = ()
 
     def committed(self, draft_tokens: list[int]) -> list[int]:
         return list(draft_tokens[: self.accepted]) + [self.token]

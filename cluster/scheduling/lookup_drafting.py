@@ -36,6 +36,22 @@ from cluster.scheduling.step_costs import StepCosts
 from workers.batch import Proposal
 
 LOOKUP = "lookup"
+GRAMMAR = "grammar"  # a structured output's forced tokens (workers/grammar.py)
+
+
+def forced_blocks(rows: Sequence[Row]) -> dict[str, Proposal]:
+    """seq_id -> a block of the tokens the row's grammar forces next, proposed with certainty
+    (a one-hot q, as a lookup block). The target's masked distribution is (nearly always) all
+    on them, so the block commits whole in one pass, and nothing else drafts for the row."""
+    out: dict[str, Proposal] = {}
+    for row in rows:
+        if not row.forced or row.mode is SpecMode.OFF:  # OFF: plain steps, as asked
+            continue
+        n = row.rounds.block_size(len(row.forced))
+        if n:
+            start = row.rounds.committed_len
+            out[row.seq_id] = Proposal(start, list(row.forced[:n]), None, drafter=GRAMMAR)
+    return out
 
 
 @dataclass(frozen=True, slots=True)

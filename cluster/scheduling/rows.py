@@ -68,6 +68,9 @@ class Row:
         # The target's log-probabilities of the prompt (after its first token), when the
         # params asked: set by the first prefill, before the row's first tokens go out.
         self.prompt_logprobs: tuple = ()
+        # The tokens the row's grammar forces next, as the target said with its last answer:
+        # the row's next block (cluster/scheduling/lookup_drafting.forced_blocks).
+        self.forced: tuple[int, ...] = ()
         self.drafter: Drafter = request.drafter or Drafter.AUTO  # the scheduler's, on admission
         self.lookup: RowLookup | None = None  # its own text indexed, when it drafts by lookup
         self.lease: DraftLease | None = None  # the draft worker holding this row's draft state

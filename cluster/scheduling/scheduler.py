@@ -33,7 +33,13 @@ from dataclasses import dataclass, replace
 from cluster.scheduling.admission import plan_admissions
 from cluster.scheduling.batch_policy import BatchPolicy, row_choices
 from cluster.scheduling.drafting import Drafting
-from cluster.scheduling.lookup_drafting import LOOKUP, LookupBlock, LookupDrafting
+from cluster.scheduling.lookup_drafting import (
+    GRAMMAR,
+    LOOKUP,
+    LookupBlock,
+    LookupDrafting,
+    forced_blocks,
+)
 from cluster.scheduling.observer import NoObserver, SchedulerObserver, StepRecord
 from cluster.scheduling.pipelining import PipeliningChoice
 from cluster.scheduling.policy import PolicyConfig, SpecMode
@@ -252,6 +258,7 @@ class StepScheduler(TargetFaults, StepLoop):
             row.fork_of = None  # copied or computed: any later prefill computes
             if isinstance(res, int):  # the prefill pass decoded the next token: a plain step
                 row.on_target = True
+                row.forced = getattr(res, "forced", ())
                 if row.params.prompt_logprobs is not None:  # once: a re-prefill asks none
                     row.prompt_logprobs = getattr(res, "prompt_logprobs", ())
                     row.params = replace(row.params, prompt_logprobs=None)
@@ -289,14 +296,22 @@ class StepScheduler(TargetFaults, StepLoop):
         self.drafting.background = self.pipelining.overlap_pays
         policy = self.batch_policy
         ks = self._choose(rows)
+        forced = forced_blocks(rows)  # a structured output's forced tokens: certain blocks
+        ks = [0 if r.seq_id in forced else k for r, k in zip(rows, ks, strict=True)]
         lookups = self.lookups.plan(rows, ks)  # the rows taking one draft nothing else
+        for seq_id in forced:
+            lookups.pop(seq_id, None)
         ks = self.drafting.for_step(rows, ks, policy.probing, self.options.probe_rows)
         if policy.probing and not any(ks):
             policy.retry_probe()  # nothing to probe with yet: once drafts are there
         t0 = self.clock()
         drafted_now = self.drafting.propose(rows, ks)
         model_proposals = dict(drafted_now.proposals)
-        proposals = {**model_proposals, **{s: b.proposal for s, b in lookups.items()}}
+        proposals = {
+            **model_proposals,
+            **{s: b.proposal for s, b in lookups.items()},
+            **forced,
+        }
         draft_seconds = self.clock() - t0
         phase = self.phase_seconds
         phase["draft"] += draft_seconds
@@ -308,7 +323,7 @@ class StepScheduler(TargetFaults, StepLoop):
             if p is None:
                 vrows.append(VerifyRow(row.seq_id, committed, features=feats))
             else:
-                one_hot = p.drafter == LOOKUP
+                one_hot = p.drafter in (LOOKUP, GRAMMAR)  # certain blocks: q is one-hot
                 vrows.append(
                     VerifyRow(row.seq_id, committed, p.tokens, p.q, one_hot=one_hot, features=feats)
                 )
@@ -394,6 +409,7 @@ class StepScheduler(TargetFaults, StepLoop):
                 continue
             if vrow.features:
                 row.features += res.features
+            row.forced = res.forced
             if vrow.plain:
                 committed += self._commit_token(row, res.token, res.logprobs)
                 continue
@@ -404,7 +420,7 @@ class StepScheduler(TargetFaults, StepLoop):
             block = lookups.get(row.seq_id)
             if block is not None:
                 self.lookups.observe(row, block, res.accepted)
-            else:
+            elif p.drafter != GRAMMAR:  # forced blocks teach no drafter's policy
                 row.policy.observe_round(len(vrow.draft_tokens), res.accepted, p.unsure_last)
             committed += self._emit(row, out, res.logprobs)
         return committed

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -223,6 +224,7 @@ class TargetDeployment(_WorkerReplica):
     async def __init__(self, config: dict[str, Any], registry: DeploymentHandle) -> None:
 
         from workers.dtypes import dtype_name
+        from workers.grammar import warm as warm_grammar
         from workers.service import load_threads
 
         cfg = ClusterConfig.load(config)
@@ -241,6 +243,13 @@ class TargetDeployment(_WorkerReplica):
                 max_kv_tokens=t.max_kv_tokens or None,
             )
             dtype = dtype_name(worker.runner.dtype)
+            # llguidance's one-time tables (~2 s), off the first structured request's path
+            threading.Thread(
+                target=warm_grammar,
+                args=(worker.runner.tokenizer, worker.runner.vocab_size),
+                name="grammar-warm-up",
+                daemon=True,
+            ).start()
         else:
             from workers.tp import RankSpec, TensorParallelTarget
 

@@ -159,6 +159,7 @@ def _next_token(resp: worker_pb2.PrefillResponse) -> int | None:
         resp.features,
         unpack_logprobs(resp.logprobs),
         unpack_logprobs(resp.prompt_logprobs),
+        tuple(resp.forced),
     )
 
 
@@ -406,6 +407,7 @@ class GrpcTarget(_Remote):
                 bonus=r.bonus,
                 features=r.features,
                 logprobs=unpack_logprobs(r.logprobs),
+                forced=tuple(r.forced),
             )
 
         return self._future(

@@ -1,6 +1,6 @@
 """Structured outputs through the engine's scheduler: 50 sampled generations against JSON
-schemas (nested objects, enums, arrays), speculation on (model and lookup blocks) and off, all
-parse and validate; greedy with speculation equals greedy without."""
+schemas (nested objects, enums, arrays), speculation on (model, lookup and the grammar's forced
+blocks) and off, all parse and validate; greedy with speculation equals greedy without."""
 
 from __future__ import annotations
 
@@ -85,6 +85,10 @@ def test_greedy_with_speculation_equals_greedy_without(engine):
         off = engine.generate("q:", max_new_tokens=MAX_NEW, sampling=params, mode=SpecMode.OFF)
         assert on.token_ids == off.token_ids
         assert on.stats.rounds > 0 and on.stats.accepted_tokens > 0
+        # The keys and punctuation the schema forces went as certain blocks, all accepted.
+        rounds, proposed, accepted = on.stats.by_drafter["grammar"]
+        assert rounds > 0 and proposed == accepted > rounds
+        assert "grammar" not in off.stats.by_drafter  # OFF: plain steps only, as asked
         jsonschema.validate(json.loads(text(engine, on.token_ids)), schema)
     regex = SamplingParams(grammar=compile_grammar("regex", "(yes|no), [0-9]{2}"))
     out = engine.generate("q:", max_new_tokens=MAX_NEW, sampling=regex, mode=SpecMode.ON, k=3)
