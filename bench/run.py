@@ -3,6 +3,7 @@
     specdec bench [--prompts 20] [--max-new-tokens 64] [--no-grpc]   (or: python -m bench.run)
     specdec bench --concurrency 1,4,16,64 --plot sweep.png           (bench/concurrency.py)
     specdec bench --profile [--prompts 5] [--max-new-tokens 32]      (bench/profile.py)
+    specdec bench --structured [--prompts 6] [--max-new-tokens 96]   (bench/structured.py)
 
 Every system decodes the same held-out prompts greedily with the shipped pair (or --target/--draft),
 so the outputs must be identical token for token; the benchmark checks that before it reports, and
@@ -258,6 +259,16 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: where one greedy stream's decode step goes, layer by layer",
     )
     ap.add_argument(
+        "--structured",
+        action="store_true",
+        help="instead: JSON-schema outputs in one process, plain vs AUTO (bench/structured.py)",
+    )
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        help="--structured: the models' dtype (auto: bf16 where the CPU has it, as served)",
+    )
+    ap.add_argument(
         "--cluster",
         metavar="ADDRESS",
         help="instead: one stream against a running cluster's gRPC API, beside HF generate",
@@ -278,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         help="sweep: the draft's confidence stop (default: the pair's, 0 for checkpoint paths)",
     )
     args = ap.parse_args(argv)
+    if args.structured:
+        from bench.structured import run_structured
+
+        args.prompts = args.prompts or 6
+        args.max_new_tokens = args.max_new_tokens or 96
+        torch.set_num_threads(args.threads)
+        return run_structured(args)
     if bool(args.target) != bool(args.draft):
         ap.error("--target and --draft go together (or name a --pair)")
     from bench import profile

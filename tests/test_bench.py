@@ -201,3 +201,18 @@ def test_cluster_stream_against_a_running_router(tmp_path, capsys):
     for name in rows:  # greedy through the cluster (every drafter), HF prompt lookup: exact
         if not name.startswith("hf generate"):
             assert "float32" in rows[name][3], name
+
+
+def test_structured_bench_runs_and_speculation_keeps_the_outputs(capsys):
+    rc = main(
+        ["--structured", "--pair", "stdlib", "--prompts", "2", "--max-new-tokens", "10"]
+        + ["--repeats-cluster", "1", "--threads", "1"]
+    )
+    printed = capsys.readouterr().out
+    assert rc == 0, printed  # 1 when AUTO's greedy outputs differ from plain decoding's
+    assert "greedy outputs with speculation identical to plain: yes" in printed
+    for name in ("plain, grammar", "AUTO, grammar", "AUTO model draft only, grammar"):
+        tps, ratio = printed_row(printed, name)
+        assert float(tps) > 0 and float(ratio) > 0
+    assert printed_row(printed, "plain, grammar")[1] == "1.00"
+    assert re.search(r"^AUTO, grammar .*grammar=\d+/\d+/\d+", printed, re.M)  # forced blocks
