@@ -21,7 +21,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import grpc
@@ -270,6 +270,10 @@ class _Remote:
         self.release_timeout_s = min(2.0, timeout_s)
         self.on_unavailable = on_unavailable
         self._calls = ThreadPoolExecutor(4, thread_name_prefix=f"grpc-{address}")
+        # Releases in flight by seq_id: a later prefill of the same id waits for its release
+        # (on a call thread), so a release sent without waiting never overtakes it.
+        self._releasing: dict[str, Future] = {}
+        self._releasing_lock = threading.Lock()
         self.closed = False
         LeaseRenewal.add(self)
 
@@ -298,7 +302,11 @@ class _Remote:
             return out
 
     def close(self) -> None:
-        """Close the channel (calls in flight fail) and let the call threads go."""
+        """Close the channel (calls in flight fail) and let the call threads go; releases in
+        flight get their deadline to finish first."""
+        with self._releasing_lock:
+            releasing = list(self._releasing.values())
+        wait(releasing, timeout=self.release_timeout_s)
         self.closed = True
         self.channel.close()
         self._calls.shutdown(wait=False)
@@ -332,18 +340,45 @@ class _Remote:
         error (ValueError, KVBudgetExceeded); the future itself raises RemoteUnavailable when
         the worker is gone."""
         req = worker_pb2.PrefillBatchRequest(rows=[prefill_request(r) for r in rows])
-        return self._future(
-            self.stub.PrefillBatch, req, lambda resp: self._rows(resp, len(rows), _next_token)
-        )
+        with self._releasing_lock:
+            before = [f for r in rows if (f := self._releasing.get(r.seq_id)) is not None]
+        method = self.stub.PrefillBatch
+        if before:  # their releases go first (they are short: a deadline of release_timeout_s)
 
-    def release(self, seq_id: str) -> None:
-        """Drop the sequence on the worker (blocking, short deadline); unknown ids are fine."""
+            def method(request, timeout, _prefill=method):  # noqa: ANN001
+                wait(before, timeout=self.release_timeout_s)
+                return _prefill(request, timeout=timeout)
+
+        return self._future(method, req, lambda resp: self._rows(resp, len(rows), _next_token))
+
+    def release(self, seq_id: str) -> Future:
+        """Drop the sequence on the worker, without waiting: the scheduler's thread never
+        stalls on a worker that is gone (a lost release is harmless: the worker's lease frees
+        what its caller stopped renewing). Unknown ids are fine. The future is done when the
+        worker answered or the call gave up (it never raises)."""
+        req = worker_pb2.ReleaseRequest(seq_id=seq_id)
+
+        def call() -> None:
+            try:
+                self.stub.Release(req, timeout=self.release_timeout_s)
+            except (grpc.RpcError, ValueError) as exc:  # gone, or a closed channel
+                log.debug("release of %s on %s failed: %s", seq_id, self.address, exc)
+
         try:
-            self.stub.Release(
-                worker_pb2.ReleaseRequest(seq_id=seq_id), timeout=self.release_timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise map_rpc_error(exc, self.address) from None
+            done = self._calls.submit(call)
+        except RuntimeError:  # closed: the lease frees it
+            done = Future()
+            done.set_result(None)
+            return done
+        with self._releasing_lock:
+            self._releasing[seq_id] = done
+        done.add_done_callback(lambda f: self._released(seq_id, f))
+        return done
+
+    def _released(self, seq_id: str, done: Future) -> None:
+        with self._releasing_lock:
+            if self._releasing.get(seq_id) is done:
+                del self._releasing[seq_id]
 
     def stats(self, timeout_s: float | None = None) -> worker_pb2.StatsResponse:
         try:

@@ -361,6 +361,29 @@ def test_grpc_sides_map_errors_to_worker_exceptions(servers):
     dead.close()
 
 
+def test_a_release_never_blocks_and_never_overtakes_the_next_prefill(servers, stubs):
+    """Release is sent without waiting (a dead worker costs the scheduler's thread nothing;
+    the worker's lease frees what a lost release left), and a prefill of the same id right
+    after it waits for it on a call thread, so the new sequence is not the one released."""
+    gt = GrpcTarget(servers["target"], timeout_s=10)
+    try:
+        for _ in range(3):
+            prefill(gt, "again", PROMPT)
+            gt.release("again")  # returns at once: its call runs on a call thread
+            assert prefill(gt, "again", PROMPT) > 0  # the release went first
+            assert plain_step(gt, "again", len(PROMPT) + 1) >= 0  # and left this one alone
+            gt.release("again")
+    finally:
+        gt.close()  # waits for its releases in flight
+    assert stubs[0].Stats(wpb.StatsRequest()).live_sequences == 0
+    dead = GrpcTarget("127.0.0.1:1", timeout_s=5)
+    t0 = time.monotonic()
+    for i in range(5):
+        dead.release(f"gone{i}")
+    assert time.monotonic() - t0 < 0.5
+    dead.close()
+
+
 def test_many_sequences_at_once(servers, local):
     """Concurrent sequences on one server: each gets what it would get alone; none leaks."""
     target, _ = local
@@ -553,7 +576,7 @@ def test_kv_budget_over_grpc_is_resource_exhausted_per_row(ckpts):
         row = wpb.PrefillRequest(seq_id="k3", token_ids=PROMPT, sampling=GREEDY)
         code, _ = _row(prefill_rows(gt.stub, row))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        gt.release("k1")
+        gt.release("k1").result(5)  # sent without waiting; its future says when it is done
         assert gt.stats().kv_tokens == 0
     finally:
         gt.close()
