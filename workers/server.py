@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from workers.service import load_threads, serve_draft, serve_target
+    from workers.model_thread import load_threads
+    from workers.service import serve_draft, serve_target
 
     # The model runs on the servicer's model thread with --threads; loading here with one keeps
     # this thread from starting an OpenMP team of its own (workers/service.SerialExecutor).

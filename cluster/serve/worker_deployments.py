@@ -189,7 +189,7 @@ class DraftDeployment(_WorkerReplica):
 
         from workers.draft_loading import load_draft
         from workers.dtypes import dtype_name
-        from workers.service import load_threads
+        from workers.model_thread import load_threads
 
         cfg = ClusterConfig.load(config)
         load_threads()  # the model runs on the servicer's model thread, with the pool's threads
@@ -225,7 +225,7 @@ class TargetDeployment(_WorkerReplica):
 
         from workers.dtypes import dtype_name
         from workers.grammar import warm as warm_grammar
-        from workers.service import load_threads
+        from workers.model_thread import load_threads
 
         cfg = ClusterConfig.load(config)
         t = cfg.target
@@ -273,7 +273,8 @@ class TargetDeployment(_WorkerReplica):
         self._start_scheduling(cfg, registry)
 
     def _serve(self, worker: Any, host: str):
-        from workers.service import SerialExecutor, serve_target
+        from workers.model_thread import SerialExecutor
+        from workers.service import serve_target
 
         # One model thread for both callers: the gRPC API and this replica's own scheduler.
         self.executor = SerialExecutor(worker, self.cfg.target.pool.threads)

@@ -27,7 +27,8 @@ from cluster.transport.grpc_workers import RemoteUnavailable
 from cluster.transport.pools import OnUnavailable
 from protos import worker_pb2
 from workers.batch import PrefillRow, VerifyRow
-from workers.service import Call, Executor, model_info, stats_response, unavailable_types
+from workers.model_thread import Call, Executor
+from workers.service import model_info, stats_response, unavailable_types
 
 
 class ServedTarget:

@@ -35,7 +35,8 @@ from tests.cluster.grpc_procs import (
 from tests.tiny_models import make_model, make_tokenizer
 from workers.draft import DraftWorker
 from workers.model_runner import load_tokenizer
-from workers.service import SerialExecutor, serve_draft, serve_target
+from workers.model_thread import SerialExecutor
+from workers.service import serve_draft, serve_target
 from workers.target import TargetWorker
 from workers.types import SamplingParams
 
