@@ -298,9 +298,12 @@ class StepScheduler(TargetFaults, StepLoop):
         ks = self._choose(rows)
         forced = forced_blocks(rows)  # a structured output's forced tokens: certain blocks
         ks = [0 if r.seq_id in forced else k for r, k in zip(rows, ks, strict=True)]
-        lookups = self.lookups.plan(rows, ks)  # the rows taking one draft nothing else
-        for seq_id in forced:
-            lookups.pop(seq_id, None)
+        # The rows taking one draft nothing else (forced rows are not looked up, nor priced in).
+        free = [i for i, r in enumerate(rows) if r.seq_id not in forced]
+        free_ks = [ks[i] for i in free]
+        lookups = self.lookups.plan([rows[i] for i in free], free_ks)  # zeroes the k it takes
+        for i, k in zip(free, free_ks, strict=True):
+            ks[i] = k
         ks = self.drafting.for_step(rows, ks, policy.probing, self.options.probe_rows)
         if policy.probing and not any(ks):
             policy.retry_probe()  # nothing to probe with yet: once drafts are there

@@ -345,7 +345,7 @@ class _Remote:
         method = self.stub.PrefillBatch
         if before:  # their releases go first (they are short: a deadline of release_timeout_s)
 
-            def method(request, timeout, _prefill=method):  # noqa: ANN001
+            def method(request, timeout, _prefill=method):
                 wait(before, timeout=self.release_timeout_s)
                 return _prefill(request, timeout=timeout)
 
