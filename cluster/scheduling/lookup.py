@@ -25,6 +25,7 @@ sampling (accept d with probability p(d); on rejection sample from p with d remo
 
 from __future__ import annotations
 
+import array
 import collections
 import itertools
 from collections.abc import Callable, Sequence
@@ -78,29 +79,37 @@ class Match:
 
 class NgramIndex:
     """Documents of tokens and where each `key_len`-gram in them ends. Documents are kept in the
-    order added; `drop_oldest` forgets the first (its entries sit at the front of every list)."""
+    order added; `drop_oldest` forgets the first (its entries sit at the front of every list).
+
+    Compact on purpose: a scheduler's recent-outputs index holds tens of thousands of tokens for
+    the process's lifetime. Texts are int32 arrays and each occurrence one packed int64 (document
+    << 32 | end) in a per-key array: ~12 bytes a token, where lists of tuples in deques took ~130
+    (and a 600-byte deque block per distinct key)."""
 
     def __init__(self, key_len: int = 2) -> None:
         self.key_len = key_len
-        self.docs: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
-        self._ends: dict[tuple[int, ...], collections.deque[tuple[int, int]]] = {}
+        self.docs: collections.OrderedDict[int, array.array] = collections.OrderedDict()
+        self._ends: dict[tuple[int, ...], array.array] = {}
         self.tokens = 0  # held, over all documents
 
     def add(self, doc: int, tokens: Sequence[int] = ()) -> None:
-        self.docs[doc] = []
+        if not 0 <= doc < 1 << 31:
+            raise ValueError(f"document id {doc} out of range")
+        self.docs[doc] = array.array("i")
         self.extend(doc, tokens)
 
     def extend(self, doc: int, tokens: Sequence[int]) -> None:
         text = self.docs[doc]
         n = self.key_len
+        packed = doc << _END_BITS
         for tok in tokens:
-            text.append(int(tok))
+            text.append(tok)
             if len(text) >= n:
                 key = tuple(text[-n:])
                 ends = self._ends.get(key)
                 if ends is None:
-                    ends = self._ends[key] = collections.deque()
-                ends.append((doc, len(text)))
+                    ends = self._ends[key] = array.array("q")
+                ends.append(packed | len(text))
         self.tokens += len(tokens)
 
     def drop_oldest(self) -> None:
@@ -109,7 +118,7 @@ class NgramIndex:
         for end in range(n, len(text) + 1):
             key = tuple(text[end - n : end])
             ends = self._ends[key]
-            ends.popleft()  # this document's entry: the oldest there
+            del ends[0]  # this document's entry: the oldest there
             if not ends:
                 del self._ends[key]
         self.tokens -= len(text)
@@ -138,7 +147,8 @@ class NgramIndex:
         if not ends:
             return None
         best: tuple[int, int, int] | None = None  # (length, doc, end)
-        for doc, end in itertools.islice(reversed(ends), max_candidates):
+        for packed in itertools.islice(reversed(ends), max_candidates):
+            doc, end = packed >> _END_BITS, packed & _END_MASK
             text = self.docs[doc]
             if end >= len(text):
                 continue  # nothing followed it (yet), as at the context's own end
@@ -151,7 +161,7 @@ class NgramIndex:
             return None
         length, doc, end = best
         text = self.docs[doc]
-        out = text[end : end + max_tokens]
+        out = text[end : end + max_tokens].tolist()
         if doc == self_doc:
             # The text repeats itself from `end` on: what follows its end is that repeat going
             # on (an overlapping copy, as in LZ77), so a period shorter than the block still
@@ -162,7 +172,11 @@ class NgramIndex:
         return Match(length, out)
 
 
-def _common_suffix(text: list[int], end: int, context: Sequence[int], limit: int) -> int:
+_END_BITS = 32
+_END_MASK = (1 << _END_BITS) - 1
+
+
+def _common_suffix(text: Sequence[int], end: int, context: Sequence[int], limit: int) -> int:
     """How many tokens before `text[end]` equal the context's last ones (up to `limit`)."""
     n = 0
     top = min(limit, end, len(context))
@@ -270,7 +284,7 @@ class RowLookup:
         self.acceptance = LookupAcceptance(config)
 
     @property
-    def tokens(self) -> list[int]:
+    def tokens(self) -> Sequence[int]:
         return self.index.docs[0]
 
     def extend(self, tokens: Sequence[int]) -> None:
