@@ -9,7 +9,10 @@ client cancels after its first message, a call past its deadline, bytes that are
 request over a limit. Each kind has the codes it may end with (a generation: OK, or
 RESOURCE_EXHAUSTED under overload); anything else is unexpected and makes the exit status 1.
 Resident memory of the cluster's processes (Serve replicas, worker servers) is read after a
-warm-up (a tenth of the run, at least 10 s) and at the end. Loopback only: it is a test tool.
+warm-up (a tenth of the run, at least 10 s), then every tenth of the run, and at the end: growth
+over the whole run tells a leak from nothing only when caches are full, so the report also gives
+the growth over the second half (a bounded cache levels off; a leak keeps its slope) and each
+process's samples. Loopback only: it is a test tool.
 """
 
 from __future__ import annotations
@@ -152,6 +155,31 @@ def rss_mb(pids) -> dict[int, float]:
     return out
 
 
+def rss_growth(
+    procs: dict[int, str], samples: list[tuple[float, dict[int, float]]]
+) -> dict[int, dict]:
+    """Per process seen in every sample: RSS after warm-up and at the end, growth over the run
+    and over its second half (from the sample nearest the midpoint), and the samples."""
+    if not samples:
+        return {}
+    mid_t = (samples[0][0] + samples[-1][0]) / 2
+    mid = min(samples, key=lambda s: abs(s[0] - mid_t))[1]
+    out = {}
+    for pid, name in procs.items():
+        series = [s[pid] for _, s in samples if pid in s]
+        if len(series) != len(samples) or series[0] <= 0 or mid.get(pid, 0) <= 0:
+            continue  # gone or restarted meanwhile: not comparable
+        out[pid] = {
+            "name": name,
+            "rss_mb_after_warmup": round(series[0], 1),
+            "rss_mb_end": round(series[-1], 1),
+            "growth_pct": round(100 * (series[-1] / series[0] - 1), 2),
+            "second_half_pct": round(100 * (series[-1] / mid[pid] - 1), 2),
+            "samples_mb": [round(v, 1) for v in series],
+        }
+    return out
+
+
 def _check_loopback(address: str) -> None:
     host = address.rsplit(":", 1)[0].strip("[]")
     if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
@@ -176,13 +204,14 @@ def run(args: argparse.Namespace) -> int:
         t.start()
     warm = min(seconds, max(10.0, seconds / 10))
     procs = cluster_processes()
-    before: dict[int, float] = {}
-    next_line = t0 + 10
+    samples: list[tuple[float, dict[int, float]]] = []  # (seconds since start, pid -> MB)
+    next_sample, next_line = t0 + warm, t0 + 10
     while any(t.is_alive() for t in threads):
         time.sleep(0.5)
         now = time.monotonic()
-        if not before and now - t0 >= warm:
-            before = rss_mb(procs)
+        if now >= next_sample and now < deadline:
+            samples.append((now - t0, rss_mb(procs)))
+            next_sample = now + max(5.0, seconds / 10)
         if now >= next_line:
             next_line = now + 10
             with tally.lock:
@@ -190,13 +219,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  [{now - t0:5.0f}s] {done} requests, unexpected: {tally.unexpected() or 0}")
     for t in threads:
         t.join(timeout=180)
-    after = rss_mb(procs)
-    before = before or rss_mb(procs)
-    growth = {
-        pid: (procs[pid], before[pid], after[pid], 100 * (after[pid] / before[pid] - 1))
-        for pid in before
-        if pid in after and before[pid] > 0
-    }
+    samples.append((time.monotonic() - t0, rss_mb(procs)))
+    growth = rss_growth(procs, samples)
     by_kind: dict[str, dict[str, int]] = collections.defaultdict(dict)
     for (kind, code), n in sorted(tally.codes.items()):
         by_kind[kind][code] = n
@@ -205,11 +229,12 @@ def run(args: argparse.Namespace) -> int:
         "requests": sum(tally.codes.values()),
         "codes": by_kind,
         "unexpected": tally.unexpected(),
-        "rss_growth_pct_max": max((g[3] for g in growth.values()), default=0.0),
-        "processes": {
-            str(pid): {"name": n, "rss_mb_after_warmup": round(b, 1), "rss_mb_end": round(a, 1)}
-            for pid, (n, b, a, _) in growth.items()
-        },
+        "rss_growth_pct_max": max((g["growth_pct"] for g in growth.values()), default=0.0),
+        "rss_growth_second_half_pct_max": max(
+            (g["second_half_pct"] for g in growth.values()), default=0.0
+        ),
+        "rss_sample_seconds": [round(t) for t, _ in samples],
+        "processes": {str(pid): g for pid, g in growth.items()},
     }
     if args.json:
         print(json.dumps(report, indent=1))
@@ -218,6 +243,10 @@ def run(args: argparse.Namespace) -> int:
         for kind, codes in by_kind.items():
             print(f"  {kind:<14} " + ", ".join(f"{c} {n}" for c, n in codes.items()))
         print(f"  unexpected codes: {report['unexpected'] or 0}")
-        for pid, (name, b, a, g) in sorted(growth.items(), key=lambda x: -x[1][3]):
-            print(f"  rss {pid:>7} {b:8.1f} -> {a:8.1f} MB ({g:+.1f}%)  {name}")
+        for pid, g in sorted(growth.items(), key=lambda x: -x[1]["growth_pct"]):
+            print(
+                f"  rss {pid:>7} {g['rss_mb_after_warmup']:8.1f} -> {g['rss_mb_end']:8.1f} MB "
+                f"({g['growth_pct']:+.1f}%, second half {g['second_half_pct']:+.1f}%)  {g['name']}"
+            )
+            print("       samples (MB): " + " ".join(f"{mb:.0f}" for mb in g["samples_mb"]))
     return 1 if report["unexpected"] else 0
