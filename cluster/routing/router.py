@@ -249,13 +249,16 @@ class Router:
                 self._schedulers[ep.address] = sched
             return sched
 
-    def _place_group(self, rows: list[Row], tried: set[str] | None = None) -> bool:
+    def _place_group(
+        self, rows: list[Row], tried: set[str] | None = None, *, wait: bool = True
+    ) -> bool:
         """Put rows on the least-loaded target's scheduler (not one in `tried`), submitted
         together: a request's n samples are then admitted in one step, and the first one's
-        prefill is copied, not computed again. False when there is no target."""
+        prefill is copied, not computed again. False when there is no target (`wait`: counting
+        those whose first check has not answered yet, waiting for it)."""
         tried = set() if tried is None else tried
         while True:
-            ep = self._targets.acquire(exclude=tried)
+            ep = self._targets.acquire(exclude=tried, wait=wait)
             if ep is None:
                 return False
             held = [ep] + [self._targets.hold(ep) for _ in rows[1:]]
@@ -348,7 +351,13 @@ class Router:
                     min_tokens=max(0, params.min_tokens - req.resumed),
                 )
                 seqs.append(SequenceStream(i, row, text))
-            if not self._place_group([seq.row for seq in seqs]):
+            rows = [seq.row for seq in seqs]
+            # A target whose first check is still out is waited for on a thread, never on the
+            # event loop that carries every other stream of this replica.
+            placed = self._place_group(rows, wait=False) or (
+                self._targets.checking() and await asyncio.to_thread(self._place_group, rows)
+            )
+            if not placed:
                 raise RequestError(
                     grpc.StatusCode.UNAVAILABLE, "", "no target worker is available" + self._why()
                 )

@@ -56,7 +56,9 @@ class Drafting:
             return []
         for row in rows:
             if row.lease is None:
-                row.lease = self.drafts.acquire()
+                # Never wait here for a draft's first check: the whole batch would wait. The
+                # row steps plain meanwhile and tries again at its next probe.
+                row.lease = self.drafts.acquire(wait=False)
                 if row.lease is None:
                     row.lose_draft(DRAFT_DOWN)
         calls = []

@@ -20,6 +20,12 @@ class WorkerUnavailable(Exception):
     time, as opposed to the worker's own refusals (stale, unknown sequence, bad input)."""
 
 
+class WorkerBusy(Exception):
+    """A worker refused a whole call for now (RESOURCE_EXHAUSTED, ABORTED: overloaded, or a
+    message over its size limit) without being gone: its sequences are as the call found them,
+    and the same call may pass a moment later. Not a loss: the rows stay where they are."""
+
+
 class TargetUnavailable(Exception):
     """The target failed and no other target could take the sequence over."""
 
@@ -49,7 +55,8 @@ class DraftLease(Protocol):
 
 
 class DraftPool(Protocol):
-    def acquire(self) -> DraftLease | None: ...  # the least-loaded healthy draft, or None
+    # The least-loaded healthy draft, or None. wait=False: never block on a draft's first check.
+    def acquire(self, *, wait: bool = True) -> DraftLease | None: ...
 
     def release(self, lease: DraftLease) -> None: ...
 

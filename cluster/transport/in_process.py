@@ -61,7 +61,7 @@ class LocalDraftPool:
         self.draft = draft
         self.configured = True
 
-    def acquire(self) -> LocalDraft:
+    def acquire(self, *, wait: bool = True) -> LocalDraft:
         return self.draft
 
     def release(self, lease: LocalDraft) -> None:

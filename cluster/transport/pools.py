@@ -1,13 +1,19 @@
 """Worker pools: the addresses of one kind of worker, their health, and the least-loaded choice.
 
-`WorkerPool` checks each address with a Stats call before first use (role, tokenizer fingerprint,
-context), picks the least-loaded healthy one, drops an address that fails from rotation, and takes
-it back when a recheck sees it healthy or when it is set again. An `Endpoint` is also the draft
-lease of the rows bound to that worker (`key`).
+`WorkerPool` checks each address with a Stats call as soon as it is set (role, tokenizer
+fingerprint, context), picks the least-loaded healthy one, drops an address that fails from
+rotation, and takes it back when a recheck sees it healthy or when it is set again. An `Endpoint`
+is also the draft lease of the rows bound to that worker (`key`).
+
+The checks run on threads of their own: a probe waits up to `probe_timeout_s` for a worker that
+may be starting or gone, and neither the scheduler's thread (a whole batch) nor an event loop
+(every stream of a replica) may wait on it. `acquire(wait=False)` passes over addresses not
+checked yet; `acquire()` waits for their check (a caller that has nothing else to do).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 import itertools
 import logging
@@ -30,7 +36,7 @@ LocalSide = Callable[[OnUnavailable], Any]
 
 
 class EndpointState(enum.Enum):
-    UNCHECKED = "unchecked"  # set, not yet probed: probed on first use
+    UNCHECKED = "unchecked"  # set, its first probe not answered yet
     UP = "up"
     DOWN = "down"  # failed: out of rotation until a recheck sees it healthy or it is set again
     REJECTED = "rejected"  # answers, but serves the wrong thing (role, tokenizer): until set again
@@ -80,6 +86,7 @@ class WorkerPool:
         self._endpoints: dict[str, Endpoint] = {}  # every address still referenced
         self._order = itertools.count()
         self._rr = itertools.count()
+        self._probes: dict[str, concurrent.futures.Future] = {}  # address -> its check in flight
 
     # -- membership -------------------------------------------------------------------------
 
@@ -104,8 +111,15 @@ class WorkerPool:
                     ep.active = False
                     if ep.in_flight == 0:
                         to_close.append(self._endpoints.pop(addr))
+            unchecked = [
+                ep
+                for ep in self._endpoints.values()
+                if ep.active and ep.state is EndpointState.UNCHECKED
+            ]
         for ep in to_close:
             ep.side.close()
+        for ep in unchecked:
+            self._probe_soon(ep)
 
     @property
     def configured(self) -> bool:
@@ -125,9 +139,10 @@ class WorkerPool:
 
     # -- use --------------------------------------------------------------------------------
 
-    def acquire(self, exclude: Iterable[str] = ()) -> Endpoint | None:
+    def acquire(self, exclude: Iterable[str] = (), *, wait: bool = True) -> Endpoint | None:
         """The least-loaded healthy endpoint (round robin among equals), counted as in use until
-        `release`; None when there is none. Unchecked endpoints are probed first (blocking)."""
+        `release`; None when there is none. An endpoint whose first check has not answered yet
+        is waited for when `wait`, else passed over (its check goes on in the background)."""
         exclude = set(exclude)
         with self._lock:
             cands = [
@@ -143,7 +158,10 @@ class WorkerPool:
             cands = [ep for _, ep in ranked]
         for ep in cands:
             if ep.state is EndpointState.UNCHECKED:
-                self.probe(ep)
+                check = self._probe_soon(ep)
+                if not wait:
+                    continue
+                check.result()
             with self._lock:
                 if ep.active and ep.state is EndpointState.UP:
                     ep.in_flight += 1
@@ -176,7 +194,37 @@ class WorkerPool:
         if was is not EndpointState.DOWN:
             log.warning("%s worker %s out of rotation: %s", self.role, address, reason)
 
+    def checking(self, exclude: Iterable[str] = ()) -> bool:
+        """Whether an endpoint (not in `exclude`) awaits its first check: `acquire()` may still
+        find one where `acquire(wait=False)` found none."""
+        exclude = set(exclude)
+        with self._lock:
+            return any(
+                ep.active and ep.state is EndpointState.UNCHECKED and ep.address not in exclude
+                for ep in self._endpoints.values()
+            )
+
     # -- health -----------------------------------------------------------------------------
+
+    def _probe_soon(self, ep: Endpoint) -> concurrent.futures.Future:
+        """The endpoint's check, on a thread of its own; one at a time per address."""
+        with self._lock:
+            fut = self._probes.get(ep.address)
+            if fut is not None:
+                return fut
+            fut = self._probes[ep.address] = concurrent.futures.Future()
+
+        def run() -> None:
+            state = EndpointState.DOWN
+            try:
+                state = self.probe(ep)
+            finally:
+                with self._lock:
+                    self._probes.pop(ep.address, None)
+                fut.set_result(state)
+
+        threading.Thread(target=run, name=f"{self.role}-probe", daemon=True).start()
+        return fut
 
     def probe(self, ep: Endpoint) -> EndpointState:
         """Stats call: up, down (no answer) or rejected (wrong role / tokenizer / model)."""

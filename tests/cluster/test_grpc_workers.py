@@ -9,6 +9,7 @@ prompt's length gives (tests/workers/plain_oracle.py); a draft's answers none (c
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 
@@ -413,6 +414,50 @@ def test_many_sequences_at_once(servers, local):
     assert stats(servers["target"], "target").live_sequences == 0
 
 
+def test_a_worker_slow_to_answer_its_first_check_never_blocks_a_caller_that_cannot_wait(servers):
+    """A worker that is slow to answer (starting, wedged) holds its first check for the probe's
+    whole timeout. That check runs on a thread of its own from the moment the address is set:
+    `acquire(wait=False)` (the scheduler's thread, the event loop) passes it over at once, and a
+    healthy address set beside it is in rotation long before the slow one times out."""
+
+    def stall(request, context):
+        time.sleep(3)
+        return wpb.StatsResponse()
+
+    handler = grpc.method_handlers_generic_handler(
+        "specdec.worker.v1.TargetWorker",
+        {
+            "Stats": grpc.unary_unary_rpc_method_handler(
+                stall,
+                request_deserializer=wpb.StatsRequest.FromString,
+                response_serializer=wpb.StatsResponse.SerializeToString,
+            )
+        },
+    )
+    slow = grpc.server(concurrent.futures.ThreadPoolExecutor(2), handlers=[handler])
+    mute = f"127.0.0.1:{slow.add_insecure_port('127.0.0.1:0')}"
+    slow.start()
+    pool = WorkerPool("target", lambda info: None, timeout_s=5, probe_timeout_s=2)
+    try:
+        pool.set([mute])
+        t0 = time.monotonic()
+        assert pool.acquire(wait=False) is None and pool.checking()
+        assert time.monotonic() - t0 < 0.1
+        pool.set([mute, servers["target"]])
+        while (ep := pool.acquire(wait=False)) is None:
+            assert time.monotonic() - t0 < 1.5, "the healthy worker waited for the silent one"
+            time.sleep(0.01)
+        assert ep.address == servers["target"]
+        pool.release(ep)
+        assert pool.checking(exclude=[servers["target"]])  # the silent one: still out
+        ep = pool.acquire(exclude=[servers["target"]])  # a caller that can wait: for its check
+        assert ep is None and time.monotonic() - t0 >= 1.9 and not pool.checking()
+        assert {w["address"]: w["state"] for w in pool.status()}[mute] == "down"
+    finally:
+        pool.close()
+        slow.stop(0)
+
+
 def test_pool_drops_a_failed_address_and_takes_it_back(servers):
     live, dead = servers["target"], "127.0.0.1:1"
     pool = WorkerPool("target", lambda info: None, timeout_s=5, probe_timeout_s=2)
@@ -432,8 +477,11 @@ def test_pool_drops_a_failed_address_and_takes_it_back(servers):
         pool.release(again)
         pool.set([live])
         assert [w["address"] for w in pool.status()] == [live]
-        pool.set([live, dead])  # set again: checked again on first use
-        assert {w["address"]: w["state"] for w in pool.status()}[dead] == "unchecked"
+        pool.set([live, dead])  # set again: checked again at once, in the background
+        deadline = time.monotonic() + 5
+        while {w["address"]: w["state"] for w in pool.status()}[dead] != "down":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
     finally:
         pool.close()
     picky = WorkerPool("target", lambda info: "not this one", timeout_s=5)
