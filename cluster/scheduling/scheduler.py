@@ -123,6 +123,7 @@ class StepScheduler(TargetFaults, StepLoop):
         self.running: list[Row] = []
         self.waiting: collections.deque[Row] = collections.deque()
         self.steps = 0
+        self.busy_retries = 0  # target calls sent again after a refusal for now (WorkerBusy)
         self.row_steps = 0  # sum over steps of the rows in the target pass (mean batch size)
         self.plain_row_steps = 0  # of those, plain rows
         self.max_batch = 0
@@ -234,22 +235,20 @@ class StepScheduler(TargetFaults, StepLoop):
         beside = self.pipelining.overlap_pays
         draft_calls = self.drafting.prefill(now) if beside else []
         t0 = self.clock()
-        target_f = self._target_call(
-            lambda t: t.prefill_batch(
-                [
-                    PrefillRow(
-                        r.seq_id,
-                        r.rounds.tokens,
-                        r.params,
-                        features=self._features(r),
-                        prompt_len=len(r.rounds.prompt_ids) - r.resumed,
-                        fork_of=r.fork_of,
-                    )
-                    for r in batch
-                ]
+        prefill_rows = [
+            PrefillRow(
+                r.seq_id,
+                r.rounds.tokens,
+                r.params,
+                features=self._features(r),
+                prompt_len=len(r.rounds.prompt_ids) - r.resumed,
+                fork_of=r.fork_of,
             )
-        )
-        results = self._target_wait(target_f)
+            for r in batch
+        ]
+        prefill_call = lambda t: t.prefill_batch(prefill_rows)  # noqa: E731 - sent again if refused
+        target_f = self._target_call(prefill_call)
+        results = self._target_wait(target_f, prefill_call)
         self.observer.prefill(len(batch), self.clock() - t0)
         self.drafting.settle_prefill(draft_calls)
         self.drafting.poll()
@@ -331,13 +330,14 @@ class StepScheduler(TargetFaults, StepLoop):
                     VerifyRow(row.seq_id, committed, p.tokens, p.q, one_hot=one_hot, features=feats)
                 )
         t1 = self.clock()
-        verify_f = self._target_call(lambda t: t.verify_batch(vrows))
+        verify_call = lambda t: t.verify_batch(vrows)  # noqa: E731 - sent again if refused
+        verify_f = self._target_call(verify_call)
         ahead = self.drafting.ahead(rows, model_proposals, self.pipelining.now)
         shared = bool(ahead or self.drafting.pending)  # draft work beside this target pass
         t2 = self.clock()
         phase["send"] += t2 - t1
         try:
-            verdicts = self._target_wait(verify_f)
+            verdicts = self._target_wait(verify_f, verify_call)
         finally:
             verify_seconds = self.clock() - t1
             phase["verify"] += self.clock() - t2

@@ -8,11 +8,12 @@ running, waiting, drafting, target, options, on_target_lost. No ray, no grpc.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
 from cluster.scheduling.rows import Row
-from cluster.scheduling.worker_api import BatchTarget, is_worker_loss
+from cluster.scheduling.worker_api import BatchTarget, WorkerBusy, is_worker_loss
 from workers.errors import StaleSequenceError, UnknownSequenceError
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,12 @@ class _TargetLost(Exception):
 
 # (rows to move, the error) -> None; called on the scheduler thread, once, when the target fails.
 TargetLostHandler = Callable[[list[Row], BaseException], None]
+
+# Pauses before each new try of a call the target refused whole for now (WorkerBusy): a worker
+# that still refuses after these (~1.5 s) is as good as gone, and its rows move. Every target call
+# may be sent again: a prefill frees what the sequence held first; a verify starts from the
+# committed length it names.
+BUSY_PAUSES_S = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 
 class TargetFaults:
@@ -64,18 +71,35 @@ class TargetFaults:
     def _target_call(self, call: Callable[[BatchTarget], Future]) -> Future:
         try:
             return call(self.target)
+        except WorkerBusy as exc:  # refused at once: answered like a refusal through the future
+            out: Future = Future()
+            out.set_exception(exc)
+            return out
         except Exception as exc:
             if is_worker_loss(exc):
                 raise _TargetLost() from exc
             raise
 
-    def _target_wait(self, fut: Future) -> list:
-        try:
-            return fut.result(timeout=self.options.target_timeout_s)
-        except Exception as exc:
-            if is_worker_loss(exc):
-                raise _TargetLost() from exc
-            raise
+    def _target_wait(self, fut: Future, call: Callable[[BatchTarget], Future]) -> list:
+        """The call's per-row answers. A call the target refused whole for now is sent again
+        after a pause (BUSY_PAUSES_S), the rows staying where they are; a lost target, or one
+        that refuses past the pauses, raises _TargetLost (its rows move)."""
+        for pause in (*BUSY_PAUSES_S, None):
+            try:
+                return fut.result(timeout=self.options.target_timeout_s)
+            except WorkerBusy as exc:
+                if pause is None:
+                    raise _TargetLost() from exc
+                log.warning("%s: the target refused a call for now (%s); again in %.2fs",
+                            self.name, exc, pause)  # fmt: skip
+                self.busy_retries += 1
+                time.sleep(pause)
+                fut = self._target_call(call)
+            except Exception as exc:
+                if is_worker_loss(exc):
+                    raise _TargetLost() from exc
+                raise
+        raise AssertionError("unreachable")
 
     def _release(self, row: Row) -> None:
         """Free the row on every worker (also after errors and cancellation)."""

@@ -6,7 +6,9 @@ a `Verdict`, None for a prefill, or the row's error). A refused row's status bec
 own exception (FAILED_PRECONDITION -> StaleSequenceError, NOT_FOUND -> UnknownSequenceError,
 INVALID_ARGUMENT -> ValueError, RESOURCE_EXHAUSTED -> KVBudgetExceeded); a failed call becomes
 `RemoteUnavailable` (a `WorkerUnavailable`) where the worker is gone or too slow (UNAVAILABLE,
-DEADLINE_EXCEEDED, ...), which sends the rows to plain mode (draft) or to another target (target).
+DEADLINE_EXCEEDED, CANCELLED), which sends the rows to plain mode (draft) or to another target
+(target), and `RemoteBusy` (a `WorkerBusy`) where a worker that is there refused the whole call for
+now (RESOURCE_EXHAUSTED, ABORTED): the target's call is tried again, the draft's rows step plain.
 
 The pools of worker addresses that the router uses are in cluster/transport/pools.py.
 """
@@ -26,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from cluster.scheduling.worker_api import WorkerUnavailable
+from cluster.scheduling.worker_api import WorkerBusy, WorkerUnavailable
 from protos import worker_pb2, worker_pb2_grpc
 from workers.batch import PrefillRow, PrefillToken, ProposeRow, VerifyRow
 from workers.draft import Proposal
@@ -47,16 +49,13 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
 ]
 
-# Codes that mean "this worker is gone or too slow" rather than "this call was wrong".
+# Codes that mean "this worker is gone or too slow" rather than "this call was wrong". CANCELLED
+# is one: nobody but a stopping server (or our own closed channel) cancels a worker call.
 _UNAVAILABLE_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
+# Codes of a whole call refused for now by a worker that is there: retried, rows stay put.
+_BUSY_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
 # Of those, the ones after which the address leaves the rotation until a recheck.
 _DOWN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -64,6 +63,13 @@ _DOWN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_E
 class RemoteUnavailable(WorkerUnavailable):
     def __init__(self, address: str, code: grpc.StatusCode | None, details: str) -> None:
         super().__init__(f"{address}: {code.name if code else 'no call'}: {details}")
+        self.address = address
+        self.code = code
+
+
+class RemoteBusy(WorkerBusy):
+    def __init__(self, address: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{address}: {code.name}: {details}")
         self.address = address
         self.code = code
 
@@ -88,6 +94,8 @@ def map_rpc_error(exc: grpc.RpcError, address: str) -> Exception:
         return ValueError(details)
     if code is None or code in _UNAVAILABLE_CODES:
         return RemoteUnavailable(address, code, details)
+    if code in _BUSY_CODES:
+        return RemoteBusy(address, code, details)
     return RemoteWorkerError(address, code, details)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import Future
 
 import grpc
 import pytest
@@ -21,7 +22,8 @@ from cluster.engine import SpecEngine
 from cluster.routing.config import RouterConfig
 from cluster.routing.router import Router, WorkerMismatchError
 from cluster.scheduling.policy import Drafter, PolicyConfig
-from cluster.transport.grpc_workers import GrpcTarget
+from cluster.scheduling.target_faults import BUSY_PAUSES_S
+from cluster.transport.grpc_workers import GrpcTarget, RemoteBusy
 from cluster.transport.same_process import ServedTarget
 from protos import specdec_pb2 as pb
 from tests.cluster.grpc_procs import (
@@ -449,6 +451,68 @@ def test_a_served_target_called_in_process_equals_hf_and_fails_over_when_gone(ck
     finally:
         router.close()
         server.stop(None)
+        executor.shutdown()
+
+
+class _Refusing:
+    """A target side whose next `refusals` verify calls are refused whole, for now, as a worker
+    over its limits answers (RESOURCE_EXHAUSTED for the whole call, no row run)."""
+
+    def __init__(self, side, refusals: int) -> None:
+        self.side, self.refusals, self.refused = side, refusals, 0
+
+    def verify_batch(self, rows):
+        if self.refusals <= 0:
+            return self.side.verify_batch(rows)
+        self.refusals -= 1
+        self.refused += 1
+        out: Future = Future()
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
+        out.set_exception(RemoteBusy(self.side.address, code, "too many calls"))
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.side, name)
+
+
+def test_a_call_the_target_refuses_for_now_is_sent_again_and_the_rows_stay(ckpts, addr, oracle):
+    """A whole call refused for now (RESOURCE_EXHAUSTED, ABORTED) is no lost worker: the step is
+    sent again after a pause, the target stays in rotation and the output is the oracle's, with no
+    failover. A target that keeps refusing past the pauses is as good as gone: its rows move."""
+    worker = TargetWorker.from_path(ckpts["target"])
+    executor = SerialExecutor(worker)
+    own = "127.0.0.1:1"  # never dialled: the side is in-process
+    sides: list[_Refusing] = []
+
+    def side(on_unavailable):
+        served = ServedTarget(own, worker, executor, on_unavailable=on_unavailable)
+        sides.append(_Refusing(served, 3))
+        return sides[-1]
+
+    router = Router(
+        RouterConfig(str(ckpts["target"])),
+        drafts=[addr["near"]],
+        targets=[own],
+        local_targets={own: side},
+    )
+    try:
+        for mode, k in ((ON, 3), (OFF, 0)):
+            sides[0].refusals = 3
+            resp = generate(router, request(PROMPTS[0], mode, k))
+            assert list(resp.token_ids) == oracle[PROMPTS[0]], mode
+            assert resp.stats.target_failovers == 0 and sides[0].refused % 3 == 0
+        assert router._schedulers[own].busy_retries == 6
+        assert router.worker_status()["targets"][0]["state"] == "up"
+        assert worker.live_sequences == 0
+        # Refusing past the pauses: the rows move to the other target, output unchanged.
+        router.set_workers(targets=[own, addr["target"]])
+        sides[0].refusals = 1000
+        t0 = time.monotonic()
+        resp = generate(router, request(PROMPTS[1], OFF))
+        assert list(resp.token_ids) == oracle[PROMPTS[1]]
+        assert resp.stats.target_failovers == 1 and time.monotonic() - t0 >= sum(BUSY_PAUSES_S)
+    finally:
+        router.close()
         executor.shutdown()
 
 
