@@ -277,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats-cluster", type=int, default=3, help="--cluster: interleaved repeats (median)"
     )
     ap.add_argument(
+        "--ttft-hops",
+        action="store_true",
+        help="--cluster: where the time to first token goes, hop by hop (run on a Ray node of "
+        "the cluster)",
+    )
+    ap.add_argument(
         "--workload",
         choices=("default", "grounded"),
         default="default",
@@ -336,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         prompts = grounded_prompts(tok, split, args.prompts, chat)
     if args.profile:
         return profile.run_profile(args, prompts)
+    if args.cluster and args.ttft_hops:
+        from bench.ttft_hops import run_ttft_hops
+
+        return run_ttft_hops(args, prompts)
     if args.cluster:
         from bench.cluster_stream import run_cluster_stream
 
