@@ -4,7 +4,8 @@ warped distribution p. The oracle is p computed from the target alone (HF forwar
 temperature / top-k / top-p warp); the check is the TV distance bound of the verifier's own
 distribution tests. Run on tiny random models (p spread wide; a model draft, and a feature head
 whose vocabulary is half the target's) and on the SmolLM2-135M-Instruct
-pair (a real target and its distilled reduced-vocabulary draft, whose q is sparse)."""
+pair (a real target and its distilled reduced-vocabulary draft, whose q is sparse), and on the
+tiny pair in bfloat16 with compiled forwards (`models.compile: on`) against HF in bfloat16."""
 
 from __future__ import annotations
 
@@ -19,14 +20,16 @@ from cluster.scheduling.policy import SpecMode
 from tests.tiny_models import make_model
 from tests.workers.test_verification import tv, tv_threshold
 from workers.checkpoints import registry
+from workers.draft_loading import load_draft
 from workers.sampling import warp_probs
+from workers.target import TargetWorker
 from workers.types import SamplingParams
 
 PROMPTS = ["def f(x):", "class Stack:\n    pass"]  # interleaved: a mixed-up row would show
 PARAMS = SamplingParams(temperature=1.3, top_k=40, top_p=0.95)
 SMOLLM2 = registry.PAIRS[registry.SMOLLM2]
 # samples (sequences of two tokens) per pair: the real pair's steps cost ~10x the tiny ones'
-SAMPLES = {"tiny": 3000, "tiny-feature": 3000, "smollm2": 1500}
+SAMPLES = {"tiny": 3000, "tiny-feature": 3000, "tiny-bf16-compiled": 3000, "smollm2": 1500}
 
 
 @pytest.fixture(
@@ -34,6 +37,7 @@ SAMPLES = {"tiny": 3000, "tiny-feature": 3000, "smollm2": 1500}
     params=[
         "tiny",
         "tiny-feature",
+        "tiny-bf16-compiled",
         pytest.param(
             "smollm2",
             marks=[
@@ -58,10 +62,23 @@ def setup(request, tmp_path_factory):
         model = AutoModelForCausalLM.from_pretrained(target, local_files_only=True).eval()
         new_head(model, torch.arange(0, 96, 2)).save(d / "head", target=str(target))
         draft = d / "head"
+    elif request.param == "tiny-bf16-compiled":  # as `models.dtype: bfloat16, compile: on` serve
+        d = tmp_path_factory.mktemp("batched_sampling_compiled")
+        make_model(d / "target", seed=0)
+        make_model(d / "draft", seed=2)
+        target, draft = d / "target", d / "draft"
     else:
         target, draft = SMOLLM2.target(), SMOLLM2.draft()
-    engine = SpecEngine.from_paths(target, draft)
-    hf = AutoModelForCausalLM.from_pretrained(target, local_files_only=True).eval()
+    if request.param == "tiny-bf16-compiled":
+        runner = {"dtype": torch.bfloat16, "forward": "lean", "compile": "on"}
+        engine = SpecEngine(TargetWorker.from_path(target, **runner), load_draft(draft, **runner))
+        assert engine.target.worker.runner.forward == "lean+compiled"
+        # The oracle in the served dtype: losslessness is against the target as it runs.
+        dtype = torch.bfloat16
+    else:
+        engine = SpecEngine.from_paths(target, draft)
+        dtype = torch.float32
+    hf = AutoModelForCausalLM.from_pretrained(target, local_files_only=True, dtype=dtype).eval()
     yield engine, hf, SAMPLES[request.param]
     engine.close()
 
@@ -70,11 +87,11 @@ def exact_first_two(hf, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """p(first token) and the marginal p(second token) = sum_a p(a) p(. | a), from the target
     (summed over the first token's support only: top-k keeps it small whatever the vocabulary)."""
     with torch.inference_mode():
-        logits = hf(torch.tensor([ids])).logits[0, -1]
+        logits = hf(torch.tensor([ids])).logits[0, -1].float()
         p0 = warp_probs(logits, PARAMS).double()
         support = torch.nonzero(p0).flatten().tolist()
         batch = torch.tensor([ids + [a] for a in support])
-        p1 = warp_probs(hf(batch).logits[:, -1], PARAMS).double()  # [support, V]
+        p1 = warp_probs(hf(batch).logits[:, -1].float(), PARAMS).double()  # [support, V]
     return p0, (p0[support].unsqueeze(1) * p1).sum(0)
 
 
