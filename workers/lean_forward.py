@@ -110,6 +110,15 @@ class _Block(torch.nn.Module):
         self.eps2 = layer.post_attention_layernorm.variance_epsilon
 
 
+def _padded(y: torch.Tensor, packed: torch.Tensor | None, rows: int, width: int) -> torch.Tensor:
+    """[T, C] packed rows back to [rows, width, C], zeros at the pads (their K/V are holes after
+    the forward, and a zero key is never a NaN); as it is without `packed`."""
+    if packed is None:
+        return y
+    out = y.new_zeros(rows * width, y.shape[-1])
+    return out.index_copy_(0, packed, y).view(rows, width, -1)
+
+
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # As transformers' LlamaRMSNorm: the variance in float32, the scale in the input's dtype.
     h = x.to(torch.float32)
@@ -210,12 +219,20 @@ class LeanForward(torch.nn.Module):
         mask: torch.Tensor | None,
         kv: Sequence | KVWindow,
         keep: int | torch.Tensor | None = None,
+        packed: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
+        """Logits of the new tokens [rows, width, V] (`keep`: None all, 0 none, an int the last
+        columns, a tensor those columns). `packed` (ragged rows): the flat indices, in
+        [rows * width], of the real tokens; then every projection, norm and the MLP run on those
+        T tokens only, not on the pads (attention alone takes the padded layout, the KV cache's),
+        and the logits are [T, V], with `keep` a tensor of packed indices."""
         rows, width = ids.shape
         x = F.embedding(ids, self.embed)
         cos, sin = self.rotary(x, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         hd = self.head_dim
+        if packed is not None:
+            x = x.flatten(0, 1).index_select(0, packed)
         if mask is None and width > 1:
             end = kv.end if isinstance(kv, KVWindow) else None
             if end is not None and end > width:
@@ -223,9 +240,9 @@ class LeanForward(torch.nn.Module):
         for i, blk in enumerate(self.blocks):
             h = _rms(x, blk.norm1, blk.eps1)
             if len(blk.qkv) == 1:
-                q, k, v = blk.qkv[0](h).split(blk.split, dim=-1)
+                q, k, v = _padded(blk.qkv[0](h), packed, rows, width).split(blk.split, dim=-1)
             else:
-                q, k, v = (lin(h) for lin in blk.qkv)
+                q, k, v = (_padded(lin(h), packed, rows, width) for lin in blk.qkv)
             q = q.view(rows, width, self.heads, hd).transpose(1, 2)
             k = k.view(rows, width, self.kv_heads, hd).transpose(1, 2)
             v = v.view(rows, width, self.kv_heads, hd).transpose(1, 2)
@@ -239,6 +256,8 @@ class LeanForward(torch.nn.Module):
             else:
                 keys, values = kv[i].update(k, v)
             a = self._attend(q, keys, values, mask)
+            if packed is not None:
+                a = a.flatten(0, 1).index_select(0, packed)
             x = x + blk.o(a)
             h = _rms(x, blk.norm2, blk.eps2)
             if len(blk.gate_up) == 1:
@@ -247,11 +266,13 @@ class LeanForward(torch.nn.Module):
                 g, u = (lin(h) for lin in blk.gate_up)
             x = x + blk.down(F.silu(g) * u)
         if self.capture is not None:  # the target's features, for a draft that reads them
-            self.capture.append(x)
+            self.capture.append(x if packed is None else _padded(x, packed, rows, width))
         if isinstance(keep, int) and keep == 0:
             return None
         if keep is None:
             pass
+        elif packed is not None:
+            x = x.index_select(0, keep.to(x.device))
         elif isinstance(keep, int):
             x = x[:, -keep:]
         else:

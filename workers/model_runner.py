@@ -116,6 +116,7 @@ class ModelRunner:
         # SmolLM2) is wasted work, so only one position is kept (time to first token 327.5 ->
         # 277.6 ms for 118-token prompts: `specdec bench`'s ttft rows).
         self._keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.packed_steps = 0  # forwards that ran on the real tokens of ragged rows only
         self._warming = True
         self.compile_seconds = self._warm_up() if compiled else 0.0
         self._warming = False
@@ -232,11 +233,15 @@ class ModelRunner:
             # at each row's last column (`last`: the columns the rows need, shared), or everywhere.
             keep: int | torch.Tensor | None = 0 if not logits else None
             ends: list[int] = []
-            if logits and last and (self._keep_kw or self.lean is not None):
+            packed, offset = self._packing(step, width)
+            if packed is not None:  # ragged rows: the head where wanted, in packed order
+                if logits and last:
+                    keep = torch.tensor([offset[rows[sid]] + len(t) - 1 for sid, t in work])
+            elif logits and last and (self._keep_kw or self.lean is not None):
                 ends = sorted({len(toks) - 1 for _, toks in work})
                 keep = torch.tensor(ends)
             try:
-                lg = self._forward(ids.to(self.device), step, keep, _sink)
+                lg = self._forward(ids.to(self.device), step, keep, _sink, packed)
             except BaseException:
                 self.kv.abort()
                 raise
@@ -247,7 +252,12 @@ class ModelRunner:
                 lg = lg.float()
                 if lg.device.type != "cpu":
                     lg = lg.cpu()
-                if ends:
+                if packed is not None and last:
+                    out = {sid: lg[i][None] for i, (sid, _) in enumerate(work)}
+                elif packed is not None:
+                    first = {sid: offset[rows[sid]] for sid, _ in work}
+                    out = {sid: lg[first[sid] : first[sid] + len(t)] for sid, t in work}
+                elif ends:
                     col = {end: i for i, end in enumerate(ends)}
                     out = {sid: lg[rows[sid], col[len(t) - 1]][None] for sid, t in work}
                 elif last:
@@ -257,18 +267,41 @@ class ModelRunner:
         empty = torch.empty(0, self.vocab_size)
         return [out.get(sid, empty) for sid, _ in items]
 
+    def _packing(self, step: Step, width: int) -> tuple[torch.Tensor | None, list[int]]:
+        """For a step whose rows bring unequal numbers of tokens, on the eager lean forward: the
+        flat indices of the real tokens in [rows * width] and each view row's first packed index
+        (the forward then runs its projections and MLP on those tokens only: a batch that
+        verifies a 16-token lookup block beside 1-token rows, or admits prompts of unequal
+        lengths, no longer pays for every row as wide as the widest). None otherwise: a
+        compiled forward keeps its recurring padded shapes, and float32 keeps transformers'
+        padded matmuls (equal bit for bit: a matmul over fewer rows may sum in another order)."""
+        counts = step.counts
+        eager_lean = self.lean is not None and self.lean.compiled is None
+        if not eager_lean or self.dtype == torch.float32 or sum(counts) == len(counts) * width:
+            return None, []
+        self.packed_steps += 1
+        offset, total = [], 0
+        for c in counts:
+            offset.append(total)
+            total += c
+        real = torch.arange(width)[None, :] < torch.tensor(counts)[:, None]
+        return real.flatten().nonzero().flatten().to(self.device), offset
+
     def _forward(
         self,
         ids: torch.Tensor,
         step: Step,
         keep: int | torch.Tensor | None,
         sink: list | None = None,
+        packed: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Logits of the step's new tokens (`keep` as LeanForward's: None all, 0 none, a
-        tensor of columns); the cache's layers take the new keys and values. With a `sink`,
-        the last layer's output at every column is appended to it."""
+        tensor of columns, or of packed indices with `packed`); the cache's layers take the new
+        keys and values. With a `sink`, the last layer's output at every column is appended."""
         if sink is not None:
-            return self._forward_capturing(ids, step, keep, sink)
+            return self._forward_capturing(ids, step, keep, sink, packed)
+        if packed is not None:
+            return self.lean(ids, step.position_ids, step.mask, self.kv.cache.layers, keep, packed)
         if self.lean is not None:
             bufs = self.kv.window(step) if self.lean.compiled is not None else None
             if bufs is not None and keep is None:  # decode and verify steps: shapes that recur
@@ -298,12 +331,18 @@ class ModelRunner:
         return res.logits
 
     def _forward_capturing(
-        self, ids: torch.Tensor, step: Step, keep: int | torch.Tensor | None, sink: list
+        self,
+        ids: torch.Tensor,
+        step: Step,
+        keep: int | torch.Tensor | None,
+        sink: list,
+        packed: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         if self.lean is not None:
             self.lean.capture = sink
             try:
-                return self.lean(ids, step.position_ids, step.mask, self.kv.cache.layers, keep)
+                layers = self.kv.cache.layers
+                return self.lean(ids, step.position_ids, step.mask, layers, keep, packed)
             finally:
                 self.lean.capture = None
 
