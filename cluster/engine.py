@@ -115,7 +115,6 @@ class SpecEngine:
             check_same_tokenizer(draft.runner.tokenizer, target.runner.tokenizer)
         if isinstance(draft, FeatureDraftWorker):  # its rows carry the target's features
             options = replace(options, draft_features=True)
-        options = replace(options, target_packs_ragged=target.runner.packs_ragged)
         self.target = LocalTarget(target)
         self.draft = LocalDraft(draft) if draft is not None else None
         self.policy = policy

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x11specdec.worker.v1\"\xe0\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\x08logprobs\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05min_p\x18\t \x01(\x01\x12\x44\n\nlogit_bias\x18\n \x03(\x0b\x32\x30.specdec.worker.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x0b \x01(\r\x12\x10\n\x08held_ids\x18\x0c \x03(\x05\x12\x0f\n\x07grammar\x18\r \x01(\t\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\rH\x03\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x12\n\x10_prompt_logprobs\"\xb3\x01\n\x0ePrefillRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x33\n\x08sampling\x18\x03 \x01(\x0b\x32!.specdec.worker.v1.SamplingParams\x12\x10\n\x08\x66\x65\x61tures\x18\x04 \x01(\x08\x12\x17\n\nprompt_len\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07\x66ork_of\x18\x06 \x01(\tB\r\n\x0b_prompt_len\"\x93\x01\n\x0fPrefillResponse\x12\x15\n\rcommitted_len\x18\x01 \x01(\r\x12\x12\n\x05token\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0c\x12\x10\n\x08logprobs\x18\x04 \x01(\x0c\x12\x17\n\x0fprompt_logprobs\x18\x05 \x01(\x0c\x12\x0e\n\x06\x66orced\x18\x06 \x03(\x05\x42\x08\n\x06_token\"\x89\x01\n\x0eProposeRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x15\n\rcommitted_len\x18\x02 \x01(\r\x12\t\n\x01k\x18\x03 \x01(\r\x12\x0e\n\x06\x63ommit\x18\x04 \x03(\x05\x12\x12\n\x05start\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x17\n\x0f\x63ommit_features\x18\x06 \x01(\x0c\x42\x08\n\x06_start\"g\n\x0fProposeResponse\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\t\n\x01q\x18\x03 \x01(\x0c\x12\x15\n\rcommitted_len\x18\x04 \x01(\r\x12\x13\n\x0bunsure_last\x18\x05 \x01(\x08\"z\n\rVerifyRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x15\n\rcommitted_len\x18\x02 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x03 \x03(\x05\x12\t\n\x01q\x18\x04 \x01(\x0c\x12\x0f\n\x07one_hot\x18\x05 \x01(\x08\x12\x10\n\x08\x66\x65\x61tures\x18\x06 \x01(\x08\"\x8b\x01\n\x0eVerifyResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x05\x12\r\n\x05\x62onus\x18\x03 \x01(\x08\x12\x15\n\rcommitted_len\x18\x04 \x01(\r\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x01(\x0c\x12\x10\n\x08logprobs\x18\x06 \x01(\x0c\x12\x0e\n\x06\x66orced\x18\x07 \x03(\x05\" \n\x0eReleaseRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xbb\x01\n\tModelInfo\x12%\n\x04role\x18\x01 \x01(\x0e\x32\x17.specdec.worker.v1.Role\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x06 \x01(\t\x12\x14\n\x0cpacks_ragged\x18\x07 \x01(\x08\"~\n\rStatsResponse\x12\x16\n\x0elive_sequences\x18\x01 \x01(\r\x12+\n\x05model\x18\x02 \x01(\x0b\x32\x1c.specdec.worker.v1.ModelInfo\x12\x11\n\tkv_tokens\x18\x03 \x01(\x04\x12\x15\n\rmax_kv_tokens\x18\x04 \x01(\x04\"*\n\tRowStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"F\n\x13PrefillBatchRequest\x12/\n\x04rows\x18\x01 \x03(\x0b\x32!.specdec.worker.v1.PrefillRequest\"q\n\rPrefillResult\x12,\n\x06status\x18\x01 \x01(\x0b\x32\x1c.specdec.worker.v1.RowStatus\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32\".specdec.worker.v1.PrefillResponse\"F\n\x14PrefillBatchResponse\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .specdec.worker.v1.PrefillResult\"F\n\x13ProposeBatchRequest\x12/\n\x04rows\x18\x01 \x03(\x0b\x32!.specdec.worker.v1.ProposeRequest\"q\n\rProposeResult\x12,\n\x06status\x18\x01 \x01(\x0b\x32\x1c.specdec.worker.v1.RowStatus\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32\".specdec.worker.v1.ProposeResponse\"F\n\x14ProposeBatchResponse\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .specdec.worker.v1.ProposeResult\"D\n\x12VerifyBatchRequest\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .specdec.worker.v1.VerifyRequest\"o\n\x0cVerifyResult\x12,\n\x06status\x18\x01 \x01(\x0b\x32\x1c.specdec.worker.v1.RowStatus\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32!.specdec.worker.v1.VerifyResponse\"D\n\x13VerifyBatchResponse\x12-\n\x04rows\x18\x01 \x03(\x0b\x32\x1f.specdec.worker.v1.VerifyResult*=\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_DRAFT\x10\x01\x12\x0f\n\x0bROLE_TARGET\x10\x02\x32\xed\x02\n\x0b\x44raftWorker\x12P\n\x07Release\x12!.specdec.worker.v1.ReleaseRequest\x1a\".specdec.worker.v1.ReleaseResponse\x12J\n\x05Stats\x12\x1f.specdec.worker.v1.StatsRequest\x1a .specdec.worker.v1.StatsResponse\x12_\n\x0cPrefillBatch\x12&.specdec.worker.v1.PrefillBatchRequest\x1a\'.specdec.worker.v1.PrefillBatchResponse\x12_\n\x0cProposeBatch\x12&.specdec.worker.v1.ProposeBatchRequest\x1a\'.specdec.worker.v1.ProposeBatchResponse2\xeb\x02\n\x0cTargetWorker\x12P\n\x07Release\x12!.specdec.worker.v1.ReleaseRequest\x1a\".specdec.worker.v1.ReleaseResponse\x12J\n\x05Stats\x12\x1f.specdec.worker.v1.StatsRequest\x1a .specdec.worker.v1.StatsResponse\x12_\n\x0cPrefillBatch\x12&.specdec.worker.v1.PrefillBatchRequest\x1a\'.specdec.worker.v1.PrefillBatchResponse\x12\\\n\x0bVerifyBatch\x12%.specdec.worker.v1.VerifyBatchRequest\x1a&.specdec.worker.v1.VerifyBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x11specdec.worker.v1\"\xe0\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\x08logprobs\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05min_p\x18\t \x01(\x01\x12\x44\n\nlogit_bias\x18\n \x03(\x0b\x32\x30.specdec.worker.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x0b \x01(\r\x12\x10\n\x08held_ids\x18\x0c \x03(\x05\x12\x0f\n\x07grammar\x18\r \x01(\t\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\rH\x03\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x12\n\x10_prompt_logprobs\"\xb3\x01\n\x0ePrefillRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x33\n\x08sampling\x18\x03 \x01(\x0b\x32!.specdec.worker.v1.SamplingParams\x12\x10\n\x08\x66\x65\x61tures\x18\x04 \x01(\x08\x12\x17\n\nprompt_len\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07\x66ork_of\x18\x06 \x01(\tB\r\n\x0b_prompt_len\"\x93\x01\n\x0fPrefillResponse\x12\x15\n\rcommitted_len\x18\x01 \x01(\r\x12\x12\n\x05token\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0c\x12\x10\n\x08logprobs\x18\x04 \x01(\x0c\x12\x17\n\x0fprompt_logprobs\x18\x05 \x01(\x0c\x12\x0e\n\x06\x66orced\x18\x06 \x03(\x05\x42\x08\n\x06_token\"\x89\x01\n\x0eProposeRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x15\n\rcommitted_len\x18\x02 \x01(\r\x12\t\n\x01k\x18\x03 \x01(\r\x12\x0e\n\x06\x63ommit\x18\x04 \x03(\x05\x12\x12\n\x05start\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x17\n\x0f\x63ommit_features\x18\x06 \x01(\x0c\x42\x08\n\x06_start\"g\n\x0fProposeResponse\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\t\n\x01q\x18\x03 \x01(\x0c\x12\x15\n\rcommitted_len\x18\x04 \x01(\r\x12\x13\n\x0bunsure_last\x18\x05 \x01(\x08\"z\n\rVerifyRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x15\n\rcommitted_len\x18\x02 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x03 \x03(\x05\x12\t\n\x01q\x18\x04 \x01(\x0c\x12\x0f\n\x07one_hot\x18\x05 \x01(\x08\x12\x10\n\x08\x66\x65\x61tures\x18\x06 \x01(\x08\"\x8b\x01\n\x0eVerifyResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x05\x12\r\n\x05\x62onus\x18\x03 \x01(\x08\x12\x15\n\rcommitted_len\x18\x04 \x01(\r\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x01(\x0c\x12\x10\n\x08logprobs\x18\x06 \x01(\x0c\x12\x0e\n\x06\x66orced\x18\x07 \x03(\x05\" \n\x0eReleaseRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xa5\x01\n\tModelInfo\x12%\n\x04role\x18\x01 \x01(\x0e\x32\x17.specdec.worker.v1.Role\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x06 \x01(\t\"~\n\rStatsResponse\x12\x16\n\x0elive_sequences\x18\x01 \x01(\r\x12+\n\x05model\x18\x02 \x01(\x0b\x32\x1c.specdec.worker.v1.ModelInfo\x12\x11\n\tkv_tokens\x18\x03 \x01(\x04\x12\x15\n\rmax_kv_tokens\x18\x04 \x01(\x04\"*\n\tRowStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"F\n\x13PrefillBatchRequest\x12/\n\x04rows\x18\x01 \x03(\x0b\x32!.specdec.worker.v1.PrefillRequest\"q\n\rPrefillResult\x12,\n\x06status\x18\x01 \x01(\x0b\x32\x1c.specdec.worker.v1.RowStatus\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32\".specdec.worker.v1.PrefillResponse\"F\n\x14PrefillBatchResponse\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .specdec.worker.v1.PrefillResult\"F\n\x13ProposeBatchRequest\x12/\n\x04rows\x18\x01 \x03(\x0b\x32!.specdec.worker.v1.ProposeRequest\"q\n\rProposeResult\x12,\n\x06status\x18\x01 \x01(\x0b\x32\x1c.specdec.worker.v1.RowStatus\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32\".specdec.worker.v1.ProposeResponse\"F\n\x14ProposeBatchResponse\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .specdec.worker.v1.ProposeResult\"D\n\x12VerifyBatchRequest\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .specdec.worker.v1.VerifyRequest\"o\n\x0cVerifyResult\x12,\n\x06status\x18\x01 \x01(\x0b\x32\x1c.specdec.worker.v1.RowStatus\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32!.specdec.worker.v1.VerifyResponse\"D\n\x13VerifyBatchResponse\x12-\n\x04rows\x18\x01 \x03(\x0b\x32\x1f.specdec.worker.v1.VerifyResult*=\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_DRAFT\x10\x01\x12\x0f\n\x0bROLE_TARGET\x10\x02\x32\xed\x02\n\x0b\x44raftWorker\x12P\n\x07Release\x12!.specdec.worker.v1.ReleaseRequest\x1a\".specdec.worker.v1.ReleaseResponse\x12J\n\x05Stats\x12\x1f.specdec.worker.v1.StatsRequest\x1a .specdec.worker.v1.StatsResponse\x12_\n\x0cPrefillBatch\x12&.specdec.worker.v1.PrefillBatchRequest\x1a\'.specdec.worker.v1.PrefillBatchResponse\x12_\n\x0cProposeBatch\x12&.specdec.worker.v1.ProposeBatchRequest\x1a\'.specdec.worker.v1.ProposeBatchResponse2\xeb\x02\n\x0cTargetWorker\x12P\n\x07Release\x12!.specdec.worker.v1.ReleaseRequest\x1a\".specdec.worker.v1.ReleaseResponse\x12J\n\x05Stats\x12\x1f.specdec.worker.v1.StatsRequest\x1a .specdec.worker.v1.StatsResponse\x12_\n\x0cPrefillBatch\x12&.specdec.worker.v1.PrefillBatchRequest\x1a\'.specdec.worker.v1.PrefillBatchResponse\x12\\\n\x0bVerifyBatch\x12%.specdec.worker.v1.VerifyBatchRequest\x1a&.specdec.worker.v1.VerifyBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=2588
-  _globals['_ROLE']._serialized_end=2649
+  _globals['_ROLE']._serialized_start=2566
+  _globals['_ROLE']._serialized_end=2627
   _globals['_SAMPLINGPARAMS']._serialized_start=43
   _globals['_SAMPLINGPARAMS']._serialized_end=523
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=410
@@ -58,31 +58,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATSREQUEST']._serialized_start=1439
   _globals['_STATSREQUEST']._serialized_end=1453
   _globals['_MODELINFO']._serialized_start=1456
-  _globals['_MODELINFO']._serialized_end=1643
-  _globals['_STATSRESPONSE']._serialized_start=1645
-  _globals['_STATSRESPONSE']._serialized_end=1771
-  _globals['_ROWSTATUS']._serialized_start=1773
-  _globals['_ROWSTATUS']._serialized_end=1815
-  _globals['_PREFILLBATCHREQUEST']._serialized_start=1817
-  _globals['_PREFILLBATCHREQUEST']._serialized_end=1887
-  _globals['_PREFILLRESULT']._serialized_start=1889
-  _globals['_PREFILLRESULT']._serialized_end=2002
-  _globals['_PREFILLBATCHRESPONSE']._serialized_start=2004
-  _globals['_PREFILLBATCHRESPONSE']._serialized_end=2074
-  _globals['_PROPOSEBATCHREQUEST']._serialized_start=2076
-  _globals['_PROPOSEBATCHREQUEST']._serialized_end=2146
-  _globals['_PROPOSERESULT']._serialized_start=2148
-  _globals['_PROPOSERESULT']._serialized_end=2261
-  _globals['_PROPOSEBATCHRESPONSE']._serialized_start=2263
-  _globals['_PROPOSEBATCHRESPONSE']._serialized_end=2333
-  _globals['_VERIFYBATCHREQUEST']._serialized_start=2335
-  _globals['_VERIFYBATCHREQUEST']._serialized_end=2403
-  _globals['_VERIFYRESULT']._serialized_start=2405
-  _globals['_VERIFYRESULT']._serialized_end=2516
-  _globals['_VERIFYBATCHRESPONSE']._serialized_start=2518
-  _globals['_VERIFYBATCHRESPONSE']._serialized_end=2586
-  _globals['_DRAFTWORKER']._serialized_start=2652
-  _globals['_DRAFTWORKER']._serialized_end=3017
-  _globals['_TARGETWORKER']._serialized_start=3020
-  _globals['_TARGETWORKER']._serialized_end=3383
+  _globals['_MODELINFO']._serialized_end=1621
+  _globals['_STATSRESPONSE']._serialized_start=1623
+  _globals['_STATSRESPONSE']._serialized_end=1749
+  _globals['_ROWSTATUS']._serialized_start=1751
+  _globals['_ROWSTATUS']._serialized_end=1793
+  _globals['_PREFILLBATCHREQUEST']._serialized_start=1795
+  _globals['_PREFILLBATCHREQUEST']._serialized_end=1865
+  _globals['_PREFILLRESULT']._serialized_start=1867
+  _globals['_PREFILLRESULT']._serialized_end=1980
+  _globals['_PREFILLBATCHRESPONSE']._serialized_start=1982
+  _globals['_PREFILLBATCHRESPONSE']._serialized_end=2052
+  _globals['_PROPOSEBATCHREQUEST']._serialized_start=2054
+  _globals['_PROPOSEBATCHREQUEST']._serialized_end=2124
+  _globals['_PROPOSERESULT']._serialized_start=2126
+  _globals['_PROPOSERESULT']._serialized_end=2239
+  _globals['_PROPOSEBATCHRESPONSE']._serialized_start=2241
+  _globals['_PROPOSEBATCHRESPONSE']._serialized_end=2311
+  _globals['_VERIFYBATCHREQUEST']._serialized_start=2313
+  _globals['_VERIFYBATCHREQUEST']._serialized_end=2381
+  _globals['_VERIFYRESULT']._serialized_start=2383
+  _globals['_VERIFYRESULT']._serialized_end=2494
+  _globals['_VERIFYBATCHRESPONSE']._serialized_start=2496
+  _globals['_VERIFYBATCHRESPONSE']._serialized_end=2564
+  _globals['_DRAFTWORKER']._serialized_start=2630
+  _globals['_DRAFTWORKER']._serialized_end=2995
+  _globals['_TARGETWORKER']._serialized_start=2998
+  _globals['_TARGETWORKER']._serialized_end=3361
 # @@protoc_insertion_point(module_scope)

@@ -168,22 +168,20 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("role", "model_path", "vocab_size", "max_context", "eos_token_ids", "tokenizer_fingerprint", "packs_ragged")
+    __slots__ = ("role", "model_path", "vocab_size", "max_context", "eos_token_ids", "tokenizer_fingerprint")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
-    PACKS_RAGGED_FIELD_NUMBER: _ClassVar[int]
     role: Role
     model_path: str
     vocab_size: int
     max_context: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     tokenizer_fingerprint: str
-    packs_ragged: bool
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., model_path: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_fingerprint: _Optional[str] = ..., packs_ragged: _Optional[bool] = ...) -> None: ...
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., model_path: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("live_sequences", "model", "kv_tokens", "max_kv_tokens")

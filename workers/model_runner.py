@@ -267,12 +267,6 @@ class ModelRunner:
         empty = torch.empty(0, self.vocab_size)
         return [out.get(sid, empty) for sid, _ in items]
 
-    @property
-    def packs_ragged(self) -> bool:
-        """Whether ragged passes run packed (`_packing`): their cost follows the real tokens."""
-        eager_lean = self.lean is not None and self.lean.compiled is None
-        return eager_lean and self.dtype != torch.float32
-
     def _packing(self, step: Step, width: int) -> tuple[torch.Tensor | None, list[int]]:
         """For a step whose rows bring unequal numbers of tokens, on the eager lean forward: the
         flat indices of the real tokens in [rows * width] and each view row's first packed index
@@ -282,7 +276,8 @@ class ModelRunner:
         compiled forward keeps its recurring padded shapes, and float32 keeps transformers'
         padded matmuls (equal bit for bit: a matmul over fewer rows may sum in another order)."""
         counts = step.counts
-        if not self.packs_ragged or sum(counts) == len(counts) * width:
+        eager_lean = self.lean is not None and self.lean.compiled is None
+        if not eager_lean or self.dtype == torch.float32 or sum(counts) == len(counts) * width:
             return None, []
         self.packed_steps += 1
         offset, total = [], 0

@@ -118,7 +118,6 @@ def model_info(worker: Any, role: int) -> worker_pb2.ModelInfo:
         max_context=int(runner.max_context),
         eos_token_ids=sorted(int(t) for t in runner.eos_token_ids),
         tokenizer_fingerprint=tokenizer_fingerprint(runner.tokenizer),
-        packs_ragged=bool(getattr(runner, "packs_ragged", False)),
     )
 
 

@@ -237,13 +237,11 @@ class Router:
                 sched.close()
                 sched = None
             if sched is None or not sched.alive:
-                # A target that packs ragged rows is priced by the positions it really runs.
-                ragged = ep.info is not None and ep.info.packs_ragged
                 sched = StepScheduler(
                     ep.side,
                     self._drafts,
                     self._policy,
-                    replace(self._options, target_packs_ragged=ragged),
+                    self._options,
                     name=f"scheduler-{ep.address}",
                     on_target_lost=self._target_lost,
                     observer=self._observer,

@@ -2,17 +2,16 @@
 
 Every step, after the batch policy chose the model draft's k per row, each row that may draft by
 lookup (its drafter is `auto` or `lookup`, its mode not OFF) looks for its text's end earlier in
-its own prompt and output and in the scheduler's recent outputs (lookup.py). The plan caps the
-blocks: at a cap w every row with a match takes its longest block that fits (w - 1 tokens at
-most) where that is expected to commit more than its model block would (`expected_tokens` at the
-row's acceptance for that match length), and the step's committed tokens are divided by the
-pass's cost (the measured step-cost fit; its prior shape while nothing is measured): a pass padded
-to its widest row costs rows x w positions, one whose target packs ragged rows its real ones. The
-best cap is taken when it beats the step as the batch policy planned it by `keep_gain`. So one
-stream takes blocks as long as the match and the verify's cost allow (up to `lookup.max_tokens`,
-beyond the model's `max_draft_tokens`); on a padded target many rows that all copy widen together
-and one row's long match does not widen a big batch, and on a packing one a row's long match
-costs its own positions only. A row that takes a lookup block drafts nothing on the model this step.
+its own prompt and output and in the scheduler's recent outputs (lookup.py). The target pass is
+one padded width for all rows, so the plan is priced per width: at width w every row with a match
+takes its longest block that fits (w - 1 tokens at most) where that is expected to commit more
+than its model block would (`expected_tokens` at the row's acceptance for that match length), and
+the step's committed tokens are divided by the pass's cost at that width (the measured step-cost
+fit; its prior shape while nothing is measured). The best width is taken when it beats the step
+as the batch policy planned it by `keep_gain`. So one stream takes blocks as long as the match
+and the verify's cost allow (up to `lookup.max_tokens`, beyond the model's `max_draft_tokens`),
+many rows that all copy widen together, and one row's long match does not widen a big batch. A
+row that takes a lookup block drafts nothing on the model this step.
 
 A seeded row decides alone (its output must repeat whatever shares its batch): its own text only,
 priced by the cost priors for its own width.
@@ -136,29 +135,20 @@ class LookupDrafting:
         n = len(rows)
         width = 1 + max(ks, default=0)
         tokens = sum(model_tokens)
-        real = n + sum(ks)  # the positions the pass verifies as planned
-        # A cap on the blocks: at each cap w every row with a match takes its longest block
-        # that fits (w - 1 tokens), where that beats its model block. Priced by the pass that
-        # makes: padded to the widest row, or its real positions where the target packs rows.
-        best_value = self.config.keep_gain * tokens / self._pass_cost(n, width, real)
+        # One width for the whole pass (rows are padded to the widest): at each width every row
+        # with a match takes its longest block that fits, where that beats its model block.
+        best_value = self.config.keep_gain * tokens / self._pass_cost(n, width)
         best: dict[int, int] = {}  # row index -> block length
-        caps: range = range(0)
-        if self.costs.ragged:  # each row's block costs its own positions: a length per row
-            picks, value = self._per_row(found, model_tokens, ks, n, width)
-            if picks and value > best_value:
-                best = picks
-        else:
-            caps = range(width, max(len(match.continuation) for _, match, _ in found) + 2)
-        for w in caps:
-            total, picks, positions = tokens, {}, real
+        longest = max(len(match.continuation) for _, match, _ in found)
+        for w in range(width, longest + 2):
+            total, picks = tokens, {}
             for i, match, rate in found:
                 length = min(len(match.continuation), w - 1)
                 gain = expected_tokens(rate, length) - model_tokens[i] if length else 0.0
                 if gain > 0:
                     total += gain
                     picks[i] = length
-                    positions += length - ks[i]
-            value = total / self._pass_cost(n, w, positions)
+            value = total / self._pass_cost(n, w)
             if picks and value > best_value:
                 best_value, best = value, picks
         matches = {i: match for i, match, _ in found}
@@ -166,42 +156,6 @@ class LookupDrafting:
             ks[i] = 0
             out[rows[i].seq_id] = _block(rows[i], matches[i], length)
         return out
-
-    def _per_row(
-        self,
-        found: list[tuple[int, Match, float]],
-        model_tokens: list[float],
-        ks: list[int],
-        n: int,
-        width: int,
-    ) -> tuple[dict[int, int], float]:
-        """Block lengths by row for a target that packs ragged rows (row index -> length; 0:
-        its model block) and the plan's committed tokens per unit of cost: each row in turn
-        takes the length that makes the whole pass best given the others', twice over."""
-        tokens, positions = sum(model_tokens), n + sum(ks)
-        picks = dict.fromkeys((i for i, _, _ in found), 0)
-        value = tokens / self._pass_cost(n, width, positions)
-        for _ in range(2):
-            for i, match, rate in found:
-                cur = picks[i]
-                if cur:  # the pass without row i's block
-                    tokens -= expected_tokens(rate, cur) - model_tokens[i]
-                    positions -= cur - ks[i]
-                top, top_value = 0, tokens / self._pass_cost(n, width, positions)
-                committed, r = 1.0, 1.0  # expected_tokens(rate, length), built up
-                for length in range(1, len(match.continuation) + 1):
-                    r *= rate
-                    committed += r
-                    gain = committed - model_tokens[i]
-                    w = max(width, length + 1)
-                    v = (tokens + gain) / self._pass_cost(n, w, positions + length - ks[i])
-                    if gain > 0 and v > top_value:
-                        top, top_value = length, v
-                if top:
-                    tokens += expected_tokens(rate, top) - model_tokens[i]
-                    positions += top - ks[i]
-                picks[i], value = top, top_value
-        return {i: length for i, length in picks.items() if length}, value
 
     def _alone(self, row: Row, k: int, match: Match, rate: float) -> LookupBlock | None:
         """A seeded row: priced by the cost priors for its own width, against its model plan."""
@@ -216,15 +170,13 @@ class LookupDrafting:
             return None
         return _block(row, match, length)
 
-    def _pass_cost(self, rows: int, width: int, real: int) -> float:
-        """A target pass over `rows` rows, the widest `width` positions, `real` positions in
-        all: measured seconds, or the prior (in units of a one-row plain step) while nothing is
-        measured."""
-        x = self.costs.positions(rows, width, real)
-        t = self.costs.target.predict(x)
+    def _pass_cost(self, rows: int, width: int) -> float:
+        """A target pass over `rows` rows of `width` positions: measured seconds, or the prior
+        (in units of a one-row plain step) while nothing is measured."""
+        t = self.costs.target.predict(rows * width)
         if t is not None and t > 0:
             return t
-        return _prior_cost(self.config)(x)  # the fit's own prior shape
+        return _prior_cost(self.config)(rows * width)  # the fit's own prior shape
 
 
 def _prior_cost(cfg: PolicyConfig):

@@ -73,8 +73,6 @@ class SchedulerOptions:
     # The draft pool drafts from the target's features (a feature head): rows that may draft
     # by model ask the target for them and carry them to their draft; nothing drafts ahead.
     draft_features: bool = False
-    # The target runs ragged rows packed (ModelInfo.packs_ragged): passes cost by real positions.
-    target_packs_ragged: bool = False
 
     def __post_init__(self) -> None:
         if self.max_rows < 1 or self.prefill_tokens_per_step < 1:
@@ -110,7 +108,7 @@ class StepScheduler(TargetFaults, StepLoop):
         # The acceptance of this replica's draft, every new row's prior (one thread), and the
         # measured costs of its steps.
         self.acceptance = deployment_acceptance(policy)
-        self.costs = StepCosts(policy, ragged=options.target_packs_ragged)
+        self.costs = StepCosts(policy)
         self.batch_policy = BatchPolicy(policy, self.costs)
         self.pipelining = PipeliningChoice(options.pipelined)
         self.drafting = Drafting(
@@ -370,8 +368,7 @@ class StepScheduler(TargetFaults, StepLoop):
         observer.step(record)
         # Prices: the target pass by its padded positions; the draft passes by rows drafting.
         if not shared:  # draft work beside it may share the cores: that time is not typical
-            real = sum(len(v.draft_tokens) + 1 for v in vrows)
-            self.costs.observe_target(len(rows), width, verify_seconds, real)
+            self.costs.observe_target(len(rows), width, verify_seconds)
         if drafted_now.drafted and drafted_now.timed:
             self.costs.observe_draft(drafted_now.drafted, drafted_now.passes, draft_seconds)
         if width == 1:

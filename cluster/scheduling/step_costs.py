@@ -6,8 +6,6 @@ pass over every row, padded to the widest row (k + 1 positions). Its wall time i
 measurements of this scheduler's steps, not of single sequences:
 
     target(x) = a + b * x        x = rows * (max k + 1), the positions of the padded pass
-                                 (or sum(k + 1), the real ones, where the target packs ragged
-                                 rows: `ragged`)
     draft(B, k) = k * (c + d * B)  B = rows that draft
 
 each line fitted by least squares with exponential forgetting over the steps seen (so it follows
@@ -70,21 +68,15 @@ class LineFit:
 class StepCosts:
     """Measured step times of one target replica and its drafts (owned by one scheduler)."""
 
-    def __init__(self, config: PolicyConfig, keep: float = 0.95, ragged: bool = False) -> None:
+    def __init__(self, config: PolicyConfig, keep: float = 0.95) -> None:
         ratio = config.verify_cost_per_token_prior
-        self.ragged = ragged  # the target's passes cost by their real positions (packed rows)
-        self.target = LineFit(keep, ratio)  # seconds of a target pass vs its positions
+        self.target = LineFit(keep, ratio)  # seconds of a target pass vs padded positions
         self.draft = LineFit(keep, 0.5)  # seconds of one draft pass vs rows drafting
         self.steps = 0
         self.last_plain_step = -(10**9)  # step index of the latest all-plain step
 
-    def positions(self, rows: int, width: int, real: int | None = None) -> int:
-        """What a pass costs by: its padded positions, or its `real` ones where the target
-        packs ragged rows (and they are known)."""
-        return real if self.ragged and real is not None else rows * width
-
-    def observe_target(self, rows: int, width: int, seconds: float, real: int | None = None):
-        self.target.add(self.positions(rows, width, real), seconds)
+    def observe_target(self, rows: int, width: int, seconds: float) -> None:
+        self.target.add(rows * width, seconds)
 
     def observe_draft(self, rows: int, k: int, seconds: float) -> None:
         if k > 0 and rows > 0:

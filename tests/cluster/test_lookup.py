@@ -234,42 +234,21 @@ def test_a_row_with_a_model_block_keeps_it_when_lookup_promises_less():
     assert ks == [4]
 
 
-def copying_batch(lk: LookupDrafting, n: int) -> list[Row]:
-    """One row that copies its prompt ("copy") and n - 1 whose text barely repeats, admitted."""
-    rows = [grounded_row("copy")] + [make_row(f"r{i}", [7, i % 50 + 1000, 7]) for i in range(n - 1)]
-    for r in rows:
-        lk.admit(r)
-    return rows
-
-
 def test_a_big_batch_does_not_widen_for_one_long_block():
     lk = planner(max_tokens=16)
     costs = lk.costs
     for rows, width in ((64, 1), (64, 2), (8, 1), (8, 4), (1, 1)):  # compute-bound at 64 rows
         for _ in range(5):
             costs.observe_target(rows, width, 0.004 * rows * width)
-    plan = lk.plan(copying_batch(lk, 64), [0] * 64)
+    copying = grounded_row("copy")
+    lk.admit(copying)
+    others = [make_row(f"r{i}", [7, i % 50 + 1000, 7]) for i in range(63)]
+    for r in others:
+        lk.admit(r)
+    ks = [0] * 64
+    plan = lk.plan([copying, *others], ks)
     # A block of L widens 64 rows to L + 1 positions: at this cost no block pays.
     assert plan == {}
-
-
-def test_a_target_that_packs_ragged_rows_prices_one_long_block_by_its_own_positions():
-    """16 rows, one copying, on a target that runs ragged rows packed (ModelInfo.packs_ragged):
-    the pass costs by its real positions (this CPU's line, bf16: 36 ms to read the weights, 0.75
-    ms a position), so the copying row's block of L costs 16 + L positions, not 16 x (L + 1),
-    and pays (cheap positions pay the others' short guesses too). Read as padded positions,
-    the same line keeps every block to a token or two."""
-    lk = planner(max_tokens=16)
-    lk.costs.ragged = True
-    for real in (16, 32, 8, 48, 1, 80):
-        for _ in range(5):
-            lk.costs.observe_target(16, 2, 0.036 + 0.00075 * real, real)
-    batch = copying_batch(lk, 16)
-    plan = lk.plan(batch, [0] * 16)
-    assert len(plan["copy"].proposal.tokens) > 8
-    lk.costs.ragged = False  # padded: the copy's block would widen every row to its length
-    padded = lk.plan(batch, [0] * 16)
-    assert len(padded["copy"].proposal.tokens) <= 2
 
 
 def test_rows_that_may_not_look_up_propose_nothing():
