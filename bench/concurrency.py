@@ -179,6 +179,7 @@ def sweep(
     modes: list[str] | None = None,
     repeats: int = 1,
     confidence_stop: float = 0.0,
+    dtype: str = "float32",
 ) -> list[Cell]:
     from bench.policies import bench_policy
     from cluster.routing.config import RouterConfig
@@ -187,9 +188,10 @@ def sweep(
     from workers.checkpoints.feature_head import is_feature_head
 
     stop = ["--confidence-stop", str(confidence_stop)]
+    as_served = ["--dtype", dtype]  # auto: bfloat16 where the CPU has it, as `models.dtype`
     procs = start_all(
-        worker_process("target", target_path, threads=threads),
-        worker_process("draft", draft_path, threads=1, extra=stop),
+        worker_process("target", target_path, threads=threads, extra=as_served),
+        worker_process("draft", draft_path, threads=1, extra=[*stop, *as_served]),
     )
     cells: list[Cell] = []
     loop = asyncio.new_event_loop()

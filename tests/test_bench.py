@@ -74,7 +74,7 @@ def test_concurrency_sweep_runs_and_agrees_with_plain(tmp_path, capsys):
     out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
     rc = main(
         ["--target", str(target), "--draft", str(draft), "--prompts", "2"]
-        + ["--max-new-tokens", "6", "--threads", "1", "--concurrency", "1,3"]
+        + ["--max-new-tokens", "6", "--threads", "1", "--concurrency", "1,3", "--dtype", "float32"]
         + ["--requests-per-stream", "1", "--plot", str(png), "--json", str(out)]
     )
     printed = capsys.readouterr().out
