@@ -557,3 +557,26 @@ def test_processed_greedy_under_speculation_equals_hf_and_a_plain_run(
             unprocessed = self_engine.generate(ids, max_new_tokens=MAX_NEW, mode=SpecMode.OFF)
             assert spec.token_ids != unprocessed.token_ids  # the processing changed something
     assert_no_live(self_engine)
+
+
+def test_compiled_forwards_in_float32_equal_hf_generate(model_dir, reference):
+    """`models.compile: on` (torch.compile of the lean forward's decode and verify steps over
+    the batched cache; what a GPU serves with CUDA graphs), float32: the greedy output is still
+    HF `generate`'s, plain and speculative, both workers compiled."""
+    from workers.draft_loading import load_draft
+    from workers.target import TargetWorker
+
+    kw = {"forward": "lean", "compile": "on"}
+    target = TargetWorker.from_path(model_dir / "target", **kw)
+    draft = load_draft(model_dir / "draft", **kw)
+    engine = SpecEngine(target, draft, policy=MODEL_ONLY)
+    try:
+        assert target.runner.forward == draft.runner.forward == "lean+compiled"
+        for prompt in PROMPTS:
+            for mode, k in ((SpecMode.OFF, None), (SpecMode.ON, 3)):
+                ask = {} if k is None else {"k": k}
+                res = engine.generate(prompt, max_new_tokens=MAX_NEW, mode=mode, **ask)
+                assert res.token_ids == reference[prompt], (prompt, mode)
+        assert_no_live(engine)
+    finally:
+        engine.close()
