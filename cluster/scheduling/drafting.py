@@ -49,18 +49,20 @@ class Drafting:
         self.hits = 0  # blocks drafted ahead and used / thrown away (all rows, for metrics)
         self.misses = 0
 
-    def prefill(self, rows: Sequence[Row]) -> Calls:
+    def prefill(self, rows: Sequence[Row], wait: bool = True) -> Calls:
         """Bind each row to a draft worker and prefill it there (one call per worker); the
-        caller waits with `settle_prefill`."""
+        caller waits with `settle_prefill`. `wait=False` (a prefill in the background): a
+        draft whose first check has not answered is not waited for, since the batch would wait
+        too; the row steps plain meanwhile, not counted as a draft failure, and asks again the
+        next step it would speculate. Rows whose prefill the batch waits for anyway (seeded,
+        mode ON) wait for the check too."""
         if self.drafts is None or not rows:
             return []
         for row in rows:
             if row.lease is None:
-                # Never wait here for a draft's first check: the whole batch would wait. The
-                # row steps plain meanwhile and tries again at its next probe.
-                row.lease = self.drafts.acquire(wait=False)
-                if row.lease is None:
-                    row.lose_draft(DRAFT_DOWN)
+                row.lease = self.drafts.acquire(wait=wait)
+                if row.lease is None and (wait or not self.drafts.checking()):
+                    row.lose_draft(DRAFT_DOWN)  # none there; one being checked is no failure
         calls = []
         for group in group_by_lease(rows).values():
             side = group[0].lease.side
@@ -101,7 +103,7 @@ class Drafting:
             return
         now = time.monotonic()
         lens = {r.seq_id: r.rounds.committed_len for r in rows}
-        for group, fut in self.prefill(rows):
+        for group, fut in self.prefill(rows, wait=False):
             for r in group:
                 r.draft_pending = True
             leases = [r.lease for r in group]

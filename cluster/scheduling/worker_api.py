@@ -58,6 +58,8 @@ class DraftPool(Protocol):
     # The least-loaded healthy draft, or None. wait=False: never block on a draft's first check.
     def acquire(self, *, wait: bool = True) -> DraftLease | None: ...
 
+    def checking(self) -> bool: ...  # a draft's first check is still out (acquire may wait)
+
     def release(self, lease: DraftLease) -> None: ...
 
     @property

@@ -64,6 +64,9 @@ class LocalDraftPool:
     def acquire(self, *, wait: bool = True) -> LocalDraft:
         return self.draft
 
+    def checking(self) -> bool:
+        return False  # nothing to check: it is here
+
     def release(self, lease: LocalDraft) -> None:
         pass
 
