@@ -2,13 +2,9 @@
 
 `GrpcDraft` / `GrpcTarget` send each batched call as one RPC and hand the scheduler a
 `concurrent.futures.Future` of the same per-row slots the in-process worker returns (a `Proposal`,
-a `Verdict`, None for a prefill, or the row's error). A refused row's status becomes the worker's
-own exception (FAILED_PRECONDITION -> StaleSequenceError, NOT_FOUND -> UnknownSequenceError,
-INVALID_ARGUMENT -> ValueError, RESOURCE_EXHAUSTED -> KVBudgetExceeded); a failed call becomes
-`RemoteUnavailable` (a `WorkerUnavailable`) where the worker is gone or too slow (UNAVAILABLE,
-DEADLINE_EXCEEDED, CANCELLED), which sends the rows to plain mode (draft) or to another target
-(target), and `RemoteBusy` (a `WorkerBusy`) where a worker that is there refused the whole call for
-now (RESOURCE_EXHAUSTED, ABORTED): the target's call is tried again, the draft's rows step plain.
+a `Verdict`, None for a prefill, or the row's error); what a failed call or row means is in
+cluster/transport/remote_errors.py (gone: rows go plain or to another target; busy: the target's
+call is tried again).
 
 The pools of worker addresses that the router uses are in cluster/transport/pools.py.
 """
@@ -28,11 +24,16 @@ from typing import Any
 
 import grpc
 
-from cluster.scheduling.worker_api import WorkerBusy, WorkerUnavailable
+from cluster.transport.remote_errors import (
+    RemoteUnavailable,
+    RemoteWorkerError,
+    map_rpc_error,
+    row_result,
+    takes_down,
+)
 from protos import worker_pb2, worker_pb2_grpc
 from workers.batch import PrefillRow, PrefillToken, ProposeRow, VerifyRow
 from workers.draft import Proposal
-from workers.errors import KVBudgetExceeded, StaleSequenceError, UnknownSequenceError
 from workers.leases import OWNER_KEY
 from workers.tls import TLSFiles
 from workers.types import Verdict
@@ -48,76 +49,6 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
 ]
-
-# Codes that mean "this worker is gone or too slow" rather than "this call was wrong". CANCELLED
-# is one: nobody but a stopping server (or our own closed channel) cancels a worker call.
-_UNAVAILABLE_CODES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-)
-# Codes of a whole call refused for now by a worker that is there: retried, rows stay put.
-_BUSY_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
-# Of those, the ones after which the address leaves the rotation until a recheck.
-_DOWN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-
-
-class RemoteUnavailable(WorkerUnavailable):
-    def __init__(self, address: str, code: grpc.StatusCode | None, details: str) -> None:
-        super().__init__(f"{address}: {code.name if code else 'no call'}: {details}")
-        self.address = address
-        self.code = code
-
-
-class RemoteBusy(WorkerBusy):
-    def __init__(self, address: str, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{address}: {code.name}: {details}")
-        self.address = address
-        self.code = code
-
-
-class RemoteWorkerError(RuntimeError):
-    """The worker failed the call in a way that is neither a refusal nor unavailability."""
-
-    def __init__(self, address: str, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{address}: {code.name}: {details}")
-        self.address = address
-        self.code = code
-
-
-def map_rpc_error(exc: grpc.RpcError, address: str) -> Exception:
-    code = exc.code() if hasattr(exc, "code") else None
-    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
-    if code is grpc.StatusCode.FAILED_PRECONDITION:
-        return StaleSequenceError(f"{address}: {details}")
-    if code is grpc.StatusCode.NOT_FOUND:
-        return UnknownSequenceError(f"{address}: {details}")
-    if code is grpc.StatusCode.INVALID_ARGUMENT:
-        return ValueError(details)
-    if code is None or code in _UNAVAILABLE_CODES:
-        return RemoteUnavailable(address, code, details)
-    if code in _BUSY_CODES:
-        return RemoteBusy(address, code, details)
-    return RemoteWorkerError(address, code, details)
-
-
-# Row status codes of the batched RPCs -> the worker's own exceptions (one row, not the worker).
-_ROW_ERRORS: dict[grpc.StatusCode, Callable[[str], Exception]] = {
-    grpc.StatusCode.FAILED_PRECONDITION: StaleSequenceError,
-    grpc.StatusCode.NOT_FOUND: UnknownSequenceError,
-    grpc.StatusCode.INVALID_ARGUMENT: ValueError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: KVBudgetExceeded,
-}
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
-
-
-def row_result(status: worker_pb2.RowStatus, value: Callable[[], Any], address: str) -> object:
-    """One row of a batched answer: `value()` when OK, else the row's exception."""
-    if status.code == 0:
-        return value()
-    code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
-    make = _ROW_ERRORS.get(code)
-    if make is None:
-        return RemoteWorkerError(address, code, status.message)
-    return make(f"{address}: {status.message}" if make is not ValueError else status.message)
 
 
 def prefill_request(row: PrefillRow) -> worker_pb2.PrefillRequest:
@@ -320,11 +251,7 @@ class _Remote:
         self._calls.shutdown(wait=False)
 
     def _failed(self, err: Exception) -> Exception:
-        if (
-            isinstance(err, RemoteUnavailable)
-            and (err.code is None or err.code in _DOWN_CODES)
-            and self.on_unavailable is not None
-        ):
+        if takes_down(err) and self.on_unavailable is not None:
             try:
                 self.on_unavailable(self.address, err)
             except Exception:  # noqa: BLE001 - bookkeeping must not hide the error

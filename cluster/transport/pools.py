@@ -24,7 +24,8 @@ from typing import Any
 
 import grpc
 
-from cluster.transport.grpc_workers import GrpcDraft, GrpcTarget, RemoteWorkerError
+from cluster.transport.grpc_workers import GrpcDraft, GrpcTarget
+from cluster.transport.remote_errors import RemoteWorkerError
 from protos import worker_pb2
 
 log = logging.getLogger(__name__)

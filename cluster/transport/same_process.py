@@ -23,8 +23,8 @@ from typing import Any
 
 import grpc
 
-from cluster.transport.grpc_workers import RemoteUnavailable
 from cluster.transport.pools import OnUnavailable
+from cluster.transport.remote_errors import RemoteUnavailable
 from protos import worker_pb2
 from workers.batch import PrefillRow, VerifyRow
 from workers.model_thread import Call, Executor

@@ -23,7 +23,8 @@ from cluster.routing.config import RouterConfig
 from cluster.routing.router import Router, WorkerMismatchError
 from cluster.scheduling.policy import Drafter, PolicyConfig
 from cluster.scheduling.target_faults import BUSY_PAUSES_S
-from cluster.transport.grpc_workers import GrpcTarget, RemoteBusy
+from cluster.transport.grpc_workers import GrpcTarget
+from cluster.transport.remote_errors import RemoteBusy
 from cluster.transport.same_process import ServedTarget
 from protos import specdec_pb2 as pb
 from tests.cluster.grpc_procs import (
@@ -698,7 +699,7 @@ def test_no_sequence_is_left_on_any_worker(procs):
 def test_a_served_target_whose_model_thread_stopped_is_unavailable(ckpts):
     """The replica is stopping (its model thread shut down): calls fail as a lost worker, which
     the router moves elsewhere, never as an internal error of the row."""
-    from cluster.transport.grpc_workers import RemoteUnavailable
+    from cluster.transport.remote_errors import RemoteUnavailable
 
     worker = TargetWorker.from_path(ckpts["target"])
     executor = SerialExecutor(worker)
