@@ -25,8 +25,6 @@ from collections.abc import Callable
 
 from bench.cluster_stream import HF_DTYPES, _hf_system
 
-APP = "specdec"
-
 
 def _ms(values: list[float]) -> float:
     return 1e3 * statistics.median(values)
@@ -37,6 +35,7 @@ def run_ttft_hops(args, prompts: list[list[int]]) -> int:
     import ray
     from ray import serve
 
+    from cluster.serve.app import APP_NAME
     from protos import specdec_pb2 as pb
     from protos import specdec_pb2_grpc
 
@@ -50,8 +49,8 @@ def run_ttft_hops(args, prompts: list[list[int]]) -> int:
 
     stub = specdec_pb2_grpc.SpecDecodeStub(grpc.insecure_channel(args.cluster))
     ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
-    ingress = serve.get_deployment_handle("SpecDecodeIngress", APP)
-    target = serve.get_deployment_handle("SpecDecodeTarget", APP)
+    ingress = serve.get_deployment_handle("SpecDecodeIngress", APP_NAME)
+    target = serve.get_deployment_handle("SpecDecodeTarget", APP_NAME)
 
     def public(ids: list[int]) -> float:
         t0 = time.perf_counter()
