@@ -160,12 +160,25 @@ class LookupSettings(_Strict):
         ge=0,
         description="tokens of finished rows' outputs each scheduler indexes for lookup (0: none)",
     )
+    continuation: Literal["recent", "frequent"] = Field(
+        "recent",
+        description="a match seen more than once: follow its most recent occurrence, or what "
+        "most occurrences went on with (SuffixDecoding; measured below recent on chat)",
+    )
+    min_support: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="frequent: end a block where fewer occurrences than this share still agree",
+    )
 
     def config(self) -> LookupConfig:
         return LookupConfig(
             max_tokens=self.max_tokens,
             min_match=self.min_match,
             recent_tokens=self.recent_tokens,
+            continuation=self.continuation,
+            min_support=self.min_support,
         )
 
 

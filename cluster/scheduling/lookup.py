@@ -6,17 +6,24 @@ nothing: find where the text's current end occurred before and propose what foll
 
 * `NgramIndex` holds token texts ("documents") and, for every `key_len`-gram in them, where it
   ended. `match(context)` takes the context's last `key_len` tokens, looks at their earlier
-  occurrences (the most recent `max_candidates`), extends each match backwards, and returns the
-  longest match's continuation (ties: the most recent; that is prompt lookup with the longest
-  match, as HF's `prompt_lookup_num_tokens` and vLLM's n-gram proposer do, over any text held).
+  occurrences (the most recent `max_candidates`), extends each match backwards, and keeps the
+  longest (prompt lookup with the longest match, as HF's `prompt_lookup_num_tokens` and vLLM's
+  n-gram proposer do, over any text held). Where the longest match occurred more than once, the
+  block follows the most recent occurrence, or with `continuation: frequent` the occurrences
+  vote token by token, as SuffixDecoding follows the most frequent path of its suffix tree
+  (arXiv 2411.04975): the block is what most of them went on with (ties: the most recent), each
+  token carries the share that agreed (its price weighs it), and the block ends where the
+  agreeing share falls below `min_support`.
 * Each row keeps its own index over its prompt and output (`RowLookup`), fed as tokens commit.
   A scheduler keeps one bounded index of the recent outputs of its finished rows
   (`RecentOutputs`, capped in tokens, oldest dropped first): what other requests wrote is often
   what the next one writes (agent loops, templated answers). A seeded row reads only its own
   index: its drafts, and so its exact output, must not depend on other requests.
 * `LookupAcceptance` learns how far a row's lookup blocks get, per match length (a 2-token
-  match is a guess, a 16-token one is a copy), and `best_length` prices a block of each length
-  by its expected committed tokens against the verify's cost, so a proposal may run longer than
+  match is a guess, a 16-token one is a copy: the block's length follows from the match, as
+  SuffixDecoding's grows with it), and `best_length` prices a block of each length by its
+  expected committed tokens (that rate times each token's share of the vote) against the
+  verify's cost, so a proposal may run longer than
   the model draft's cap where the match supports it and the verify stays cheap.
 
 A proposal is a block of tokens with certainty (a one-hot q): the acceptance rule stays exact for
@@ -31,6 +38,8 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+RECENT, FREQUENT = "recent", "frequent"  # which occurrence of a match a block follows
+
 
 @dataclass(frozen=True, slots=True)
 class LookupConfig:
@@ -41,6 +50,16 @@ class LookupConfig:
     key_len: int = 1  # n-gram length the indexes are keyed by (<= min_match)
     max_candidates: int = 64  # earlier occurrences examined per lookup (the most recent)
     max_match: int = 64  # how far back a match is extended
+    # Where the longest match occurred more than once and the occurrences went on differently:
+    # "recent" proposes what the most recent occurrence went on with (as HF's and vLLM's prompt
+    # lookup do); "frequent" what most of them did, the block ending once the share still
+    # agreeing falls below `min_support` (SuffixDecoding's path probability, arXiv 2411.04975).
+    # Recent is the default: in one process, lookup only, float32, 12 held-out prompts x 96
+    # tokens each served in turn (recent outputs on), tokens per target pass were 4.22 grounded
+    # and 1.71 chat with "recent", 4.24 and 1.63 with plain votes, 3.92 and 1.69 with votes that
+    # also price each token by its share: text near the end predicts better than counts.
+    continuation: str = "recent"
+    min_support: float = 0.2
     recent_tokens: int = 65536  # cap of a scheduler's index of recent outputs (0 = none)
     prior_acceptance: float = 0.5  # per proposed token after a one-token match, before measuring
     # A longer matched context is stronger evidence that the copy goes on: the prior's chance of a
@@ -57,6 +76,12 @@ class LookupConfig:
             raise ValueError(f"lookup max_tokens must be >= 1, got {self.max_tokens}")
         if not 1 <= self.key_len <= self.min_match:
             raise ValueError("lookup key_len must be in [1, min_match]")
+        if self.continuation not in (RECENT, FREQUENT):
+            raise ValueError(
+                f'lookup continuation must be "{RECENT}" or "{FREQUENT}", got {self.continuation!r}'
+            )
+        if not 0 <= self.min_support <= 1:
+            raise ValueError(f"lookup min_support must be in [0, 1], got {self.min_support}")
         if self.max_candidates < 1 or self.max_match < self.min_match:
             raise ValueError("lookup max_candidates must be >= 1 and max_match >= min_match")
         if self.recent_tokens < 0:
@@ -71,10 +96,14 @@ class LookupConfig:
 
 @dataclass(frozen=True, slots=True)
 class Match:
-    """`length` context tokens matched an earlier text, which went on with `continuation`."""
+    """`length` context tokens matched earlier text (`occurrences` times), which went on with
+    `continuation`; `support[j]`: the share of the occurrences agreeing up to token j that went
+    on with token j (all 1.0 when they agree, as a single occurrence does)."""
 
     length: int
     continuation: list[int]
+    support: tuple[float, ...] = ()
+    occurrences: int = 1
 
 
 class NgramIndex:
@@ -127,39 +156,43 @@ class NgramIndex:
     def keys(self) -> int:
         return len(self._ends)
 
-    def match(
+    def occurrences(
         self,
         context: Sequence[int],
-        max_tokens: int,
         *,
         min_match: int,
         max_candidates: int = 32,
         max_match: int = 64,
         self_doc: int | None = None,
-    ) -> Match | None:
-        """The longest earlier match of the context's end, and up to `max_tokens` tokens that
-        followed it; None below `min_match`. `self_doc`: the document that *is* the context
-        (its own end is not an earlier occurrence)."""
+    ) -> tuple[int, list[tuple[int, int]]]:
+        """(length, where) of the longest earlier match of the context's end: every occurrence
+        (doc, end) that matches that long, the most recent first; (0, []) below `min_match`.
+        The most recent `max_candidates` occurrences of the key are examined; once `MAX_VOTES`
+        reach `max_match` (a long repeat) the rest are not."""
         n = self.key_len
-        if len(context) < max(n, min_match) or max_tokens < 1:
-            return None
+        if len(context) < max(n, min_match):
+            return 0, []
         ends = self._ends.get(tuple(context[-n:]))
         if not ends:
-            return None
-        best: tuple[int, int, int] | None = None  # (length, doc, end)
+            return 0, []
+        best, where = 0, []
         for packed in itertools.islice(reversed(ends), max_candidates):
             doc, end = packed >> _END_BITS, packed & _END_MASK
-            text = self.docs[doc]
-            if end >= len(text):
+            if end >= len(self.docs[doc]):
                 continue  # nothing followed it (yet), as at the context's own end
-            length = _common_suffix(text, end, context, max_match)
-            if best is None or length > best[0]:
-                best = (length, doc, end)
-                if length >= max_match:
-                    break
-        if best is None or best[0] < min_match:
-            return None
-        length, doc, end = best
+            length = _common_suffix(self.docs[doc], end, context, max_match)
+            if length > best:
+                best, where = length, [(doc, end)]
+            elif length == best:
+                where.append((doc, end))
+            if best >= max_match and len(where) >= MAX_VOTES:
+                break
+        if best < min_match:
+            return 0, []
+        return best, where
+
+    def continuation(self, doc: int, end: int, max_tokens: int, self_doc: int | None = None):
+        """Up to `max_tokens` tokens that followed `end` in `doc`."""
         text = self.docs[doc]
         out = text[end : end + max_tokens].tolist()
         if doc == self_doc:
@@ -169,7 +202,84 @@ class NgramIndex:
             period = len(text) - end
             while len(out) < max_tokens:
                 out.append(out[len(out) - period])
-        return Match(length, out)
+        return out
+
+    def candidates(
+        self,
+        context: Sequence[int],
+        max_tokens: int,
+        self_doc: int | None = None,
+        vote: bool = False,
+        **kw,
+    ) -> tuple[int, list[list[int]]]:
+        """(length, continuations) of the longest earlier matches (`occurrences`' keywords):
+        all of them to `vote`, else the most recent one's."""
+        if max_tokens < 1:
+            return 0, []
+        length, where = self.occurrences(context, self_doc=self_doc, **kw)
+        where = where if vote else where[:1]
+        return length, [self.continuation(d, e, max_tokens, self_doc) for d, e in where]
+
+    def match(
+        self,
+        context: Sequence[int],
+        max_tokens: int,
+        *,
+        min_match: int,
+        max_candidates: int = 32,
+        max_match: int = 64,
+        self_doc: int | None = None,
+        vote: bool = False,
+        min_support: float = 0.0,
+    ) -> Match | None:
+        """The longest earlier match of the context's end and what its most recent occurrence
+        went on with, or with `vote` what most of its occurrences did (`consensus`); None below
+        `min_match`. `self_doc`: the document that *is* the context (its own end is not an
+        earlier occurrence)."""
+        length, conts = self.candidates(
+            context,
+            max_tokens,
+            self_doc,
+            vote,
+            min_match=min_match,
+            max_candidates=max_candidates,
+            max_match=max_match,
+        )
+        return consensus(length, conts, min_support)
+
+
+# Occurrences of a long repeat (all matching `max_match` tokens) that vote before the scan stops.
+MAX_VOTES = 8
+
+
+def consensus(length: int, continuations: list[list[int]], min_support: float = 0.0):
+    """The Match of `length` whose tokens are, one after another, what most of the occurrences
+    still agreeing with it went on with (ties: the earliest listed, i.e. the most recent), as
+    SuffixDecoding proposes the most frequent path of its suffix tree. Each token's `support`
+    is the share of those occurrences that continued with it (1.0 for a single occurrence); the
+    block ends where the product of the shares falls below `min_support`, or where no
+    occurrence goes on. None without continuations."""
+    alive = [c for c in continuations if c]
+    if not alive:
+        return None
+    out: list[int] = []
+    support: list[float] = []
+    path = 1.0
+    j = 0
+    while alive:
+        votes: dict[int, int] = {}
+        for c in alive:
+            votes[c[j]] = votes.get(c[j], 0) + 1
+        token = max(votes, key=votes.__getitem__)  # first-seen among equals: the most recent
+        share = votes[token] / len(alive)
+        path *= share
+        if out and path < min_support:
+            break
+        out.append(token)
+        support.append(share)
+        j += 1
+        alive = [c for c in alive if len(c) > j and c[j - 1] == token]
+    return Match(length, out, tuple(support), len(continuations))
 
 
 _END_BITS = 32
@@ -202,15 +312,20 @@ class RecentOutputs:
             self.index.drop_oldest()
         self.index.add(next(self._ids), tokens)
 
+    def candidates(self, context: Sequence[int], max_tokens: int) -> tuple[int, list[list[int]]]:
+        return self.index.candidates(context, max_tokens, **_search(self.config))
+
     def match(self, context: Sequence[int], max_tokens: int) -> Match | None:
-        c = self.config
-        return self.index.match(
-            context,
-            max_tokens,
-            min_match=c.min_match,
-            max_candidates=c.max_candidates,
-            max_match=c.max_match,
-        )
+        return consensus(*self.candidates(context, max_tokens), self.config.min_support)
+
+
+def _search(c: LookupConfig) -> dict:
+    return {
+        "vote": c.continuation == FREQUENT,
+        "min_match": c.min_match,
+        "max_candidates": c.max_candidates,
+        "max_match": c.max_match,
+    }
 
 
 # Match lengths are bucketed for acceptance: a short match is a guess, a long one a copy.
@@ -252,23 +367,29 @@ class LookupAcceptance:
         self._tried[b] = self._tried[b] * self.keep + tried
 
 
-def expected_tokens(rate: float, length: int) -> float:
+def expected_tokens(rate: float, length: int, support: Sequence[float] = ()) -> float:
     """Committed tokens of a block of `length` proposed tokens, each accepted with `rate` given the
-    ones before: 1 + rate + rate^2 + ... + rate^length (the recovered or bonus token is the 1)."""
+    ones before (times its `support`, the share of a match's occurrences that went on with it,
+    where given): 1 + rate + rate^2 + ... + rate^length (the recovered or bonus token is the 1)."""
     total, r = 1.0, 1.0
-    for _ in range(length):
-        r *= rate
+    for j in range(length):
+        r *= rate * (support[j] if j < len(support) else 1.0)
         total += r
     return total
 
 
-def best_length(rate: float, longest: int, pass_cost: Callable[[int], float]) -> tuple[int, float]:
+def best_length(
+    rate: float,
+    longest: int,
+    pass_cost: Callable[[int], float],
+    support: Sequence[float] = (),
+) -> tuple[int, float]:
     """(length, committed tokens per unit of cost) of the best block of at most `longest`
     tokens; `pass_cost(width)` is the cost of a verify of `width` positions (width 1 = a plain
     step). Length 0 is the plain step."""
     best = (0, 1.0 / pass_cost(1))
     for n in range(1, longest + 1):
-        value = expected_tokens(rate, n) / pass_cost(n + 1)
+        value = expected_tokens(rate, n, support) / pass_cost(n + 1)
         if value > best[1]:
             best = (n, value)
     return best
@@ -291,20 +412,16 @@ class RowLookup:
         self.index.extend(0, tokens)
 
     def match(self, max_tokens: int, recent: RecentOutputs | None = None) -> Match | None:
-        """The row's own text first; then, when given, the recent outputs of other rows."""
-        c = self.config
+        """The longest match in the row's own text and, when given, the recent outputs of other
+        rows; where both match equally long, its own text's (or, voting, all of them: its own
+        first)."""
         text = self.tokens
-        own = self.index.match(
-            text,
-            max_tokens,
-            min_match=c.min_match,
-            max_candidates=c.max_candidates,
-            max_match=c.max_match,
-            self_doc=0,
-        )
-        if recent is None:
-            return own
-        other = recent.match(text, max_tokens)
-        if other is not None and (own is None or other.length > own.length):
-            return other
-        return own
+        search = _search(self.config)
+        length, conts = self.index.candidates(text, max_tokens, 0, **search)
+        if recent is not None:
+            other, more = recent.candidates(text, max_tokens)
+            if other > length:
+                length, conts = other, more
+            elif other == length and search["vote"]:
+                conts += more
+        return consensus(length, conts, self.config.min_support)

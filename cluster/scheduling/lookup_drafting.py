@@ -144,7 +144,9 @@ class LookupDrafting:
             total, picks = tokens, {}
             for i, match, rate in found:
                 length = min(len(match.continuation), w - 1)
-                gain = expected_tokens(rate, length) - model_tokens[i] if length else 0.0
+                if not length:
+                    continue
+                gain = expected_tokens(rate, length, match.support) - model_tokens[i]
                 if gain > 0:
                     total += gain
                     picks[i] = length
@@ -160,7 +162,7 @@ class LookupDrafting:
     def _alone(self, row: Row, k: int, match: Match, rate: float) -> LookupBlock | None:
         """A seeded row: priced by the cost priors for its own width, against its model plan."""
         cfg = self.config
-        length, value = best_length(rate, len(match.continuation), _prior_cost(cfg))
+        length, value = best_length(rate, len(match.continuation), _prior_cost(cfg), match.support)
         if length == 0:
             return None
         model = row.policy.acceptance.expected_tokens(k) / (

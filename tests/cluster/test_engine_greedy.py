@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cluster.engine import SpecEngine
+from cluster.scheduling.lookup import LookupConfig
 from cluster.scheduling.policy import Drafter, PolicyConfig, SpecMode
 from cluster.scheduling.rounds import FinishReason
 from tests.tiny_models import make_model
@@ -505,12 +506,17 @@ def test_lookup_drafting_is_exact(lookup_engine, reference, drafter):
     assert_no_live(lookup_engine)
 
 
-def test_lookup_drafting_without_a_draft_model_is_exact(model_dir, reference):
-    engine = SpecEngine.from_paths(model_dir / "target", None)
+@pytest.mark.parametrize("continuation", ["recent", "frequent"])
+def test_lookup_drafting_without_a_draft_model_is_exact(model_dir, reference, continuation):
+    """Exact either way a repeated match is followed: its most recent occurrence, or what most
+    occurrences went on with (votes over the row's own text and the recent outputs)."""
+    policy = PolicyConfig(lookup=LookupConfig(continuation=continuation))
+    engine = SpecEngine.from_paths(model_dir / "target", None, policy=policy)
     try:
         for prompt in PROMPTS[:3]:
             res = engine.generate(prompt, max_new_tokens=MAX_NEW)
             assert res.token_ids == reference[prompt], prompt
+            assert res.stats.by_drafter.get("lookup", [0])[0] > 0
         assert (
             engine.generate(PROMPTS[0], max_new_tokens=MAX_NEW, drafter=Drafter.MODEL).stats.rounds
             == 0

@@ -51,6 +51,54 @@ def test_ties_go_to_the_most_recent_occurrence():
     assert m.continuation[0] == 60
 
 
+def test_equally_long_matches_follow_the_most_recent_or_vote_for_the_most_frequent():
+    # "1 2" went on with 50 51 twice and with 60 61 once, most recently: the majority wins.
+    text = [1, 2, 50, 51, 9, 1, 2, 50, 51, 8, 1, 2, 60, 61, 7, 1, 2]
+    assert match(text, max_tokens=2).continuation == [60, 61]  # the most recent: the default
+    m = match(text, max_tokens=3, vote=True)
+    assert m.length == 2 and m.occurrences == 3
+    assert m.continuation[:2] == [50, 51]
+    # 50 had 2 of 3 votes; 51 then all the agreeing ones; after it they part (9 vs 8): 1/2.
+    assert m.support[:3] == (2 / 3, 1.0, 0.5)
+    assert m.continuation[2] == 8  # a tie between what followed: the most recent agreeing one
+
+
+def test_a_block_ends_where_too_few_occurrences_still_agree():
+    # Four occurrences of "0 1 2" agree on 5, part two ways, then again: shares 1, 1/2, 1/2.
+    text = [0, 1, 2, 5, 6, 7, 0, 1, 2, 5, 6, 8, 0, 1, 2, 5, 3, 9, 0, 1, 2, 5, 3, 4, 0, 1, 2]
+    index = NgramIndex(key_len=2)
+    index.add(0, text)
+    kw = {"min_match": 2, "self_doc": 0, "vote": True}
+    full = index.match(text, 3, **kw)
+    assert full.continuation == [5, 3, 4] and full.support == (1.0, 0.5, 0.5)
+    cut = index.match(text, 3, min_support=0.3, **kw)  # 1 x 0.5 x 0.5 = 0.25 < 0.3: two tokens
+    assert cut.continuation == [5, 3] and cut.support == (1.0, 0.5)
+    # The first token is proposed whatever its share: pricing weighs it (expected_tokens).
+    assert index.match(text, 3, min_support=1.0, **kw).continuation == [5]
+
+
+def test_a_row_and_the_recent_outputs_vote_together_when_they_match_equally_long():
+    frequent = LookupConfig(recent_tokens=100, continuation="frequent")
+    recent = RecentOutputs(frequent)
+    for _ in range(3):
+        recent.add([4, 1, 2, 70, 71])
+    text = [4, 1, 2, 30, 31, 4, 1, 2]
+    # By default a row's own text wins a tie: it is the more recent.
+    assert RowLookup(LookupConfig(), text).match(2, recent).continuation == [30, 31]
+    row = RowLookup(frequent, text)
+    assert row.match(2).continuation == [30, 31]  # alone: its one earlier occurrence
+    m = row.match(2, recent)  # voting, three recent outputs outvote it
+    assert m.continuation == [70, 71] and m.support == (0.75, 1.0) and m.occurrences == 4
+
+
+def test_a_split_vote_prices_a_block_below_a_unanimous_one():
+    assert expected_tokens(0.9, 2, (0.5, 1.0)) == pytest.approx(1 + 0.45 + 0.45 * 0.9)
+    assert expected_tokens(0.9, 2, (0.5, 1.0)) < expected_tokens(0.9, 2)
+    cost = lambda width: 1.0 + 0.3 * (width - 1)  # noqa: E731
+    assert best_length(0.9, 8, cost, (0.3,) + (1.0,) * 7)[0] == 0  # a guess: plain pays more
+    assert best_length(0.9, 8, cost)[0] >= 4  # the same match, unanimous: a block
+
+
 def test_no_match_and_too_short_a_match_propose_nothing():
     assert match([1, 2, 3, 4, 5]) is None  # the end "4 5" never occurred before
     assert match([1, 2, 9, 2]) is None  # "9 2" unseen; a 1-token match is not indexed
