@@ -106,6 +106,10 @@ class Match:
     occurrences: int = 1
 
 
+# Occurrences of a long repeat (all matching `max_match` tokens) that vote before the scan stops.
+MAX_VOTES = 8
+
+
 class NgramIndex:
     """Documents of tokens and where each `key_len`-gram in them ends. Documents are kept in the
     order added; `drop_oldest` forgets the first (its entries sit at the front of every list).
@@ -164,11 +168,12 @@ class NgramIndex:
         max_candidates: int = 32,
         max_match: int = 64,
         self_doc: int | None = None,
+        votes: int = MAX_VOTES,
     ) -> tuple[int, list[tuple[int, int]]]:
         """(length, where) of the longest earlier match of the context's end: every occurrence
         (doc, end) that matches that long, the most recent first; (0, []) below `min_match`.
-        The most recent `max_candidates` occurrences of the key are examined; once `MAX_VOTES`
-        reach `max_match` (a long repeat) the rest are not."""
+        The most recent `max_candidates` occurrences of the key are examined; once `votes` of
+        them reach `max_match` (a long repeat) the rest are not."""
         n = self.key_len
         if len(context) < max(n, min_match):
             return 0, []
@@ -185,7 +190,7 @@ class NgramIndex:
                 best, where = length, [(doc, end)]
             elif length == best:
                 where.append((doc, end))
-            if best >= max_match and len(where) >= MAX_VOTES:
+            if best >= max_match and len(where) >= votes:
                 break
         if best < min_match:
             return 0, []
@@ -216,7 +221,9 @@ class NgramIndex:
         all of them to `vote`, else the most recent one's."""
         if max_tokens < 1:
             return 0, []
-        length, where = self.occurrences(context, self_doc=self_doc, **kw)
+        length, where = self.occurrences(
+            context, self_doc=self_doc, votes=MAX_VOTES if vote else 1, **kw
+        )
         where = where if vote else where[:1]
         return length, [self.continuation(d, e, max_tokens, self_doc) for d, e in where]
 
@@ -246,10 +253,6 @@ class NgramIndex:
             max_match=max_match,
         )
         return consensus(length, conts, min_support)
-
-
-# Occurrences of a long repeat (all matching `max_match` tokens) that vote before the scan stops.
-MAX_VOTES = 8
 
 
 def consensus(length: int, continuations: list[list[int]], min_support: float = 0.0):
