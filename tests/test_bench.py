@@ -8,6 +8,8 @@ import json
 import re
 from decimal import Decimal
 
+import pytest
+
 from bench.run import main
 from tests.tiny_models import make_model
 
@@ -98,6 +100,20 @@ def test_concurrency_sweep_runs_and_agrees_with_plain(tmp_path, capsys):
         assert ratio, printed
         assert abs(float(ratio.group(1)) - tok_s[("auto", n)] / tok_s[("plain", n)]) <= 0.011
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_sweep_prints_each_repeats_ratio_and_their_median():
+    from bench.concurrency import Cell, markdown, repeat_ratios
+
+    def cell(mode: str, streams: int, tok_s: float) -> Cell:
+        return Cell(mode, streams, seconds=1.0, tokens=int(tok_s))
+
+    # Three repeats at 16 streams, the first with a slow plain cell: pooled 1.50x, median 1.40x.
+    runs = [(110, 232), (179, 250), (172, 209)]
+    cells = [cell(m, 16, t) for plain, auto in runs for m, t in (("plain", plain), ("auto", auto))]
+    assert repeat_ratios(cells) == {16: pytest.approx([232 / 110, 250 / 179, 209 / 172])}
+    text = markdown(cells)
+    assert "16 streams: AUTO/plain 1.50x (repeats 2.11, 1.40, 1.22: median 1.40x)" in text
 
 
 def chain_rows(printed: str, title: str) -> list[tuple[str, Decimal, str, Decimal]]:
