@@ -23,8 +23,8 @@ nothing: find where the text's current end occurred before and propose what foll
   match is a guess, a 16-token one is a copy: the block's length follows from the match, as
   SuffixDecoding's grows with it), and `best_length` prices a block of each length by its
   expected committed tokens (that rate times each token's share of the vote) against the
-  verify's cost, so a proposal may run longer than
-  the model draft's cap where the match supports it and the verify stays cheap.
+  verify's cost, so a proposal may run longer than the model draft's cap where the match
+  supports it and the verify stays cheap.
 
 A proposal is a block of tokens with certainty (a one-hot q): the acceptance rule stays exact for
 sampling (accept d with probability p(d); on rejection sample from p with d removed).
@@ -98,7 +98,7 @@ class LookupConfig:
 class Match:
     """`length` context tokens matched earlier text (`occurrences` times), which went on with
     `continuation`; `support[j]`: the share of the occurrences agreeing up to token j that went
-    on with token j (all 1.0 when they agree, as a single occurrence does)."""
+    on with token j (empty for a single occurrence: 1.0 each)."""
 
     length: int
     continuation: list[int]
@@ -263,8 +263,8 @@ def consensus(length: int, continuations: list[list[int]], min_support: float = 
     block ends where the product of the shares falls below `min_support`, or where no
     occurrence goes on. None without continuations."""
     alive = [c for c in continuations if c]
-    if not alive:
-        return None
+    if len(alive) <= 1:  # one occurrence (or none): no vote, every share 1.0
+        return Match(length, alive[0], (), len(continuations)) if alive else None
     out: list[int] = []
     support: list[float] = []
     path = 1.0
