@@ -47,11 +47,16 @@ class Cell:
     phases: dict[str, float] = field(default_factory=dict)  # scheduler seconds by phase
 
     def profile(self) -> str:
-        """Where the scheduler's time went, in shares of the cell's wall time."""
+        """Where the scheduler's time went, in shares of the cell's wall time, and what a
+        target pass cost and brought on average (the economics of wider passes)."""
         if not self.seconds:
             return ""
         parts = [f"{k} {v / self.seconds:.0%}" for k, v in sorted(self.phases.items())]
-        return ", ".join(parts)
+        text = ", ".join(parts)
+        if self.steps and "verify" in self.phases:
+            ms = 1000 * self.phases["verify"] / self.steps
+            text += f"; a target pass {ms:.0f} ms, {self.tokens / self.steps:.1f} tokens"
+        return text
 
     @property
     def throughput(self) -> float:

@@ -114,6 +114,9 @@ def test_the_sweep_prints_each_repeats_ratio_and_their_median():
     assert repeat_ratios(cells) == {16: pytest.approx([232 / 110, 250 / 179, 209 / 172])}
     text = markdown(cells)
     assert "16 streams: AUTO/plain 1.50x (repeats 2.11, 1.40, 1.22: median 1.40x)" in text
+    # Each cell's profile line: shares of its time, then a target pass's cost and yield.
+    plain = Cell("plain", 16, seconds=2.0, tokens=320, steps=20, phases={"verify": 1.9})
+    assert plain.profile() == "verify 95%; a target pass 95 ms, 16.0 tokens"
 
 
 def chain_rows(printed: str, title: str) -> list[tuple[str, Decimal, str, Decimal]]:
