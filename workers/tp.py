@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -347,14 +348,28 @@ class TensorParallelTarget:
         """
         if self._broken:
             raise TensorParallelError(self._broken)
-        results: list = []
+        # Wait on every rank at once, not rank by rank: a dead rank's ref fails at once, while
+        # a live rank waits in a collective for its dead peer until the backend's own timeout
+        # (minutes), and a call that waited on rank 0 first hung that long.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        slot = {ref: i for i, ref in enumerate(refs)}
+        results: list = [None] * len(refs)
         failures: list[BaseException] = []
-        for ref in refs:
+        pending = list(refs)
+        while pending and not failures:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                break  # out of time: what is left fails below
             try:
-                results.append(ray.get(ref, timeout=5.0 if failures else timeout))
+                results[slot[ready[0]]] = ray.get(ready[0])
+            except ray.exceptions.RayError as exc:
+                failures.append(exc)
+        for ref in pending:  # after a failure, each briefly: no rank's error left unretrieved
+            try:
+                results[slot[ref]] = ray.get(ref, timeout=5.0 if failures else 0.0)
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
                 failures.append(exc)
-                results.append(None)
         if failures:
             self._raise(failures)
         return results

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from threading import Lock
 
 import pytest
 import ray
@@ -156,6 +157,35 @@ def test_batched_calls_equal_tp1_and_keep_ranks_in_lock_step(tp2, models):
         assert per_rank[0] == per_rank[1]
         tp2.release(sid)
     assert tp2.live_sequences == 0 and tp2.kv_tokens == 0
+
+
+@ray.remote(num_cpus=0)
+class _StuckRank:
+    """A rank whose calls do not return: as a live rank waits in a collective for a dead peer
+    until the backend's own timeout (gloo: minutes)."""
+
+    def call(self, method: str, args: tuple, kwargs: dict) -> None:
+        time.sleep(60)
+
+    def ping(self) -> int:
+        return 0
+
+
+def test_a_call_ends_when_a_rank_dies_while_another_waits_for_it(tp2):
+    """The dead rank's failure ends the call; it does not wait for the live rank first (a
+    serving test once saw a request hang past its 60-second deadline after a rank was killed)."""
+    stuck, dead = _StuckRank.remote(), _StuckRank.remote()
+    ray.get([stuck.ping.remote(), dead.ping.remote()])
+    ray.kill(dead)
+    group = TensorParallelTarget.__new__(TensorParallelTarget)  # the fan-out alone, no models
+    group.ranks, group.tp_size, group._broken, group._lock = [stuck, dead], 2, None, Lock()
+    t0 = time.monotonic()
+    with pytest.raises(TensorParallelError, match="broken"):
+        group._all("prefill_batch")
+    assert time.monotonic() - t0 < 10  # the stuck rank is given 5 s after the failure, not 60
+    with pytest.raises(TensorParallelError):
+        group._all("prefill_batch")  # broken for good
+    ray.kill(stuck)
 
 
 def test_a_dead_rank_breaks_the_group_for_good(tp2):
